@@ -1,0 +1,1 @@
+"""CUDA C kernels (loaded with cupy.RawModule) and the Numba CUDA cache encoder."""

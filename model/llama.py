@@ -1,0 +1,144 @@
+"""The Llama forward pass: embeddings, RMSNorm, RoPE, GQA attention through a KV cache, SwiGLU, head.
+
+Written once against `xp`. On the GPU weights and matmul activations are fp16; the residual stream,
+norms, RoPE angles, softmax (inside the cache's attention) and logits are fp32, where fp16 would lose
+precision that the next token depends on. On the CPU everything is fp32.
+
+Layouts: tokens [B, T]; hidden states [B, T, hidden]; per-head tensors [B, heads, T, head_dim], the
+layout the cache stores (K post-RoPE).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from packkv.backend import Backend
+from packkv.model.config import LlamaConfig
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: object          # [hidden] fp32
+    wqkv: object               # [(heads + 2 kv_heads) * head_dim, hidden]: q, k, v projections fused
+    bqkv: object | None
+    wo: object                 # [hidden, heads * head_dim]
+    bo: object | None
+    mlp_norm: object           # [hidden] fp32
+    w_gate_up: object          # [2 * intermediate, hidden]: gate and up fused, one matmul
+    b_gate_up: object | None
+    w_down: object             # [hidden, intermediate]
+    b_down: object | None
+
+
+class Llama:
+    def __init__(self, config: LlamaConfig, tensors: dict[str, np.ndarray], backend: Backend,
+                 max_context: int | None = None):
+        """`tensors` maps Hugging Face names to host arrays (checked by packkv.weights); they are fused and
+        moved to the device here. RoPE tables cover `max_context` positions."""
+        self.config, self.backend = config, backend
+        xp, dt = backend.xp, backend.dtype
+        self.max_context = max_context or config.max_position_embeddings
+
+        def dev(name, dtype=dt):
+            return xp.asarray(tensors[name].astype(dtype, copy=False))
+
+        def fused(names, dtype=dt):
+            return xp.asarray(np.concatenate([tensors[n].astype(dtype, copy=False) for n in names]))
+
+        def optional(names):
+            return fused(names, np.float32) if names[0] in tensors else None
+
+        self.embed = dev("model.embed_tokens.weight")
+        self.layers = []
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            qkv = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
+            gate_up = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+            self.layers.append(LayerWeights(
+                attn_norm=dev(p + "input_layernorm.weight", np.float32),
+                wqkv=fused(qkv),
+                bqkv=optional([n.replace(".weight", ".bias") for n in qkv]),
+                wo=dev(p + "self_attn.o_proj.weight"),
+                bo=optional([p + "self_attn.o_proj.bias"]),
+                mlp_norm=dev(p + "post_attention_layernorm.weight", np.float32),
+                w_gate_up=fused(gate_up),
+                b_gate_up=optional([n.replace(".weight", ".bias") for n in gate_up]),
+                w_down=dev(p + "mlp.down_proj.weight"),
+                b_down=optional([p + "mlp.down_proj.bias"]),
+            ))
+        self.final_norm = dev("model.norm.weight", np.float32)
+        self.lm_head = self.embed if config.tie_word_embeddings else dev("lm_head.weight")
+        angles = np.outer(np.arange(self.max_context), config.rope_inverse_frequencies())
+        self.rope_cos = xp.asarray(np.cos(angles).astype(np.float32))   # [positions, head_dim / 2]
+        self.rope_sin = xp.asarray(np.sin(angles).astype(np.float32))
+
+    def weight_bytes(self) -> int:
+        arrays = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        arrays += [a for layer in self.layers for a in vars(layer).values() if a is not None]
+        return sum(a.nbytes for a in arrays)
+
+    # ---- building blocks ----------------------------------------------------------------------------
+
+    def rms_norm(self, x, weight):
+        """x fp32 [..., hidden] -> normalised, scaled, in the matmul dtype."""
+        xp = self.backend.xp
+        inv_rms = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + np.float32(self.config.rms_norm_eps))
+        return (weight * (x * inv_rms)).astype(self.backend.dtype)
+
+    def linear(self, x, weight, bias):
+        y = x @ weight.T
+        return y if bias is None else (y + bias).astype(y.dtype)
+
+    def rope(self, x, cos, sin):
+        """Rotate pairs (i, i + head_dim/2): the Hugging Face 'rotate_half' layout. x [B, H, T, D]."""
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half].astype(np.float32), x[..., half:].astype(np.float32)
+        out = self.backend.xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return out.astype(self.backend.dtype)
+
+    def attention(self, i, layer: LayerWeights, h, cos, sin, cache):
+        cfg = self.config
+        B, T, _ = h.shape
+        qkv = self.linear(h, layer.wqkv, layer.bqkv)
+        q_end = cfg.num_attention_heads * cfg.head_dim
+        kv_width = cfg.num_key_value_heads * cfg.head_dim
+
+        def heads(x, n):  # [B, T, n * D] -> [B, n, T, D]
+            return x.reshape(B, T, n, cfg.head_dim).transpose(0, 2, 1, 3)
+
+        q = self.rope(heads(qkv[..., :q_end], cfg.num_attention_heads), cos, sin)
+        k = self.rope(heads(qkv[..., q_end:q_end + kv_width], cfg.num_key_value_heads), cos, sin)
+        v = heads(qkv[..., q_end + kv_width:], cfg.num_key_value_heads)
+        cache.append(i, k, v)
+        out = cache.attend(i, q)                                  # [B, heads, T, D]
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, q_end)
+        return self.linear(out, layer.wo, layer.bo)
+
+    def mlp(self, layer: LayerWeights, h):
+        gate_up = self.linear(h, layer.w_gate_up, layer.b_gate_up).astype(np.float32)
+        gate, up = gate_up[..., :self.config.intermediate_size], gate_up[..., self.config.intermediate_size:]
+        act = gate / (1.0 + self.backend.xp.exp(-gate)) * up    # SiLU(gate) * up
+        return self.linear(act.astype(self.backend.dtype), layer.w_down, layer.b_down)
+
+    # ---- forward ------------------------------------------------------------------------------------
+
+    def forward(self, tokens, cache, all_logits: bool = False):
+        """Run T new tokens of each of B sequences through the model, appending their K/V to `cache`.
+
+        tokens: int array [B, T]. Returns fp32 logits [B, T, vocab] if all_logits, else [B, 1, vocab]
+        for the last position only (what sampling needs; a long prefill skips a [T, vocab] matmul)."""
+        xp = self.backend.xp
+        tokens = xp.asarray(tokens)
+        B, T = tokens.shape
+        positions = cache.positions(T)                              # [B, T], from each sequence's length
+        cos = self.rope_cos[positions][:, None]                     # [B, 1, T, D/2]
+        sin = self.rope_sin[positions][:, None]
+        x = self.embed[tokens].astype(np.float32)                   # residual stream, fp32
+        for i, layer in enumerate(self.layers):
+            x += self.attention(i, layer, self.rms_norm(x, layer.attn_norm), cos, sin, cache)
+            x += self.mlp(layer, self.rms_norm(x, layer.mlp_norm))
+        cache.advance(T)
+        if not all_logits:
+            x = x[:, -1:]
+        return (self.rms_norm(x, self.final_norm) @ self.lm_head.T).astype(np.float32)

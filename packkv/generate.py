@@ -1,0 +1,279 @@
+"""`python -m packkv.generate`: load a Llama model, prefill a prompt, decode with a KV cache, stream text.
+
+Reading order: sampling, the engine (model + tokenizer + device), the generation loop, the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from packkv.backend import Backend, get_backend
+from packkv.cache import CACHE_KINDS, CacheShape, KVCache, make_cache
+from packkv.errors import PackkvError
+from packkv.model import Llama, LlamaConfig
+from packkv.weights import Tokenizer, load_checkpoint
+from packkv.weights.default import cache_dir, default_weights_folder
+from packkv.weights.gguf_import import import_gguf
+
+PREFILL_CHUNK = 512   # prompt tokens per forward pass: bounds the [chunk, context] score matrix
+
+
+# ---- sampling ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0      # 0 = greedy
+    top_k: int = 0                # 0 = no limit
+    top_p: float = 1.0            # nucleus mass kept, in (0, 1]
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise PackkvError(f"--temp must be a finite number >= 0 (0 is greedy), not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PackkvError(f"--top-p must be in (0, 1], not {self.top_p}")
+        if self.top_k < 0:
+            raise PackkvError(f"--top-k must be >= 0 (0 keeps every token), not {self.top_k}")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams, backend: Backend):
+        self.params, self.backend = params, backend
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits) -> int:
+        """logits: fp32 [vocab] on the device -> the next token id."""
+        p = self.params
+        if p.temperature == 0:
+            return int(logits.argmax())            # argmax on the device: one int crosses, not the vocab
+        scaled = self.backend.to_numpy(logits).astype(np.float64) / p.temperature
+        if 0 < p.top_k < scaled.size:
+            kth = np.partition(scaled, -p.top_k)[-p.top_k]
+            scaled[scaled < kth] = -np.inf
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        if p.top_p < 1:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            keep = order[: int(np.searchsorted(cumulative, p.top_p)) + 1]  # smallest set reaching top_p
+            kept = np.zeros_like(probs)
+            kept[keep] = probs[keep]
+            probs = kept / kept.sum()
+        return int(self.rng.choice(probs.size, p=probs))
+
+
+# ---- the engine -------------------------------------------------------------------------------------
+
+def resolve_weights(weights: str | None, progress=tqdm) -> Path:
+    """A Hugging Face folder as given, a .gguf file imported once into the cache folder, or the default."""
+    if weights is None:
+        return default_weights_folder(progress)
+    path = Path(weights)
+    if path.suffix == ".gguf":
+        folder = cache_dir() / path.stem
+        return folder if (folder / "config.json").is_file() else import_gguf(path, folder, progress=progress)
+    return path
+
+
+class Engine:
+    """A model on a device with its tokenizer: what generation and evaluation need."""
+
+    def __init__(self, weights: str | None = None, device: str = "auto", max_context: int | None = None):
+        self.backend = get_backend(device)
+        folder = resolve_weights(weights)
+        self.config, tensors = load_checkpoint(folder)
+        self.tokenizer = Tokenizer(folder)
+        limit = self.config.max_position_embeddings
+        if max_context is not None and not 0 < max_context <= limit:
+            raise PackkvError(f"--max-context must be in 1..{limit} (the model's max_position_embeddings), "
+                              f"not {max_context}")
+        self.max_context = max_context or limit
+        self.model = Llama(self.config, tensors, self.backend, max_context=self.max_context)
+
+    def new_cache(self, kind: str, batch: int, tokens: int, **params) -> KVCache:
+        c: LlamaConfig = self.config
+        shape = CacheShape(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, batch, tokens)
+        return make_cache(kind, shape, self.backend, **params)
+
+    def prompt_ids(self, text: str, chat: bool) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(text) if chat else self.tokenizer.encode(text)
+        if not ids:
+            raise PackkvError("the prompt is empty")
+        if len(ids) >= self.max_context:
+            raise PackkvError(f"the prompt has {len(ids)} tokens, which leaves no room in the context of "
+                              f"{self.max_context} tokens (shorten it or raise --max-context)")
+        return ids
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stop_reason: str = ""
+    cache_stats: dict = field(default_factory=dict)
+    peak_gpu_bytes: int | None = None
+
+    def stats(self) -> dict:
+        decoded = max(len(self.token_ids) - 1, 0)   # the first token comes from the prefill's logits
+        return {
+            "prompt_tokens": len(self.prompt_ids),
+            "prefill_tok_s": len(self.prompt_ids) / self.prefill_seconds if self.prefill_seconds else None,
+            "generated_tokens": len(self.token_ids),
+            "decode_tok_s": decoded / self.decode_seconds if self.decode_seconds else None,
+            "stop_reason": self.stop_reason,
+            **self.cache_stats,
+            "peak_gpu_bytes": self.peak_gpu_bytes,
+        }
+
+
+def prefill(engine: Engine, ids: list[int], cache: KVCache, show_progress: bool):
+    """Run the prompt through the model in chunks; returns the last position's logits."""
+    chunks = range(0, len(ids), PREFILL_CHUNK)
+    bar = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr,
+               disable=not show_progress or len(ids) <= 2 * PREFILL_CHUNK)
+    for start in chunks:
+        chunk = ids[start:start + PREFILL_CHUNK]
+        logits = engine.model.forward(np.asarray([chunk]), cache)
+        bar.update(len(chunk))
+    bar.close()
+    return logits
+
+
+def generate(engine: Engine, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
+             cache_kind: str = "dense", on_text=None, show_progress: bool = True, **cache_params) -> Generation:
+    """Prefill, then decode up to max_tokens (or EOS, or the context's end), calling on_text(piece) as
+    complete UTF-8 text appears."""
+    if max_tokens < 1:
+        raise PackkvError(f"--max-tokens must be >= 1, not {max_tokens}")
+    tokens_needed = min(len(prompt_ids) + max_tokens, engine.max_context)
+    cache = engine.new_cache(cache_kind, batch=1, tokens=tokens_needed, **cache_params)
+    sampler, backend = Sampler(sampling, engine.backend), engine.backend
+    stream = engine.tokenizer.stream_decoder()
+    eos = set(engine.config.eos_token_ids)
+    result = Generation(prompt_ids=list(prompt_ids))
+    emit = on_text or (lambda piece: None)
+
+    start = time.perf_counter()
+    logits = prefill(engine, prompt_ids, cache, show_progress)
+    next_id = sampler(logits[0, -1])
+    result.prefill_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    while True:
+        result.token_ids.append(next_id)
+        if next_id in eos:
+            result.stop_reason = "eos"
+            break
+        emit(stream.push(next_id))
+        if len(result.token_ids) >= max_tokens:
+            result.stop_reason = "max_tokens"
+            break
+        if int(cache.lengths[0]) >= cache.shape.max_context:
+            result.stop_reason = "context_full"
+            break
+        next_id = sampler(engine.model.forward(np.asarray([[next_id]]), cache)[0, -1])
+    backend.synchronize()
+    result.decode_seconds = time.perf_counter() - start
+    emit(stream.flush())
+    result.text = engine.tokenizer.decode([t for t in result.token_ids if t not in eos])
+    result.cache_stats = cache.stats()
+    result.peak_gpu_bytes = backend.peak_memory_bytes()
+    return result
+
+
+# ---- command line -----------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m packkv.generate", description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", help="Hugging Face Llama folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    prompt = ap.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="The capital of France is")
+    prompt.add_argument("--prompt-file", help="read the prompt from this file")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    ap.add_argument("--cache", default="dense", choices=sorted(CACHE_KINDS))
+    ap.add_argument("--max-context", type=int, help="longest sequence, prompt included (default: the model's)")
+    ap.add_argument("--json", help="write the text, token ids and stats to this file")
+    return ap.parse_args(argv)
+
+
+def read_prompt(args) -> str:
+    if args.prompt_file is None:
+        return args.prompt
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PackkvError(f"cannot read --prompt-file {args.prompt_file}: {exc}") from exc
+
+
+def format_stats(s: dict) -> str:
+    def rate(x):
+        return "n/a" if x is None else f"{x:.1f}"
+
+    line = (f"prompt {s['prompt_tokens']} tok, prefill {rate(s['prefill_tok_s'])} tok/s | "
+            f"generated {s['generated_tokens']} tok, decode {rate(s['decode_tok_s'])} tok/s | "
+            f"KV cache ({s['cache']}) {s['kv_bytes_used'] / 2**20:.2f} MiB used, "
+            f"{s['kv_bytes_reserved'] / 2**20:.2f} MiB reserved")
+    if s["peak_gpu_bytes"] is not None:
+        line += f" | peak GPU memory {s['peak_gpu_bytes'] / 2**20:.0f} MiB"
+    return line
+
+
+def run(args) -> Generation:
+    sampling = SamplingParams(args.temp, args.top_k, args.top_p, args.seed)   # validate before loading
+    prompt = read_prompt(args)
+    engine = Engine(args.weights, args.device, args.max_context)
+    ids = engine.prompt_ids(prompt, args.chat)
+
+    def write(piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = generate(engine, ids, args.max_tokens, sampling, args.cache, on_text=write)
+    sys.stdout.write("\n")
+    stats = result.stats()
+    print(format_stats(stats), file=sys.stderr)
+    if args.json:
+        record = {"text": result.text, "prompt_ids": result.prompt_ids, "token_ids": result.token_ids,
+                  "device": engine.backend.device_name, "stats": stats}
+        try:
+            Path(args.json).write_text(json.dumps(record, indent=2))
+        except OSError as exc:
+            raise PackkvError(f"cannot write --json {args.json}: {exc}") from exc
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except PackkvError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":   # cupy's; its message says how many bytes were asked
+            print(f"error: out of GPU memory: {exc}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
