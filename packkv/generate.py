@@ -152,16 +152,17 @@ def prefill(engine: Engine, ids: list[int], cache: KVCache, show_progress: bool)
 
 
 def generate(engine: Engine, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
-             cache_kind: str = "dense", on_text=None, show_progress: bool = True, **cache_params) -> Generation:
+             cache_kind: str = "dense", on_text=None, show_progress: bool = True, stop_at_eos: bool = True,
+             **cache_params) -> Generation:
     """Prefill, then decode up to max_tokens (or EOS, or the context's end), calling on_text(piece) as
-    complete UTF-8 text appears."""
+    complete UTF-8 text appears. Benchmarks turn stop_at_eos off to decode an exact number of tokens."""
     if max_tokens < 1:
         raise PackkvError(f"--max-tokens must be >= 1, not {max_tokens}")
     tokens_needed = min(len(prompt_ids) + max_tokens, engine.max_context)
     cache = engine.new_cache(cache_kind, batch=1, tokens=tokens_needed, **cache_params)
     sampler, backend = Sampler(sampling, engine.backend), engine.backend
     stream = engine.tokenizer.stream_decoder()
-    eos = set(engine.config.eos_token_ids)
+    eos = set(engine.config.eos_token_ids) if stop_at_eos else set()
     result = Generation(prompt_ids=list(prompt_ids))
     emit = on_text or (lambda piece: None)
 
