@@ -72,7 +72,8 @@ class CodecParams:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.repack not in REPACK_METHODS:
             raise ValueError(f"repack must be one of {REPACK_METHODS}, got {self.repack!r}")
-        if isinstance(self.pack, bool) or self.pack not in PACK_SIZES:
+        if (not isinstance(self.pack, (int, np.integer)) or isinstance(self.pack, bool)
+                or self.pack not in PACK_SIZES):
             raise ValueError(f"pack must be one of {PACK_SIZES}, got {self.pack!r}")
         if (isinstance(self.block, bool) or not isinstance(self.block, (int, np.integer))
                 or not (self.pack <= self.block <= 4096) or self.block % self.pack):
@@ -92,7 +93,8 @@ def round_up_to_fp16(s: np.ndarray) -> np.ndarray:
     """
     s = np.minimum(np.asarray(s, dtype=np.float32), np.float32(FP16_MAX))
     h = s.astype(np.float16)
-    h = np.where(h.astype(np.float32) < s, np.nextafter(h, np.float16(np.inf)), h)
+    with np.errstate(over="ignore"):  # nextafter(65504) is inf, but never selected: s <= 65504
+        h = np.where(h.astype(np.float32) < s, np.nextafter(h, np.float16(np.inf)), h)
     return np.maximum(h, np.float16(FP16_TINY)).astype(np.float16)
 
 
@@ -164,7 +166,8 @@ def repack_order(levels: np.ndarray, method: str, pack: int) -> np.ndarray:
         return np.argsort(key, axis=-1, kind="stable")
     if method == "greedy":
         flat = levels.reshape(-1, T, C)
-        order = np.concatenate([greedy_order(flat[i:i + 64], pack) for i in range(0, len(flat), 64)])
+        chunks = [greedy_order(flat[i:i + 64], pack) for i in range(0, len(flat), 64)]  # bounded temporaries
+        order = np.concatenate(chunks) if chunks else np.zeros((0, T), dtype=np.int64)
         return order.reshape(lead + (T,))
     raise ValueError(f"repack must be one of {REPACK_METHODS}, got {method!r}")
 
