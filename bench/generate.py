@@ -45,7 +45,7 @@ def transformers_decode_tok_s(model, torch, ids: list[int], decode_tokens: int, 
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    timed(8)                                               # warm-up: allocations, kernels, the static cache
+    timed(1 + decode_tokens)      # warm-up at this prompt length: allocations, the static cache's compile
     return (decode_tokens) / (timed(1 + decode_tokens) - timed(1))
 
 

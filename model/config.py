@@ -51,7 +51,10 @@ class LlamaConfig:
         kv_heads = cfg.get("num_key_value_heads") or heads
         if heads % kv_heads:
             raise PackkvError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-        scaling = cfg.get("rope_scaling")
+        # transformers 4 writes rope_theta and rope_scaling; transformers 5 one rope_parameters dict.
+        rope = cfg.get("rope_parameters") or {}
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type", "default"))
             if kind not in SUPPORTED_ROPE_SCALINGS:
@@ -68,7 +71,7 @@ class LlamaConfig:
             num_key_value_heads=kv_heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),

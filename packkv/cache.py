@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from packkv.attention import causal_attention
+from packkv.attention import causal_attention, causal_mask
 from packkv.backend import Backend, out_of_memory_error
 from packkv.errors import PackkvError
 
@@ -94,15 +94,17 @@ class DenseCache(KVCache):
 
     def append(self, layer: int, k, v) -> None:
         T = self.check_append(layer, k, v)
+        if layer == 0:  # one mask per step, shared by every layer
+            key_lengths = self.lengths + T
+            self.step_mask = causal_mask(self.backend.xp, key_lengths, T, int(key_lengths.max()))
         for b, start in enumerate(self.lengths):
             self.k[layer, b, :, start:start + T] = k[b]
             self.v[layer, b, :, start:start + T] = v[b]
 
     def attend(self, layer: int, q):
-        key_lengths = self.lengths + self.pending
-        end = int(key_lengths.max())
+        end = int(self.lengths.max()) + self.pending
         return causal_attention(self.backend.xp, q, self.k[layer, :, :, :end], self.v[layer, :, :, :end],
-                                key_lengths)
+                                self.step_mask)
 
     def bytes_per_token(self) -> int:
         s = self.shape

@@ -36,7 +36,7 @@ def test_greedy_tokens_agree_on_gpu_and_cpu(engines):
     tokens = []
     for engine in engines:
         ids = engine.prompt_ids(PROMPT, chat=False)
-        tokens.append(generate(engine, ids, 32, SamplingParams(), show_progress=False).token_ids)
+        tokens.append(generate(engine, ids, 32, SamplingParams(), show_progress=False, stop_at_eos=False).token_ids)
     assert tokens[0] == tokens[1] and len(tokens[0]) == 32
 
 

@@ -34,7 +34,7 @@ TENSOR_NAMES = {  # GGUF name -> Hugging Face name ("{i}" is the layer)
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for tensors we recompute."""
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for names we do not know."""
     stem, _, suffix = gguf_name.rpartition(".")
     parts = stem.split(".")
     key, layer = ("blk.{i}." + ".".join(parts[2:]), parts[1]) if parts[0] == "blk" else (stem, "")
@@ -81,6 +81,9 @@ def gguf_config(reader, tensor_names) -> dict:
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": eos_token_ids(reader),
     }
+    if "rope_freqs.weight" in tensor_names:
+        raise PackkvError("this GGUF file scales RoPE with a rope_freqs tensor (Llama 3.1 style), which the "
+                          "importer does not translate; pass the model's Hugging Face folder instead")
     scaling = _field(reader, a + "rope.scaling.type")
     if scaling == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": _field(reader, a + "rope.scaling.factor")}
@@ -156,7 +159,7 @@ def import_gguf(gguf_path, out_dir, progress=None) -> Path:
     for t in (progress or (lambda x, **_: x))(reader.tensors, desc="importing GGUF", unit="tensor"):
         name = hf_tensor_name(t.name)
         if name is None:
-            continue  # e.g. rope_freqs: recomputed from the config
+            raise PackkvError(f"GGUF tensor {t.name} has no counterpart in a Hugging Face Llama checkpoint")
         w = dequantize(t.data, t.tensor_type).astype(np.float32)
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_rows(w, config["num_attention_heads"])
