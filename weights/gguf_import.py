@@ -166,6 +166,7 @@ def import_gguf(gguf_path, out_dir, progress=None) -> Path:
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_rows(w, config["num_key_value_heads"])
         tensors[name] = np.ascontiguousarray(w.astype(np.float16))
+    tokenizer_json = build_tokenizer_json(reader)        # refuses unsupported tokenizers before writing
     staging = out_dir.with_name(out_dir.name + ".partial")  # an interrupted import leaves no half folder
     staging.mkdir(parents=True, exist_ok=True)
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
@@ -177,7 +178,7 @@ def import_gguf(gguf_path, out_dir, progress=None) -> Path:
         "chat_template": _field(reader, "tokenizer.chat_template"),
         "model_max_length": config["max_position_embeddings"],
     }
-    (staging / "tokenizer.json").write_text(build_tokenizer_json(reader))
+    (staging / "tokenizer.json").write_text(tokenizer_json)
     (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(staging / "model.safetensors"))
