@@ -188,33 +188,37 @@ def greedy_order(levels: np.ndarray, pack: int) -> np.ndarray:
     """
     levels = np.asarray(levels, dtype=np.uint16)
     B, T, C = levels.shape
-    rows = np.arange(B)
-    taken = np.zeros((B, T), dtype=bool)
-    order = np.empty((B, T), dtype=np.int64)
-    remaining_sum = levels.sum(axis=1, dtype=np.int64)  # [B, C]
+    rows, col = np.arange(B), np.arange(B)[:, None]
+    narrow = levels.astype(np.uint8) if levels.max(initial=0) < 256 else levels  # faster cost loop
     norms = np.sqrt(np.einsum("btc,btc->bt", levels, levels, dtype=np.int64).astype(np.float64))
+    left = np.broadcast_to(np.arange(T), (B, T))  # remaining tokens per block, ascending
+    order = np.empty((B, T), dtype=np.int64)
     for start in range(0, T - pack, pack):
+        # Only the remaining tokens are candidates: gather them once per pack, in ascending index order,
+        # so that argmin/argmax's first hit is still the lowest original index.
+        cand, cand_narrow = levels[col, left], narrow[col, left]  # [B, n_left, C]
         n_left = T - start
-        mean = (2 * remaining_sum + n_left) // (2 * n_left)
-        dots = np.einsum("btc,bc->bt", levels, mean, dtype=np.int64).astype(np.float64)
-        cos = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
-        cos[taken] = -1.0
+        mean = (2 * cand.sum(axis=1, dtype=np.int64) + n_left) // (2 * n_left)
+        dots = np.einsum("btc,bc->bt", cand, mean, dtype=np.int64).astype(np.float64)
+        cand_norms = norms[col, left]
+        cos = np.divide(dots, cand_norms, out=np.zeros_like(dots), where=cand_norms > 0)
         pick = np.argmax(cos, axis=1)
-        pack_min = levels[rows, pick].copy()
+        taken = np.zeros((B, n_left), dtype=bool)
+        pack_min = cand_narrow[rows, pick].copy()
         pack_max = pack_min.copy()
         for pos in range(start, start + pack):
             if pos > start:
-                span = np.maximum(pack_max[:, None, :], levels) - np.minimum(pack_min[:, None, :], levels)
+                span = (np.maximum(pack_max[:, None, :], cand_narrow)
+                        - np.minimum(pack_min[:, None, :], cand_narrow))
                 cost = WIDTH[span].sum(axis=-1, dtype=np.int32)
                 cost[taken] = np.iinfo(np.int32).max
                 pick = np.argmin(cost, axis=1)
-                np.minimum(pack_min, levels[rows, pick], out=pack_min)
-                np.maximum(pack_max, levels[rows, pick], out=pack_max)
-            order[:, pos] = pick
+                np.minimum(pack_min, cand_narrow[rows, pick], out=pack_min)
+                np.maximum(pack_max, cand_narrow[rows, pick], out=pack_max)
+            order[:, pos] = left[rows, pick]
             taken[rows, pick] = True
-            remaining_sum -= levels[rows, pick]
-    last = T - pack
-    order[:, last:] = np.nonzero(~taken)[1].reshape(B, pack)
+        left = left[~taken].reshape(B, n_left - pack)
+    order[:, T - pack:] = left
     return order
 
 

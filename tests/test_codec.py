@@ -3,6 +3,7 @@
 CPU only, small shapes; hypothesis draws random and adversarial blocks (constant tokens, zeros, fp16
 extremes and subnormals, a single huge outlier, arbitrary finite fp16 bit patterns).
 """
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -363,6 +364,45 @@ def test_greedy_seed_is_closest_to_rounded_mean_by_cosine():
     # rounded mean: sums [72, 76] over 16 -> (2*72 + 16)//32 = 5, (2*76 + 16)//32 = 5 -> [5, 5];
     # cosine is highest (1.0) for [1, 1], first at token 1
     assert greedy_order(levels, pack=8)[0, 0] == 1
+
+
+def literal_greedy(q: np.ndarray, pack: int) -> list:
+    """docs/FORMAT.md's greedy, transcribed literally with Python ints and floats (one block)."""
+    q = [[int(x) for x in row] for row in q]
+    T = len(q)
+    remaining, order = list(range(T)), []
+    while len(remaining) > pack:
+        n = len(remaining)
+        m = [(2 * sum(q[t][c] for t in remaining) + n) // (2 * n) for c in range(len(q[0]))]
+
+        def score(t):
+            norm2 = sum(x * x for x in q[t])
+            return float(sum(a * b for a, b in zip(q[t], m))) / math.sqrt(float(norm2)) if norm2 else 0.0
+
+        seed = max(remaining, key=lambda t: (score(t), -t))
+        lo, hi, members = list(q[seed]), list(q[seed]), [seed]
+        remaining.remove(seed)
+        for _ in range(pack - 1):
+            def cost(t):
+                return sum(int(max(h, x) - min(l, x)).bit_length() for l, h, x in zip(lo, hi, q[t]))
+            best = min(remaining, key=lambda t: (cost(t), t))
+            lo = [min(a, b) for a, b in zip(lo, q[best])]
+            hi = [max(a, b) for a, b in zip(hi, q[best])]
+            members.append(best)
+            remaining.remove(best)
+        order += members
+    return order + sorted(remaining)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(16, 8), (32, 8), (32, 16), (64, 16), (64, 32)]), st.integers(1, 6),
+       st.sampled_from([1, 3, 12, 300]), st.integers(0, 2 ** 32 - 1))
+def test_greedy_matches_a_literal_transcription_of_the_spec(shape, channels, top, seed):
+    T, pack = shape
+    levels = np.random.default_rng(seed).integers(0, top + 1, size=(3, T, channels)).astype(np.uint16)
+    order = greedy_order(levels, pack)
+    for b in range(3):
+        assert order[b].tolist() == literal_greedy(levels[b], pack)
 
 
 def test_greedy_lowers_total_bits_on_clustered_tokens():
