@@ -4,6 +4,7 @@ CPU only, small shapes; hypothesis draws random and adversarial blocks (constant
 extremes and subnormals, a single huge outlier, arbitrary finite fp16 bit patterns).
 """
 import math
+import struct
 from dataclasses import replace
 
 import numpy as np
@@ -211,6 +212,58 @@ def test_sizes_on_a_hand_checked_block():
         v_payload=0,
         padding=3)  # after k's pack headers, to 4 bytes; the record, 112 bytes, needs none
     assert record.size == 112
+
+
+def doc_decode(record: np.ndarray, H: int, T: int, D: int, pack: int):
+    """Decode a record the way docs/FORMAT.md tells a kernel to: struct reads at documented offsets,
+    payload offsets by prefix sums of widths, fields by a little-endian u64 load and a shift."""
+    raw = record.tobytes() + bytes(8)  # the documented 8 bytes of slack for u64 loads
+    u8 = lambda at: raw[at]
+    u16 = lambda at: struct.unpack_from("<H", raw, at)[0]
+    u32 = lambda at: struct.unpack_from("<I", raw, at)[0]
+
+    def field(base: int, bit: int, n: int) -> int:
+        word = struct.unpack_from("<Q", raw, base + bit // 8)[0]
+        return (word >> (bit % 8)) & ((1 << n) - 1)
+
+    assert u8(0) == 1 and u8(2) == H and u16(4) == T and u16(6) == D and u32(8) == len(record)
+    assert 8 << ((u8(1) >> 1) & 3) == pack
+    n_units = 1 if u8(1) & 1 else H
+    out = np.zeros((2, H, T, D))
+    for h in range(H):
+        tok = u32(12 + 4 * (0 if n_units == 1 else h))
+        kb, vb = u8(tok + 4), u8(tok + 5)
+        for kv in range(2):
+            sec = u32(12 + 4 * (n_units + 2 * h + kv))
+            wb, mb, min_base = u8(sec), u8(sec + 1), u16(sec + 2)
+            rows, f = T // pack, wb + mb
+            header_bytes = 4 + -(-rows * D * f // 8)
+            payload = sec + header_bytes + -header_bytes % 4
+            for r in range(rows):
+                for c in range(D):
+                    i = r * D + c
+                    w = field(sec + 4, i * f, wb)
+                    mn = min_base + field(sec + 4, i * f + wb, mb)
+                    for j in range(pack):
+                        t = r * pack + j
+                        step = struct.unpack_from("<e", raw, tok + 8 + 2 * kv * T + 2 * t)[0]
+                        base, bits = struct.unpack_from("<h", raw, tok + 2 * kv)[0], (kb, vb)[kv]
+                        off = base + field(tok + 8 + 4 * T + kv * T * kb // 8, t * bits, bits)
+                        out[kv, h, t, c] = (mn + field(payload, j * w, w) + off) * step
+                    payload += pack * w // 8
+    return out[0], out[1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(blocks())
+def test_the_documented_layout_decodes_the_record(case):
+    params, k, v = case
+    H, T, D = k.shape
+    record, _ = encode_block(k, v, params)
+    k_doc, v_doc = doc_decode(record, H, T, D, params.pack)
+    k_hat, v_hat = decode_block(record, params, H, D)
+    np.testing.assert_allclose(k_doc, k_hat, rtol=2.0 ** -22)
+    np.testing.assert_allclose(v_doc, v_hat, rtol=2.0 ** -22)
 
 
 # ---------------------------------------------------------------------------------------------------
