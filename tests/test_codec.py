@@ -378,6 +378,27 @@ def test_round_up_to_fp16(s):
         assert h == 65504
 
 
+def documented_round_up(s: float) -> float:
+    """docs/FORMAT.md's integer-only round_up_to_fp16, for encoders without a rounding-mode intrinsic."""
+    s = min(s, 65504.0)
+    if s < 2.0 ** -14:
+        return max(math.ceil(s * 2.0 ** 24), 1) * 2.0 ** -24
+    b = int(np.float32(s).view(np.uint32))
+    e, m = (b >> 23) - 127, b & 0x7FFFFF
+    m16 = (m >> 13) + (1 if m & 0x1FFF else 0)
+    return (1 + m16 / 1024) * 2.0 ** e
+
+
+def test_documented_integer_round_up_matches():
+    rng = np.random.default_rng(7)
+    s = np.concatenate([rng.uniform(0, 70000, 3000), 2.0 ** rng.uniform(-30, 16, 3000),
+                        np.float16(rng.uniform(0, 65504, 500)).astype(np.float64),  # exact fp16 values
+                        [0, 2.0 ** -24, 2.0 ** -14, 2.0 ** -14 * (1 - 2 ** -10), 65504, 65505, 2047.5]])
+    s = s.astype(np.float32)
+    expected = round_up_to_fp16(s).astype(np.float64)
+    assert [documented_round_up(float(x)) for x in s] == expected.tolist()
+
+
 def test_bit_width_is_ceil_log2_of_range_plus_one():
     r = np.arange(0, 70000)
     r = r[r < 65536]
