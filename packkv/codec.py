@@ -32,7 +32,6 @@ FP16_MAX = 65504.0
 FP16_TINY = 2.0 ** -24  # smallest positive (subnormal) fp16: the smallest step we store
 OFFSET_LIMIT = 32767  # |rint(x/step)| never exceeds this: offsets fit int16, levels fit uint16
 MIN_REL = 2.0 ** -12  # at most ~4097 levels per token: keeps widths and the greedy cost small
-MAX_WIDTH = 16  # a level is < 2**16, so a width or a range needs at most 16 bits
 
 # WIDTH[r] = ceil(log2(r + 1)) = bit length of r, for every range r a uint16 level can span.
 WIDTH = np.array([int(r).bit_length() for r in range(1 << 16)], dtype=np.uint8)
