@@ -1,4 +1,4 @@
-"""The KV-cache interface, and its dense fp16 kind.
+"""The KV-cache interface and its kinds: dense (fp16) and packkv (compressed blocks + an fp16 window).
 
 A model step with T new tokens per sequence does, for every layer i:
     cache.append(i, k, v)      # k, v [B, kv_heads, T, head_dim], K after RoPE
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from packkv import codec
 from packkv.attention import causal_attention, causal_mask
 from packkv.backend import Backend, out_of_memory_error
 from packkv.errors import PackkvError
@@ -117,6 +118,194 @@ class DenseCache(KVCache):
         return self.shape.batch * self.shape.max_context * self.bytes_per_token()
 
 
+class ByteArena:
+    """Append-only storage for variable-sized compressed records (a bump allocator over one uint8 array).
+
+    Records never change once written. When the arena is full it doubles (one copy, the only time a
+    record moves), so a growing sequence never fragments memory. Records stay 16-byte aligned (codec
+    records are multiples of 16 bytes), and 16 bytes of slack follow the last one, for decoders that
+    load a word past a record's end."""
+
+    SLACK = 16
+
+    def __init__(self, xp, capacity: int):
+        self.xp, self.used = xp, 0
+        self.data = self._allocate(max(capacity, 4096))
+
+    def _allocate(self, nbytes: int):
+        try:
+            return self.xp.zeros(nbytes, dtype=np.uint8)
+        except (MemoryError, _gpu_oom_type()) as exc:
+            raise out_of_memory_error(nbytes, "growing the compressed KV arena") from exc
+
+    def append(self, records) -> int:
+        """Copy records (uint8, host or device) to the end; returns their start offset."""
+        n = int(records.size)
+        if self.used + n + self.SLACK > self.data.size:
+            grown = self._allocate(max(2 * self.data.size, self.used + n + self.SLACK))
+            grown[:self.used] = self.data[:self.used]
+            self.data = grown
+        start = self.used
+        self.data[start:start + n] = self.xp.asarray(records)
+        self.used += n
+        return start
+
+    @property
+    def capacity(self) -> int:
+        return int(self.data.size)
+
+
+class PackkvCache(KVCache):
+    """PackKV's compressed cache: the most recent tokens in an fp16 window, older ones as compressed
+    blocks (packkv/codec.py's format) in a ByteArena, read by attention without decompressing to memory.
+
+    A sequence's window holds between `window` and `window + block - 1` tokens once it is long enough;
+    `advance` compresses each full block that falls out of it, for every layer and sequence in one
+    encoder call. Blocks are immutable: no re-compression, ever. K and V of a block share a token
+    permutation, so compressed tokens are stored in an order of their own, which attention (a sum over
+    tokens) does not care about; they are all older than every window token, so causality only
+    concerns the window.
+
+    Prefill runs in chunks: a chunk attends exactly to itself and the window, and to earlier chunks'
+    tokens through their compressed blocks, as decode does.
+    """
+
+    kind = "packkv"
+
+    def __init__(self, shape: CacheShape, backend: Backend, params: codec.CodecParams = codec.CodecParams(),
+                 window: int = 128, max_new_tokens: int = 512):
+        super().__init__(shape, backend)
+        if window < 0:
+            raise PackkvError(f"--kv-window must be >= 0, not {window}")
+        xp, s = backend.xp, shape
+        self.params, self.window, self.max_new_tokens = params, window, max_new_tokens
+        self.window_capacity = window + params.block + max_new_tokens
+        self.max_blocks = -(-s.max_context // params.block)
+        dims = (s.layers, s.batch, s.kv_heads, self.window_capacity, s.head_dim)
+        try:
+            self.window_k = xp.zeros(dims, dtype=np.float16)
+            self.window_v = xp.zeros(dims, dtype=np.float16)
+            self.block_offsets = xp.zeros((s.layers, s.batch, self.max_blocks), dtype=np.int64)
+        except (MemoryError, _gpu_oom_type()) as exc:
+            raise out_of_memory_error(2 * np.prod(dims) * 2, "the KV cache's fp16 window") from exc
+        self.window_len = np.zeros(s.batch, dtype=np.int64)
+        self.n_blocks = np.zeros(s.batch, dtype=np.int64)
+        # Start the arena at a sixth of what fp16 would take for a full context (about what the default
+        # bounds achieve); it doubles when a sequence compresses worse than that.
+        self.arena = ByteArena(xp, s.batch * s.max_context * self.token_fp16_bytes() // 6)
+        # The reference path decodes each block once, when it is written, and attends over the decoded
+        # copy: the reference computation, without re-decoding the whole history every step. It is
+        # not counted in bytes_used: it stands in for decoding in registers, which the GPU kernels do.
+        decoded = (s.layers, s.batch, s.kv_heads, self.max_blocks * params.block, s.head_dim)
+        self.decoded_k, self.decoded_v = xp.zeros(decoded, backend.dtype), xp.zeros(decoded, backend.dtype)
+
+    def token_fp16_bytes(self) -> int:
+        s = self.shape
+        return s.layers * s.kv_heads * s.head_dim * 2 * 2
+
+    # ---- the per-layer calls --------------------------------------------------------------------
+
+    def append(self, layer: int, k, v) -> None:
+        T = self.check_append(layer, k, v)
+        if T > self.max_new_tokens:
+            raise ValueError(f"append: {T} tokens in one step, the cache was made for at most {self.max_new_tokens}")
+        for b, start in enumerate(self.window_len):
+            self.window_k[layer, b, :, start:start + T] = k[b]
+            self.window_v[layer, b, :, start:start + T] = v[b]
+
+    def attend(self, layer: int, q):
+        xp, T = self.backend.xp, self.pending
+        outs = []
+        for b in range(self.shape.batch):   # reference path: one sequence at a time, exact fp32 softmax
+            compressed = int(self.n_blocks[b]) * self.params.block
+            recent = int(self.window_len[b]) + T
+            k_old, v_old = self.compressed_kv(layer, b)
+            dt = q.dtype
+            k_all = xp.concatenate([k_old.astype(dt), self.window_k[layer, b, :, :recent].astype(dt)], axis=1)
+            v_all = xp.concatenate([v_old.astype(dt), self.window_v[layer, b, :, :recent].astype(dt)], axis=1)
+            mask = causal_mask(xp, [compressed + recent], T, compressed + recent)
+            outs.append(causal_attention(xp, q[b:b + 1], k_all[None], v_all[None], mask))
+        return xp.concatenate(outs, axis=0)
+
+    def compressed_kv(self, layer: int, b: int):
+        """K and V of sequence b's compressed blocks in storage order, [kv_heads, tokens, head_dim]."""
+        tokens = int(self.n_blocks[b]) * self.params.block
+        return self.decoded_k[layer, b, :, :tokens], self.decoded_v[layer, b, :, :tokens]
+
+    # ---- once per step --------------------------------------------------------------------------
+
+    def advance(self, new_tokens: int) -> None:
+        window_len = self.window_len + new_tokens
+        due = np.maximum(window_len - self.window, 0) // self.params.block   # full blocks past the window
+        if due.any():
+            self.compress(due, window_len)   # may refuse (NaN, inf): then the step is not committed
+        super().advance(new_tokens)
+        self.window_len = window_len - due * self.params.block
+
+    def compress(self, due: np.ndarray, window_len: np.ndarray) -> None:
+        """Encode the oldest due[b] blocks of every sequence's window, all layers in one encoder call,
+        append the records and slide the windows. Nothing changes if the blocks cannot be encoded."""
+        s, block, xp = self.shape, self.params.block, self.backend.xp
+        k_blocks, v_blocks, owners = [], [], []   # owners[i] = (layer, sequence, block index) of block i
+        for b in np.flatnonzero(due):
+            # [layers, kv_heads, due * block, D] -> [layers * due, kv_heads, block, D], layer-major
+            for x, out in ((self.window_k, k_blocks), (self.window_v, v_blocks)):
+                y = x[:, b, :, :due[b] * block].reshape(s.layers, s.kv_heads, due[b], block, s.head_dim)
+                out.append(y.transpose(0, 2, 1, 3, 4).reshape(-1, s.kv_heads, block, s.head_dim))
+            owners += [(layer, b, self.n_blocks[b] + j) for layer in range(s.layers) for j in range(due[b])]
+        k_all, v_all = xp.concatenate(k_blocks), xp.concatenate(v_blocks)
+        self.refuse_nonfinite(k_all, v_all, owners)
+        buffer, offsets, _ = codec.encode_blocks(self.backend.to_numpy(k_all), self.backend.to_numpy(v_all),
+                                                 self.params)
+        base = self.arena.append(buffer)
+        for (layer, b, j), start in zip(owners, base + offsets[:-1]):
+            self.block_offsets[layer, b, j] = int(start)
+        self.store_decoded(buffer, offsets, owners)
+        for b in np.flatnonzero(due):
+            tokens = due[b] * block
+            keep = window_len[b] - tokens
+            for x in (self.window_k, self.window_v):
+                x[:, b, :, :keep] = x[:, b, :, tokens:tokens + keep].copy()
+            self.n_blocks[b] += due[b]
+
+    def refuse_nonfinite(self, k_blocks, v_blocks, owners) -> None:
+        """NaN or inf cannot be quantized: name the layer, sequence and token position instead."""
+        xp = self.backend.xp
+        for name, x in (("K", k_blocks), ("V", v_blocks)):
+            bad = ~xp.isfinite(x).all(axis=-1)                       # [blocks, kv_heads, block]
+            if bool(bad.any()):
+                i, head, t = (int(a) for a in xp.argwhere(bad)[0])
+                layer, b, j = owners[i]
+                raise PackkvError(f"cannot compress the KV cache: {name} of layer {layer}, sequence {b}, KV head "
+                                  f"{head}, token position {j * self.params.block + t} is not finite (NaN or inf)")
+
+    def store_decoded(self, buffer, offsets, owners) -> None:
+        k_hat, v_hat = codec.decode_blocks(buffer, offsets, self.params, self.shape.kv_heads, self.shape.head_dim)
+        k_hat, v_hat = self.backend.xp.asarray(k_hat), self.backend.xp.asarray(v_hat)
+        block = self.params.block
+        for i, (layer, b, j) in enumerate(owners):
+            self.decoded_k[layer, b, :, j * block:(j + 1) * block] = k_hat[i]
+            self.decoded_v[layer, b, :, j * block:(j + 1) * block] = v_hat[i]
+
+    # ---- sizes ----------------------------------------------------------------------------------
+
+    def bytes_used(self) -> int:
+        """Every stored byte: the records, their offset-table entries, the window's live tokens."""
+        window_bytes = int(self.window_len.sum()) * self.token_fp16_bytes()
+        table_bytes = int(self.n_blocks.sum()) * self.shape.layers * 8
+        return self.arena.used + table_bytes + window_bytes
+
+    def bytes_reserved(self) -> int:
+        return (self.arena.capacity + self.block_offsets.nbytes + self.window_k.nbytes + self.window_v.nbytes)
+
+    def stats(self) -> dict:
+        stats = super().stats()
+        elements = int(self.lengths.sum()) * self.token_fp16_bytes() // 2
+        stats.update(bits_per_element=8 * self.bytes_used() / elements if elements else None,
+                     kv_params={**vars(self.params), "window": self.window})
+        return stats
+
+
 def _gpu_oom_type():
     try:
         import cupy
@@ -125,7 +314,7 @@ def _gpu_oom_type():
         return MemoryError
 
 
-CACHE_KINDS = {"dense": DenseCache}
+CACHE_KINDS = {"dense": DenseCache, "packkv": PackkvCache}
 
 
 def make_cache(kind: str, shape: CacheShape, backend: Backend, **params) -> KVCache:

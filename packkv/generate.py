@@ -15,9 +15,10 @@ import numpy as np
 from tqdm import tqdm
 
 from packkv.backend import Backend, get_backend
-from packkv.cache import CACHE_KINDS, CacheShape, KVCache, make_cache
+from packkv.cache import CacheShape, KVCache, make_cache
 from packkv.errors import PackkvError
 from packkv.model import Llama, LlamaConfig
+from packkv.options import add_cache_arguments, cache_params
 from packkv.weights import Tokenizer, load_checkpoint
 from packkv.weights.default import cache_dir, default_weights_folder
 from packkv.weights.gguf_import import import_gguf
@@ -209,9 +210,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-    ap.add_argument("--cache", default="dense", choices=sorted(CACHE_KINDS))
     ap.add_argument("--max-context", type=int, help="longest sequence, prompt included (default: the model's)")
     ap.add_argument("--json", help="write the text, token ids and stats to this file")
+    add_cache_arguments(ap)
     return ap.parse_args(argv)
 
 
@@ -232,6 +233,8 @@ def format_stats(s: dict) -> str:
             f"generated {s['generated_tokens']} tok, decode {rate(s['decode_tok_s'])} tok/s | "
             f"KV cache ({s['cache']}) {s['kv_bytes_used'] / 2**20:.2f} MiB used, "
             f"{s['kv_bytes_reserved'] / 2**20:.2f} MiB reserved")
+    if s.get("bits_per_element") is not None:
+        line += f", {s['compression_ratio']:.2f}x vs fp16, {s['bits_per_element']:.2f} bits/element"
     if s["peak_gpu_bytes"] is not None:
         line += f" | peak GPU memory {s['peak_gpu_bytes'] / 2**20:.0f} MiB"
     return line
@@ -239,6 +242,7 @@ def format_stats(s: dict) -> str:
 
 def run(args) -> Generation:
     sampling = SamplingParams(args.temp, args.top_k, args.top_p, args.seed)   # validate before loading
+    kv_params = cache_params(args)
     prompt = read_prompt(args)
     engine = Engine(args.weights, args.device, args.max_context)
     ids = engine.prompt_ids(prompt, args.chat)
@@ -247,7 +251,7 @@ def run(args) -> Generation:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = generate(engine, ids, args.max_tokens, sampling, args.cache, on_text=write)
+    result = generate(engine, ids, args.max_tokens, sampling, args.cache, on_text=write, **kv_params)
     sys.stdout.write("\n")
     stats = result.stats()
     print(format_stats(stats), file=sys.stderr)

@@ -195,3 +195,26 @@ def test_stream_decoder_emits_whole_utf8_characters(smollm2_folder):
     pieces = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(pieces) == tokenizer.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--cache", "packkv", "--kv-rel-k", "0"], ["rel_k"]),
+    (["--cache", "packkv", "--kv-block", "24"], ["block"]),
+    (["--cache", "packkv", "--kv-window", "-1"], ["--kv-window"]),
+])
+def test_invalid_kv_parameters(capsys, flags, words):
+    assert_error(capsys, flags + ["--device", "cpu"], *words)
+
+
+@pytest.mark.slow
+def test_cli_generates_with_the_packkv_cache(capsys, smollm2_folder, tmp_path):
+    out = tmp_path / "out.json"
+    prompt = "The capital of France is Paris. The capital of Italy is Rome. " * 12
+    code = main(["--weights", str(smollm2_folder), "--device", "cpu", "--max-tokens", "8", "--cache", "packkv",
+                 "--kv-window", "16", "--prompt", prompt, "--json", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    stats = json.loads(out.read_text())["stats"]
+    assert stats["cache"] == "packkv" and stats["compression_ratio"] > 2.5
+    assert stats["kv_params"]["rel_k"] == 0.1 and stats["kv_params"]["window"] == 16
+    assert "x vs fp16" in captured.err and "bits/element" in captured.err

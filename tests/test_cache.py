@@ -1,0 +1,179 @@
+"""The cache kinds on the CPU: the packkv cache attends like attention over its decoded blocks plus the
+fp16 window, slides its window block by block, counts every byte, batches sequences of different
+lengths, and refuses NaN without losing what it holds."""
+import numpy as np
+import pytest
+
+from packkv import codec
+from packkv.attention import causal_attention, causal_mask
+from packkv.backend import get_backend
+from packkv.cache import CacheShape, DenseCache, PackkvCache
+from packkv.errors import PackkvError
+
+CPU = get_backend("cpu")
+LAYERS, KV_HEADS, HEAD_DIM, GROUP = 2, 2, 16, 3
+PARAMS = codec.CodecParams(block=32, pack=16)
+
+
+def random_steps(rng, steps, batch=1):
+    """(T, k, v, q) per step: a prefill of `steps[0]` tokens, then the rest."""
+    for T in steps:
+        k = rng.standard_normal((LAYERS, batch, KV_HEADS, T, HEAD_DIM)).astype(np.float32)
+        v = rng.standard_normal((LAYERS, batch, KV_HEADS, T, HEAD_DIM)).astype(np.float32)
+        q = rng.standard_normal((LAYERS, batch, KV_HEADS * GROUP, T, HEAD_DIM)).astype(np.float32)
+        yield T, k, v, q
+
+
+def run(cache, steps):
+    outs = []
+    for T, k, v, q in steps:
+        out = []
+        for layer in range(LAYERS):
+            cache.append(layer, k[layer], v[layer])
+            out.append(cache.attend(layer, q[layer]))
+        cache.advance(T)
+        outs.append(np.stack(out))
+    return outs
+
+
+def packkv(batch=1, window=8, max_context=400, params=PARAMS):
+    return PackkvCache(CacheShape(LAYERS, KV_HEADS, HEAD_DIM, batch, max_context), CPU, params, window=window,
+                       max_new_tokens=64)
+
+
+def test_window_slides_block_by_block():
+    cache = packkv(window=8)
+    steps = [40] + [1] * 60
+    for T, k, v, q in random_steps(np.random.default_rng(0), steps):
+        for layer in range(LAYERS):
+            cache.append(layer, k[layer], v[layer])
+            cache.attend(layer, q[layer])
+        cache.advance(T)
+        n, w = int(cache.n_blocks[0]), int(cache.window_len[0])
+        assert n * PARAMS.block + w == cache.lengths[0]
+        assert w < 8 + PARAMS.block and (w >= 8 or n == 0)
+    assert int(cache.n_blocks[0]) == (100 - 8) // PARAMS.block
+
+
+def test_attention_equals_reference_over_decoded_blocks_and_window():
+    """Expected output, built independently: encode each block as the cache must have, decode it, and
+    attend over [decoded blocks (storage order), fp16 window] with a causal mask on the window."""
+    rng = np.random.default_rng(1)
+    steps = list(random_steps(rng, [60] + [1] * 30))
+    cache = packkv(window=8)
+    outs = run(cache, steps)
+    k_all = np.concatenate([s[1] for s in steps], axis=3)[:, 0]       # [layers, kv_heads, tokens, D]
+    v_all = np.concatenate([s[2] for s in steps], axis=3)[:, 0]
+    n_tokens = k_all.shape[2]
+    for i, (T, _, _, q) in enumerate(steps[-5:]):
+        end = n_tokens - 4 + i                                        # tokens seen after this step
+        start_step = len(steps) - 5 + i
+        # the cache compressed the blocks that were due after the previous step
+        seen_before = end - T
+        n_blocks = max(seen_before - 8, 0) // PARAMS.block
+        split = n_blocks * PARAMS.block
+        for layer in range(LAYERS):
+            blocks_k = k_all[layer, :, :split].reshape(KV_HEADS, n_blocks, PARAMS.block, HEAD_DIM).transpose(1, 0, 2, 3)
+            blocks_v = v_all[layer, :, :split].reshape(KV_HEADS, n_blocks, PARAMS.block, HEAD_DIM).transpose(1, 0, 2, 3)
+            buf, off, _ = codec.encode_blocks(blocks_k.astype(np.float16), blocks_v.astype(np.float16), PARAMS)
+            k_hat, v_hat = codec.decode_blocks(buf, off, PARAMS, KV_HEADS, HEAD_DIM)
+            keys = np.concatenate([k_hat.transpose(1, 0, 2, 3).reshape(KV_HEADS, split, HEAD_DIM),
+                                   k_all[layer, :, split:end].astype(np.float16).astype(np.float32)], axis=1)
+            values = np.concatenate([v_hat.transpose(1, 0, 2, 3).reshape(KV_HEADS, split, HEAD_DIM),
+                                     v_all[layer, :, split:end].astype(np.float16).astype(np.float32)], axis=1)
+            want = causal_attention(np, q[layer], keys[None], values[None], causal_mask(np, [end], T, end))
+            np.testing.assert_allclose(outs[start_step][layer], want, rtol=1e-5, atol=1e-5)
+
+
+def test_tight_bounds_approach_the_dense_cache():
+    steps = list(random_steps(np.random.default_rng(2), [50] + [1] * 20))
+    tight = codec.CodecParams(rel_k=2 ** -12, rel_v=2 ** -12, block=32, pack=16)
+    dense = run(DenseCache(CacheShape(LAYERS, KV_HEADS, HEAD_DIM, 1, 400), CPU), steps)
+    packed = run(packkv(params=tight), steps)
+    loose = run(packkv(), steps)
+    tight_err = max(np.abs(a - b).max() for a, b in zip(dense, packed))
+    loose_err = max(np.abs(a - b).max() for a, b in zip(dense, loose))
+    assert tight_err < 3e-3 < loose_err
+
+
+def test_every_byte_is_counted():
+    cache = packkv(window=8)
+    run(cache, random_steps(np.random.default_rng(3), [60, 40] + [1] * 10))
+    n_blocks, window = int(cache.n_blocks[0]), int(cache.window_len[0])
+    records = cache.arena.data[:cache.arena.used]
+    assert cache.arena.used == sum(
+        int(np.frombuffer(records[int(o):int(o) + 12].tobytes(), dtype=np.uint32)[2])
+        for o in cache.block_offsets[:, 0, :n_blocks].ravel())
+    window_bytes = window * LAYERS * KV_HEADS * HEAD_DIM * 2 * 2
+    assert cache.bytes_used() == cache.arena.used + n_blocks * LAYERS * 8 + window_bytes
+    assert cache.bytes_reserved() >= cache.bytes_used()
+    stats = cache.stats()
+    assert stats["compression_ratio"] == pytest.approx(cache.fp16_bytes() / cache.bytes_used())
+    assert stats["bits_per_element"] == pytest.approx(16 / stats["compression_ratio"])
+
+
+def test_arena_grows_and_keeps_records():
+    cache = packkv(window=0, max_context=2048)
+    cache.arena = type(cache.arena)(np, 4096)
+    run(cache, random_steps(np.random.default_rng(4), [64] * 20))
+    assert cache.arena.capacity > 4096 and int(cache.n_blocks[0]) == 40
+    for j in (0, 5, 39):   # records written before and after the arena grew decode to what attention used
+        record = cache.arena.data[int(cache.block_offsets[1, 0, j]):]
+        record_bytes = int(np.frombuffer(record[8:12].tobytes(), np.uint32)[0])
+        k_hat, v_hat = codec.decode_block(record[:record_bytes], PARAMS, KV_HEADS, HEAD_DIM)
+        np.testing.assert_array_equal(k_hat, cache.decoded_k[1, 0, :, j * 32:(j + 1) * 32])
+        np.testing.assert_array_equal(v_hat, cache.decoded_v[1, 0, :, j * 32:(j + 1) * 32])
+
+
+def test_batched_sequences_equal_each_alone():
+    rng = np.random.default_rng(5)
+    prompts = [rng.standard_normal((2, LAYERS, KV_HEADS, n, HEAD_DIM)).astype(np.float32) for n in (37, 61)]
+    queries = [rng.standard_normal((LAYERS, KV_HEADS * GROUP, n, HEAD_DIM)).astype(np.float32) for n in (37, 61)]
+    decode = [list(random_steps(rng, [1] * 40)) for _ in range(2)]
+
+    def prefill_alone(cache, b):
+        (k, v), q = prompts[b], queries[b]
+        for layer in range(LAYERS):
+            cache.append(layer, k[layer][None], v[layer][None])
+            cache.attend(layer, q[layer][None])
+        cache.advance(k.shape[2])
+
+    alone = []
+    for b in range(2):
+        cache = packkv(window=8)
+        prefill_alone(cache, b)
+        alone.append(run(cache, decode[b]))
+    # the batch: prefill each sequence into its own batch-1 cache, then copy its state into slot b
+    batch = packkv(batch=2, window=8)
+    for b in range(2):
+        single = packkv(window=8)
+        prefill_alone(single, b)
+        for name in ("window_k", "window_v", "decoded_k", "decoded_v"):
+            getattr(batch, name)[:, b] = getattr(single, name)[:, 0]
+        batch.block_offsets[:, b] = single.block_offsets[:, 0] + batch.arena.append(single.arena.data[:single.arena.used])
+        batch.window_len[b], batch.n_blocks[b], batch.lengths[b] = single.window_len[0], single.n_blocks[0], single.lengths[0]
+    steps = [(1, np.concatenate([decode[0][i][1], decode[1][i][1]], axis=1),
+              np.concatenate([decode[0][i][2], decode[1][i][2]], axis=1),
+              np.concatenate([decode[0][i][3], decode[1][i][3]], axis=1)) for i in range(40)]
+    together = run(batch, steps)
+    for i in range(40):
+        for b in range(2):
+            np.testing.assert_allclose(together[i][:, b], alone[b][i][:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_is_refused_and_the_cache_keeps_what_it_had():
+    cache = packkv(window=8)
+    run(cache, random_steps(np.random.default_rng(6), [60]))
+    before = (cache.arena.used, int(cache.n_blocks[0]), int(cache.window_len[0]), int(cache.lengths[0]))
+    (T, k, v, q), = random_steps(np.random.default_rng(7), [20])
+    k[1, 0, 1, 3, 5] = np.nan
+    with pytest.raises(PackkvError, match=r"K of layer 1, sequence 0, KV head 1, token position \d+ is not finite"):
+        run(cache, [(T, k, v, q)])
+    assert (cache.arena.used, int(cache.n_blocks[0]), int(cache.window_len[0]), int(cache.lengths[0])) == before
+
+
+def test_too_many_tokens_in_one_step_is_refused():
+    cache = packkv()
+    (T, k, v, q), = random_steps(np.random.default_rng(8), [65])
+    with pytest.raises(ValueError, match="at most 64"):
+        cache.append(0, k[0], v[0])
