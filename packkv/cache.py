@@ -11,6 +11,7 @@ Every cache reports the bytes it holds (`bytes_used`) and the bytes it has set a
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ class CacheShape:
     max_context: int
 
 
-class KVCache:
+class KVCache(ABC):
     """What every kind shares: per-sequence lengths, positions, and the stats line."""
 
     kind = "abstract"
@@ -61,6 +62,22 @@ class KVCache:
         elif k.shape[2] != self.pending:
             raise ValueError(f"append(layer {layer}): {k.shape[2]} tokens, but layer 0 appended {self.pending}")
         return k.shape[2]
+
+    @abstractmethod
+    def append(self, layer: int, k, v) -> None:
+        """Store this step's k, v [B, kv_heads, T, head_dim] of one layer (check them with check_append)."""
+
+    @abstractmethod
+    def attend(self, layer: int, q):
+        """q [B, heads, T, head_dim] -> attention over everything cached, this step's tokens causally."""
+
+    @abstractmethod
+    def bytes_used(self) -> int:
+        """Every byte the committed tokens occupy."""
+
+    @abstractmethod
+    def bytes_reserved(self) -> int:
+        """Every byte set aside, used or not."""
 
     def advance(self, new_tokens: int) -> None:
         self.lengths += new_tokens
@@ -155,32 +172,30 @@ class ByteArena:
         return int(self.data.size)
 
 
-class PackkvCache(KVCache):
-    """PackKV's compressed cache: the most recent tokens in an fp16 window, older ones as compressed
-    blocks (packkv/codec.py's format) in a ByteArena, read by attention without decompressing to memory.
+class BlockCache(KVCache, ABC):
+    """What the compressing kinds share: the most recent tokens in an fp16 window, older ones as
+    immutable blocks of `block` tokens, encoded into variable-sized records in a ByteArena with a table
+    of block offsets. A subclass says how a batch of blocks is encoded and decoded (`encode`, `decode`).
 
     A sequence's window holds between `window` and `window + block - 1` tokens once it is long enough;
-    `advance` compresses each full block that falls out of it, for every layer and sequence in one
-    encoder call. Blocks are immutable: no re-compression, ever. K and V of a block share a token
-    permutation, so compressed tokens are stored in an order of their own, which attention (a sum over
-    tokens) does not care about; they are all older than every window token, so causality only
-    concerns the window.
+    `advance` encodes each full block that falls out of it, for every layer and sequence in one encoder
+    call. Blocks are immutable: no re-compression, ever. A kind may store a block's tokens in an order
+    of its own (K and V permuted alike), which attention, a sum over tokens, does not care about; they
+    are all older than every window token, so causality only concerns the window.
 
     Prefill runs in chunks: a chunk attends exactly to itself and the window, and to earlier chunks'
-    tokens through their compressed blocks, as decode does.
+    tokens through their encoded blocks, as decode does.
     """
 
-    kind = "packkv"
-
-    def __init__(self, shape: CacheShape, backend: Backend, params: codec.CodecParams = codec.CodecParams(),
-                 window: int = 128, max_new_tokens: int = 512):
+    def __init__(self, shape: CacheShape, backend: Backend, block: int, window: int = 128,
+                 max_new_tokens: int = 512):
         super().__init__(shape, backend)
         if window < 0:
             raise PackkvError(f"--kv-window must be >= 0, not {window}")
         xp, s = backend.xp, shape
-        self.params, self.window, self.max_new_tokens = params, window, max_new_tokens
-        self.window_capacity = window + params.block + max_new_tokens
-        self.max_blocks = -(-s.max_context // params.block)
+        self.block, self.window, self.max_new_tokens = block, window, max_new_tokens
+        self.window_capacity = window + block + max_new_tokens
+        self.max_blocks = -(-s.max_context // block)
         dims = (s.layers, s.batch, s.kv_heads, self.window_capacity, s.head_dim)
         try:
             self.window_k = xp.zeros(dims, dtype=np.float16)
@@ -190,14 +205,26 @@ class PackkvCache(KVCache):
             raise out_of_memory_error(2 * np.prod(dims) * 2, "the KV cache's fp16 window") from exc
         self.window_len = np.zeros(s.batch, dtype=np.int64)
         self.n_blocks = np.zeros(s.batch, dtype=np.int64)
-        # Start the arena at a sixth of what fp16 would take for a full context (about what the default
-        # bounds achieve); it doubles when a sequence compresses worse than that.
+        # Start the arena at a sixth of what fp16 would take for a full context (about what packkv's
+        # default bounds achieve); it doubles when a sequence compresses worse than that.
         self.arena = ByteArena(xp, s.batch * s.max_context * self.token_fp16_bytes() // 6)
         # The reference path decodes each block once, when it is written, and attends over the decoded
         # copy: the reference computation, without re-decoding the whole history every step. It is
         # not counted in bytes_used: it stands in for decoding in registers, which the GPU kernels do.
-        decoded = (s.layers, s.batch, s.kv_heads, self.max_blocks * params.block, s.head_dim)
+        decoded = (s.layers, s.batch, s.kv_heads, self.max_blocks * block, s.head_dim)
         self.decoded_k, self.decoded_v = xp.zeros(decoded, backend.dtype), xp.zeros(decoded, backend.dtype)
+
+    @abstractmethod
+    def encode(self, k_blocks: np.ndarray, v_blocks: np.ndarray):
+        """[n, kv_heads, block, head_dim] fp16 host arrays -> (uint8 records, int64 offsets [n + 1])."""
+
+    @abstractmethod
+    def decode(self, buffer, offsets):
+        """encode's output -> (k_hat, v_hat) [n, kv_heads, block, head_dim], in storage order."""
+
+    @abstractmethod
+    def kind_params(self) -> dict:
+        """The parameters that the stats report."""
 
     def token_fp16_bytes(self) -> int:
         s = self.shape
@@ -217,7 +244,7 @@ class PackkvCache(KVCache):
         xp, T = self.backend.xp, self.pending
         outs = []
         for b in range(self.shape.batch):   # reference path: one sequence at a time, exact fp32 softmax
-            compressed = int(self.n_blocks[b]) * self.params.block
+            compressed = int(self.n_blocks[b]) * self.block
             recent = int(self.window_len[b]) + T
             k_old, v_old = self.compressed_kv(layer, b)
             dt = q.dtype
@@ -229,23 +256,23 @@ class PackkvCache(KVCache):
 
     def compressed_kv(self, layer: int, b: int):
         """K and V of sequence b's compressed blocks in storage order, [kv_heads, tokens, head_dim]."""
-        tokens = int(self.n_blocks[b]) * self.params.block
+        tokens = int(self.n_blocks[b]) * self.block
         return self.decoded_k[layer, b, :, :tokens], self.decoded_v[layer, b, :, :tokens]
 
     # ---- once per step --------------------------------------------------------------------------
 
     def advance(self, new_tokens: int) -> None:
         window_len = self.window_len + new_tokens
-        due = np.maximum(window_len - self.window, 0) // self.params.block   # full blocks past the window
+        due = np.maximum(window_len - self.window, 0) // self.block   # full blocks past the window
         if due.any():
             self.compress(due, window_len)   # may refuse (NaN, inf): then the step is not committed
         super().advance(new_tokens)
-        self.window_len = window_len - due * self.params.block
+        self.window_len = window_len - due * self.block
 
     def compress(self, due: np.ndarray, window_len: np.ndarray) -> None:
         """Encode the oldest due[b] blocks of every sequence's window, all layers in one encoder call,
         append the records and slide the windows. Nothing changes if the blocks cannot be encoded."""
-        s, block, xp = self.shape, self.params.block, self.backend.xp
+        s, block, xp = self.shape, self.block, self.backend.xp
         k_blocks, v_blocks, owners = [], [], []   # owners[i] = (layer, sequence, block index) of block i
         for b in np.flatnonzero(due):
             # [layers, kv_heads, due * block, D] -> [layers * due, kv_heads, block, D], layer-major
@@ -255,8 +282,7 @@ class PackkvCache(KVCache):
             owners += [(layer, b, self.n_blocks[b] + j) for layer in range(s.layers) for j in range(due[b])]
         k_all, v_all = xp.concatenate(k_blocks), xp.concatenate(v_blocks)
         self.refuse_nonfinite(k_all, v_all, owners)
-        buffer, offsets, _ = codec.encode_blocks(self.backend.to_numpy(k_all), self.backend.to_numpy(v_all),
-                                                 self.params)
+        buffer, offsets = self.encode(self.backend.to_numpy(k_all), self.backend.to_numpy(v_all))
         base = self.arena.append(buffer)
         for (layer, b, j), start in zip(owners, base + offsets[:-1]):
             self.block_offsets[layer, b, j] = int(start)
@@ -277,12 +303,11 @@ class PackkvCache(KVCache):
                 i, head, t = (int(a) for a in xp.argwhere(bad)[0])
                 layer, b, j = owners[i]
                 raise PackkvError(f"cannot compress the KV cache: {name} of layer {layer}, sequence {b}, KV head "
-                                  f"{head}, token position {j * self.params.block + t} is not finite (NaN or inf)")
+                                  f"{head}, token position {j * self.block + t} is not finite (NaN or inf)")
 
     def store_decoded(self, buffer, offsets, owners) -> None:
-        k_hat, v_hat = codec.decode_blocks(buffer, offsets, self.params, self.shape.kv_heads, self.shape.head_dim)
-        k_hat, v_hat = self.backend.xp.asarray(k_hat), self.backend.xp.asarray(v_hat)
-        block = self.params.block
+        k_hat, v_hat = (self.backend.xp.asarray(x) for x in self.decode(buffer, offsets))
+        block = self.block
         for i, (layer, b, j) in enumerate(owners):
             self.decoded_k[layer, b, :, j * block:(j + 1) * block] = k_hat[i]
             self.decoded_v[layer, b, :, j * block:(j + 1) * block] = v_hat[i]
@@ -302,8 +327,30 @@ class PackkvCache(KVCache):
         stats = super().stats()
         elements = int(self.lengths.sum()) * self.token_fp16_bytes() // 2
         stats.update(bits_per_element=8 * self.bytes_used() / elements if elements else None,
-                     kv_params={**vars(self.params), "window": self.window})
+                     kv_params={**self.kind_params(), "window": self.window})
         return stats
+
+
+class PackkvCache(BlockCache):
+    """PackKV's compressed cache: blocks in packkv/codec.py's format (token-wise relative-error
+    quantization, repacking, bit-packing), read by attention without decompressing to memory."""
+
+    kind = "packkv"
+
+    def __init__(self, shape: CacheShape, backend: Backend, params: codec.CodecParams = codec.CodecParams(),
+                 window: int = 128, max_new_tokens: int = 512):
+        self.params = params
+        super().__init__(shape, backend, params.block, window, max_new_tokens)
+
+    def encode(self, k_blocks, v_blocks):
+        buffer, offsets, _ = codec.encode_blocks(k_blocks, v_blocks, self.params)
+        return buffer, offsets
+
+    def decode(self, buffer, offsets):
+        return codec.decode_blocks(buffer, offsets, self.params, self.shape.kv_heads, self.shape.head_dim)
+
+    def kind_params(self) -> dict:
+        return vars(self.params)
 
 
 def _gpu_oom_type():
