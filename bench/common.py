@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -13,6 +14,9 @@ DEFAULT_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / 
 
 
 def git_revision() -> str:
+    """HEAD's short hash; $PACKKV_GIT where the tree travelled without .git (the GPU machine)."""
+    if os.environ.get("PACKKV_GIT"):
+        return os.environ["PACKKV_GIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"
