@@ -1,0 +1,1264 @@
+"""The GPU encoder of packkv's compressed KV format (v1): Numba CUDA, one launch per batch of blocks.
+
+`encode_blocks_device(k, v, params, arena, used)` compresses n blocks ([n, n_kv_heads, block, head_dim]
+fp16 on the device: all layers and sequences that are due) and writes their records into a preallocated
+device arena (uint8) from byte `used` on, bump-allocated in block order. The bytes are identical to
+`packkv.codec.encode_blocks`' buffer: same quantization arithmetic (fp32, no FMA, integer round-up to
+fp16), same repacking (none / sort / greedy with float64 cosine seeds and lowest-index ties), same layout.
+
+One launch does everything. Each CTA (persistent grid, tiles taken from an atomic counter in block order)
+takes one block (one record) at a time:
+
+1. quantize: lane groups per (unit, token) reduce min/max over the unit's channels (fp16 read as 8-byte
+   words), compute step/offset, write the integer levels to a level matrix LV (shared memory when it
+   fits, else a per-CTA global scratch), token-major, packed 8 (or 4) levels per int64 word (SWAR);
+   NaN/inf is detected here and reported after the launch;
+2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, int64 dots,
+   float64 cosine) then pack-1 picks; each pick evaluates sum_c width(max(hi,q)-min(lo,q)) for every
+   remaining candidate, parallel over (candidate, channel segment) with lane groups, on SWAR words
+   (per-lane max/min by the borrow trick, widths by smearing bits and one popc per 8 channels);
+3. pack statistics (min and width per pack of P tokens x 1 channel), section sizes, record size;
+4. decoupled look-back over the tiles' record sizes gives the record's arena offset (a single-pass
+   prefix sum: no second launch, no host round trip);
+5. write: every 32-bit word of the record is assembled by one thread (headers, steps, bit streams,
+   payload words found by binary search over the packs' byte offsets) and stored coalesced.
+
+The host reads back 64 bytes (end offset, error flags) once per call: the call synchronizes.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from packkv import codec
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
+
+from numba import cuda  # noqa: E402  (after reading the simulator switch)
+from numba import float64 as nb_float64, int32 as nb_int32, int64 as nb_int64  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------
+# Layout of the small int64 meta array (runtime dimensions and region offsets) and of the work array
+# ----------------------------------------------------------------------------------------------------
+
+_META_FIELDS = (
+    "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec",
+    "NP", "GSQ", "GS", "S", "SEGW", "used0", "cap", "scr64",
+    # region offsets in bytes: in shared memory, or in the CTA's global scratch for LV / PACK*
+    "o_lv", "o_pinfo", "o_poff", "o_lo", "o_hi", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
+    "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_costp", "o_pickw", "o_seci", "o_toki",
+    "o_misc", "o_scan",
+)
+M = {name: i for i, name in enumerate(_META_FIELDS)}
+SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, payload prefix, -
+TOKI_FIELDS = 8   # per unit: k_base, v_base, k_bits, v_bits, start, -, -, -
+MISC_FIELDS = 8   # tile, bad, base, size, skip, -, -, -
+# work array (int64): [0] end offset of the last record, [1] first NaN code, [2] arena overflow,
+# [3] internal error, [4] tile counter, then one look-back status word per block
+W_END, W_NAN, W_OVER, W_INTERNAL, W_TILE, W_STATUS = 0, 1, 2, 3, 4, 8
+NO_NAN = np.int64(2 ** 62)
+FLAG_AGG = np.int64(1 << 60)
+FLAG_PRE = np.int64(2 << 60)
+VAL_MASK = np.int64((1 << 60) - 1)
+
+
+def _s64(x: int) -> np.int64:
+    """A 64-bit pattern as a signed int64 constant (Numba and the simulator both type it int64)."""
+    x &= (1 << 64) - 1
+    return np.int64(x - (1 << 64) if x >= (1 << 63) else x)
+
+
+def _lanes(E: int, bits) -> np.int64:
+    """An int64 with the given bit pattern repeated in every E-bit lane."""
+    return _s64(sum(bits << (E * i) for i in range(64 // E)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Warp intrinsics. Numba's CUDA simulator has no shuffles: there, a warp exchanges values through a
+# per-warp table and a 32-thread barrier (every call site is reached by all 32 lanes of a warp).
+# ----------------------------------------------------------------------------------------------------
+
+if SIMULATOR:
+    import threading
+
+    _warp_lock = threading.Lock()
+    _warp_state: dict = {}
+
+    def _warp():
+        me = threading.current_thread()
+        key = (id(me._manager), tuple(me.blockIdx), me.thread_id // 32)
+        with _warp_lock:
+            if key not in _warp_state:
+                _warp_state[key] = (threading.Barrier(32, timeout=120), [None] * 32)
+        barrier, table = _warp_state[key]
+        return barrier, table, me.thread_id % 32
+
+    def shfl_xor(v, off):
+        barrier, table, lane = _warp()
+        table[lane] = v
+        barrier.wait()
+        out = table[lane ^ int(off)]
+        barrier.wait()
+        return out
+
+    def shfl_up(v, off):
+        barrier, table, lane = _warp()
+        table[lane] = v
+        barrier.wait()
+        out = table[lane - int(off)] if lane >= off else v
+        barrier.wait()
+        return out
+
+    def syncwarp():
+        barrier, _, _ = _warp()
+        barrier.wait()
+else:
+    @cuda.jit(device=True, inline=True)
+    def shfl_xor(v, off):
+        return cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_up(v, off):
+        return cuda.shfl_up_sync(0xFFFFFFFF, v, off)
+
+    @cuda.jit(device=True, inline=True)
+    def syncwarp():
+        cuda.syncwarp(0xFFFFFFFF)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The kernel (built per lane width E and CTA size; dimensions are runtime values from `meta`)
+# ----------------------------------------------------------------------------------------------------
+
+_KERNELS: dict = {}
+
+
+def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
+    LPW = 64 // E                       # levels per int64 word
+    LM = np.int64((1 << E) - 1)         # lane mask
+    LANE_MAX = (1 << (E - 1)) - 1       # SWAR compare needs the lane's top bit clear
+    HB = _lanes(E, 1 << (E - 1))
+    ONES = _lanes(E, 1)
+    SM1 = _lanes(E, (1 << (E - 1)) - 1)
+    SM2 = _lanes(E, (1 << (E - 2)) - 1)
+    SM3 = _lanes(E, (1 << (E - 4)) - 1)
+    SM4 = _lanes(E, (1 << (E - 8)) - 1) if E == 16 else np.int64(0)
+    F32A = _s64(0x000000FF000000FF) if E == 8 else _s64(0x0000FFFF0000FFFF)
+    LOW32 = np.int64(0xFFFFFFFF)
+    NW = NT // 32
+    FULL = 0xFFFFFFFF
+    E_ = np.int64(E)
+    LPW_ = np.int64(LPW)
+    F_BIG = np.float32(1e30)
+    F_65504 = np.float32(65504.0)
+    F_32767 = np.float32(32767.0)
+    F_2P24 = np.float32(2.0 ** 24)
+    F_2M24 = np.float32(2.0 ** -24)
+    F_2M14 = np.float32(2.0 ** -14)
+    F_2P112 = np.float32(2.0 ** 112)
+    I_BIG = np.int64(1 << 40)
+
+    @cuda.jit(device=True, inline=True)
+    def swar_max(a, b):
+        ge = ((a | HB) - b) & HB                      # lane top bit set where a >= b
+        m = (ge - ((ge >> (E_ - 1)) & ONES)) | ge     # whole lane set where a >= b
+        return b ^ ((a ^ b) & m)
+
+    @cuda.jit(device=True, inline=True)
+    def swar_min(a, b):
+        ge = ((a | HB) - b) & HB
+        m = (ge - ((ge >> (E_ - 1)) & ONES)) | ge
+        return a ^ ((a ^ b) & m)
+
+    @cuda.jit(device=True, inline=True)
+    def swar_width_sum(r):
+        """Sum over the lanes of bit_length(lane): smear each lane's top bit down, count the bits."""
+        r |= (r >> 1) & SM1
+        r |= (r >> 2) & SM2
+        r |= (r >> 4) & SM3
+        if E == 16:
+            r |= (r >> 8) & SM4
+        return np.int64(cuda.popc(r))
+
+    @cuda.jit(device=True, inline=True)
+    def width(x):
+        """bit_length of 0 <= x < 2**31."""
+        return np.int64(32 - cuda.clz(np.int32(x)))
+
+    @cuda.jit(device=True, inline=True)
+    def grp_sum(v, gs):
+        off = gs >> 1
+        while off > 0:
+            v += shfl_xor(v, off)
+            off >>= 1
+        return v
+
+    @cuda.jit(device=True, inline=True)
+    def grp_min(v, gs):
+        off = gs >> 1
+        while off > 0:
+            o = shfl_xor(v, off)
+            if o < v:
+                v = o
+            off >>= 1
+        return v
+
+    @cuda.jit(device=True, inline=True)
+    def grp_max(v, gs):
+        off = gs >> 1
+        while off > 0:
+            o = shfl_xor(v, off)
+            if o > v:
+                v = o
+            off >>= 1
+        return v
+
+    @cuda.jit(device=True, inline=True)
+    def half_to_f32(h):
+        """fp16 bits (finite) -> float32, exactly: the magnitude bits shifted into fp32 position are
+        the value times 2**-112 (normal and subnormal alike)."""
+        x = np.int32((h & 0x7FFF) << 13).view(np.float32) * F_2P112
+        if h & 0x8000:
+            x = -x
+        return x
+
+    @cuda.jit(device=True, inline=True)
+    def quant_step(lo, hi, rel):
+        """docs/FORMAT.md section 1: step (float32, an fp16 value) of a token with range [lo, hi]."""
+        amax = hi
+        if -lo > amax:
+            amax = -lo
+        s = (hi - lo) * rel
+        if s == 0:
+            s = amax
+        g = amax / F_32767
+        if g > s:
+            s = g
+        if s > F_65504:
+            s = F_65504
+        if s < F_2M14:
+            n = np.int64(math.ceil(s * F_2P24))
+            if n < 1:
+                n = 1
+            return np.float32(n) * F_2M24
+        b = np.int64(s.view(np.int32))
+        b = (b + 0x1FFF) & ~np.int64(0x1FFF)
+        return np.int32(b).view(np.float32)
+
+    @cuda.jit(device=True, inline=True)
+    def step_bits16(step):
+        """The fp16 bit pattern of a float32 that is exactly an fp16 value >= 2**-24."""
+        if step < F_2M14:
+            return np.int64(step * F_2P24)
+        b = np.int64(step.view(np.int32))
+        return (b >> 13) - (112 << 10)
+
+    @cuda.jit(device=True, inline=True)
+    def block_excl_scan(val, scan, s0, tid):
+        """Exclusive prefix sum of one int64 per thread over the CTA; returns (exclusive, total)."""
+        lane = tid & 31
+        warp = tid >> 5
+        x = val
+        off = 1
+        while off < 32:
+            y = shfl_up(x, off)
+            if lane >= off:
+                x += y
+            off <<= 1
+        if lane == 31:
+            scan[s0 + warp] = x
+        cuda.syncthreads()
+        if warp == 0:
+            t = np.int64(0)
+            if lane < NW:
+                t = scan[s0 + lane]
+            z = t
+            off = 1
+            while off < 32:
+                y = shfl_up(z, off)
+                if lane >= off:
+                    z += y
+                off <<= 1
+            if lane < NW:
+                scan[s0 + lane] = z - t          # exclusive prefix of the warp totals
+            if lane == NW - 1:
+                scan[s0 + NW] = z
+        cuda.syncthreads()
+        res = scan[s0 + warp] + x - val
+        total = scan[s0 + NW]
+        cuda.syncthreads()
+        return res, total
+
+    @cuda.jit(device=True, inline=True)
+    def chan_word(layer, h, kv, d, D, WU, WK):
+        """(unit, word index in the LV row, lane) of channel d of head h, K (kv=0) or V (kv=1)."""
+        if layer:
+            c = h * D + d
+            return np.int64(0), kv * WK + c // LPW_, c % LPW_
+        return h, h * WU + kv * WK + d // LPW_, d % LPW_
+
+    def encode_kernel(K64, V64, arena32, meta, work, offsets, g64, g32, rel_k, rel_v):
+        sh64 = cuda.shared.array(0, nb_int64)
+        sh32 = cuda.shared.array(0, nb_int32)
+        shf = cuda.shared.array(0, nb_float64)
+        tid = np.int64(cuda.threadIdx.x)
+        lane = tid & 31
+        warp = tid >> 5
+        n_blocks = meta[0]
+        H = meta[1]
+        T = meta[2]
+        D = meta[3]
+        P = meta[4]
+        R = meta[5]
+        layer = meta[6]
+        repack = meta[7]
+        n_units = meta[8]
+        CU = meta[9]
+        WK = meta[10]
+        WU = meta[11]
+        W = meta[12]
+        n_sec = meta[13]
+        NP = meta[14]
+        GSQ = meta[15]
+        GS = meta[16]
+        S = meta[17]
+        SEGW = meta[18]
+        used0 = meta[19]
+        cap = meta[20]
+        scr64 = meta[21]
+        DQ = D >> 2
+        NCH = CU >> 2
+        slot = np.int64(cuda.blockIdx.x) * scr64   # this CTA's scratch, in int64 words
+        if LV_SH:
+            LVA = sh64
+            lv0 = meta[22] >> 3
+            LV32 = sh32
+        else:
+            LVA = g64
+            lv0 = slot + (meta[22] >> 3)
+            LV32 = g32
+        if PK_SH:
+            PK = sh32
+            pi0 = meta[23] >> 2
+            po0 = meta[24] >> 2
+        else:
+            PK = g32
+            pi0 = 2 * slot + (meta[23] >> 2)
+            po0 = 2 * slot + (meta[24] >> 2)
+        lo0 = meta[25] >> 3
+        hi0 = meta[26] >> 3
+        mw0 = meta[27] >> 3
+        nrm0 = meta[28] >> 3
+        key0 = meta[29] >> 3
+        sc0 = meta[30] >> 3
+        sk0 = meta[31] >> 2
+        sv0 = meta[32] >> 2
+        ok0 = meta[33] >> 2
+        ov0 = meta[34] >> 2
+        or0 = meta[35] >> 2
+        rm0 = meta[36] >> 2
+        cp0 = meta[37] >> 2
+        pw0 = meta[38] >> 2
+        se0 = meta[39] >> 2
+        tk0 = meta[40] >> 2
+        mi0 = meta[41] >> 3
+        sn0 = meta[42] >> 3
+        UT = n_units * T
+
+        while True:
+            # ---------------- take the next tile (= block, in order) ----------------
+            if tid == 0:
+                sh64[mi0 + 0] = cuda.atomic.add(work, W_TILE, 1)
+                sh64[mi0 + 1] = 0
+            cuda.syncthreads()
+            b = sh64[mi0 + 0]
+            if b >= n_blocks:
+                break
+
+            # ---------------- 1. quantize ----------------
+            groups = NT // GSQ
+            g = tid // GSQ
+            sub = tid % GSQ
+            iters = (UT + groups - 1) // groups
+            for it_k in range(iters):
+                it = g + groups * it_k
+                valid = it < UT
+                u = it // T
+                t = it % T
+                stk = np.float32(1)
+                stv = np.float32(1)
+                offk = np.int64(0)
+                offv = np.int64(0)
+                row = np.int64(0)
+                lok = F_BIG
+                hik = -F_BIG
+                lov = F_BIG
+                hiv = -F_BIG
+                bad_code = NO_NAN
+                if valid:
+                    for j in range(sub, NCH, GSQ):
+                        if layer:
+                            h = j // DQ
+                            wd = j - h * DQ
+                        else:
+                            h = u
+                            wd = j
+                        a = ((b * H + h) * T + t) * DQ + wd
+                        ck = K64[a]
+                        cv = V64[a]
+                        for i in range(4):
+                            hk = (ck >> (16 * i)) & 0xFFFF
+                            hv = (cv >> (16 * i)) & 0xFFFF
+                            if (hk & 0x7C00) == 0x7C00:
+                                code = (b * H + h) * T + t
+                                if code < bad_code:
+                                    bad_code = code
+                            else:
+                                x = half_to_f32(hk)
+                                if x < lok:
+                                    lok = x
+                                if x > hik:
+                                    hik = x
+                            if (hv & 0x7C00) == 0x7C00:
+                                code = n_blocks * H * T + (b * H + h) * T + t
+                                if code < bad_code:
+                                    bad_code = code
+                            else:
+                                x = half_to_f32(hv)
+                                if x < lov:
+                                    lov = x
+                                if x > hiv:
+                                    hiv = x
+                lok = grp_min(lok, GSQ)
+                hik = grp_max(hik, GSQ)
+                lov = grp_min(lov, GSQ)
+                hiv = grp_max(hiv, GSQ)
+                bad_code = grp_min(bad_code, GSQ)
+                if valid and bad_code < NO_NAN:
+                    if sub == 0:
+                        cuda.atomic.min(work, W_NAN, bad_code)
+                        sh64[mi0 + 1] = 1
+                ssum = np.int64(0)
+                ssq = np.int64(0)
+                if valid and bad_code == NO_NAN:
+                    stk = quant_step(lok, hik, rel_k)
+                    stv = quant_step(lov, hiv, rel_v)
+                    offk = np.int64(round(lok / stk))
+                    offv = np.int64(round(lov / stv))
+                    row = lv0 + t * W + u * WU
+                    for j in range(sub, NCH, GSQ):
+                        if layer:
+                            h = j // DQ
+                            wd = j - h * DQ
+                        else:
+                            h = u
+                            wd = j
+                        a = ((b * H + h) * T + t) * DQ + wd
+                        ck = K64[a]
+                        cv = V64[a]
+                        pk = np.int64(0)
+                        pv = np.int64(0)
+                        for i in range(4):
+                            qk = np.int64(round(half_to_f32((ck >> (16 * i)) & 0xFFFF) / stk)) - offk
+                            qv = np.int64(round(half_to_f32((cv >> (16 * i)) & 0xFFFF) / stv)) - offv
+                            if qk < 0 or qk > LANE_MAX or qv < 0 or qv > LANE_MAX:
+                                cuda.atomic.max(work, W_INTERNAL, 1)
+                                qk = min(max(qk, 0), LANE_MAX)
+                                qv = min(max(qv, 0), LANE_MAX)
+                            ssum += qk + qv
+                            ssq += qk * qk + qv * qv
+                            pk |= qk << (E_ * i)
+                            pv |= qv << (E_ * i)
+                        c = 4 * j
+                        if E == 8:   # 4 levels = half a word
+                            LV32[2 * row + c // 4] = np.int32(pk)
+                            LV32[2 * (row + WK) + c // 4] = np.int32(pv)
+                        else:
+                            LVA[row + c // 4] = pk
+                            LVA[row + WK + c // 4] = pv
+                    if E == 8 and (CU % 8) != 0 and sub == 0:   # zero the unused half of the last words
+                        LV32[2 * (row + WK) - 1] = 0
+                        LV32[2 * (row + WU) - 1] = 0
+                ssum = grp_sum(ssum, GSQ)
+                ssq = grp_sum(ssq, GSQ)
+                if valid and sub == 0 and bad_code == NO_NAN:
+                    sh64[key0 + u * T + t] = ssum
+                    sh64[nrm0 + u * T + t] = ssq
+                    sh32[sk0 + u * T + t] = np.int32(step_bits16(stk))
+                    sh32[sv0 + u * T + t] = np.int32(step_bits16(stv))
+                    sh32[ok0 + u * T + t] = np.int32(offk)
+                    sh32[ov0 + u * T + t] = np.int32(offv)
+            cuda.syncthreads()
+            bad = sh64[mi0 + 1]
+
+            if bad == 0:
+                # ---------------- 2. repack: ORDER[u][pos] = token ----------------
+                if repack == 0 or T == P:
+                    for i in range(tid, UT, NT):
+                        sh32[or0 + i] = np.int32(i % T)
+                elif repack == 1:   # stable sort by the token's level sum
+                    for i in range(tid, UT, NT):
+                        u = i // T
+                        t = i % T
+                        kt = sh64[key0 + i]
+                        rank = 0
+                        for s_ in range(T):
+                            ks = sh64[key0 + u * T + s_]
+                            if ks < kt or (ks == kt and s_ < t):
+                                rank += 1
+                        sh32[or0 + u * T + rank] = np.int32(t)
+                else:
+                    for i in range(tid, UT, NT):
+                        sh32[rm0 + i] = np.int32(i % T)
+                    cuda.syncthreads()
+                    par = 0
+                    n_rem = T
+                    for start in range(0, T - P, P):
+                        rb = rm0 + par * UT
+                        rn = rm0 + (1 - par) * UT
+                        # rounded mean of the remaining tokens, per channel, packed like LV
+                        for wi in range(tid, W, NT):
+                            u = wi // WU
+                            a0 = np.int64(0)
+                            a1 = np.int64(0)
+                            a2 = np.int64(0)
+                            a3 = np.int64(0)
+                            for i in range(n_rem):
+                                t = sh32[rb + u * T + i]
+                                w = LVA[lv0 + t * W + wi]
+                                a0 += w & F32A
+                                a1 += (w >> E_) & F32A
+                                if E == 8:
+                                    a2 += (w >> 16) & F32A
+                                    a3 += (w >> 24) & F32A
+                            mw = np.int64(0)
+                            for l in range(LPW):
+                                part = l % (LPW // 2)
+                                if part == 0:
+                                    acc = a0
+                                elif part == 1:
+                                    acc = a1
+                                elif part == 2:
+                                    acc = a2
+                                else:
+                                    acc = a3
+                                if l >= LPW // 2:
+                                    acc = acc >> 32
+                                ssum_l = acc & LOW32
+                                m = (2 * ssum_l + n_rem) // (2 * n_rem)
+                                mw |= m << (E_ * l)
+                            sh64[mw0 + wi] = mw
+                        cuda.syncthreads()
+                        # cosine of every remaining token to the mean (m's norm left out)
+                        groups = NT // GS
+                        g = tid // GS
+                        sub = tid % GS
+                        n_items = n_units * n_rem
+                        iters = (n_items + groups - 1) // groups
+                        for it_k in range(iters):
+                            it = g + groups * it_k
+                            dot = np.int64(0)
+                            t = np.int64(0)
+                            u = it // n_rem
+                            i = it % n_rem
+                            if it < n_items:
+                                t = sh32[rb + u * T + i]
+                                rowb = lv0 + t * W
+                                for wi in range(u * WU + sub, (u + 1) * WU, GS):
+                                    q = LVA[rowb + wi]
+                                    m = sh64[mw0 + wi]
+                                    for l in range(LPW):
+                                        dot += ((q >> (E_ * l)) & LM) * ((m >> (E_ * l)) & LM)
+                            dot = grp_sum(dot, GS)
+                            if it < n_items and sub == 0:
+                                nrm = sh64[nrm0 + u * T + t]
+                                sc = 0.0
+                                if nrm > 0:
+                                    sc = np.float64(dot) / math.sqrt(np.float64(nrm))
+                                shf[sc0 + u * T + i] = sc
+                        cuda.syncthreads()
+                        # seed = argmax (lowest position on ties); every warp computes it
+                        for u in range(n_units):
+                            bestf = -1.0
+                            bi = I_BIG
+                            for i in range(lane, n_rem, 32):
+                                sc = shf[sc0 + u * T + i]
+                                if sc > bestf:
+                                    bestf = sc
+                                    bi = i
+                            off = 16
+                            while off > 0:
+                                obf = shfl_xor(bestf, off)
+                                oi = shfl_xor(bi, off)
+                                if obf > bestf or (obf == bestf and oi < bi):
+                                    bestf = obf
+                                    bi = oi
+                                off >>= 1
+                            if lane == 0:
+                                sh32[pw0 + warp * n_units + u] = np.int32(bi)
+                        syncwarp()
+                        for wi in range(tid, W, NT):
+                            u = wi // WU
+                            ip = sh32[pw0 + warp * n_units + u]
+                            t = sh32[rb + u * T + ip]
+                            q = LVA[lv0 + t * W + wi]
+                            sh64[lo0 + wi] = q
+                            sh64[hi0 + wi] = q
+                        if warp == 0:
+                            for u in range(n_units):
+                                ip = sh32[pw0 + u]
+                                if lane == 0:
+                                    sh32[or0 + u * T + start] = sh32[rb + u * T + ip]
+                                for i in range(lane, n_rem, 32):
+                                    val = sh32[rb + u * T + i]
+                                    if i < ip:
+                                        sh32[rn + u * T + i] = val
+                                    elif i > ip:
+                                        sh32[rn + u * T + i - 1] = val
+                        cuda.syncthreads()
+                        par = 1 - par
+                        n_rem -= 1
+                        # grow the pack: pack-1 picks of the cheapest candidate
+                        for pos in range(start + 1, start + P):
+                            rb = rm0 + par * UT
+                            rn = rm0 + (1 - par) * UT
+                            n_items = n_units * n_rem * S
+                            iters = (n_items + groups - 1) // groups
+                            for it_k in range(iters):
+                                it = g + groups * it_k
+                                acc = np.int64(0)
+                                s_ = it % S
+                                rest = it // S
+                                i = rest % n_rem
+                                u = rest // n_rem
+                                if it < n_items:
+                                    t = sh32[rb + u * T + i]
+                                    rowb = lv0 + t * W
+                                    w0 = u * WU + s_ * SEGW
+                                    w1 = min(w0 + SEGW, (u + 1) * WU)
+                                    for wi in range(w0 + sub, w1, GS):
+                                        q = LVA[rowb + wi]
+                                        mx = swar_max(q, sh64[hi0 + wi])
+                                        mn = swar_min(q, sh64[lo0 + wi])
+                                        acc += swar_width_sum(mx - mn)
+                                acc = grp_sum(acc, GS)
+                                if it < n_items and sub == 0:
+                                    sh32[cp0 + (s_ * n_units + u) * T + i] = np.int32(acc)
+                            cuda.syncthreads()
+                            for u in range(n_units):
+                                best = I_BIG
+                                bi = I_BIG
+                                for i in range(lane, n_rem, 32):
+                                    cst = np.int64(0)
+                                    for s_ in range(S):
+                                        cst += sh32[cp0 + (s_ * n_units + u) * T + i]
+                                    if cst < best:
+                                        best = cst
+                                        bi = i
+                                off = 16
+                                while off > 0:
+                                    obc = shfl_xor(best, off)
+                                    oi = shfl_xor(bi, off)
+                                    if obc < best or (obc == best and oi < bi):
+                                        best = obc
+                                        bi = oi
+                                    off >>= 1
+                                if lane == 0:
+                                    sh32[pw0 + warp * n_units + u] = np.int32(bi)
+                            syncwarp()
+                            for wi in range(tid, W, NT):
+                                u = wi // WU
+                                ip = sh32[pw0 + warp * n_units + u]
+                                t = sh32[rb + u * T + ip]
+                                q = LVA[lv0 + t * W + wi]
+                                sh64[lo0 + wi] = swar_min(q, sh64[lo0 + wi])
+                                sh64[hi0 + wi] = swar_max(q, sh64[hi0 + wi])
+                            if warp == 0:
+                                for u in range(n_units):
+                                    ip = sh32[pw0 + u]
+                                    if lane == 0:
+                                        sh32[or0 + u * T + pos] = sh32[rb + u * T + ip]
+                                    for i in range(lane, n_rem, 32):
+                                        val = sh32[rb + u * T + i]
+                                        if i < ip:
+                                            sh32[rn + u * T + i] = val
+                                        elif i > ip:
+                                            sh32[rn + u * T + i - 1] = val
+                            cuda.syncthreads()
+                            par = 1 - par
+                            n_rem -= 1
+                    # the last pack: the remaining tokens in ascending order
+                    rb = rm0 + par * UT
+                    for i in range(tid, n_units * P, NT):
+                        u = i // P
+                        j = i % P
+                        sh32[or0 + u * T + T - P + j] = sh32[rb + u * T + j]
+                cuda.syncthreads()
+
+                # ---------------- 3. pack statistics: PINFO[g] = min << 8 | width ----------------
+                for it in range(tid, R * W, NT):
+                    r = it // W
+                    wi = it % W
+                    u = wi // WU
+                    ob = or0 + u * T + r * P
+                    q = LVA[lv0 + sh32[ob] * W + wi]
+                    mn = q
+                    mx = q
+                    for j in range(1, P):
+                        q = LVA[lv0 + sh32[ob + j] * W + wi]
+                        mn = swar_min(mn, q)
+                        mx = swar_max(mx, q)
+                    wj = wi - u * WU
+                    kv = np.int64(0)
+                    if wj >= WK:
+                        kv = np.int64(1)
+                    cw = wj - kv * WK
+                    for l in range(LPW):
+                        c = cw * LPW_ + l
+                        if c < CU:
+                            lo_l = (mn >> (E_ * l)) & LM
+                            hi_l = (mx >> (E_ * l)) & LM
+                            if layer:
+                                h = c // D
+                                d = c - h * D
+                            else:
+                                h = u
+                                d = c
+                            gi = ((2 * h + kv) * R + r) * D + d
+                            PK[pi0 + gi] = np.int32((lo_l << 8) | width(hi_l - lo_l))
+                cuda.syncthreads()
+                # per section: max width, min and max of the pack minima, payload bits
+                RD = R * D
+                for s_ in range(warp, 2 * H, NW):
+                    wmax = np.int64(0)
+                    mnmin = I_BIG
+                    mnmax = np.int64(0)
+                    wsum = np.int64(0)
+                    for i in range(lane, RD, 32):
+                        info = np.int64(PK[pi0 + s_ * RD + i])
+                        w = info & 0xFF
+                        mnv = info >> 8
+                        wsum += w
+                        if w > wmax:
+                            wmax = w
+                        if mnv < mnmin:
+                            mnmin = mnv
+                        if mnv > mnmax:
+                            mnmax = mnv
+                    wsum = grp_sum(wsum, 32)
+                    wmax = grp_max(wmax, 32)
+                    mnmin = grp_min(mnmin, 32)
+                    mnmax = grp_max(mnmax, 32)
+                    if lane == 0:
+                        e0 = se0 + s_ * SECI_FIELDS
+                        sh32[e0 + 0] = np.int32(width(wmax))
+                        sh32[e0 + 1] = np.int32(width(mnmax - mnmin))
+                        sh32[e0 + 2] = np.int32(mnmin)
+                        sh32[e0 + 3] = np.int32(wsum * P // 8)
+                # per unit: offset bases and bit counts
+                for u in range(warp, n_units, NW):
+                    kmin = I_BIG
+                    kmax = -I_BIG
+                    vmin = I_BIG
+                    vmax = -I_BIG
+                    for t in range(lane, T, 32):
+                        ok = np.int64(sh32[ok0 + u * T + t])
+                        ov = np.int64(sh32[ov0 + u * T + t])
+                        kmin = min(kmin, ok)
+                        kmax = max(kmax, ok)
+                        vmin = min(vmin, ov)
+                        vmax = max(vmax, ov)
+                    kmin = grp_min(kmin, 32)
+                    kmax = grp_max(kmax, 32)
+                    vmin = grp_min(vmin, 32)
+                    vmax = grp_max(vmax, 32)
+                    if lane == 0:
+                        e0 = tk0 + u * TOKI_FIELDS
+                        sh32[e0 + 0] = np.int32(kmin)
+                        sh32[e0 + 1] = np.int32(vmin)
+                        sh32[e0 + 2] = np.int32(width(kmax - kmin))
+                        sh32[e0 + 3] = np.int32(width(vmax - vmin))
+                cuda.syncthreads()
+                # section offsets and the record size (one thread: a few dozen sections)
+                if tid == 0:
+                    off = np.int64(12 + 4 * n_sec)
+                    for u in range(n_units):
+                        e0 = tk0 + u * TOKI_FIELDS
+                        sh32[e0 + 4] = np.int32(off)
+                        size = 8 + 4 * T + T * (np.int64(sh32[e0 + 2]) + sh32[e0 + 3]) // 8
+                        off += size + (-size) % 4
+                    ppre = np.int64(0)
+                    for s_ in range(2 * H):
+                        e0 = se0 + s_ * SECI_FIELDS
+                        sh32[e0 + 4] = np.int32(off)
+                        fb = np.int64(sh32[e0 + 0]) + sh32[e0 + 1]
+                        hb = 4 + (RD * fb + 7) // 8
+                        ps = hb + (-hb) % 4
+                        sh32[e0 + 5] = np.int32(ps)
+                        sh32[e0 + 6] = np.int32(ppre)
+                        pb = np.int64(sh32[e0 + 3])
+                        ppre += pb
+                        off += ps + pb + (-pb) % 4
+                    sh64[mi0 + 3] = off + (-off) % 16
+                    sh64[mi0 + 5] = off
+                # byte offset of every pack's payload inside its section's payload
+                chunk = (NP + NT - 1) // NT
+                g0 = tid * chunk
+                g1 = min(g0 + chunk, NP)
+                local = np.int64(0)
+                for gi in range(g0, g1):
+                    local += np.int64(PK[pi0 + gi] & 0xFF)
+                excl, tot = block_excl_scan(local * P // 8, sh64, sn0, tid)
+                run = excl
+                for gi in range(g0, g1):
+                    s_ = gi // RD
+                    PK[po0 + gi] = np.int32(run - sh32[se0 + s_ * SECI_FIELDS + 6])
+                    run += (PK[pi0 + gi] & 0xFF) * P // 8
+
+            # ---------------- 4. look-back: this record's offset in the arena ----------------
+            if tid == 0:
+                size = np.int64(0)
+                if bad == 0:
+                    size = sh64[mi0 + 3]
+                excl = np.int64(0)
+                if b == 0:
+                    cuda.atomic.add(work, W_STATUS + b, FLAG_PRE | size)
+                else:
+                    cuda.atomic.add(work, W_STATUS + b, FLAG_AGG | size)
+                    j = b - 1
+                    while True:
+                        st = cuda.atomic.add(work, W_STATUS + j, 0)
+                        flag = st >> 60
+                        if flag == 0:
+                            continue
+                        excl += st & VAL_MASK
+                        if flag == 2:
+                            break
+                        j -= 1
+                    cuda.atomic.add(work, W_STATUS + b, (FLAG_PRE | (excl + size)) - (FLAG_AGG | size))
+                base = used0 + excl
+                offsets[b] = base
+                if b == n_blocks - 1:
+                    offsets[n_blocks] = base + size
+                    work[W_END] = base + size
+                skip = 0
+                if bad != 0:
+                    skip = 1
+                elif base + size > cap:
+                    cuda.atomic.max(work, W_OVER, 1)
+                    skip = 1
+                sh64[mi0 + 2] = base
+                sh64[mi0 + 4] = skip
+            cuda.syncthreads()
+
+            # ---------------- 5. write the record, one 32-bit word per thread ----------------
+            if sh64[mi0 + 4] == 0:
+                rw = sh64[mi0 + 2] >> 2           # record start, in words
+                total = sh64[mi0 + 3]
+                body = sh64[mi0 + 5]
+                RD = R * D
+                flags = layer | ((width(P) - 4) << 1)
+                for j in range(tid, 3 + n_sec, NT):
+                    if j == 0:
+                        val = 1 | (flags << 8) | (H << 16)
+                    elif j == 1:
+                        val = T | (D << 16)
+                    elif j == 2:
+                        val = total
+                    elif j < 3 + n_units:
+                        val = np.int64(sh32[tk0 + (j - 3) * TOKI_FIELDS + 4])
+                    else:
+                        val = np.int64(sh32[se0 + (j - 3 - n_units) * SECI_FIELDS + 4])
+                    arena32[rw + j] = np.uint32(val & LOW32)
+                for u in range(n_units):
+                    e0 = tk0 + u * TOKI_FIELDS
+                    kbase = np.int64(sh32[e0 + 0])
+                    vbase = np.int64(sh32[e0 + 1])
+                    kb = np.int64(sh32[e0 + 2])
+                    vb = np.int64(sh32[e0 + 3])
+                    tsw = rw + (np.int64(sh32[e0 + 4]) >> 2)
+                    size = 8 + 4 * T + T * (kb + vb) // 8
+                    nwords = (size + 3) // 4
+                    ob = or0 + u * T
+                    for j in range(tid, nwords, NT):
+                        if j == 0:
+                            val = (kbase & 0xFFFF) | ((vbase & 0xFFFF) << 16)
+                        elif j == 1:
+                            val = kb | (vb << 8)
+                        elif j < 2 + T:   # steps, K then V, two per word, storage order
+                            p = 2 * (j - 2)
+                            base_s = sk0
+                            if p >= T:
+                                p -= T
+                                base_s = sv0
+                            val = (np.int64(sh32[base_s + u * T + sh32[ob + p]]) |
+                                   (np.int64(sh32[base_s + u * T + sh32[ob + p + 1]]) << 16))
+                        else:             # offset bit streams: K fields then V fields
+                            bit0 = 32 * (j - 2 - T)
+                            val = np.int64(0)
+                            if kb > 0:
+                                f0 = bit0 // kb
+                                f1 = min((bit0 + 31) // kb, T - 1)
+                                for f in range(f0, f1 + 1):
+                                    fv = sh32[ok0 + u * T + sh32[ob + f]] - kbase
+                                    sh_ = f * kb - bit0
+                                    if sh_ >= 0:
+                                        val |= fv << sh_
+                                    else:
+                                        val |= fv >> (-sh_)
+                            if vb > 0:
+                                vbit0 = bit0 - T * kb
+                                f0 = max(vbit0, 0) // vb
+                                f1 = min((vbit0 + 31) // vb, T - 1) if vbit0 + 31 >= 0 else -1
+                                for f in range(f0, f1 + 1):
+                                    fv = sh32[ov0 + u * T + sh32[ob + f]] - vbase
+                                    sh_ = f * vb - vbit0
+                                    if sh_ >= 0:
+                                        val |= fv << sh_
+                                    else:
+                                        val |= fv >> (-sh_)
+                        arena32[tsw + j] = np.uint32(val & LOW32)
+                for s_ in range(2 * H):
+                    e0 = se0 + s_ * SECI_FIELDS
+                    WB = np.int64(sh32[e0 + 0])
+                    MB = np.int64(sh32[e0 + 1])
+                    mbase = np.int64(sh32[e0 + 2])
+                    pbytes = np.int64(sh32[e0 + 3])
+                    csw = rw + (np.int64(sh32[e0 + 4]) >> 2)
+                    ps = np.int64(sh32[e0 + 5])
+                    F = WB + MB
+                    gb = s_ * RD
+                    h = s_ >> 1
+                    kv = s_ & 1
+                    nh = ps >> 2
+                    for j in range(tid, nh, NT):
+                        if j == 0:
+                            val = WB | (MB << 8) | (mbase << 16)
+                        else:
+                            bit0 = 32 * (j - 1)
+                            val = np.int64(0)
+                            if F > 0:
+                                f0 = bit0 // F
+                                f1 = min((bit0 + 31) // F, RD - 1)
+                                for f in range(f0, f1 + 1):
+                                    info = np.int64(PK[pi0 + gb + f])
+                                    fv = (info & 0xFF) | (((info >> 8) - mbase) << WB)
+                                    sh_ = f * F - bit0
+                                    if sh_ >= 0:
+                                        val |= fv << sh_
+                                    else:
+                                        val |= fv >> (-sh_)
+                        arena32[csw + j] = np.uint32(val & LOW32)
+                    npw = (pbytes + 3) // 4
+                    pw_base = csw + nh
+                    for j in range(tid, npw, NT):
+                        byte0 = 4 * j
+                        # last pack whose payload starts at or before byte0 (it contains byte0)
+                        lo_i = np.int64(0)
+                        hi_i = RD - 1
+                        while lo_i < hi_i:
+                            mid = (lo_i + hi_i + 1) >> 1
+                            if PK[po0 + gb + mid] <= byte0:
+                                lo_i = mid
+                            else:
+                                hi_i = mid - 1
+                        val = np.int64(0)
+                        f = lo_i
+                        while f < RD:
+                            poff = np.int64(PK[po0 + gb + f])
+                            if poff >= byte0 + 4:
+                                break
+                            info = np.int64(PK[pi0 + gb + f])
+                            w = info & 0xFF
+                            if w > 0:
+                                pmin = info >> 8
+                                r = f // D
+                                d = f - r * D
+                                uu, wi, ln = chan_word(layer, h, kv, d, D, WU, WK)
+                                rel_bit = 8 * (byte0 - poff)     # word start, relative to the pack
+                                v0 = max(rel_bit, 0) // w
+                                v1 = min((rel_bit + 31) // w, P - 1)
+                                ob = or0 + uu * T + r * P
+                                for vj in range(v0, v1 + 1):
+                                    t = sh32[ob + vj]
+                                    lev = ((LVA[lv0 + t * W + wi] >> (E_ * ln)) & LM) - pmin
+                                    sh_ = vj * w - rel_bit
+                                    if sh_ >= 0:
+                                        val |= lev << sh_
+                                    else:
+                                        val |= lev >> (-sh_)
+                            f += 1
+                        arena32[pw_base + j] = np.uint32(val & LOW32)
+                for j in range(tid, (total - body) >> 2, NT):
+                    arena32[rw + (body >> 2) + j] = np.uint32(0)
+            cuda.syncthreads()
+
+    return cuda.jit(encode_kernel)
+
+
+def get_kernel(E: int, NT: int, lv_shared: bool, pack_shared: bool):
+    key = (E, NT, lv_shared, pack_shared)
+    if key not in _KERNELS:
+        _KERNELS[key] = _build_kernel(E, NT, lv_shared, pack_shared)
+    return _KERNELS[key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side: planning, validation, launch, error reporting
+# ----------------------------------------------------------------------------------------------------
+
+class ArenaFullError(ValueError):
+    """The records do not fit in the arena; `needed` is the arena size (bytes) they would need.
+
+    Nothing is committed: the caller's `used` stays valid. Grow the arena (keeping its first `used`
+    bytes) and call again, or size it beforehand with `max_record_bytes`."""
+
+    def __init__(self, needed: int, capacity: int):
+        super().__init__(f"the compressed records need the arena to hold {needed} bytes, it has {capacity}")
+        self.needed, self.capacity = needed, capacity
+
+
+def level_bound(rel: float) -> int:
+    """An upper bound on any quantized level for relative bound rel (FORMAT.md section 1): the range
+    (hi - lo) / step <= 1/rel up to fp32 rounding, plus one for rounding both ends; at least 3 (the
+    65504 clamp). The encoder checks it on the device and fails loudly if it were ever exceeded."""
+    r = float(np.float32(rel))
+    return max(3, int(math.floor(1.0 / r * (1 + 1e-6) + 0.01)) + 1)
+
+
+def lane_bits(params: codec.CodecParams) -> int:
+    """8-bit SWAR lanes when every level is <= 127 (rel >= ~1/126, e.g. the defaults), else 16-bit."""
+    return 8 if max(level_bound(params.rel_k), level_bound(params.rel_v)) <= 127 else 16
+
+
+def max_record_bytes(params: codec.CodecParams, n_kv_heads: int, head_dim: int) -> int:
+    """An upper bound on one record's length for these params (to size an arena so that encoding a
+    batch of n blocks never overflows: reserve n * max_record_bytes)."""
+    H, T, D, P = n_kv_heads, params.block, head_dim, params.pack
+    n_units = 1 if params.granularity == "token-layer" else H
+    R = T // P
+    wmax = max(level_bound(params.rel_k), level_bound(params.rel_v)).bit_length()
+    tok = 8 + 4 * T + T * 32 // 8 + 3
+    sec = 4 + -(-R * D * (5 + 16) // 8) + 3 + P * R * D * wmax // 8 + 3
+    total = 12 + 4 * (n_units + 2 * H) + n_units * tok + 2 * H * sec
+    return total + 15
+
+
+def _pow2ceil(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+class _Plan:
+    """Dimensions, work split and memory layout of one (params, H, D, threads) configuration."""
+
+    def __init__(self, params: codec.CodecParams, H: int, D: int, threads: int, smem_limit: int,
+                 force_global: bool = False):
+        self.params, self.H, self.D, self.NT = params, H, D, threads
+        T, P = params.block, params.pack
+        self.E = E = lane_bits(params)
+        LPW = 64 // E
+        layer = params.granularity == "token-layer"
+        n_units = 1 if layer else H
+        CU = H * D if layer else D
+        WK = -(-CU // LPW)
+        WU, W = 2 * WK, n_units * 2 * WK
+        R = T // P
+        NP = 2 * H * R * D
+        NW = threads // 32
+        GSQ = min(32, _pow2ceil(CU // 4))
+        GS = min(32, _pow2ceil(max(1, WU // 4)))
+        S = max(1, WU // (GS * 4))
+        SEGW = -(-WU // S)
+        UT = n_units * T
+        regions = {  # name -> bytes
+            "lv": T * W * 8, "pinfo": NP * 4, "poff": NP * 4,
+            "lo": W * 8, "hi": W * 8, "mw": W * 8, "nrm": UT * 8, "key": UT * 8, "score": UT * 8,
+            "stepk": UT * 4, "stepv": UT * 4, "offk": UT * 4, "offv": UT * 4, "order": UT * 4,
+            "rem": 2 * UT * 4, "costp": S * UT * 4, "pickw": NW * n_units * 4,
+            "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
+            "scan": (NW + 1) * 8,
+        }
+        al = lambda n: -(-n // 16) * 16
+        small = sum(al(n) for name, n in regions.items() if name not in ("lv", "pinfo", "poff"))
+        lv, pk = al(regions["lv"]), al(regions["pinfo"]) + al(regions["poff"])
+        if not force_global and small + lv + pk <= smem_limit:
+            self.lv_shared, self.pack_shared = True, True
+        elif small + pk <= smem_limit:
+            self.lv_shared, self.pack_shared = False, True
+        elif small <= smem_limit:
+            self.lv_shared, self.pack_shared = False, False
+        else:
+            raise ValueError(f"the GPU encoder cannot hold a block of {T} tokens x {H} KV heads x head_dim "
+                             f"{D} ({params.granularity}) in {smem_limit} bytes of shared memory")
+        offsets, shared_at, global_at = {}, 0, 0
+        for name, n in regions.items():
+            in_global = (name == "lv" and not self.lv_shared) or (name in ("pinfo", "poff") and not self.pack_shared)
+            if in_global:
+                offsets[name], global_at = global_at, global_at + al(n)
+            else:
+                offsets[name], shared_at = shared_at, shared_at + al(n)
+        self.shared_bytes, self.scratch_bytes = shared_at, global_at
+        self.values = dict(n_blocks=0, H=H, T=T, D=D, P=P, R=R, layer=int(layer),
+                           repack=codec.REPACK_METHODS.index(params.repack), n_units=n_units, CU=CU, WK=WK,
+                           WU=WU, W=W, n_sec=n_units + 2 * H, NP=NP, GSQ=GSQ, GS=GS, S=S, SEGW=SEGW,
+                           used0=0, cap=0, scr64=global_at // 8,
+                           **{f"o_{name}": off for name, off in offsets.items()})
+
+    def meta(self, n_blocks: int, used0: int, cap: int) -> np.ndarray:
+        values = dict(self.values, n_blocks=n_blocks, used0=used0, cap=cap)
+        return np.array([values[name] for name in _META_FIELDS], dtype=np.int64)
+
+
+def _device_info():
+    if SIMULATOR:
+        return {"sms": 2, "smem_block": 1 << 30, "smem_sm": 1 << 30}
+    dev = cuda.get_current_device()
+    return {"sms": dev.MULTIPROCESSOR_COUNT, "smem_block": dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            "smem_sm": dev.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR}
+
+
+def _as_device(x, name: str):
+    """A numba device array (zero-copy for CuPy / CUDA-array-interface arrays)."""
+    if SIMULATOR:
+        if isinstance(x, np.ndarray):
+            return cuda.to_device(x)
+        if hasattr(x, "copy_to_host"):
+            return x
+    elif cuda.is_cuda_array(x):
+        return cuda.as_cuda_array(x)
+    raise ValueError(f"{name} must be a device array (CuPy, Numba or any CUDA-array-interface array), "
+                     f"got {type(x).__name__}")
+
+
+def _stream():
+    if SIMULATOR:
+        return 0
+    try:
+        import cupy
+        ptr = cupy.cuda.get_current_stream().ptr
+    except ImportError:
+        ptr = 0
+    return cuda.external_stream(ptr) if ptr else cuda.default_stream()
+
+
+class BlockEncoder:
+    """Compiles (once) and runs the encoder for one (params, n_kv_heads, head_dim) configuration."""
+
+    def __init__(self, params: codec.CodecParams, n_kv_heads: int, head_dim: int, threads: int = 512,
+                 force_global: bool = False, max_ctas: int | None = None):
+        if not isinstance(params, codec.CodecParams):
+            raise ValueError(f"params must be a codec.CodecParams, got {type(params).__name__}")
+        if not (1 <= n_kv_heads <= 255):
+            raise ValueError(f"n_kv_heads must be in [1, 255], got {n_kv_heads}")
+        if head_dim < 4 or head_dim % 4 or head_dim > 65535:
+            raise ValueError(f"the GPU encoder needs head_dim to be a multiple of 4 (8-byte fp16 loads), "
+                             f"got {head_dim}")
+        if threads % 32 or not (32 <= threads <= 1024):
+            raise ValueError(f"threads must be a multiple of 32 in [32, 1024], got {threads}")
+        self.params, self.H, self.D, self.NT = params, n_kv_heads, head_dim, threads
+        self.info = _device_info()
+        self.plan = _Plan(params, n_kv_heads, head_dim, threads, self.info["smem_block"], force_global)
+        p = self.plan
+        self.kernel = get_kernel(p.E, threads, p.lv_shared, p.pack_shared)
+        per_sm = max(1, min(2048 // threads, self.info["smem_sm"] // (p.shared_bytes + 1024)))
+        self.max_ctas = max_ctas or self.info["sms"] * per_sm
+        self._scratch = None
+
+    # -- the one call ------------------------------------------------------------------------------
+    def encode(self, k, v, arena, used: int):
+        """Compress k, v [n_blocks, n_kv_heads, block, head_dim] (fp16, on the device) into arena
+        (uint8, on the device) from byte `used` (a multiple of 16) on.
+
+        Returns (offsets, new_used): offsets is an int64 device array [n_blocks + 1], record b at
+        arena[offsets[b]:offsets[b+1]] (offsets[0] == used, offsets[-1] == new_used), the same bytes
+        as codec.encode_blocks. Synchronizes once (reads back the end offset and error flags).
+        Raises ValueError naming block, head and token for NaN/inf input, ArenaFullError when the
+        records do not fit; in both cases nothing is committed (bytes past `used` may have changed).
+        """
+        p, params = self.plan, self.params
+        dk, dv = _as_device(k, "k"), _as_device(v, "v")
+        for name, x in (("k", dk), ("v", dv)):
+            if x.dtype != np.float16:
+                raise ValueError(f"{name} must be float16, got {x.dtype}")
+            if x.ndim != 4 or tuple(x.shape[1:]) != (self.H, params.block, self.D):
+                raise ValueError(f"{name} must have shape [n_blocks, {self.H}, {params.block}, {self.D}], "
+                                 f"got {tuple(x.shape)}")
+        if tuple(dk.shape) != tuple(dv.shape):
+            raise ValueError(f"k and v must have the same shape, got {tuple(dk.shape)} and {tuple(dv.shape)}")
+        da = _as_device(arena, "arena")
+        if da.dtype != np.uint8 or da.ndim != 1:
+            raise ValueError(f"arena must be a 1-D uint8 device array, got {da.dtype} {tuple(da.shape)}")
+        used = int(used)
+        if used % 16 or not (0 <= used <= da.shape[0]):
+            raise ValueError(f"used must be a multiple of 16 within the arena ({da.shape[0]} bytes), got {used}")
+        n = int(dk.shape[0])
+        stream = _stream()
+        offsets = cuda.device_array(n + 1, dtype=np.int64, stream=stream)
+        if n == 0:
+            offsets.copy_to_device(np.array([used], dtype=np.int64), stream=stream)
+            return offsets, used
+        if not (dk.is_c_contiguous() and dv.is_c_contiguous()):
+            raise ValueError("k and v must be C-contiguous")
+        k64, v64 = dk.reshape(-1).view(np.int64), dv.reshape(-1).view(np.int64)
+        cap = da.shape[0] // 4 * 4
+        arena32 = da[:cap].view(np.uint32)
+        grid = min(n, self.max_ctas)
+        g64, g32 = self._scratch_views(grid, stream)
+        work_host = np.zeros(W_STATUS + n, dtype=np.int64)
+        work_host[W_NAN] = NO_NAN
+        work = cuda.to_device(work_host, stream=stream)
+        meta = cuda.to_device(p.meta(n, used, cap), stream=stream)
+        config = self.kernel[grid, self.NT, stream, p.shared_bytes]
+        self._allow_shared(config, p.shared_bytes)
+        config(k64, v64, arena32, meta, work, offsets, g64, g32, np.float32(params.rel_k), np.float32(params.rel_v))
+        flags = work[:4].copy_to_host(stream=stream)
+        if not SIMULATOR:
+            stream.synchronize()
+        end, nan_code, over, internal = (int(x) for x in flags)
+        if nan_code != NO_NAN:
+            H, T = self.H, params.block
+            kv, code = divmod(nan_code, n * H * T)
+            b, rest = divmod(code, H * T)
+            raise ValueError(f"{'kv'[kv]} has a non-finite or out-of-fp16-range value (NaN, inf or |x| > 65504) "
+                             f"at block {b}, head {rest // T}, token {rest % T}")
+        if internal:
+            raise RuntimeError("packkv GPU encoder: a quantized level exceeded its lane (an encoder bug)")
+        if over:
+            raise ArenaFullError(end, cap)
+        return offsets, end
+
+    def _scratch_views(self, grid: int, stream):
+        nbytes = max(16, grid * self.plan.scratch_bytes)
+        if self._scratch is None or self._scratch.shape[0] < nbytes // 8:
+            self._scratch = cuda.device_array(nbytes // 8, dtype=np.int64, stream=stream)
+        return self._scratch, self._scratch.view(np.int32)
+
+    def _allow_shared(self, config, nbytes: int) -> None:
+        """Opt the kernel in to more than 48 KiB of dynamic shared memory (once per launch config)."""
+        if SIMULATOR or nbytes <= 48 * 1024 or _set_max_dynamic_shared in config.pre_launch_callbacks:
+            return
+        config.pre_launch_callbacks.append(_set_max_dynamic_shared)
+
+
+def _set_max_dynamic_shared(kernel, launch_config) -> None:
+    """Numba pre-launch callback: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = the launch's size."""
+    from numba.cuda.cudadrv.driver import binding, driver
+    cufunc = kernel._codelibrary.get_cufunc()
+    attr = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attr, launch_config.sharedmem, cufunc.handle, cufunc.device.id)
+
+
+_ENCODERS: dict = {}
+
+
+def encode_blocks_device(k, v, params: codec.CodecParams, arena, used: int, **options):
+    """Compress blocks k, v [n_blocks, n_kv_heads, block, head_dim] (fp16, device) into arena (uint8,
+    device) from byte `used`: returns (offsets int64 device [n_blocks + 1], new_used). See
+    BlockEncoder.encode; encoders (compiled kernels) are cached per (params, shape, options)."""
+    H, D = int(k.shape[-3]), int(k.shape[-1])
+    key = (params, H, D, tuple(sorted(options.items())))
+    if key not in _ENCODERS:
+        _ENCODERS[key] = BlockEncoder(params, H, D, **options)
+    return _ENCODERS[key].encode(k, v, arena, used)
