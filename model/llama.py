@@ -6,15 +6,24 @@ precision that the next token depends on. On the CPU everything is fp32.
 
 Layouts: tokens [B, T]; hidden states [B, T, hidden]; per-head tensors [B, heads, T, head_dim], the
 layout the cache stores (K post-RoPE).
+
+On the GPU the small per-token operations (RMSNorm, RoPE with the q/k/v split, SiLU * up) run as fused
+kernels (kernels/model_ops.cu); the xp code beside each call is their NumPy reference twin and the CPU
+path. Positions come from the cache's device-side lengths, so a decode step can be captured in a CUDA
+graph and replayed (forward_step does no host work that depends on the step).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from packkv.backend import Backend
 from packkv.model.config import LlamaConfig
+
+if TYPE_CHECKING:
+    from packkv.cache import KVCache
 
 
 @dataclass
@@ -38,6 +47,11 @@ class Llama:
         moved to the device here. RoPE tables cover `max_context` positions."""
         self.config, self.backend = config, backend
         xp, dt = backend.xp, backend.dtype
+        if backend.is_gpu:
+            from packkv.kernels import model_ops
+            self.ops = model_ops
+        else:
+            self.ops = None
         self.max_context = max_context or config.max_position_embeddings
 
         def dev(name, dtype=dt):
@@ -82,11 +96,18 @@ class Llama:
 
     def rms_norm(self, x, weight):
         """x fp32 [..., hidden] -> normalised, scaled, in the matmul dtype."""
+        if self.ops:
+            return self.ops.rms_norm(self.backend.xp.ascontiguousarray(x), weight, self.config.rms_norm_eps)
         xp = self.backend.xp
         inv_rms = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + np.float32(self.config.rms_norm_eps))
         return (weight * (x * inv_rms)).astype(self.backend.dtype)
 
     def linear(self, x, weight, bias):
+        """x [..., in] . weight [out, in]^T (+ bias): a GEMV kernel for the few rows of a decode step on the
+        GPU (capturable in a CUDA graph, unlike cuBLAS through CuPy), the library matmul otherwise."""
+        rows = x.size // x.shape[-1]
+        if self.ops and rows <= self.ops.MAX_ROWS and x.shape[-1] % 8 == 0:
+            return self.ops.linear_rows(self.backend.xp.ascontiguousarray(x), weight, bias)
         y = x @ weight.T
         return y if bias is None else (y + bias).astype(y.dtype)
 
@@ -97,10 +118,15 @@ class Llama:
         out = self.backend.xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
         return out.astype(self.backend.dtype)
 
-    def attention(self, i, layer: LayerWeights, h, cos, sin, cache):
+    def split_heads_rope(self, qkv, cache: KVCache):
+        """qkv [B, T, (heads + 2 kv_heads) * D] -> q, k (rotated at each sequence's positions), v."""
         cfg = self.config
-        B, T, _ = h.shape
-        qkv = self.linear(h, layer.wqkv, layer.bqkv)
+        if self.ops:
+            return self.ops.rope_split(qkv, cache.starts, self.rope_cos, self.rope_sin, cfg.num_attention_heads,
+                                       cfg.num_key_value_heads, cfg.head_dim)
+        B, T, _ = qkv.shape
+        positions = cache.positions(T)                              # [B, T]
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]   # [B, 1, T, D/2]
         q_end = cfg.num_attention_heads * cfg.head_dim
         kv_width = cfg.num_key_value_heads * cfg.head_dim
 
@@ -110,12 +136,21 @@ class Llama:
         q = self.rope(heads(qkv[..., :q_end], cfg.num_attention_heads), cos, sin)
         k = self.rope(heads(qkv[..., q_end:q_end + kv_width], cfg.num_key_value_heads), cos, sin)
         v = heads(qkv[..., q_end + kv_width:], cfg.num_key_value_heads)
+        return q, k, v
+
+    def attention(self, i, layer: LayerWeights, h, cache: KVCache):
+        cfg = self.config
+        B, T, _ = h.shape
+        q, k, v = self.split_heads_rope(self.linear(h, layer.wqkv, layer.bqkv), cache)
         cache.append(i, k, v)
         out = cache.attend(i, q)                                  # [B, heads, T, D]
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, q_end)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, cfg.num_attention_heads * cfg.head_dim)
         return self.linear(out, layer.wo, layer.bo)
 
     def mlp(self, layer: LayerWeights, h):
+        if self.ops:
+            act = self.ops.silu_mul(self.linear(h, layer.w_gate_up, layer.b_gate_up))
+            return self.linear(act, layer.w_down, layer.b_down)
         gate_up = self.linear(h, layer.w_gate_up, layer.b_gate_up).astype(np.float32)
         gate, up = gate_up[..., :self.config.intermediate_size], gate_up[..., self.config.intermediate_size:]
         act = gate / (1.0 + self.backend.xp.exp(-gate)) * up    # SiLU(gate) * up
@@ -123,22 +158,25 @@ class Llama:
 
     # ---- forward ------------------------------------------------------------------------------------
 
-    def forward(self, tokens, cache, all_logits: bool = False):
-        """Run T new tokens of each of B sequences through the model, appending their K/V to `cache`.
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False):
+        """Run T new tokens of each of B sequences through the model, appending their K/V to `cache`,
+        and commit them. tokens: int array [B, T]. Returns fp32 logits [B, T, vocab] if all_logits, else
+        [B, 1, vocab] for the last position only (what sampling needs; a long prefill skips a
+        [T, vocab] matmul)."""
+        cache.check_room(np.shape(tokens)[1])
+        logits = self.forward_step(tokens, cache, all_logits)
+        cache.advance(np.shape(tokens)[1])
+        return logits
 
-        tokens: int array [B, T]. Returns fp32 logits [B, T, vocab] if all_logits, else [B, 1, vocab]
-        for the last position only (what sampling needs; a long prefill skips a [T, vocab] matmul)."""
+    def forward_step(self, tokens, cache: KVCache, all_logits: bool = False):
+        """forward without committing the tokens to the cache: only device work, no host decisions that
+        change from step to step, so a decode step can be captured in a CUDA graph."""
         xp = self.backend.xp
         tokens = xp.asarray(tokens)
-        B, T = tokens.shape
-        positions = cache.positions(T)                              # [B, T], from each sequence's length
-        cos = self.rope_cos[positions][:, None]                     # [B, 1, T, D/2]
-        sin = self.rope_sin[positions][:, None]
         x = self.embed[tokens].astype(np.float32)                   # residual stream, fp32
         for i, layer in enumerate(self.layers):
-            x += self.attention(i, layer, self.rms_norm(x, layer.attn_norm), cos, sin, cache)
+            x += self.attention(i, layer, self.rms_norm(x, layer.attn_norm), cache)
             x += self.mlp(layer, self.rms_norm(x, layer.mlp_norm))
-        cache.advance(T)
         if not all_logits:
             x = x[:, -1:]
-        return (self.rms_norm(x, self.final_norm) @ self.lm_head.T).astype(np.float32)
+        return self.linear(self.rms_norm(x, self.final_norm), self.lm_head, None).astype(np.float32)

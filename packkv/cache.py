@@ -35,18 +35,29 @@ class KVCache(ABC):
     """What every kind shares: per-sequence lengths, positions, and the stats line."""
 
     kind = "abstract"
+    # Whether a decode step over this cache can be captured in a CUDA graph (its append and attend are
+    # kernels reading lengths from device memory), and a counter that changes whenever a buffer such a
+    # graph bakes in moves (so the graph must be captured again).
+    graph_capturable = False
+    layout_version = 0
 
     def __init__(self, shape: CacheShape, backend: Backend):
         self.shape, self.backend = shape, backend
         self.lengths = np.zeros(shape.batch, dtype=np.int64)   # committed tokens per sequence (host)
         self.pending = 0                                         # tokens appended this step, not yet committed
+        # The same lengths on the device: kernels read each sequence's next position from here, so a
+        # captured decode step replays correctly as sequences grow.
+        self.starts = backend.xp.zeros(shape.batch, dtype=np.int32)
 
-    def positions(self, new_tokens: int):
-        """[B, T] positions of the next T tokens of every sequence; refuses to grow past max_context."""
+    def check_room(self, new_tokens: int) -> None:
+        """Refuse to grow any sequence past max_context."""
         longest = int(self.lengths.max()) + new_tokens
         if longest > self.shape.max_context:
             raise PackkvError(f"the sequence would reach {longest} tokens, more than the cache's context of "
                               f"{self.shape.max_context} (raise --max-context, up to the model's limit)")
+
+    def positions(self, new_tokens: int):
+        """[B, T] positions of the next T tokens of every sequence."""
         return self.backend.xp.asarray(self.lengths[:, None] + np.arange(new_tokens)[None, :])
 
     def check_append(self, layer: int, k, v) -> int:
@@ -82,6 +93,7 @@ class KVCache(ABC):
     def advance(self, new_tokens: int) -> None:
         self.lengths += new_tokens
         self.pending = 0
+        set_device_array(self.starts, self.lengths)
 
     def fp16_bytes(self) -> int:
         """What the committed tokens take as plain fp16 K and V: the yardstick of compression."""
@@ -98,6 +110,7 @@ class DenseCache(KVCache):
     """K and V as they come (fp16 on the GPU, fp32 on the CPU), preallocated for max_context tokens."""
 
     kind = "dense"
+    graph_capturable = True
 
     def __init__(self, shape: CacheShape, backend: Backend):
         super().__init__(shape, backend)
@@ -115,11 +128,13 @@ class DenseCache(KVCache):
         if layer == 0:  # one mask per step, shared by every layer
             key_lengths = self.lengths + T
             self.step_mask = causal_mask(self.backend.xp, key_lengths, T, int(key_lengths.max()))
-        for b, start in enumerate(self.lengths):
-            self.k[layer, b, :, start:start + T] = k[b]
-            self.v[layer, b, :, start:start + T] = v[b]
+        append_at(self.backend, k, v, self.k[layer], self.v[layer], self.lengths, self.starts)
 
     def attend(self, layer: int, q):
+        if self.backend.is_gpu and self.pending == 1:      # decode: the flash-decoding kernel
+            from packkv.kernels.dense_attention import dense_decode_attention
+            out = dense_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], self.starts, extra=1)
+            return out[:, :, None]
         end = int(self.lengths.max()) + self.pending
         return causal_attention(self.backend.xp, q, self.k[layer, :, :, :end], self.v[layer, :, :, :end],
                                 self.step_mask)
@@ -204,6 +219,7 @@ class BlockCache(KVCache, ABC):
         except (MemoryError, _gpu_oom_type()) as exc:
             raise out_of_memory_error(2 * np.prod(dims) * 2, "the KV cache's fp16 window") from exc
         self.window_len = np.zeros(s.batch, dtype=np.int64)
+        self.window_starts = xp.zeros(s.batch, dtype=np.int32)   # window_len on the device
         self.n_blocks = np.zeros(s.batch, dtype=np.int64)
         # Start the arena at a sixth of what fp16 would take for a full context (about what packkv's
         # default bounds achieve); it doubles when a sequence compresses worse than that.
@@ -236,9 +252,8 @@ class BlockCache(KVCache, ABC):
         T = self.check_append(layer, k, v)
         if T > self.max_new_tokens:
             raise ValueError(f"append: {T} tokens in one step, the cache was made for at most {self.max_new_tokens}")
-        for b, start in enumerate(self.window_len):
-            self.window_k[layer, b, :, start:start + T] = k[b]
-            self.window_v[layer, b, :, start:start + T] = v[b]
+        append_at(self.backend, k, v, self.window_k[layer], self.window_v[layer], self.window_len,
+                  self.window_starts)
 
     def attend(self, layer: int, q):
         xp, T = self.backend.xp, self.pending
@@ -268,6 +283,7 @@ class BlockCache(KVCache, ABC):
             self.compress(due, window_len)   # may refuse (NaN, inf): then the step is not committed
         super().advance(new_tokens)
         self.window_len = window_len - due * self.block
+        set_device_array(self.window_starts, self.window_len)
 
     def compress(self, due: np.ndarray, window_len: np.ndarray) -> None:
         """Encode the oldest due[b] blocks of every sequence's window, all layers in one encoder call,
@@ -353,6 +369,31 @@ class PackkvCache(BlockCache):
         return vars(self.params)
 
 
+def set_device_array(device_array, host_values) -> None:
+    """Copy small host bookkeeping (lengths) into its device mirror, in place (its address is baked
+    into captured graphs)."""
+    values = np.asarray(host_values, dtype=device_array.dtype)
+    if isinstance(device_array, np.ndarray):
+        device_array[...] = values
+    else:
+        device_array.set(values)
+
+
+def append_at(backend: Backend, k, v, cache_k, cache_v, host_starts, device_starts) -> None:
+    """Write k, v [B, Hkv, T, D] into cache_k, cache_v [B, Hkv, capacity, D] at each sequence's start:
+    one kernel reading the starts from device memory on the GPU, slice assignment on the CPU."""
+    if backend.is_gpu:
+        from packkv.kernels import model_ops
+        xp = backend.xp
+        model_ops.append_kv(xp.ascontiguousarray(k, np.float16), xp.ascontiguousarray(v, np.float16),
+                            cache_k, cache_v, device_starts)
+        return
+    T = k.shape[2]
+    for b, start in enumerate(host_starts):
+        cache_k[b, :, start:start + T] = k[b]
+        cache_v[b, :, start:start + T] = v[b]
+
+
 def _gpu_oom_type():
     try:
         import cupy
@@ -361,7 +402,12 @@ def _gpu_oom_type():
         return MemoryError
 
 
-CACHE_KINDS = {"dense": DenseCache, "packkv": PackkvCache}
+def _quant_cache(shape: CacheShape, backend: Backend, **params) -> KVCache:
+    from packkv.quant import QuantCache   # the KIVI-style baseline; imported here: quant.py imports this module
+    return QuantCache(shape, backend, **params)
+
+
+CACHE_KINDS = {"dense": DenseCache, "packkv": PackkvCache, "quant": _quant_cache}
 
 
 def make_cache(kind: str, shape: CacheShape, backend: Backend, **params) -> KVCache:

@@ -113,6 +113,64 @@ class Engine:
         return ids
 
 
+# ---- decode steps ------------------------------------------------------------------------------------
+
+class EagerDecoder:
+    """One decode step as plain calls: the CPU path, and caches whose attention is not capturable."""
+
+    def __init__(self, engine: Engine, cache: KVCache):
+        self.engine, self.cache = engine, cache
+
+    def step(self, token_ids):
+        """token_ids: one int per sequence -> logits [B, 1, vocab], the tokens committed to the cache."""
+        return self.engine.model.forward(np.asarray(token_ids).reshape(-1, 1), self.cache)
+
+
+class GraphDecoder:
+    """One decode step captured once as a CUDA graph and replayed: the whole model (about ten kernels
+    per layer) costs one launch of host time. What changes between steps lives in device memory the
+    graph reads: the input token ids (copied into a static buffer) and the cache's lengths. The graph is
+    captured again only when a buffer it baked in has moved (cache.layout_version changes)."""
+
+    def __init__(self, engine: Engine, cache: KVCache):
+        import cupy
+        self.engine, self.cache, self.cupy = engine, cache, cupy
+        self.tokens = cupy.zeros((cache.shape.batch, 1), dtype=np.int32)
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.graph = self.logits = None
+        self.layout_version = None
+
+    def capture(self) -> None:
+        cupy, model = self.cupy, self.engine.model
+        # The graph's temporaries come from a pool of its own that nothing else allocates from, so no
+        # later allocation can land on memory a replay writes to.
+        self.pool = cupy.cuda.MemoryPool()
+        with cupy.cuda.using_allocator(self.pool.malloc), self.stream:
+            model.forward_step(self.tokens, self.cache)      # compiles and loads every kernel first
+            self.stream.synchronize()
+            self.stream.begin_capture()
+            self.logits = model.forward_step(self.tokens, self.cache)
+            self.graph = self.stream.end_capture()
+        self.layout_version = self.cache.layout_version
+
+    def step(self, token_ids):
+        self.cache.check_room(1)
+        self.tokens.set(np.asarray(token_ids, dtype=np.int32).reshape(-1, 1))
+        if self.layout_version != self.cache.layout_version:
+            self.capture()
+        self.graph.launch(self.stream)
+        self.stream.synchronize()
+        self.cache.advance(1)
+        return self.logits
+
+
+def make_decoder(engine: Engine, cache: KVCache, use_graph: bool = True):
+    from packkv.kernels.model_ops import MAX_ROWS     # beyond it the matmuls need cuBLAS, not capturable
+    if use_graph and engine.backend.is_gpu and cache.graph_capturable and cache.shape.batch <= MAX_ROWS:
+        return GraphDecoder(engine, cache)
+    return EagerDecoder(engine, cache)
+
+
 # ---- generation -------------------------------------------------------------------------------------
 
 @dataclass
@@ -154,7 +212,7 @@ def prefill(engine: Engine, ids: list[int], cache: KVCache, show_progress: bool)
 
 def generate(engine: Engine, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
              cache_kind: str = "dense", on_text=None, show_progress: bool = True, stop_at_eos: bool = True,
-             **cache_params) -> Generation:
+             use_graph: bool = True, **cache_params) -> Generation:
     """Prefill, then decode up to max_tokens (or EOS, or the context's end), calling on_text(piece) as
     complete UTF-8 text appears. Benchmarks turn stop_at_eos off to decode an exact number of tokens."""
     if max_tokens < 1:
@@ -172,6 +230,7 @@ def generate(engine: Engine, prompt_ids: list[int], max_tokens: int, sampling: S
     next_id = sampler(logits[0, -1])
     result.prefill_seconds = time.perf_counter() - start
 
+    decoder = make_decoder(engine, cache, use_graph)
     start = time.perf_counter()
     while True:
         result.token_ids.append(next_id)
@@ -185,7 +244,7 @@ def generate(engine: Engine, prompt_ids: list[int], max_tokens: int, sampling: S
         if int(cache.lengths[0]) >= cache.shape.max_context:
             result.stop_reason = "context_full"
             break
-        next_id = sampler(engine.model.forward(np.asarray([[next_id]]), cache)[0, -1])
+        next_id = sampler(decoder.step([next_id])[0, -1])
     backend.synchronize()
     result.decode_seconds = time.perf_counter() - start
     emit(stream.flush())

@@ -40,6 +40,14 @@ def test_greedy_tokens_agree_on_gpu_and_cpu(engines):
     assert tokens[0] == tokens[1] and len(tokens[0]) == 32
 
 
+def test_graph_replay_gives_the_eager_tokens(engines):
+    _, gpu_engine = engines
+    ids = gpu_engine.prompt_ids(PROMPT, chat=False)
+    runs = [generate(gpu_engine, ids, 40, SamplingParams(), show_progress=False, stop_at_eos=False,
+                     use_graph=use_graph) for use_graph in (True, False)]
+    assert runs[0].token_ids == runs[1].token_ids
+
+
 def test_gpu_out_of_memory_is_a_clear_error(gpu):
     shape = CacheShape(layers=80, kv_heads=64, head_dim=256, batch=64, max_context=131072)
     with pytest.raises(PackkvError, match=r"out of GPU memory: the dense KV cache .* needs \d+\.\d MiB"):

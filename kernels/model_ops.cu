@@ -1,0 +1,156 @@
+// model_ops.cu: the small per-token operations of the Llama forward pass, fused so that one decode step
+// is a few launches per layer instead of dozens of CuPy elementwise calls (which, at batch 1, cost far
+// more host time than GPU time), and so that positions come from device memory (a captured CUDA graph
+// replays with each step's positions without being rebuilt).
+//
+// NumPy reference twins: model/llama.py (Llama.rms_norm_reference, rope_reference, mlp's SiLU) and
+// packkv/cache.py (DenseCache's slice assignment); tests/test_model_ops_gpu.py checks each against them.
+//
+//   rms_norm       x fp32 [rows, H], w fp32 [H] -> out fp16 [rows, H].
+//                  One CTA per row; threads stride over H, a block-wide sum of squares (warp shuffles,
+//                  then one warp over the warps' partials). Bytes per row: 4H read twice (L1), 2H written.
+//   rope_split     qkv fp16 [B*T, (Hq + 2 Hkv) * D] -> q [B, Hq, T, D], k, v [B, Hkv, T, D], fp16;
+//                  q and k rotated by RoPE ("rotate half" pairs (i, i + D/2)) at position start[b] + t,
+//                  angles from fp32 cos/sin tables [positions, D/2]. One thread per (row, head, pair).
+//   silu_mul       gate_up fp16 [rows, 2I] -> act fp16 [rows, I] = silu(gate) * up, in fp32.
+//   append_kv      k, v fp16 [B, Hkv, T, D] -> written into cache layer slices [B, Hkv, capacity, D] at token
+//                  offset start[b] (device int32): one launch appends K and V of every sequence.
+//   linear_rows    y fp16 [rows, out] = x fp16 [rows, in] . W fp16 [out, in]^T (+ bias fp32), rows <= 8:
+//                  the decode-time matmuls (a GEMV per sequence). CuPy refuses cuBLAS calls during stream
+//                  capture, and at a handful of rows the product is a pure stream of W anyway. One warp
+//                  per output feature; each lane loads 16 bytes (8 weights) per iteration, two iterations
+//                  in flight, multiplies them with the same 8 inputs of every row (L1-resident: every warp
+//                  reads the same x) in fp32, and the warp reduces by shuffles. Bytes per call: 2 * out * in
+//                  (W, read once) + rows * (2 * in (x, L1/L2) + 2 * out (y)).
+// Measured: see bench/results/generate.json (these are launch-bound at batch 1; each runs in a few us).
+
+#include <cuda_fp16.h>
+
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    int n_warps = (blockDim.x + 31) / 32;
+    v = lane < n_warps ? partial[lane] : 0.f;
+    if (warp == 0)
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    if (threadIdx.x == 0) partial[0] = v;
+    __syncthreads();
+    return partial[0];
+}
+
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                    __half* __restrict__ out, int H, float eps) {
+    const float* row = x + (size_t)blockIdx.x * H;
+    float squares = 0.f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) squares += row[i] * row[i];
+    float inv_rms = 1.f / sqrtf(block_sum(squares) / H + eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        out[(size_t)blockIdx.x * H + i] = __float2half(w[i] * (row[i] * inv_rms));
+}
+
+extern "C" __global__ void rope_split(const __half* __restrict__ qkv, const int* __restrict__ start,
+                                      const float* __restrict__ cos_table, const float* __restrict__ sin_table,
+                                      __half* __restrict__ q, __half* __restrict__ k, __half* __restrict__ v,
+                                      int B, int T, int Hq, int Hkv, int D) {
+    int half_d = D / 2, heads = Hq + 2 * Hkv;
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)B * T * heads * half_d) return;
+    int i = idx % half_d;
+    int head = (idx / half_d) % heads;
+    int row = idx / ((long long)half_d * heads);          // row = b * T + t
+    int b = row / T, t = row % T;
+    const __half* src = qkv + (size_t)row * heads * D + (size_t)head * D;
+    float x1 = __half2float(src[i]), x2 = __half2float(src[i + half_d]);
+    __half* dst;
+    if (head < Hq) {
+        dst = q + (((size_t)b * Hq + head) * T + t) * D;
+    } else if (head < Hq + Hkv) {
+        dst = k + (((size_t)b * Hkv + head - Hq) * T + t) * D;
+    } else {                                               // V is not rotated
+        dst = v + (((size_t)b * Hkv + head - Hq - Hkv) * T + t) * D;
+        dst[i] = src[i];
+        dst[i + half_d] = src[i + half_d];
+        return;
+    }
+    int pos = start[b] + t;
+    float c = cos_table[(size_t)pos * half_d + i], s = sin_table[(size_t)pos * half_d + i];
+    dst[i] = __float2half(x1 * c - x2 * s);
+    dst[i + half_d] = __float2half(x2 * c + x1 * s);
+}
+
+extern "C" __global__ void silu_mul(const __half* __restrict__ gate_up, __half* __restrict__ act,
+                                    int rows, int I) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)rows * I) return;
+    int row = idx / I, j = idx % I;
+    float g = __half2float(gate_up[(size_t)row * 2 * I + j]);
+    float u = __half2float(gate_up[(size_t)row * 2 * I + I + j]);
+    act[idx] = __float2half(g / (1.f + expf(-g)) * u);
+}
+
+extern "C" __global__ void append_kv(const __half* __restrict__ k, const __half* __restrict__ v,
+                                     __half* __restrict__ cache_k, __half* __restrict__ cache_v,
+                                     const int* __restrict__ start, int B, int Hkv, int T, int D,
+                                     long long batch_stride, int capacity) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)B * Hkv * T * D) return;
+    int d = idx % D;
+    int t = (idx / D) % T;
+    int h = (idx / ((long long)D * T)) % Hkv;
+    int b = idx / ((long long)D * T * Hkv);
+    size_t dst = (size_t)b * batch_stride + ((size_t)h * capacity + start[b] + t) * D + d;
+    cache_k[dst] = k[idx];
+    cache_v[dst] = v[idx];
+}
+
+#define MAX_ROWS 8
+
+__device__ __forceinline__ void fma8(float& acc, uint4 w, uint4 x) {
+    const __half2* wh = (const __half2*)&w;
+    const __half2* xh = (const __half2*)&x;
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float2 wf = __half22float2(wh[i]), xf = __half22float2(xh[i]);
+        acc += wf.x * xf.x + wf.y * xf.y;
+    }
+}
+
+extern "C" __global__ void linear_rows(const __half* __restrict__ x, const __half* __restrict__ W,
+                                       const float* __restrict__ bias, __half* __restrict__ y,
+                                       int rows, int in, int out) {
+    const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    const int o = blockIdx.x * warps + threadIdx.x / 32;
+    if (o >= out) return;
+    const uint4* w_row = (const uint4*)(W + (size_t)o * in);
+    const uint4* x_rows = (const uint4*)x;
+    const int chunks = in / 8;                               // 8 halves = 16 bytes per chunk
+    float acc[MAX_ROWS];
+    #pragma unroll
+    for (int r = 0; r < MAX_ROWS; ++r) acc[r] = 0.f;
+    int c = lane;
+    for (; c + 32 < chunks; c += 64) {                       // two 16-byte weight loads in flight per lane
+        uint4 w0 = __ldg(w_row + c), w1 = __ldg(w_row + c + 32);
+        #pragma unroll
+        for (int r = 0; r < MAX_ROWS; ++r)
+            if (r < rows) {
+                fma8(acc[r], w0, __ldg(x_rows + (size_t)r * chunks + c));
+                fma8(acc[r], w1, __ldg(x_rows + (size_t)r * chunks + c + 32));
+            }
+    }
+    for (; c < chunks; c += 32) {
+        uint4 w0 = __ldg(w_row + c);
+        #pragma unroll
+        for (int r = 0; r < MAX_ROWS; ++r)
+            if (r < rows) fma8(acc[r], w0, __ldg(x_rows + (size_t)r * chunks + c));
+    }
+    #pragma unroll
+    for (int r = 0; r < MAX_ROWS; ++r) {
+        if (r >= rows) break;
+        float v = acc[r];
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
+        if (lane == 0) y[(size_t)r * out + o] = __float2half(bias ? v + bias[o] : v);
+    }
+}

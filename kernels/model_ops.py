@@ -1,0 +1,119 @@
+"""Launchers of kernels/model_ops.cu: RMSNorm, RoPE with the q/k/v split, SiLU*up, and K/V append at
+per-sequence offsets read from device memory. Each checks what it is given and says what it refuses."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+THREADS = 256
+MAX_ROWS = 8        # linear_rows handles up to this many rows (sequences of a decode step)
+
+
+@lru_cache(maxsize=None)
+def _module():
+    import cupy
+    source = (Path(__file__).parent / "model_ops.cu").read_text()
+    return cupy.RawModule(code=source, options=("-std=c++17",))
+
+
+def _kernel(name: str):
+    return _module().get_function(name)
+
+
+def _require(array, name: str, dtype, ndim: int) -> None:
+    import cupy
+    if not isinstance(array, cupy.ndarray):
+        raise ValueError(f"{name} must be a CuPy array on the GPU, got {type(array).__name__}")
+    if array.dtype != dtype:
+        raise ValueError(f"{name} must be {np.dtype(dtype).name}, got {array.dtype}")
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+
+
+def _blocks(n: int) -> tuple[int]:
+    return ((n + THREADS - 1) // THREADS,)
+
+
+def rms_norm(x, weight, eps: float, out=None):
+    """x fp32 [..., H], weight fp32 [H] -> fp16 [..., H]."""
+    import cupy
+    _require(weight, "weight", np.float32, 1)
+    if x.dtype != np.float32 or x.shape[-1] != weight.shape[0] or not x.flags.c_contiguous:
+        raise ValueError(f"rms_norm: x must be C-contiguous fp32 [..., {weight.shape[0]}], got {x.dtype} {x.shape}")
+    out = cupy.empty(x.shape, np.float16) if out is None else out
+    rows = x.size // weight.shape[0]
+    _kernel("rms_norm")((rows,), (THREADS,), (x, weight, out, np.int32(weight.shape[0]), np.float32(eps)))
+    return out
+
+
+def rope_split(qkv, start, cos_table, sin_table, q_heads: int, kv_heads: int, head_dim: int):
+    """qkv fp16 [B, T, (q_heads + 2 kv_heads) * head_dim], start int32 [B] (position of each sequence's
+    first new token) -> q [B, q_heads, T, D], k, v [B, kv_heads, T, D] fp16, q and k rotated."""
+    import cupy
+    _require(qkv, "qkv", np.float16, 3)
+    _require(start, "start", np.int32, 1)
+    B, T, width = qkv.shape
+    if width != (q_heads + 2 * kv_heads) * head_dim or start.shape[0] != B or head_dim % 2:
+        raise ValueError(f"rope_split: qkv {qkv.shape} does not hold {q_heads} + 2 x {kv_heads} heads of "
+                         f"{head_dim}, or start {start.shape} is not [{B}]")
+    q = cupy.empty((B, q_heads, T, head_dim), np.float16)
+    k = cupy.empty((B, kv_heads, T, head_dim), np.float16)
+    v = cupy.empty((B, kv_heads, T, head_dim), np.float16)
+    n = B * T * (q_heads + 2 * kv_heads) * head_dim // 2
+    _kernel("rope_split")(_blocks(n), (THREADS,), (qkv, start, cos_table, sin_table, q, k, v, np.int32(B),
+                                                   np.int32(T), np.int32(q_heads), np.int32(kv_heads),
+                                                   np.int32(head_dim)))
+    return q, k, v
+
+
+def silu_mul(gate_up):
+    """gate_up fp16 [..., 2I] -> silu(gate) * up, fp16 [..., I]."""
+    import cupy
+    if gate_up.dtype != np.float16 or gate_up.shape[-1] % 2 or not gate_up.flags.c_contiguous:
+        raise ValueError(f"silu_mul: gate_up must be C-contiguous fp16 [..., 2I], got {gate_up.dtype} {gate_up.shape}")
+    inner = gate_up.shape[-1] // 2
+    act = cupy.empty(gate_up.shape[:-1] + (inner,), np.float16)
+    rows = act.size // inner
+    _kernel("silu_mul")(_blocks(act.size), (THREADS,), (gate_up, act, np.int32(rows), np.int32(inner)))
+    return act
+
+
+def append_kv(k, v, cache_k, cache_v, start) -> None:
+    """Write k, v fp16 [B, Hkv, T, D] into cache_k, cache_v [B, Hkv, capacity, D] (layer slices whose
+    batch stride may exceed Hkv * capacity * D) at token offsets start int32 [B], read on the device."""
+    _require(k, "k", np.float16, 4)
+    _require(v, "v", np.float16, 4)
+    _require(start, "start", np.int32, 1)
+    B, H, T, D = k.shape
+    if v.shape != k.shape or cache_k.shape[:2] != (B, H) or cache_k.shape[3] != D or cache_v.shape != cache_k.shape:
+        raise ValueError(f"append_kv: k {k.shape}, v {v.shape} do not fit caches {cache_k.shape}, {cache_v.shape}")
+    if cache_k.dtype != np.float16 or cache_k.strides[1:] != (cache_k.shape[2] * D * 2, D * 2, 2):
+        raise ValueError("append_kv: cache slices must be fp16 with contiguous [Hkv, capacity, D] per sequence")
+    batch_stride = cache_k.strides[0] // 2
+    _kernel("append_kv")(_blocks(k.size), (THREADS,), (k, v, cache_k, cache_v, start, np.int32(B), np.int32(H),
+                                                       np.int32(T), np.int32(D), np.int64(batch_stride),
+                                                       np.int32(cache_k.shape[2])))
+
+
+def linear_rows(x, weight, bias=None):
+    """y = x . weight^T (+ bias) for x fp16 [..., in] with at most MAX_ROWS rows, weight fp16 [out, in]
+    (in a multiple of 8), bias fp32 [out] or None -> fp16 [..., out]."""
+    import cupy
+    _require(weight, "weight", np.float16, 2)
+    out_features, in_features = weight.shape
+    rows = x.size // in_features if x.shape[-1] == in_features else -1
+    if x.dtype != np.float16 or rows < 1 or rows > MAX_ROWS or in_features % 8 or not x.flags.c_contiguous:
+        raise ValueError(f"linear_rows: x must be C-contiguous fp16 [..., {in_features}] with 1..{MAX_ROWS} rows "
+                         f"(and in_features a multiple of 8), got {x.dtype} {x.shape}")
+    if bias is not None:
+        _require(bias, "bias", np.float32, 1)
+    y = cupy.empty(x.shape[:-1] + (out_features,), np.float16)
+    warps = THREADS // 32
+    _kernel("linear_rows")(((out_features + warps - 1) // warps,), (THREADS,),
+                           (x, weight, bias if bias is not None else np.uintp(0), y, np.int32(rows),
+                            np.int32(in_features), np.int32(out_features)))
+    return y

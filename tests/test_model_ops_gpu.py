@@ -1,0 +1,146 @@
+"""GPU kernels of the forward pass (kernels/model_ops.cu, kernels/dense_attention.cu) against their
+NumPy twins: the CPU path of model/llama.py, the dense cache's slice assignment, causal_attention."""
+import numpy as np
+import pytest
+
+from packkv.attention import causal_attention, causal_mask
+from packkv.backend import get_backend
+from packkv.cache import CacheShape, DenseCache
+from packkv.model import Llama, LlamaConfig
+from packkv.weights import expected_tensors
+
+pytestmark = pytest.mark.gpu
+
+CONFIG = LlamaConfig(vocab_size=64, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                     num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                     rope_theta=500.0)
+
+
+@pytest.fixture(scope="module")
+def models(gpu):
+    rng = np.random.default_rng(0)
+    tensors = {n: (rng.standard_normal(s) * 0.3).astype(np.float32) for n, s in expected_tensors(CONFIG).items()}
+    return Llama(CONFIG, tensors, get_backend("cpu")), Llama(CONFIG, tensors, gpu)
+
+
+def test_rms_norm(models):
+    cpu_model, gpu_model = models
+    import cupy
+    x = (np.random.default_rng(1).standard_normal((3, 5, 96)) * 4).astype(np.float32)
+    w = cpu_model.layers[0].attn_norm
+    want = cpu_model.rms_norm(x, w)
+    got = gpu_model.rms_norm(cupy.asarray(x), cupy.asarray(w)).get()
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+def test_rope_split_at_each_sequence_position(models):
+    cpu_model, gpu_model = models
+    import cupy
+    B, T = 3, 4
+    qkv = np.random.default_rng(2).standard_normal((B, T, (6 + 4) * 32)).astype(np.float16)
+    shape = CacheShape(2, 2, 32, B, 128)
+    cpu_cache, gpu_cache = DenseCache(shape, get_backend("cpu")), DenseCache(shape, gpu_model.backend)
+    for cache in (cpu_cache, gpu_cache):
+        cache.lengths[:] = [0, 17, 100]
+        cache.starts[...] = cache.backend.xp.asarray(cache.lengths.astype(np.int32))
+    want = cpu_model.split_heads_rope(qkv.astype(np.float32), cpu_cache)
+    got = gpu_model.split_heads_rope(cupy.asarray(qkv), gpu_cache)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.get().astype(np.float32), w, rtol=2e-3, atol=2e-3)
+
+
+def test_silu_mul(models):
+    import cupy
+    from packkv.kernels import model_ops
+    gate_up = np.random.default_rng(3).standard_normal((2, 3, 2 * 160)).astype(np.float16)
+    g, u = gate_up[..., :160].astype(np.float32), gate_up[..., 160:].astype(np.float32)
+    want = g / (1 + np.exp(-g)) * u
+    got = model_ops.silu_mul(cupy.asarray(gate_up)).get()
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+
+
+def test_append_kv_writes_at_each_sequence_offset(gpu):
+    import cupy
+    from packkv.kernels import model_ops
+    rng = np.random.default_rng(4)
+    cache = np.zeros((2, 3, 2, 40, 16), np.float16)                 # [layers, B, Hkv, capacity, D]
+    k = rng.standard_normal((3, 2, 5, 16)).astype(np.float16)
+    v = rng.standard_normal((3, 2, 5, 16)).astype(np.float16)
+    starts = np.array([0, 7, 35], np.int32)
+    ck, cv = cupy.asarray(cache), cupy.asarray(cache)
+    model_ops.append_kv(cupy.asarray(k), cupy.asarray(v), ck[1], cv[1], cupy.asarray(starts))
+    want_k, want_v = cache.copy(), cache.copy()
+    for b, s in enumerate(starts):
+        want_k[1, b, :, s:s + 5], want_v[1, b, :, s:s + 5] = k[b], v[b]
+    np.testing.assert_array_equal(ck.get(), want_k)
+    np.testing.assert_array_equal(cv.get(), want_v)
+
+
+@pytest.mark.parametrize("group, head_dim", [(1, 64), (3, 64), (4, 128), (8, 128), (2, 256)])
+@pytest.mark.parametrize("splits", [None, 1, 7, 500])
+def test_dense_decode_attention_matches_reference(gpu, group, head_dim, splits):
+    import cupy
+    from packkv.kernels.dense_attention import dense_decode_attention
+    rng = np.random.default_rng(group * head_dim)
+    B, Hkv, capacity = 3, 2, 700
+    lengths = np.array([1, 333, 700])
+    k = (rng.standard_normal((B, Hkv, capacity, head_dim)) * 2).astype(np.float16)
+    v = rng.standard_normal((B, Hkv, capacity, head_dim)).astype(np.float16)
+    q = rng.standard_normal((B, Hkv * group, 1, head_dim)).astype(np.float16)
+    want = np.concatenate([causal_attention(np, q[b:b + 1].astype(np.float32),
+                                            k[b:b + 1, :, :n].astype(np.float32),
+                                            v[b:b + 1, :, :n].astype(np.float32), causal_mask(np, [n], 1, n))
+                           for b, n in enumerate(lengths)])[:, :, 0]
+    starts = cupy.asarray((lengths - 1).astype(np.int32))
+    got = dense_decode_attention(cupy.asarray(q[:, :, 0]), cupy.asarray(k), cupy.asarray(v), starts, extra=1,
+                           splits=splits).get()
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=3e-3, atol=3e-3)
+
+
+def test_dense_decode_attention_refuses_bad_input(gpu):
+    import cupy
+    from packkv.kernels.dense_attention import dense_decode_attention
+    q = cupy.zeros((1, 4, 64), np.float16)
+    k = cupy.zeros((1, 2, 10, 64), np.float16)
+    with pytest.raises(ValueError, match="q must be a 3-d fp16"):
+        dense_decode_attention(q.astype(np.float32), k, k, cupy.zeros(1, np.int32))
+    with pytest.raises(ValueError, match="starts must be an int32"):
+        dense_decode_attention(q, k, k, cupy.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="does not fit"):
+        dense_decode_attention(cupy.zeros((1, 4, 32), np.float16), k, k, cupy.zeros(1, np.int32))
+
+
+def test_gpu_forward_matches_cpu_on_a_tiny_model(models):
+    cpu_model, gpu_model = models
+    tokens = np.random.default_rng(5).integers(0, 64, (2, 9))
+    shape = CacheShape(2, 2, 32, 2, 64)
+    outs = []
+    for model in models:
+        cache = DenseCache(shape, model.backend)
+        logits = [model.backend.to_numpy(model.forward(tokens[:, :6], cache, all_logits=True))]
+        logits += [model.backend.to_numpy(model.forward(tokens[:, t:t + 1], cache)) for t in range(6, 9)]
+        outs.append(np.concatenate(logits, axis=1))
+    scale = np.abs(outs[0]).max()
+    assert np.abs(outs[1] - outs[0]).max() < 0.02 * scale
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("in_features, out_features", [(576, 1536), (64, 5), (4096, 96), (200, 33)])
+def test_linear_rows_matches_matmul(gpu, rows, in_features, out_features):
+    import cupy
+    from packkv.kernels import model_ops
+    rng = np.random.default_rng(rows * in_features)
+    x = rng.standard_normal((rows, in_features)).astype(np.float16)
+    w = (rng.standard_normal((out_features, in_features)) / np.sqrt(in_features)).astype(np.float16)
+    bias = rng.standard_normal(out_features).astype(np.float32)
+    want = x.astype(np.float32) @ w.astype(np.float32).T + bias
+    got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), cupy.asarray(bias)).get()
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=5e-3, atol=5e-3)
+
+
+def test_linear_rows_refuses_too_many_rows(gpu):
+    import cupy
+    from packkv.kernels import model_ops
+    with pytest.raises(ValueError, match="1..8 rows"):
+        model_ops.linear_rows(cupy.zeros((9, 64), np.float16), cupy.zeros((4, 64), np.float16))
