@@ -1,13 +1,33 @@
-"""`python -m packkv.eval SUBCOMMAND`: how much packkv compresses real KV, and what that costs.
+"""`python -m packkv.eval SUBCOMMAND`: how much a KV cache compresses real KV, and what that costs.
 
-    compression   K and V of N tokens of a text, run through the model, compressed with the given
-                  parameters: every stored byte counted, per component, K and V apart.
+    ppl          perplexity of a text, every scored token read through the cache under test
+    kl           KL divergence of the next-token distribution from the dense cache's, top-1 agreement
+    passkey      retrieval of a number hidden at several depths of long filler text, accuracy in %
+    compression  bits per element of real KV under packkv's codec, every byte counted
+    sweep        compression ratio against perplexity increase and KL: packkv's bounds and the quant baseline
+    tune         packkv's parameters of highest compression within a perplexity budget, saved as a profile
+
+How a text is scored (ppl, kl, sweep, tune). The text's first --windows x --ctx tokens make --windows
+windows of --ctx tokens; each runs through a fresh cache. Its first --prefill tokens go in as a prompt (in
+prefill chunks, so the cache compresses every block that leaves its fp16 window), the rest in chunks of
+--chunk tokens through model.forward(all_logits=True), each position's logits scoring the next token.
+A chunk attends to its own tokens and to the fp16 window exactly, to everything older through the
+compressed blocks, and the blocks that leave the window are compressed after each chunk, as in decode:
+so the scored tokens read the compressed blocks. The one difference from decoding token by token
+(--chunk 1, exact but slow on a CPU) is that the later tokens of a chunk see up to chunk - 1 more fp16
+neighbours; chunks are at most the fp16 window (--kv-window), so every scored token sees at least the
+window in fp16, as in decode, and at most window + block + chunk - 2 tokens instead of window + block - 1.
+The default chunk, 32, is the quant baseline's block; both families get the same chunks.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +35,29 @@ from tqdm import tqdm
 
 from packkv import codec
 from packkv.errors import PackkvError
-from packkv.generate import PREFILL_CHUNK, Engine
-from packkv.options import add_cache_arguments, cache_params
+from packkv.generate import PREFILL_CHUNK, Engine, SamplingParams, generate
+from packkv.options import DEFAULT_WINDOW, add_cache_arguments, cache_params, save_profile, weights_folder
+from packkv.quant import QUANT_BITS, QUANT_GROUPS, QuantParams
 
 KIVI_SETTINGS = [(2, 32), (2, 64), (4, 32), (4, 64)]   # (bits, group): KIVI's common configurations
 
 
-# ---- real KV --------------------------------------------------------------------------------------
+def progress(**kwargs):
+    return tqdm(file=sys.stderr, dynamic_ncols=True, **kwargs)
 
-def text_tokens(engine: Engine, path, tokens: int) -> list[int]:
-    """The first `tokens` tokens of a text file (read only as far as needed)."""
+
+# ---- real text and KV -----------------------------------------------------------------------------
+
+def check_text(path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise PackkvError(f"--text file not found: {path}")
+    return path
+
+
+def text_tokens(engine: Engine, path, tokens: int) -> list[int]:
+    """The first `tokens` tokens of a text file (read only as far as needed)."""
+    path = check_text(path)
     chars = tokens * 8
     while True:
         text = path.read_text(encoding="utf-8", errors="replace")[:chars]
@@ -44,7 +74,7 @@ def collect_kv(engine: Engine, ids: list[int]):
     """Run ids through the model with a dense cache: K (post-RoPE) and V of every layer as fp16,
     [layers, kv_heads, tokens, head_dim] each."""
     cache = engine.new_cache("dense", batch=1, tokens=len(ids))
-    for start in tqdm(range(0, len(ids), PREFILL_CHUNK), desc="model forward", unit="chunk", file=sys.stderr):
+    for start in progress(iterable=range(0, len(ids), PREFILL_CHUNK), desc="model forward", unit="chunk"):
         engine.model.forward(np.asarray([ids[start:start + PREFILL_CHUNK]]), cache)
     to_numpy = engine.backend.to_numpy
     return (to_numpy(cache.k[:, 0, :, :len(ids)]).astype(np.float16),
@@ -56,6 +86,295 @@ def as_blocks(x: np.ndarray, block: int) -> np.ndarray:
     L, H, T, D = x.shape
     n = T // block
     return x[:, :, :n * block].reshape(L, H, n, block, D).transpose(0, 2, 1, 3, 4).reshape(L * n, H, block, D)
+
+
+# ---- the cache under test -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """A cache kind and the keyword arguments Engine.new_cache passes it (params=..., window=...)."""
+
+    kind: str
+    params: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args) -> "CacheSpec":
+        return cls(args.cache, cache_params(args))
+
+    def describe(self) -> dict:
+        """The JSON form: kind, the kind's parameters, window."""
+        p = self.params.get("params")
+        return {"cache": self.kind, **(vars(p) if p is not None else {}),
+                **({"window": self.params["window"]} if "window" in self.params else {})}
+
+    def label(self) -> str:
+        d = self.describe()
+        if self.kind == "packkv":
+            return f"packkv k{d['rel_k']:g} v{d['rel_v']:g} {d['granularity']} {d['repack']}"
+        if self.kind == "quant":
+            return f"quant {d['bits']}-bit g{d['group']}"
+        return self.kind
+
+
+DENSE = CacheSpec("dense")
+
+
+# ---- the metrics ----------------------------------------------------------------------------------
+
+def log_softmax(xp, logits):
+    """fp32 logits [T, vocab] -> log-probabilities."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    """exp(mean negative log-likelihood) in nats."""
+    return float(np.exp(nll_sum / tokens))
+
+
+def kl_sum(xp, ref_log_probs, log_probs) -> float:
+    """Sum over rows of KL(ref || test) = sum_v p_ref (log p_ref - log p_test), nats."""
+    return float((xp.exp(ref_log_probs) * (ref_log_probs - log_probs)).sum())
+
+
+def top1_matches(ref_log_probs, log_probs) -> int:
+    return int((ref_log_probs.argmax(axis=-1) == log_probs.argmax(axis=-1)).sum())
+
+
+def ppl_increase_pct(ppl: float, dense_ppl: float) -> float:
+    return 100.0 * (ppl / dense_ppl - 1.0)
+
+
+@dataclass
+class Tally:
+    """Sums over the scored tokens of every window, and the bytes each window's cache held at its end."""
+
+    tokens: int = 0
+    nll: float = 0.0
+    kl: float = 0.0
+    top1: int = 0
+    fp16_bytes: int = 0        # the committed tokens as fp16 K and V
+    used_bytes: int = 0        # every byte the cache held for them: blocks, offset table, fp16 window
+    block_fp16_bytes: int = 0  # the compressed tokens alone, as fp16 ...
+    block_bytes: int = 0       # ... and as stored: records and their offset-table entries
+
+    def add_chunk(self, xp, log_probs, targets, reference=None) -> None:
+        rows = xp.arange(len(targets))
+        self.nll -= float(log_probs[rows, xp.asarray(targets)].sum())
+        self.tokens += len(targets)
+        if reference is not None:
+            self.kl += kl_sum(xp, reference, log_probs)
+            self.top1 += top1_matches(reference, log_probs)
+
+    def add_cache(self, cache) -> None:
+        self.fp16_bytes += cache.fp16_bytes()
+        self.used_bytes += cache.bytes_used()
+        if hasattr(cache, "arena"):    # a BlockCache
+            blocks = int(cache.n_blocks.sum())
+            self.block_fp16_bytes += blocks * cache.block * cache.token_fp16_bytes()
+            self.block_bytes += cache.arena.used + blocks * cache.shape.layers * 8
+
+    def result(self, with_reference: bool) -> dict:
+        out = {"ppl": perplexity(self.nll, self.tokens), "nll": self.nll / self.tokens, "tokens": self.tokens,
+               "compression_ratio": self.fp16_bytes / self.used_bytes,
+               "block_compression_ratio": self.block_fp16_bytes / self.block_bytes if self.block_bytes else None}
+        if with_reference:
+            out.update(kl=self.kl / self.tokens, top1_agreement=self.top1 / self.tokens)
+        return out
+
+
+# ---- windows of text, chunk by chunk --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Windows:
+    ids: list            # [windows][ctx] token ids
+    prefill: int
+    chunk: int
+
+    @property
+    def scored(self) -> int:
+        return sum(len(w) - self.prefill for w in self.ids)
+
+    def describe(self) -> dict:
+        return {"windows": len(self.ids), "ctx": len(self.ids[0]), "prefill": self.prefill, "chunk": self.chunk,
+                "tokens": self.scored}
+
+
+def check_window_args(args) -> None:
+    """What can be refused before the model loads."""
+    check_text(args.text)
+    if args.windows < 1:
+        raise PackkvError(f"--windows must be >= 1, not {args.windows}")
+    if not 1 <= args.prefill < args.ctx:
+        raise PackkvError(f"--prefill must be in 1..{args.ctx - 1} (--ctx {args.ctx}), not {args.prefill}")
+    if args.chunk < 1:
+        raise PackkvError(f"--chunk must be >= 1, not {args.chunk}")
+
+
+def text_windows(engine: Engine, args, text=None) -> Windows:
+    """--windows consecutive windows of --ctx tokens from the start of the text."""
+    if args.ctx > engine.max_context:
+        raise PackkvError(f"--ctx {args.ctx} is longer than the model's context of {engine.max_context} tokens")
+    ids = text_tokens(engine, text or args.text, args.windows * args.ctx)
+    return Windows([ids[i:i + args.ctx] for i in range(0, len(ids), args.ctx)], args.prefill, args.chunk)
+
+
+def window_log_probs(engine: Engine, ids: list[int], cache, prefill: int, chunk: int):
+    """Feed one window through `cache`; yield (log-probabilities [T, vocab] on the device, target ids [T])
+    for the tokens after the first `prefill`, chunk by chunk (see the module's docstring)."""
+    forward, xp = engine.model.forward, engine.backend.xp
+    for start in range(0, prefill - 1, PREFILL_CHUNK):
+        forward(np.asarray([ids[start:min(start + PREFILL_CHUNK, prefill - 1)]]), cache)
+    for start in range(prefill - 1, len(ids) - 1, chunk):
+        end = min(start + chunk, len(ids) - 1)
+        logits = forward(np.asarray([ids[start:end]]), cache, all_logits=True)[0]
+        yield log_softmax(xp, logits), ids[start + 1:end + 1]
+
+
+def score(engine: Engine, windows: Windows, spec: CacheSpec, reference=None, keep: bool = False):
+    """Run every window through a fresh cache of `spec`. With `reference` (the log-probabilities a
+    keep=True run returned: one [scored, vocab] array per window), also KL and top-1 agreement against
+    it, position by position. Returns (result dict, kept log-probabilities or None)."""
+    xp, tally, kept = engine.backend.xp, Tally(), []
+    window = spec.params.get("window")
+    chunk = windows.chunk if window is None else max(1, min(windows.chunk, window))
+    bar = progress(total=windows.scored, desc=spec.label(), unit="tok", leave=False)
+    for w, ids in enumerate(windows.ids):
+        cache = engine.new_cache(spec.kind, batch=1, tokens=len(ids), **spec.params)
+        row, chunks = 0, []
+        for log_probs, targets in window_log_probs(engine, ids, cache, windows.prefill, chunk):
+            ref = None if reference is None else reference[w][row:row + len(targets)]
+            tally.add_chunk(xp, log_probs, targets, ref)
+            chunks += [log_probs] if keep else []
+            row += len(targets)
+            bar.update(len(targets))
+        tally.add_cache(cache)
+        if keep:
+            kept.append(xp.concatenate(chunks))
+    bar.close()
+    return {**tally.result(reference is not None), **spec.describe(), "chunk": chunk}, (kept if keep else None)
+
+
+def score_against_dense(engine: Engine, windows: Windows, specs: list[CacheSpec], desc: str = "caches"):
+    """The dense cache once, then each spec with KL and top-1 agreement against it and its perplexity
+    increase. Returns (dense result, [results])."""
+    dense, reference = score(engine, windows, DENSE, keep=True)
+    results = []
+    for spec in progress(iterable=specs, desc=desc, unit="cache"):
+        result, _ = score(engine, windows, spec, reference)
+        results.append({**result, "ppl_increase_pct": ppl_increase_pct(result["ppl"], dense["ppl"])})
+    return dense, results
+
+
+# ---- passkey retrieval ----------------------------------------------------------------------------
+
+PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
+                 "Find it and memorize it. I will quiz you about it.")
+PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+ANSWER_TOKENS = 8
+
+
+def passkey_prompt(engine: Engine, filler: list[int], length: int, depth: float, key: int) -> list[int]:
+    """Token ids of a prompt that, with ANSWER_TOKENS more, makes `length` tokens: the intro, filler
+    with the needle at `depth` (0: first, 1: last), the question."""
+    encode = engine.tokenizer.encode
+    head = encode(PASSKEY_INTRO)
+    needle = encode(PASSKEY_NEEDLE.format(key=key), add_special_tokens=False)
+    question = encode(PASSKEY_QUESTION, add_special_tokens=False)
+    room = length - ANSWER_TOKENS - len(head) - len(needle) - len(question)
+    if room < 0:
+        raise PackkvError(f"passkey length {length} is too short for the prompt ({length - room} tokens)")
+    filler = (filler * (room // len(filler) + 1))[:room]
+    at = int(round(depth * room))
+    return head + filler[:at] + needle + filler[at:] + question
+
+
+def passkey_trial(engine: Engine, spec: CacheSpec, prompt: list[int], key: int) -> dict:
+    """Greedy-decode ANSWER_TOKENS tokens; correct when the first number in them is the key."""
+    gen = generate(engine, prompt, ANSWER_TOKENS, SamplingParams(), spec.kind, show_progress=False, **spec.params)
+    found = re.search(r"\d+", gen.text)
+    return {"answer": gen.text, "correct": bool(found) and found.group() == str(key),
+            "compression_ratio": gen.cache_stats["compression_ratio"]}
+
+
+# ---- compression ratio against perplexity increase ------------------------------------------------
+
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(increase, ratio) points -> the best trade-offs: sorted by increase, each ratio above all before."""
+    best = []
+    for x, ratio in sorted(points):
+        if not best or ratio > best[-1][1]:
+            best.append((x, ratio))
+    return best
+
+
+def ratio_at(points: list[tuple[float, float]], x: float) -> float | None:
+    """A family's compression ratio at a perplexity increase of x: linear interpolation along its
+    frontier; the frontier's last ratio past its end; None below its first point (not reached)."""
+    f = frontier(points)
+    if not f or x < f[0][0]:
+        return None
+    for (x0, r0), (x1, r1) in zip(f, f[1:]):
+        if x0 <= x < x1:
+            return r0 + (x - x0) / (x1 - x0) * (r1 - r0)
+    return f[-1][1]
+
+
+def compare_families(points: list[dict]) -> dict:
+    """packkv's compression ratio against the quant baseline's at equal perplexity increase: at the
+    increase of 4-bit quant (KIVI's group 32, else the smallest measured group) and at 1%. Ratios are
+    of the compressed blocks (records and offset table), what a long context approaches."""
+    def curve(kind):
+        return [(p["ppl_increase_pct"], p["block_compression_ratio"]) for p in points if p["cache"] == kind]
+
+    four = sorted((p for p in points if p["cache"] == "quant" and p["bits"] == 4), key=lambda p: p["group"])
+    four = [p for p in four if p["group"] == 32] or four
+    at = ({"quant_4bit": four[0]["ppl_increase_pct"]} if four else {}) | {"1pct": 1.0}
+    out = {}
+    for name, x in at.items():
+        packkv, quant = ratio_at(curve("packkv"), x), ratio_at(curve("quant"), x)
+        out[name] = {"ppl_increase_pct": x, "packkv_ratio": packkv, "quant_ratio": quant,
+                     "packkv_over_quant": packkv / quant if packkv and quant else None}
+    return out
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points = result["points"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, metric, xlabel in ((axes[0], "ppl_increase_pct", "perplexity increase over the dense cache (%)"),
+                               (axes[1], "kl", "mean KL to the dense cache (nats)")):
+        for kind, color in (("packkv", "tab:blue"), ("quant", "tab:orange")):
+            pts = [p for p in points if p["cache"] == kind]
+            if not pts:
+                continue
+            for granularity, marker in (("token-layer", "o"), ("token-head", "s"), (None, "^")):
+                sel = [p for p in pts if p.get("granularity") == granularity]
+                ax.scatter([p[metric] for p in sel], [p["block_compression_ratio"] for p in sel], color=color,
+                           marker=marker, label=f"{kind} {granularity or ''}".strip() if sel else None)
+            f = frontier([(p[metric], p["block_compression_ratio"]) for p in pts])
+            ax.plot(*zip(*f), color=color, lw=1)
+            for p in pts:
+                if kind == "quant":
+                    ax.annotate(f"{p['bits']}b g{p['group']}", (p[metric], p["block_compression_ratio"]),
+                                fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if metric == "ppl_increase_pct":
+            for x in (c["ppl_increase_pct"] for c in result["comparison"].values()):
+                ax.axvline(x, color="gray", ls=":", lw=1)
+        ax.set_xscale("symlog", linthresh=0.1 if metric == "ppl_increase_pct" else 1e-3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("compression ratio vs fp16 (blocks, every byte)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['model']} on {Path(result['text']).name}: {result['windows']['windows']} x "
+                 f"{result['windows']['ctx']} tokens, {result['windows']['tokens']} scored")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 # ---- sizes ----------------------------------------------------------------------------------------
@@ -103,7 +422,172 @@ def kivi_bits_per_element(bits: int, group: int) -> float:
     return bits + 2 * 16 / group
 
 
-# ---- command line ---------------------------------------------------------------------------------
+# ---- the subcommands ------------------------------------------------------------------------------
+
+def load(args) -> Engine:
+    engine = Engine(args.weights, args.device)
+    args.model = weights_folder(args.weights).name
+    return engine
+
+
+def run_header(args, engine: Engine) -> dict:
+    return {"model": args.model, "text": None if args.text is None else str(args.text),
+            "device": engine.backend.device_name, "command": "python -m packkv.eval " + shlex.join(args.argv)}
+
+
+def ppl_command(args) -> dict:
+    spec = CacheSpec.from_args(args)
+    check_window_args(args)
+    engine = load(args)
+    windows = text_windows(engine, args)
+    result, _ = score(engine, windows, spec)
+    print(f"{spec.label()}: perplexity {result['ppl']:.4f} over {result['tokens']} tokens, "
+          f"{result['compression_ratio']:.2f}x vs fp16 (whole cache at {windows.describe()['ctx']} tokens)"
+          + (f", {result['block_compression_ratio']:.2f}x in the compressed blocks"
+             if result["block_compression_ratio"] else ""))
+    return {**run_header(args, engine), **result, "windows": windows.describe()}
+
+
+def kl_command(args) -> dict:
+    spec = CacheSpec.from_args(args)
+    check_window_args(args)
+    engine = load(args)
+    windows = text_windows(engine, args)
+    dense, (result,) = score_against_dense(engine, windows, [spec])
+    print(f"{spec.label()}: KL {result['kl']:.5f} nats, top-1 agreement {100 * result['top1_agreement']:.2f}%, "
+          f"perplexity {result['ppl']:.4f} vs dense {dense['ppl']:.4f} ({result['ppl_increase_pct']:+.3f}%)")
+    return {**run_header(args, engine), **result, "dense_ppl": dense["ppl"], "windows": windows.describe()}
+
+
+def passkey_command(args) -> dict:
+    spec = CacheSpec.from_args(args)
+    lengths, depths = parse_list(args.lengths, int, "--lengths"), parse_list(args.depths, float, "--depths")
+    if args.text:
+        check_text(args.text)
+    if any(not 0 <= d <= 1 for d in depths):
+        raise PackkvError(f"--depths must be in [0, 1], not {args.depths}")
+    engine = load(args)
+    if max(lengths) > engine.max_context:
+        raise PackkvError(f"--lengths: {max(lengths)} tokens is longer than the model's context of "
+                          f"{engine.max_context}")
+    filler = (text_tokens(engine, args.text, max(lengths)) if args.text
+              else engine.tokenizer.encode(PASSKEY_FILLER, add_special_tokens=False))
+    rng = np.random.default_rng(args.seed)
+    trials = [{"length": n, "depth": d, "key": int(rng.integers(10000, 100000))} for n in lengths for d in depths]
+    prompts = [passkey_prompt(engine, filler, t["length"], t["depth"], t["key"]) for t in trials]
+    for t, prompt in progress(iterable=list(zip(trials, prompts)), desc=f"passkey {spec.label()}", unit="trial"):
+        t.update(prompt_tokens=len(prompt), **passkey_trial(engine, spec, prompt, t["key"]))
+    by_length = {str(n): 100.0 * np.mean([t["correct"] for t in trials if t["length"] == n]) for n in lengths}
+    accuracy = 100.0 * np.mean([t["correct"] for t in trials])
+    print(f"{spec.label()}: passkey accuracy {accuracy:.1f}% ("
+          + ", ".join(f"{n}: {a:.0f}%" for n, a in by_length.items()) + ")")
+    return {**run_header(args, engine), "accuracy": accuracy, "by_length": by_length, **spec.describe(),
+            "filler": args.text or "repeated sentences", "trials": trials}
+
+
+def sweep_specs(args) -> list[CacheSpec]:
+    """packkv over rel_k x rel_v x granularity x repack, and quant over bits x group."""
+    window = DEFAULT_WINDOW if args.kv_window is None else args.kv_window
+    base = {"pack": args.kv_pack or codec.CodecParams.pack, "block": args.kv_block or codec.CodecParams.block}
+    specs = []
+    try:
+        for granularity in parse_list(args.granularities, str, "--granularities"):
+            for repack in parse_list(args.repacks, str, "--repacks"):
+                for rel_k in parse_list(args.rel_k, float, "--rel-k"):
+                    for rel_v in parse_list(args.rel_v, float, "--rel-v"):
+                        params = codec.CodecParams(rel_k, rel_v, granularity, repack, **base)
+                        specs.append(CacheSpec("packkv", {"params": params, "window": window}))
+        for bits in parse_list(args.bits, int, "--bits"):
+            for group in parse_list(args.groups, int, "--groups"):
+                specs.append(CacheSpec("quant", {"params": QuantParams(bits, group), "window": window}))
+    except ValueError as exc:
+        raise PackkvError(f"sweep: {exc}") from exc
+    return specs
+
+
+def sweep_command(args) -> dict:
+    specs = sweep_specs(args)
+    check_window_args(args)
+    engine = load(args)
+    channels = engine.config.num_key_value_heads * engine.config.head_dim
+    skipped = [s.label() for s in specs if s.kind == "quant" and channels % s.params["params"].group]
+    if skipped:
+        print(f"sweep: skipping {', '.join(skipped)}: groups that do not tile the {channels} channels",
+              file=sys.stderr)
+    specs = [s for s in specs if s.label() not in skipped]
+    windows = text_windows(engine, args)
+    dense, points = score_against_dense(engine, windows, specs, desc="sweep")
+    result = {**run_header(args, engine), "windows": windows.describe(), "dense": dense, "points": points,
+              "comparison": compare_families(points)}
+    for name, c in result["comparison"].items():
+        print(f"at +{c['ppl_increase_pct']:.3f}% perplexity ({name}): packkv {fmt(c['packkv_ratio'])}x, "
+              f"quant {fmt(c['quant_ratio'])}x, packkv/quant {fmt(c['packkv_over_quant'])}")
+    if args.plot:
+        plot_sweep(result, Path(args.plot))
+    return result
+
+
+def tune_command(args) -> dict:
+    """The highest block compression ratio within the budget, found along the pass/fail boundary of the
+    rel_k x rel_v grid (a staircase walk from (smallest rel_k, largest rel_v): the error grows with either
+    bound, so each step either passes and moves to the next rel_k, or fails and moves to the next
+    smaller rel_v), per granularity: at most len(rel_k) + len(rel_v) evaluations each."""
+    if not args.budget_ppl > 0:
+        raise PackkvError(f"--budget-ppl must be > 0 (percent), not {args.budget_ppl}")
+    if args.budget_kl is not None and not args.budget_kl > 0:
+        raise PackkvError(f"--budget-kl must be > 0 (nats), not {args.budget_kl}")
+    rel_k = sorted(parse_list(args.rel_k, float, "--rel-k"))
+    rel_v = sorted(parse_list(args.rel_v, float, "--rel-v"))
+    granularities = parse_list(args.granularities, str, "--granularities")
+    window = DEFAULT_WINDOW if args.kv_window is None else args.kv_window
+    base = {"pack": args.kv_pack or codec.CodecParams.pack, "block": args.kv_block or codec.CodecParams.block,
+            "repack": args.kv_repack or codec.CodecParams.repack}
+    try:
+        for rk in rel_k + rel_v:
+            codec.CodecParams(rel_k=rk, **base)
+    except ValueError as exc:
+        raise PackkvError(f"tune: {exc}") from exc
+    check_window_args(args)
+    engine = load(args)
+    windows = text_windows(engine, args)
+    dense, reference = score(engine, windows, DENSE, keep=True)
+    tried = []
+    bar = progress(desc="tune", unit="cache")
+    for granularity in granularities:
+        i, j = 0, len(rel_v) - 1
+        while i < len(rel_k) and j >= 0:
+            spec = CacheSpec("packkv", {"params": codec.CodecParams(rel_k[i], rel_v[j], granularity, **base),
+                                        "window": window})
+            result, _ = score(engine, windows, spec, reference)
+            result["ppl_increase_pct"] = ppl_increase_pct(result["ppl"], dense["ppl"])
+            result["within_budget"] = (result["ppl_increase_pct"] <= args.budget_ppl
+                                       and (args.budget_kl is None or result["kl"] <= args.budget_kl))
+            tried.append(result)
+            bar.update()
+            bar.set_postfix_str(f"{spec.label()}: {result['ppl_increase_pct']:+.2f}%")
+            i, j = (i + 1, j) if result["within_budget"] else (i, j - 1)
+    bar.close()
+    passing = [r for r in tried if r["within_budget"]]
+    if not passing:
+        closest = min(tried, key=lambda r: r["ppl_increase_pct"])
+        raise PackkvError(f"tune: no parameters tried stay within the budget (the tightest gave "
+                          f"{closest['ppl_increase_pct']:+.2f}%, KL {closest['kl']:.4f}); add smaller --rel-k/--rel-v")
+    best = max(passing, key=lambda r: r["block_compression_ratio"])
+    params = {key: best[key] for key in ("rel_k", "rel_v", "granularity", "repack", "pack", "block")}
+    profile = {"model": args.model, "params": params, "budget_ppl_pct": args.budget_ppl,
+               "budget_kl": args.budget_kl,
+               "calibration": {"text": str(args.text), **windows.describe(), "window": window,
+                               "dense_ppl": dense["ppl"], **{k: best[k] for k in (
+                                   "ppl", "ppl_increase_pct", "kl", "top1_agreement", "compression_ratio",
+                                   "block_compression_ratio")}},
+               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    path = save_profile(args.weights, profile, args.profile_out)
+    print(f"tuned {CacheSpec('packkv', {'params': codec.CodecParams(**params)}).label()}: "
+          f"{best['block_compression_ratio']:.2f}x in the blocks, perplexity {best['ppl_increase_pct']:+.3f}% "
+          f"(budget +{args.budget_ppl}%), KL {best['kl']:.4f}; saved {path}")
+    return {**run_header(args, engine), "profile_path": str(path), "profile": profile, "dense": dense,
+            "tried": tried}
+
 
 def compression_command(args) -> dict:
     params = cache_params(argparse.Namespace(**{**vars(args), "cache": "packkv"}))["params"]
@@ -118,21 +602,99 @@ def compression_command(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m packkv.eval", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    comp = sub.add_parser("compression", help="bits per element of real KV, every byte counted")
-    comp.add_argument("--weights", help="Hugging Face folder or .gguf (default: SmolLM2-135M-Instruct)")
-    comp.add_argument("--text", required=True, help="text file whose first tokens make the KV")
-    comp.add_argument("--tokens", type=int, default=2048)
-    comp.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-    comp.add_argument("--json", help="write the result to this file")
-    add_cache_arguments(comp)
-    args = ap.parse_args(argv)
+# ---- command line ---------------------------------------------------------------------------------
+
+def parse_list(text: str, kind, flag: str) -> list:
     try:
-        result = {"compression": compression_command}[args.command](args)
+        items = [kind(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise PackkvError(f"{flag}: cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
+    if not items:
+        raise PackkvError(f"{flag} is empty")
+    return items
+
+
+def fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def add_common(p: argparse.ArgumentParser, text_help: str, text_required: bool = True) -> None:
+    p.add_argument("--weights", help="Hugging Face folder or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--text", required=text_required, help=text_help)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--json", help="write the result to this file")
+    add_cache_arguments(p)
+
+
+def add_windows(p: argparse.ArgumentParser, windows: int = 4) -> None:
+    p.add_argument("--ctx", type=int, default=1024, help="tokens per window (at most the model's context)")
+    p.add_argument("--windows", type=int, default=windows, help="windows, consecutive from the text's start")
+    p.add_argument("--prefill", type=int, default=256, help="tokens of each window fed as a prompt, not scored")
+    p.add_argument("--chunk", type=int, default=32, help="scored tokens per forward pass (at most --kv-window)")
+
+
+def add_grid(p: argparse.ArgumentParser, rel_k: str, rel_v: str, granularities: str) -> None:
+    p.add_argument("--rel-k", default=rel_k, help="packkv rel_k values, comma-separated")
+    p.add_argument("--rel-v", default=rel_v, help="packkv rel_v values, comma-separated")
+    p.add_argument("--granularities", default=granularities, help=f"from {', '.join(codec.GRANULARITIES)}")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m packkv.eval", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    text = "text file whose first --windows x --ctx tokens are scored"
+
+    p = sub.add_parser("ppl", help="perplexity through the cache under test")
+    add_common(p, text)
+    add_windows(p)
+    p = sub.add_parser("kl", help="KL divergence and top-1 agreement against the dense cache")
+    add_common(p, text)
+    add_windows(p)
+    p = sub.add_parser("passkey", help="retrieval of a number hidden in long filler text")
+    add_common(p, "filler text (default: the usual repeated sentences)", text_required=False)
+    p.add_argument("--lengths", default="1024,2048,4096,8192", help="prompt + answer tokens, comma-separated")
+    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="where the key sits in the filler, 0..1")
+    p.add_argument("--seed", type=int, default=0, help="seeds the keys (the same for every cache)")
+    p = sub.add_parser("compression", help="bits per element of real KV, every byte counted")
+    add_common(p, "text file whose first tokens make the KV")
+    p.add_argument("--tokens", type=int, default=2048)
+    p = sub.add_parser("sweep", help="compression ratio against perplexity increase and KL, packkv and quant")
+    add_common(p, text)
+    add_windows(p)
+    add_grid(p, "0.02,0.04,0.08", "0.05,0.1,0.2,0.4", "token-layer,token-head")
+    p.add_argument("--repacks", default="greedy", help=f"from {', '.join(codec.REPACK_METHODS)}")
+    p.add_argument("--bits", default=",".join(map(str, QUANT_BITS)), help="quant baseline bits")
+    p.add_argument("--groups", default=",".join(map(str, QUANT_GROUPS)), help="quant baseline groups")
+    p.add_argument("--plot", help="write the plot (PNG) here")
+    p = sub.add_parser("tune", help="packkv's parameters of highest compression within a perplexity budget")
+    add_common(p, "calibration text (not the one you evaluate on)")
+    add_windows(p)
+    add_grid(p, "0.01,0.015,0.02,0.03,0.04,0.06,0.08,0.12",
+             "0.02,0.03,0.05,0.08,0.12,0.2,0.3,0.5", "token-layer,token-head")
+    p.add_argument("--budget-ppl", type=float, required=True, help="largest perplexity increase allowed, percent")
+    p.add_argument("--budget-kl", type=float, help="also the largest mean KL to the dense cache allowed, nats")
+    p.add_argument("--profile-out", help="save the profile here (default: next to the weights, else the cache "
+                                         "folder, where generate and eval find it)")
+    return ap
+
+
+COMMANDS = {"ppl": ppl_command, "kl": kl_command, "passkey": passkey_command, "compression": compression_command,
+            "sweep": sweep_command, "tune": tune_command}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser().parse_args(argv)
+    args.argv = argv
+    try:
+        result = COMMANDS[args.command](args)
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
+            try:
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            except OSError as exc:
+                raise PackkvError(f"cannot write --json {args.json}: {exc}") from exc
     except PackkvError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
