@@ -16,7 +16,8 @@
 //      in registers (G * D / 128 per thread).
 // Every K and V byte of the span is read once per step for all G heads. The partial state (m, l, acc) of
 // each (b, kv head, split, g) goes to a workspace; dense_attention_merge (grid (B, Hq), D threads)
-// combines the splits with log-sum-exp weights: AttentionState::merge below.
+// combines the splits with log-sum-exp weights, all splits at once (a chain of pairwise merges over
+// ~180 splits cost more than the splits themselves: measured 376 -> see generate.json at 8000 tokens).
 // Bytes per step: 2 * length * Hkv * D * 2 (K and V, fp16) + the partials (splits * Hq * (D + 2) * 4).
 // Measured: part of the dense decode step in bench/results/generate.json.
 
@@ -32,7 +33,6 @@
 // this state's and the other's accumulators must be scaled.
 struct AttentionState {
     float m, l;
-    __device__ static AttentionState empty() { return {-CUDART_INF_F, 0.f}; }
     __device__ float2 merge(AttentionState other) {
         float m_new = fmaxf(m, other.m);
         float self_scale = m == -CUDART_INF_F ? 0.f : __expf(m - m_new);
@@ -152,17 +152,41 @@ dense_attention_split(const __half* __restrict__ q, const __half* __restrict__ k
 extern "C" __global__ void dense_attention_merge(const float* __restrict__ partial_acc,
                                                  const float* __restrict__ partial_ml, int splits, int G,
                                                  __half* __restrict__ out) {
-    // one CTA per (sequence, query head), one thread per channel d: blockDim.x == D
+    // One CTA per (sequence, query head), one thread per channel d (blockDim.x == D). The splits are
+    // folded in parallel, not as a chain of merges: the largest max M first, then each split's weight
+    // exp(m_s - M) into shared memory, then every thread sums its channel over the splits.
+    extern __shared__ float weight_s[];                     // [splits]
+    __shared__ float reduce_s[32];
     const int b = blockIdx.x, h = blockIdx.y, Hq = gridDim.y, kvh = h / G, g = h % G, Hkv = Hq / G;
-    const int D = blockDim.x;
-    const size_t first = (((size_t)b * Hkv + kvh) * splits) * G + g;      // state of split 0
-    AttentionState total = AttentionState::empty();
-    float acc = 0.f;
-    for (int s = 0; s < splits; ++s) {
+    const int D = blockDim.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (D + 31) / 32;
+    const size_t first = (((size_t)b * Hkv + kvh) * splits) * G + g;      // state of split 0; stride G
+
+    float m = -CUDART_INF_F;
+    for (int s = threadIdx.x; s < splits; s += D) m = fmaxf(m, partial_ml[2 * (first + (size_t)s * G)]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    if (lane == 0) reduce_s[warp] = m;
+    __syncthreads();
+    m = -CUDART_INF_F;
+    for (int w = 0; w < warps; ++w) m = fmaxf(m, reduce_s[w]);
+    __syncthreads();
+
+    float l = 0.f;
+    for (int s = threadIdx.x; s < splits; s += D) {
         size_t index = first + (size_t)s * G;
-        AttentionState part = {partial_ml[2 * index], partial_ml[2 * index + 1]};
-        float2 f = total.merge(part);
-        acc = acc * f.x + (part.l > 0.f ? f.y * partial_acc[index * D + threadIdx.x] : 0.f);
+        float split_m = partial_ml[2 * index], split_l = partial_ml[2 * index + 1];
+        float w = split_l > 0.f ? __expf(split_m - m) : 0.f;
+        weight_s[s] = w;
+        l += w * split_l;
     }
-    out[((size_t)b * Hq + h) * D + threadIdx.x] = __float2half(acc / total.l);
+    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffff, l, o);
+    if (lane == 0) reduce_s[warp] = l;
+    __syncthreads();
+    l = 0.f;
+    for (int w = 0; w < warps; ++w) l += reduce_s[w];
+
+    float acc = 0.f;
+    #pragma unroll 4
+    for (int s = 0; s < splits; ++s)
+        if (weight_s[s] > 0.f) acc += weight_s[s] * partial_acc[(first + (size_t)s * G) * D + threadIdx.x];
+    out[((size_t)b * Hq + h) * D + threadIdx.x] = __float2half(acc / l);
 }

@@ -25,9 +25,10 @@ def _multiprocessors() -> int:
 
 
 def default_splits(batch: int, kv_heads: int, capacity: int) -> int:
-    """Enough CTAs to fill the GPU about four times over, never more splits than tiles of the capacity."""
+    """Enough CTAs to fill the GPU about four times over, each with at least two tiles of keys at full
+    capacity (fewer, longer splits when the context is short)."""
     wanted = -(-4 * _multiprocessors() // (batch * kv_heads))
-    return max(1, min(wanted, -(-capacity // TILE)))
+    return max(1, min(wanted, -(-capacity // (2 * TILE))))
 
 
 def dense_decode_attention(q, k_cache, v_cache, starts, extra: int = 1, splits: int | None = None):
@@ -62,5 +63,6 @@ def dense_decode_attention(q, k_cache, v_cache, starts, extra: int = 1, splits: 
                  (q, k_cache, v_cache, starts, np.int32(extra), np.int32(Hkv), np.int32(G), np.int32(D),
                   np.int32(capacity), np.int64(k_cache.strides[0] // 2), np.float32(1 / np.sqrt(D)),
                   partial_acc, partial_ml), shared_mem=shared)
-    merge_kernel((B, Hq), (D,), (partial_acc, partial_ml, np.int32(splits), np.int32(G), out))
+    merge_kernel((B, Hq), (D,), (partial_acc, partial_ml, np.int32(splits), np.int32(G), out),
+                 shared_mem=splits * 4)
     return out
