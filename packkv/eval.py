@@ -485,19 +485,28 @@ def passkey_command(args) -> dict:
             "filler": args.text or "repeated sentences", "trials": trials}
 
 
+def rel_pairs(args) -> list[tuple[float, float]]:
+    """--pairs rk:rv,... as given, else the grid --rel-k x --rel-v."""
+    if args.pairs:
+        try:
+            return [tuple(float(x) for x in pair.split(":", 1)) for pair in parse_list(args.pairs, str, "--pairs")]
+        except ValueError:
+            raise PackkvError(f"--pairs: cannot read {args.pairs!r} as rel_k:rel_v,rel_k:rel_v,...") from None
+    return [(k, v) for k in parse_list(args.rel_k, float, "--rel-k") for v in parse_list(args.rel_v, float, "--rel-v")]
+
+
 def sweep_specs(args) -> list[CacheSpec]:
-    """packkv over rel_k x rel_v x granularity x repack, and quant over bits x group."""
+    """packkv over (rel_k, rel_v) x granularity x repack, and quant over bits x group."""
     window = DEFAULT_WINDOW if args.kv_window is None else args.kv_window
     base = {"pack": args.kv_pack or codec.CodecParams.pack, "block": args.kv_block or codec.CodecParams.block}
     specs = []
     try:
         for granularity in parse_list(args.granularities, str, "--granularities"):
             for repack in parse_list(args.repacks, str, "--repacks"):
-                for rel_k in parse_list(args.rel_k, float, "--rel-k"):
-                    for rel_v in parse_list(args.rel_v, float, "--rel-v"):
-                        params = codec.CodecParams(rel_k, rel_v, granularity, repack, **base)
-                        specs.append(CacheSpec("packkv", {"params": params, "window": window}))
-        for bits in parse_list(args.bits, int, "--bits"):
+                for rel_k, rel_v in rel_pairs(args):
+                    params = codec.CodecParams(rel_k, rel_v, granularity, repack, **base)
+                    specs.append(CacheSpec("packkv", {"params": params, "window": window}))
+        for bits in parse_list(args.bits, int, "--bits", allow_empty=True):
             for group in parse_list(args.groups, int, "--groups"):
                 specs.append(CacheSpec("quant", {"params": QuantParams(bits, group), "window": window}))
     except ValueError as exc:
@@ -604,12 +613,12 @@ def compression_command(args) -> dict:
 
 # ---- command line ---------------------------------------------------------------------------------
 
-def parse_list(text: str, kind, flag: str) -> list:
+def parse_list(text: str, kind, flag: str, allow_empty: bool = False) -> list:
     try:
         items = [kind(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise PackkvError(f"{flag}: cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
-    if not items:
+    if not items and not allow_empty:
         raise PackkvError(f"{flag} is empty")
     return items
 
@@ -663,15 +672,15 @@ def parser() -> argparse.ArgumentParser:
     add_common(p, text)
     add_windows(p)
     add_grid(p, "0.02,0.04,0.08", "0.05,0.1,0.2,0.4", "token-layer,token-head")
+    p.add_argument("--pairs", help="packkv (rel_k, rel_v) pairs rk:rv,rk:rv,... instead of the --rel-k x --rel-v grid")
     p.add_argument("--repacks", default="greedy", help=f"from {', '.join(codec.REPACK_METHODS)}")
-    p.add_argument("--bits", default=",".join(map(str, QUANT_BITS)), help="quant baseline bits")
+    p.add_argument("--bits", default=",".join(map(str, QUANT_BITS)), help="quant baseline bits ('' for none)")
     p.add_argument("--groups", default=",".join(map(str, QUANT_GROUPS)), help="quant baseline groups")
     p.add_argument("--plot", help="write the plot (PNG) here")
     p = sub.add_parser("tune", help="packkv's parameters of highest compression within a perplexity budget")
     add_common(p, "calibration text (not the one you evaluate on)")
     add_windows(p)
-    add_grid(p, "0.01,0.015,0.02,0.03,0.04,0.06,0.08,0.12",
-             "0.02,0.03,0.05,0.08,0.12,0.2,0.3,0.5", "token-layer,token-head")
+    add_grid(p, "0.015,0.02,0.03,0.04,0.05,0.07,0.1", "0.05,0.08,0.12,0.16,0.2,0.3,0.4", "token-layer,token-head")
     p.add_argument("--budget-ppl", type=float, required=True, help="largest perplexity increase allowed, percent")
     p.add_argument("--budget-kl", type=float, help="also the largest mean KL to the dense cache allowed, nats")
     p.add_argument("--profile-out", help="save the profile here (default: next to the weights, else the cache "
