@@ -488,8 +488,11 @@ def passkey_command(args) -> dict:
 def rel_pairs(args) -> list[tuple[float, float]]:
     """--pairs rk:rv,... as given, else the grid --rel-k x --rel-v."""
     if args.pairs:
+        pairs = [pair.split(":") for pair in parse_list(args.pairs, str, "--pairs")]
         try:
-            return [tuple(float(x) for x in pair.split(":", 1)) for pair in parse_list(args.pairs, str, "--pairs")]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError
+            return [(float(k), float(v)) for k, v in pairs]
         except ValueError:
             raise PackkvError(f"--pairs: cannot read {args.pairs!r} as rel_k:rel_v,rel_k:rel_v,...") from None
     return [(k, v) for k in parse_list(args.rel_k, float, "--rel-k") for v in parse_list(args.rel_v, float, "--rel-v")]

@@ -200,9 +200,8 @@ def test_frontier_and_interpolation_by_hand():
 def test_sweep_measures_both_families_and_plots(tiny, capsys, tmp_path):
     folder, text = tiny
     plot = tmp_path / "sweep.png"
-    result = eval_json(capsys, tmp_path, "sweep", *window_args(folder, text), *FAST, "--rel-k", "0.05,0.2",
-                       "--rel-v", "0.2", "--granularities", "token-layer", "--bits", "2,4", "--groups", "32,64",
-                       "--plot", plot)
+    result = eval_json(capsys, tmp_path, "sweep", *window_args(folder, text), *FAST, "--pairs", "0.05:0.2,0.2:0.2",
+                       "--granularities", "token-layer", "--bits", "2,4", "--groups", "32,64", "--plot", plot)
     kinds = [(p["cache"], p.get("rel_k"), p.get("bits"), p.get("group")) for p in result["points"]]
     assert kinds == [("packkv", 0.05, None, None), ("packkv", 0.2, None, None), ("quant", None, 2, 32),
                      ("quant", None, 4, 32)]                      # group 64 does not tile 32 channels
@@ -291,6 +290,7 @@ def test_tune_says_when_nothing_fits(tiny, capsys):
     (["ppl", "--windows", "100"], ["fewer than the 16000"]),
     (["kl", "--cache", "packkv", "--kv-rel-k", "2"], ["rel_k"]),
     (["sweep", "--rel-k", "0.1,x"], ["--rel-k", "cannot read"]),
+    (["sweep", "--pairs", "0.1:0.2,0.3"], ["--pairs", "cannot read"]),
     (["tune", "--budget-ppl", "0"], ["--budget-ppl must be > 0"]),
     (["passkey", "--lengths", "1024"], ["longer than the model's context of 512"]),
     (["passkey", "--depths", "1.5"], ["--depths must be in [0, 1]"]),
