@@ -43,8 +43,9 @@ class LayerWeights:
 class Llama:
     def __init__(self, config: LlamaConfig, tensors: dict[str, np.ndarray], backend: Backend,
                  max_context: int | None = None):
-        """`tensors` maps Hugging Face names to host arrays (checked by packkv.weights); they are fused and
-        moved to the device here. RoPE tables cover `max_context` positions."""
+        """`tensors` maps Hugging Face names to arrays (host arrays checked by packkv.weights, or device
+        arrays of random weights); they are fused and moved to the device here. RoPE tables cover
+        `max_context` positions."""
         self.config, self.backend = config, backend
         xp, dt = backend.xp, backend.dtype
         if backend.is_gpu:
@@ -58,7 +59,7 @@ class Llama:
             return xp.asarray(tensors[name].astype(dtype, copy=False))
 
         def fused(names, dtype=dt):
-            return xp.asarray(np.concatenate([tensors[n].astype(dtype, copy=False) for n in names]))
+            return xp.concatenate([dev(n, dtype) for n in names])
 
         def optional(names):
             return fused(names, np.float32) if names[0] in tensors else None

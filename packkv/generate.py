@@ -22,6 +22,7 @@ from packkv.options import add_cache_arguments, cache_params
 from packkv.weights import Tokenizer, load_checkpoint
 from packkv.weights.default import cache_dir, default_weights_folder
 from packkv.weights.gguf_import import import_gguf
+from packkv.weights.random import RandomTensors, random_config
 
 PREFILL_CHUNK = 512   # prompt tokens per forward pass: bounds the [chunk, context] score matrix
 
@@ -86,11 +87,19 @@ def resolve_weights(weights: str | None, progress=tqdm) -> Path:
 class Engine:
     """A model on a device with its tokenizer: what generation and evaluation need."""
 
-    def __init__(self, weights: str | None = None, device: str = "auto", max_context: int | None = None):
+    def __init__(self, weights: str | None = None, device: str = "auto", max_context: int | None = None,
+                 random_weights: str | None = None):
+        """Real weights from `weights` (or the default model), or, with `random_weights` (a preset name or a
+        config.json), random weights of that shape made on the device, with no tokenizer (benchmarks)."""
         self.backend = get_backend(device)
-        folder = resolve_weights(weights)
-        self.config, tensors = load_checkpoint(folder)
-        self.tokenizer = Tokenizer(folder)
+        if random_weights:
+            self.config = random_config(random_weights)
+            tensors = RandomTensors(self.config, self.backend.xp, self.backend.dtype)
+            self.tokenizer = None
+        else:
+            folder = resolve_weights(weights)
+            self.config, tensors = load_checkpoint(folder)
+            self.tokenizer = Tokenizer(folder)
         limit = self.config.max_position_embeddings
         if max_context is not None and not 0 < max_context <= limit:
             raise PackkvError(f"--max-context must be in 1..{limit} (the model's max_position_embeddings), "
@@ -220,7 +229,7 @@ def generate(engine: Engine, prompt_ids: list[int], max_tokens: int, sampling: S
     tokens_needed = min(len(prompt_ids) + max_tokens, engine.max_context)
     cache = engine.new_cache(cache_kind, batch=1, tokens=tokens_needed, **cache_params)
     sampler, backend = Sampler(sampling, engine.backend), engine.backend
-    stream = engine.tokenizer.stream_decoder()
+    stream = engine.tokenizer.stream_decoder() if engine.tokenizer else None   # random weights: no text
     eos = set(engine.config.eos_token_ids) if stop_at_eos else set()
     result = Generation(prompt_ids=list(prompt_ids))
     emit = on_text or (lambda piece: None)
@@ -237,7 +246,8 @@ def generate(engine: Engine, prompt_ids: list[int], max_tokens: int, sampling: S
         if next_id in eos:
             result.stop_reason = "eos"
             break
-        emit(stream.push(next_id))
+        if stream:
+            emit(stream.push(next_id))
         if len(result.token_ids) >= max_tokens:
             result.stop_reason = "max_tokens"
             break
@@ -247,8 +257,9 @@ def generate(engine: Engine, prompt_ids: list[int], max_tokens: int, sampling: S
         next_id = sampler(decoder.step([next_id])[0, -1])
     backend.synchronize()
     result.decode_seconds = time.perf_counter() - start
-    emit(stream.flush())
-    result.text = engine.tokenizer.decode([t for t in result.token_ids if t not in eos])
+    if stream:
+        emit(stream.flush())
+        result.text = engine.tokenizer.decode([t for t in result.token_ids if t not in eos])
     result.cache_stats = cache.stats()
     result.peak_gpu_bytes = backend.peak_memory_bytes()
     return result
@@ -259,6 +270,10 @@ def generate(engine: Engine, prompt_ids: list[int], max_tokens: int, sampling: S
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m packkv.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--weights", help="Hugging Face Llama folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--random-weights", metavar="NAME|CONFIG",
+                    help="random weights of a real shape instead (llama-3.1-8b, llama-2-7b, tinyllama-1.1b or a "
+                         "config.json), made on the device; the prompt is --prompt-tokens random token ids")
+    ap.add_argument("--prompt-tokens", type=int, default=16, help="prompt length with --random-weights")
     prompt = ap.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="The capital of France is")
     prompt.add_argument("--prompt-file", help="read the prompt from this file")
@@ -302,16 +317,20 @@ def format_stats(s: dict) -> str:
 def run(args) -> Generation:
     sampling = SamplingParams(args.temp, args.top_k, args.top_p, args.seed)   # validate before loading
     kv_params = cache_params(args)
-    prompt = read_prompt(args)
-    engine = Engine(args.weights, args.device, args.max_context)
-    ids = engine.prompt_ids(prompt, args.chat)
+    engine = Engine(args.weights, args.device, args.max_context, random_weights=args.random_weights)
+    if args.random_weights:
+        ids = np.random.default_rng(args.seed).integers(engine.config.vocab_size, size=args.prompt_tokens).tolist()
+        if not 0 < len(ids) < engine.max_context:
+            raise PackkvError(f"--prompt-tokens must be in 1..{engine.max_context - 1}, not {args.prompt_tokens}")
+    else:
+        ids = engine.prompt_ids(read_prompt(args), args.chat)
 
     def write(piece):
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     result = generate(engine, ids, args.max_tokens, sampling, args.cache, on_text=write, **kv_params)
-    sys.stdout.write("\n")
+    sys.stdout.write(("token ids: " + " ".join(map(str, result.token_ids)) if engine.tokenizer is None else "") + "\n")
     stats = result.stats()
     print(format_stats(stats), file=sys.stderr)
     if args.json:
