@@ -31,7 +31,8 @@ def test_random_tensors_are_seeded_and_shaped(tmp_path):
     config = random_config(str(config_path))
     a, b = RandomTensors(config, np, np.float32, seed=3), RandomTensors(config, np, np.float32, seed=3)
     name = "model.layers.0.self_attn.k_proj.weight"
-    assert a[name].shape == (16, 32) and np.array_equal(a[name], b[name]) and 0.01 < a[name].std() < 0.03
+    first, second = a[name], b[name]
+    assert first.shape == (16, 32) and np.array_equal(first, second) and 0.01 < first.std() < 0.03
     assert (a["model.norm.weight"] == 1).all() and "lm_head.weight" in a
 
 
