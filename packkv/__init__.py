@@ -42,6 +42,15 @@ class _OrderError(PackkvError, RuntimeError):
     pass
 
 
+def _reworded(exc: PackkvError, where: str) -> PackkvError:
+    """An error of the command line's code, in the API's words (its parameter names, not its flags)."""
+    message = str(exc)
+    for flag, name in (("--device", "device"), ("--max-context", "max_context"), ("--kv-window", "window")):
+        message = message.replace(flag, name)
+    kind = _ValueError if isinstance(exc, ValueError) else PackkvError
+    return kind(f"{where}: {message}")
+
+
 def _cache_kwargs(kind: str, where: str, window, params: dict) -> dict:
     """The keyword arguments of packkv.cache's kind for the API's flat parameters, validated.
 
@@ -159,7 +168,10 @@ class Model:
 
     def _prompt_ids(self, prompt, chat: bool) -> list[int]:
         if isinstance(prompt, str):
-            return self._engine.prompt_ids(prompt, chat)
+            try:
+                return self._engine.prompt_ids(prompt, chat)
+            except PackkvError as exc:
+                raise _reworded(exc, "generate") from exc
         try:
             if isinstance(prompt, (bytes, bytearray)):
                 raise TypeError
@@ -195,7 +207,10 @@ def load(weights: str | None = None, device: str = "auto", max_context: int | No
     max_context: the longest sequence, prompt included (default: the model's max_position_embeddings).
     """
     from packkv.generate import Engine
-    return Model(Engine(weights, device, max_context))
+    try:
+        return Model(Engine(weights, device, max_context))
+    except PackkvError as exc:
+        raise _reworded(exc, "load") from exc
 
 
 # ---- the KV cache on its own ------------------------------------------------------------------------
@@ -298,7 +313,12 @@ class KVCache:
                 raise _ValueError(f"{where}: the packkv format takes kv_heads <= 255 and head_dim <= 65535, "
                                   f"not {kv_heads} and {head_dim}")
             kwargs["max_new_tokens"] = int(max_step_tokens)
-        self._backend = get_backend(device)
+        if device not in ("auto", "cpu", "gpu"):
+            raise _ValueError(f"{where}: device must be 'auto', 'cpu' or 'gpu', not {device!r}")
+        try:
+            self._backend = get_backend(device)
+        except PackkvError as exc:   # no usable GPU
+            raise _reworded(exc, where) from exc
         shape = CacheShape(int(layers), int(kv_heads), int(head_dim), int(batch), int(max_context))
         self._cache = make_cache(kind, shape, self._backend, **kwargs)
         self._max_step = int(max_step_tokens) if kind == "packkv" else None

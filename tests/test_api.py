@@ -394,14 +394,21 @@ def test_wrong_layer(layer, kind, fragment):
     (dict(window=-1), ["window must be an integer >= 0", "not -1"]),
     (dict(kind="dense", rel_k=0.1, window=8), ["rel_k, window only apply to the 'packkv' cache"]),
     (dict(head_dim=70000), ["packkv format takes kv_heads <= 255 and head_dim <= 65535"]),
-    (dict(device="tpu"), ["--device must be auto, cpu or gpu"]),
+    (dict(device="tpu"), ["KVCache: device must be 'auto', 'cpu' or 'gpu', not 'tpu'"]),
 ])
 def test_wrong_construction(kwargs, fragments):
     args = dict(layers=LAYERS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, max_context=100, device="cpu")
     args.update(kwargs)
-    kind = ValueError if "device" not in kwargs else PackkvError
-    with expect(kind, *fragments):
+    with expect(ValueError, *fragments):
         packkv.KVCache(args.pop("layers"), args.pop("kv_heads"), args.pop("head_dim"), **args)
+
+
+def test_no_usable_gpu_is_said_in_the_api_s_words():
+    from packkv.backend import gpu_problem
+    if gpu_problem() is None:
+        pytest.skip("this machine has a usable GPU")
+    with expect(PackkvError, "KVCache: device gpu was asked for, but"):
+        packkv.KVCache(LAYERS, KV_HEADS, HEAD_DIM, max_context=10, device="gpu")
 
 
 def test_import_packkv_is_light():
@@ -543,11 +550,22 @@ def test_generate_takes_ids_chat_sampling_and_packkv_parameters(model):
     (dict(prompt=[1, 2, 10 ** 9]), ValueError, "prompt token ids must be in 0..49151"),
     (dict(prompt=""), PackkvError, "the prompt is empty"),
     (dict(prompt=[1] * 300), ValueError, "the prompt has 300 tokens, which leaves no room in the context of 256"),
+    (dict(prompt="word " * 300), PackkvError, "raise max_context)"),
 ])
 def test_generate_refuses_bad_arguments(model, kwargs, kind, fragment):
     prompt = kwargs.pop("prompt", "Hello")
     with expect(kind, fragment):
         model.generate(prompt, **kwargs)
+
+
+@pytest.mark.slow
+def test_load_refuses_bad_arguments(smollm2_folder, tmp_path):
+    with expect(PackkvError, "load: max_context must be in 1..8192"):
+        packkv.load(str(smollm2_folder), device="cpu", max_context=10 ** 6)
+    with expect(PackkvError, "load: device must be auto, cpu or gpu, not 'tpu'"):
+        packkv.load(str(smollm2_folder), device="tpu")
+    with expect(PackkvError, "load:"):
+        packkv.load(str(tmp_path / "no-such-model"), device="cpu")
 
 
 @pytest.mark.slow
