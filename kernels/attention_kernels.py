@@ -1,0 +1,354 @@
+"""Launchers of the compressed-KV kernels (kernels/packkv_*.cu), loaded with cupy.RawModule.
+
+    compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v, window_len, params)
+    decompress_blocks(arena, offsets, params, n_kv_heads, head_dim) -> (k, v)
+    k_gemv(q, arena, block_offsets, n_blocks, params, n_kv_heads) -> scores
+    v_gemv(p, arena, block_offsets, n_blocks, params, n_kv_heads, head_dim) -> out
+
+Storage (what the packkv cache keeps on the device, per layer): one uint8 arena of records (the output of
+codec.encode_blocks, each 16-byte aligned, with >= 16 bytes of slack after the last one); a block-offset
+table int64 [B, max_blocks] of byte offsets into the arena; n_blocks int32 [B]; the fp16 window of recent
+uncompressed tokens window_k, window_v [B, Hkv, W_cap, D] with window_len int32 [B]. Lengths live on the
+device and the grids depend only on shapes (max_blocks, W_cap), so a captured CUDA graph can replay with
+changing lengths. Every launcher checks shapes, dtypes, device, contiguity and what the kernels support,
+and raises ValueError saying what it refuses. NumPy twins: packkv.attention.compressed_attention_reference,
+k_gemv_reference, v_gemv_reference, decode_records.
+"""
+from __future__ import annotations
+
+import math
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from packkv.codec import CodecParams
+
+KERNEL_DIR = Path(__file__).resolve().parent
+WARPS = 4                     # PK_WARPS in packkv_common.cuh
+WARP_EXTRA = 2176 + 1024 + 384 + 64   # PK_WARP_EXTRA: weight buffer, token table, meta, zero section
+MAX_HEAD_DIM = 256
+SMEM_PER_CTA_MAX = 115712     # two CTAs per SM on H100 (228 KB per SM, 1 KB reserved per CTA)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------
+
+def kernel_source(name: str) -> str:
+    """A .cu file with its local #include "x.cuh" inlined (nvrtc gets one string, no include path)."""
+    seen: set[str] = set()
+
+    def expand(file: str) -> str:
+        if file in seen:
+            return ""
+        seen.add(file)
+        text = re.sub(r"^#pragma once\s*$", "", (KERNEL_DIR / file).read_text(), flags=re.M)
+        return re.sub(r'^#include "([^"]+)"\s*$', lambda m: expand(m.group(1)), text, flags=re.M)
+
+    return expand(name)
+
+
+@lru_cache(maxsize=None)
+def _module(file: str, names: tuple[str, ...]):
+    import cupy
+    return cupy.RawModule(code=kernel_source(file), options=("-std=c++17",), name_expressions=names)
+
+
+def module_names(file: str, D: int = 0, P: int = 0) -> tuple[str, ...]:
+    """The template instances compiled together (one nvrtc run per file and (head_dim, pack))."""
+    if file == "packkv_attention.cu":
+        return (f"pk_attention_splits<{D}, {P}>", f"pk_merge_window<{D}>")
+    if file == "packkv_gemv.cu":
+        return (f"pk_k_gemv<{D}, {P}>", f"pk_v_gemv<{D}, {P}>", "pk_v_reduce")
+    return ("pk_decompress<8>", "pk_decompress<16>", "pk_decompress<32>")
+
+
+def _function(file: str, name: str, D: int = 0, P: int = 0, shared: int = 0):
+    fn = _module(file, module_names(file, D, P)).get_function(name)
+    if shared > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = shared
+    return fn
+
+
+def precompile(head_dim: int, pack: int) -> None:
+    """Compile the modules of (head_dim, pack) now (nvrtc takes seconds per module)."""
+    _module("packkv_attention.cu", module_names("packkv_attention.cu", head_dim, pack))
+    _module("packkv_gemv.cu", module_names("packkv_gemv.cu", head_dim, pack))
+
+
+@lru_cache(maxsize=None)
+def multiprocessors() -> int:
+    import cupy
+    return cupy.cuda.Device().attributes["MultiProcessorCount"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------------
+
+def _fail(fn: str, what: str):
+    raise ValueError(f"{fn}: {what}")
+
+
+def _cupy_array(fn, name, x, dtype, ndim, device=None):
+    import cupy
+    if not isinstance(x, cupy.ndarray):
+        _fail(fn, f"{name} must be a CuPy array on the GPU, got {type(x).__name__}")
+    if x.dtype != np.dtype(dtype):
+        _fail(fn, f"{name} must be {np.dtype(dtype).name}, got {x.dtype}")
+    if x.ndim != ndim:
+        _fail(fn, f"{name} must have {ndim} dimensions, got shape {x.shape}")
+    if not x.flags.c_contiguous:
+        _fail(fn, f"{name} must be C-contiguous (got strides {x.strides} for shape {x.shape})")
+    if x.size and x.data.ptr % 16:
+        _fail(fn, f"{name} must start 16-byte aligned (a fresh CuPy array does; a sliced view may not)")
+    if device is not None and x.device.id != device:
+        _fail(fn, f"{name} is on GPU {x.device.id}, the other arguments on GPU {device}")
+    return x
+
+
+def _check_params(fn, params):
+    if not isinstance(params, CodecParams):
+        _fail(fn, f"params must be a packkv.codec.CodecParams, got {type(params).__name__}")
+    T = params.block
+    if not (T in (16, 32, 64) or T % 128 == 0):
+        _fail(fn, f"block {T} is not supported by the GPU kernels (16, 32, 64 or a multiple of 128)")
+
+
+def _check_head_dim(fn, D):
+    if D % 16 or not 16 <= D <= MAX_HEAD_DIM:
+        _fail(fn, f"head_dim {D} is not supported (a multiple of 16 from 16 to {MAX_HEAD_DIM})")
+
+
+def _check_arena(fn, arena, block_offsets, n_blocks, B):
+    _cupy_array(fn, "arena", arena, np.uint8, 1)
+    dev = arena.device.id
+    _cupy_array(fn, "block_offsets", block_offsets, np.int64, 2, dev)
+    _cupy_array(fn, "n_blocks", n_blocks, np.int32, 1, dev)
+    if block_offsets.shape[0] != B or n_blocks.shape != (B,):
+        _fail(fn, f"block_offsets {block_offsets.shape} and n_blocks {n_blocks.shape} must be [B={B}, max_blocks] "
+                  f"and [B={B}]")
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launch geometry
+# ---------------------------------------------------------------------------------------------------
+
+def blocks_per_item(T: int) -> int:
+    return max(1, 128 // T)
+
+
+def default_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: int) -> int:
+    """Splits of each sequence's blocks: about two CTAs per SM in all, but at least four items (one per
+    warp) per split. Depends on shapes only (the table's capacity), never on the lengths."""
+    tiles = -(-group // 8)
+    items = -(-max(max_blocks, 1) // blocks_per_item(T))
+    wanted = -(-2 * multiprocessors() // (batch * kv_heads * tiles))
+    return max(1, min(wanted, -(-items // WARPS)))
+
+
+def default_slot_bytes(T: int, D: int, P: int, both: bool) -> int:
+    """Bytes of one staging slot: an item's spans at ~3.2 bits per element, capped so that two CTAs fit
+    on an SM. Spans that do not fit are read from global memory (correct, slower)."""
+    token = 8 + 4 * T + 2 * T + 32
+    section = 4 + (T // P) * D + 4 + math.ceil(T * D * 3.2 / 8) + 16
+    block = token + (2 if both else 1) * section + 32
+    cap = (SMEM_PER_CTA_MAX // WARPS - WARP_EXTRA) // 2 // 16 * 16
+    return int(min(cap, -(-blocks_per_item(T) * block // 256) * 256))
+
+
+def _shared_bytes(slot: int, D: int) -> int:
+    return max(WARPS * (2 * slot + WARP_EXTRA), WARPS * 8 * D * 4 + WARPS * 8 * 2 * 4)
+
+
+def attention_workspace_size(batch: int, n_heads: int, head_dim: int, n_splits: int) -> int:
+    """float32 elements of the workspace of compressed_decode_attention: one (o[D], m, l) per query head
+    and split."""
+    return batch * n_heads * n_splits * (head_dim + 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+
+def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v, window_len, params,
+                                out=None, workspace=None, n_splits: int | None = None,
+                                slot_bytes: int | None = None):
+    """Decode attention of one new token per sequence over its compressed blocks and its fp16 window.
+
+    q fp16 [B, Hq, D]; arena uint8 [bytes]; block_offsets int64 [B, max_blocks]; n_blocks int32 [B];
+    window_k, window_v fp16 [B, Hkv, W_cap, D]; window_len int32 [B] (the new token's own K/V are already
+    in the window); params: the CodecParams the records were written with. Returns out fp16 [B, Hq, D] =
+    softmax(q K^T / sqrt(D)) V over blocks 0..n_blocks[b]-1 then window tokens 0..window_len[b]-1 (zeros
+    when both are empty). workspace: float32 [>= attention_workspace_size(B, Hq, D, n_splits)] for the
+    per-split softmax states (allocated when None). n_splits (default from shapes) and slot_bytes are
+    tuning knobs; neither depends on the lengths.
+    """
+    import cupy
+    fn = "compressed_decode_attention"
+    _check_params(fn, params)
+    _cupy_array(fn, "q", q, np.float16, 3)
+    B, Hq, D = q.shape
+    _check_head_dim(fn, D)
+    dev = _check_arena(fn, arena, block_offsets, n_blocks, B)
+    if q.device.id != dev:
+        _fail(fn, f"q is on GPU {q.device.id}, arena on GPU {dev}")
+    _cupy_array(fn, "window_k", window_k, np.float16, 4, dev)
+    _cupy_array(fn, "window_v", window_v, np.float16, 4, dev)
+    _cupy_array(fn, "window_len", window_len, np.int32, 1, dev)
+    if window_k.shape != window_v.shape or window_k.shape[0] != B or window_k.shape[3] != D:
+        _fail(fn, f"window_k {window_k.shape} and window_v {window_v.shape} must both be [B={B}, Hkv, W_cap, D={D}]")
+    Hkv, W_cap = window_k.shape[1], window_k.shape[2]
+    if window_len.shape != (B,):
+        _fail(fn, f"window_len must be [B={B}], got {window_len.shape}")
+    if Hkv < 1 or Hkv > 255 or Hq % Hkv:
+        _fail(fn, f"{Hq} query heads are not a multiple of {Hkv} KV heads (1..255)")
+    G, T, P = Hq // Hkv, params.block, params.pack
+    max_blocks = block_offsets.shape[1]
+    n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
+    slot = int(slot_bytes or default_slot_bytes(T, D, P, True))
+    if slot % 16 or slot < 256:
+        _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
+    need = attention_workspace_size(B, Hq, D, n_splits)
+    if workspace is None:
+        workspace = cupy.empty(need, np.float32)
+    else:
+        _cupy_array(fn, "workspace", workspace, np.float32, 1, dev)
+        if workspace.size < need:
+            _fail(fn, f"workspace holds {workspace.size} float32, {need} are needed "
+                      f"(attention_workspace_size({B}, {Hq}, {D}, {n_splits}))")
+    if out is None:
+        out = cupy.empty((B, Hq, D), np.float16)
+    else:
+        _cupy_array(fn, "out", out, np.float16, 3, dev)
+        if out.shape != (B, Hq, D):
+            _fail(fn, f"out must be [B, Hq, D] = {(B, Hq, D)}, got {out.shape}")
+    shared = _shared_bytes(slot, D)
+    split_fn = _function("packkv_attention.cu", f"pk_attention_splits<{D}, {P}>", D, P, shared)
+    merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, P)
+    qscale = np.float32(math.log2(math.e) / math.sqrt(D))
+    tl = np.int32(params.granularity == "token-layer")
+    split_fn((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
+             (q, arena, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T), tl,
+              np.int32(n_splits), np.int32(slot), qscale, workspace), shared_mem=shared)
+    merge_fn((Hq, B), (128,), (q, window_k, window_v, window_len, workspace, np.int32(n_splits), np.int32(Hkv),
+                               np.int32(G), np.int32(W_cap), qscale, out))
+    return out
+
+
+def k_gemv(q, arena, block_offsets, n_blocks, params, n_kv_heads: int, out=None, n_splits: int | None = None,
+           slot_bytes: int | None = None):
+    """K-GEMV (the paper's decompress-GEMV on K): scores fp32 [B, Hq, max_blocks * block] = q . K_hat^T over
+    each sequence's compressed blocks, storage order, no 1/sqrt(D); 0 past n_blocks[b] * block.
+    q fp16 [B, Hq, D]; n_kv_heads: the records' KV heads (Hq a multiple of it)."""
+    import cupy
+    fn = "k_gemv"
+    _check_params(fn, params)
+    _cupy_array(fn, "q", q, np.float16, 3)
+    B, Hq, D = q.shape
+    _check_head_dim(fn, D)
+    dev = _check_arena(fn, arena, block_offsets, n_blocks, B)
+    Hkv = int(n_kv_heads)
+    if Hkv < 1 or Hkv > 255 or Hq % Hkv:
+        _fail(fn, f"{Hq} query heads are not a multiple of n_kv_heads={Hkv} (1..255)")
+    G, T, P = Hq // Hkv, params.block, params.pack
+    max_blocks = block_offsets.shape[1]
+    shape = (B, Hq, max_blocks * T)
+    if out is None:
+        out = cupy.empty(shape, np.float32)
+    else:
+        _cupy_array(fn, "out", out, np.float32, 3, dev)
+        if out.shape != shape:
+            _fail(fn, f"out must be [B, Hq, max_blocks * block] = {shape}, got {out.shape}")
+    n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
+    slot = int(slot_bytes or default_slot_bytes(T, D, P, False))
+    shared = _shared_bytes(slot, D)
+    kernel = _function("packkv_gemv.cu", f"pk_k_gemv<{D}, {P}>", D, P, shared)
+    kernel((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
+           (q, arena, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T),
+            np.int32(params.granularity == "token-layer"), np.int32(n_splits), np.int32(slot), out), shared_mem=shared)
+    return out
+
+
+def v_gemv(p, arena, block_offsets, n_blocks, params, n_kv_heads: int, head_dim: int, out=None, workspace=None,
+           n_splits: int | None = None, slot_bytes: int | None = None):
+    """V-GEMV (the paper's decompress-GEMV on V): out fp32 [B, Hq, D] = p . V_hat over each sequence's
+    compressed blocks; p fp16 or fp32 [B, Hq, max_blocks * block] in storage order (entries past
+    n_blocks[b] * block are not read). workspace: float32 [>= B * Hq * n_splits * D] (allocated when None)."""
+    import cupy
+    fn = "v_gemv"
+    _check_params(fn, params)
+    if not isinstance(p, cupy.ndarray) or p.dtype not in (np.float16, np.float32):
+        _fail(fn, f"p must be a float16 or float32 CuPy array, got {type(p).__name__} {getattr(p, 'dtype', '')}")
+    _cupy_array(fn, "p", p, p.dtype, 3)
+    B, Hq, n_tok = p.shape
+    D = int(head_dim)
+    _check_head_dim(fn, D)
+    dev = _check_arena(fn, arena, block_offsets, n_blocks, B)
+    Hkv = int(n_kv_heads)
+    if Hkv < 1 or Hkv > 255 or Hq % Hkv:
+        _fail(fn, f"{Hq} query heads are not a multiple of n_kv_heads={Hkv} (1..255)")
+    G, T, P = Hq // Hkv, params.block, params.pack
+    max_blocks = block_offsets.shape[1]
+    if n_tok != max_blocks * T:
+        _fail(fn, f"p must be [B, Hq, max_blocks * block] = {(B, Hq, max_blocks * T)}, got {p.shape}")
+    n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
+    need = B * Hq * n_splits * D
+    if workspace is None:
+        workspace = cupy.empty(need, np.float32)
+    else:
+        _cupy_array(fn, "workspace", workspace, np.float32, 1, dev)
+        if workspace.size < need:
+            _fail(fn, f"workspace holds {workspace.size} float32, {need} are needed (B * Hq * n_splits * D)")
+    if out is None:
+        out = cupy.empty((B, Hq, D), np.float32)
+    else:
+        _cupy_array(fn, "out", out, np.float32, 3, dev)
+        if out.shape != (B, Hq, D):
+            _fail(fn, f"out must be [B, Hq, D] = {(B, Hq, D)}, got {out.shape}")
+    slot = int(slot_bytes or default_slot_bytes(T, D, P, False))
+    shared = _shared_bytes(slot, D)
+    kernel = _function("packkv_gemv.cu", f"pk_v_gemv<{D}, {P}>", D, P, shared)
+    kernel((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
+           (p, np.int32(p.dtype == np.float16), arena, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv),
+            np.int32(G), np.int32(T), np.int32(params.granularity == "token-layer"), np.int32(n_splits),
+            np.int32(slot), workspace), shared_mem=shared)
+    total = B * Hq * D
+    reduce_fn = _function("packkv_gemv.cu", "pk_v_reduce", D, P)
+    reduce_fn((-(-total // 256),), (256,), (workspace, np.int32(n_splits), np.int32(D), np.int32(total), out))
+    return out
+
+
+def decompress_blocks(arena, offsets, params, n_kv_heads: int, head_dim: int):
+    """(k, v) fp16 [n, Hkv, block, D]: the records at arena[offsets[i]] decompressed, tokens in storage
+    order, each value (level + offset) * step computed in fp32 and rounded to fp16. offsets: int64 [n]
+    (CuPy, or anything NumPy reads)."""
+    import cupy
+    fn = "decompress_blocks"
+    _check_params(fn, params)
+    _cupy_array(fn, "arena", arena, np.uint8, 1)
+    dev = arena.device.id
+    if not isinstance(offsets, cupy.ndarray):
+        offsets = cupy.asarray(np.asarray(offsets, dtype=np.int64))
+    offsets = cupy.ascontiguousarray(offsets.ravel())
+    _cupy_array(fn, "offsets", offsets, np.int64, 1, dev)
+    H, D, T, P = int(n_kv_heads), int(head_dim), params.block, params.pack
+    if not 1 <= H <= 255:
+        _fail(fn, f"n_kv_heads must be in 1..255, got {H}")
+    if not 1 <= D <= 1024:
+        _fail(fn, f"head_dim {D} is not supported (1..1024)")
+    n = offsets.size
+    k = cupy.empty((n, H, T, D), np.float16)
+    v = cupy.empty((n, H, T, D), np.float16)
+    if n == 0:
+        return k, v
+    shared = 8 * T + 12 * D
+    if shared > 200 * 1024:
+        _fail(fn, f"block {T} with head_dim {D} needs {shared} bytes of shared memory")
+    kernel = _function("packkv_decompress.cu", f"pk_decompress<{P}>", shared=shared)
+    kernel((n, H, 2), (256,), (arena, offsets, np.int32(H), np.int32(T), np.int32(D),
+                               np.int32(params.granularity == "token-layer"), k, v), shared_mem=shared)
+    return k, v

@@ -1,0 +1,314 @@
+// packkv_common.cuh: device code shared by the packkv kernels (included, never compiled alone).
+//
+// What is here, in the order a kernel uses it:
+//   1. bit-stream reads of the v1 format (docs/FORMAT.md): LSB-first streams read as 32-bit windows;
+//   2. section headers (width_bits, min_bits, min_base) and the (width, min) header field of a pack;
+//   3. unpacking one "run" (16 storage tokens of one channel) into 8 half2 registers of exact integer
+//      levels, pair j = (level of token j, level of token j+8), with the magic-number trick:
+//      (0x6400 | v) is the fp16 number 1024 + v, so one LOP3 turns two w-bit fields into a half2, and one
+//      add.f16x2 with (min - 1024) gives min + v exactly (integers up to 2048 are exact in fp16);
+//   4. mma.sync m16n8k16 (fp16 in, fp32 accumulate), ex2.approx, cp.async;
+//   5. the per-item staging of compressed spans into shared memory (cp.async, double-buffered per warp).
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+// fp16 values are handled as their bits (u16); conversions in PTX, so nvrtc needs no header.
+__device__ __forceinline__ float pk_h2float(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ u16 pk_float2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+__device__ __forceinline__ u16 pk_int2h(int i) { u16 h; asm("cvt.rn.f16.s32 %0, %1;" : "=h"(h) : "r"(i)); return h; }
+
+#define PK_FULL 0xffffffffu
+#define PK_MAGIC 0x64006400u   // half2(1024, 1024)
+#define PK_WARPS 4             // warps per CTA of the split kernels
+#define PK_NBMAX 8             // blocks per item at most (block = 16 tokens)
+
+// ---------------------------------------------------------------------------------------------------
+// 1. Bit streams
+// ---------------------------------------------------------------------------------------------------
+
+// The 32 stream bits starting at bit `bit` of the stream that starts at the 4-aligned `base`.
+__device__ __forceinline__ u32 pk_bits32(const u8* base, u32 bit) {
+  const u32* w = reinterpret_cast<const u32*>(base) + (bit >> 5);
+  return __funnelshift_r(w[0], w[1], bit & 31);
+}
+
+// The same for a stream starting at any byte address.
+__device__ __forceinline__ u32 pk_bits32_at(const u8* p, u32 bit) {
+  size_t a = reinterpret_cast<size_t>(p);
+  return pk_bits32(reinterpret_cast<const u8*>(a & ~size_t(3)), bit + 8u * u32(a & 3));
+}
+
+__device__ __forceinline__ u32 pk_ld32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
+
+// ---------------------------------------------------------------------------------------------------
+// 2. Channel sections: header, pack header fields
+// ---------------------------------------------------------------------------------------------------
+
+struct PkSection {
+  const u8* hdr;       // bit stream of R*D (width, min - min_base) fields
+  const u8* payload;   // payload_start
+  u32 WB, F, wmask, mmask;
+  int min_base;
+};
+
+__device__ __forceinline__ PkSection pk_section(const u8* sec, int R, int D) {
+  u32 x = pk_ld32(sec);
+  PkSection s;
+  s.WB = x & 0xff;
+  u32 MB = (x >> 8) & 0xff;
+  s.min_base = int(x >> 16);
+  s.F = s.WB + MB;
+  s.wmask = (1u << s.WB) - 1u;
+  s.mmask = (1u << MB) - 1u;
+  s.hdr = sec + 4;
+  u32 hbytes = (u32(R) * u32(D) * s.F + 7u) >> 3;
+  s.payload = sec + 4 + ((hbytes + 3u) & ~3u);
+  return s;
+}
+
+// Width and min of packs i and i+1 (adjacent channels of one pack row).
+__device__ __forceinline__ void pk_fields2(const PkSection& s, u32 i, u32& w0, int& m0, u32& w1, int& m1) {
+  u32 x0, x1;
+  if (s.F <= 16) {           // both fields in one 32-bit window
+    x0 = pk_bits32(s.hdr, i * s.F);
+    x1 = x0 >> s.F;
+  } else {                   // wide fields (min_bits > 11): one window each
+    x0 = pk_bits32(s.hdr, i * s.F);
+    x1 = pk_bits32(s.hdr, (i + 1) * s.F);
+  }
+  w0 = x0 & s.wmask;
+  m0 = s.min_base + int((x0 >> s.WB) & s.mmask);
+  w1 = x1 & s.wmask;
+  m1 = s.min_base + int((x1 >> s.WB) & s.mmask);
+}
+
+__device__ __forceinline__ void pk_width2(const PkSection& s, u32 i, u32& w0, u32& w1) {
+  u32 x0, x1;
+  if (s.F <= 16) {
+    x0 = pk_bits32(s.hdr, i * s.F);
+    x1 = x0 >> s.F;
+  } else {
+    x0 = pk_bits32(s.hdr, i * s.F);
+    x1 = pk_bits32(s.hdr, (i + 1) * s.F);
+  }
+  w0 = x0 & s.wmask;
+  w1 = x1 & s.wmask;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 3. Unpacking runs of 16 storage tokens of one channel -> 8 half2 of exact levels
+// ---------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 pk_hadd2(u32 a, u32 b) {
+  u32 d;
+  asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// half2 bits of (lo_min - 1024, hi_min - 1024)
+__device__ __forceinline__ u32 pk_minpair(int lo_min, int hi_min) {
+  return u32(pk_int2h(lo_min - 1024)) | (u32(pk_int2h(hi_min - 1024)) << 16);
+}
+
+__device__ __forceinline__ u32 pk_level_pair(int a, int b) {
+  return u32(pk_int2h(a)) | (u32(pk_int2h(b)) << 16);
+}
+
+// A run of 16 values of w bits (w <= 4) at byte address a (any alignment), pack min `mn`.
+// out[j] = half2(min + v_j, min + v_{j+8}). 64 payload bits from 3 aligned words: values 0..7 in the
+// low 8w bits, 8..15 in the next 8w; C1 = (bits 0..15 of each half), C2 = the same shifted by 4w, so
+// field k of each half of C1 is value (k, k+8) and of C2 value (k+4, k+12).
+__device__ __forceinline__ void pk_run16_fast(const u8* a, u32 w, int mn, u32 out[8]) {
+  size_t ad = reinterpret_cast<size_t>(a);
+  const u32* wp = reinterpret_cast<const u32*>(ad & ~size_t(3));
+  u32 sh = u32(ad & 3) * 8u;
+  u32 x0 = wp[0], x1 = wp[1], x2 = wp[2];
+  u32 lo = __funnelshift_r(x0, x1, sh), hi = __funnelshift_r(x1, x2, sh);
+  u32 bv = __funnelshift_rc(lo, hi, 8u * w);
+  u32 c1 = __byte_perm(lo, bv, 0x5410);
+  u32 s4 = 4u * w;
+  u32 c2 = __byte_perm(lo >> s4, bv >> s4, 0x5410);
+  u32 M = ((1u << w) - 1u) * 0x10001u;
+  u32 mp = pk_minpair(mn, mn);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    out[k] = pk_hadd2(((c1 >> (u32(k) * w)) & M) | PK_MAGIC, mp);
+    out[k + 4] = pk_hadd2(((c2 >> (u32(k) * w)) & M) | PK_MAGIC, mp);
+  }
+}
+
+// Any width (w <= 16): one 32-bit window per value, int -> half conversions.
+__device__ __forceinline__ void pk_run16_slow(const u8* a, u32 w, int mn, u32 out[8]) {
+  u32 m = (1u << w) - 1u;
+  for (int j = 0; j < 8; ++j) {
+    int va = int(pk_bits32_at(a, u32(j) * w) & m);
+    int vb = int(pk_bits32_at(a, u32(j + 8) * w) & m);
+    out[j] = pk_level_pair(mn + va, mn + vb);
+  }
+}
+
+// pack 8: tokens 0..7 are pack row a (8 values of wa bits at pa), tokens 8..15 pack row b.
+__device__ __forceinline__ void pk_run8x2_fast(const u8* pa, u32 wa, int ma, const u8* pb, u32 wb, int mb,
+                                               u32 out[8]) {
+  u32 xa = pk_bits32_at(pa, 0), xb = pk_bits32_at(pb, 0);
+  u32 M = ((1u << wa) - 1u) | (((1u << wb) - 1u) << 16);
+  u32 mp = pk_minpair(ma, mb);
+#pragma unroll
+  for (int j = 0; j < 8; ++j)
+    out[j] = pk_hadd2((__byte_perm(xa >> (u32(j) * wa), xb >> (u32(j) * wb), 0x5410) & M) | PK_MAGIC, mp);
+}
+
+__device__ __forceinline__ void pk_run8x2_slow(const u8* pa, u32 wa, int ma, const u8* pb, u32 wb, int mb,
+                                            u32 out[8]) {
+  u32 mka = (1u << wa) - 1u, mkb = (1u << wb) - 1u;
+  for (int j = 0; j < 8; ++j) {
+    int va = int(pk_bits32_at(pa, u32(j) * wa) & mka);
+    int vb = int(pk_bits32_at(pb, u32(j) * wb) & mkb);
+    out[j] = pk_level_pair(ma + va, mb + vb);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// 4. Tensor cores, exp2, async copies
+// ---------------------------------------------------------------------------------------------------
+
+// D += A * B, m16n8k16, A row-major fp16 (4 regs), B col-major fp16 (2 regs), fp32 accumulators.
+__device__ __forceinline__ void pk_mma(float c[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float pk_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ void pk_cp_async16(void* smem, const void* gmem) {
+  u32 s;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void pk_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void pk_cp_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+__device__ __forceinline__ void pk_cp_wait0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+// ---------------------------------------------------------------------------------------------------
+// 5. Staging: which bytes of a record one (KV head, item) needs, copied to the warp's slot
+// ---------------------------------------------------------------------------------------------------
+
+// Where one block's sections are (lane k < NB of the warp holds block k of an item).
+struct PkBlockMeta {
+  const u8* rec;   // record start (global), null when the block is past the split's end
+  u32 tok_s, tok_e, k_s, v_s, kv_e;
+};
+
+// Reads the section table of record `rec` for KV head h. mode: 0 fused (K and V), 1 K only, 2 V only.
+__device__ __forceinline__ PkBlockMeta pk_block_meta(const u8* rec, int h, int H, int token_layer) {
+  PkBlockMeta m;
+  m.rec = rec;
+  if (rec == nullptr) { m.tok_s = m.tok_e = m.k_s = m.v_s = m.kv_e = 0; return m; }
+  const u32* tbl = reinterpret_cast<const u32*>(rec + 12);
+  int n_units = token_layer ? 1 : H;
+  int u = token_layer ? 0 : h;
+  m.tok_s = tbl[u];
+  m.tok_e = tbl[u + 1];
+  m.k_s = tbl[n_units + 2 * h];
+  m.v_s = tbl[n_units + 2 * h + 1];
+  m.kv_e = (h + 1 < H) ? tbl[n_units + 2 * h + 2] : *reinterpret_cast<const u32*>(rec + 8);
+  return m;
+}
+
+// Per-warp shared memory layout of the split kernels:
+//   slot[2][slot_bytes]   staged record spans of the item being decoded / the next one
+//   meta[2][PK_NBMAX][3]  pointers (shared or global) to token, K and V sections of each staged block
+//   pbuf                  fp16 weights p*step_v for the V mma, [8 heads][8 groups][16 tokens] (+pad)
+//   ttab[128]             per-token (step_k, step_v, off_k, off_v) of the 8 groups being decoded
+//   zero[64]              an all-zero "section" that blocks past the end point at
+#define PK_PBUF_HEAD 272     // bytes per head in pbuf: 8 groups * 32 bytes + 16 (bank spread)
+#define PK_PBUF_BYTES (8 * PK_PBUF_HEAD)
+#define PK_TTAB_BYTES (128 * 8)
+#define PK_META_BYTES (2 * PK_NBMAX * 3 * 8)
+#define PK_ZERO_BYTES 64
+#define PK_WARP_EXTRA (PK_PBUF_BYTES + PK_TTAB_BYTES + PK_META_BYTES + PK_ZERO_BYTES)
+
+struct PkWarpSmem {
+  u8* slot0;
+  u8* pbuf;
+  uint2* ttab;
+  const u8** meta;   // [2][PK_NBMAX][3]
+  u8* zero;
+};
+
+__device__ __forceinline__ PkWarpSmem pk_warp_smem(u8* smem, int warp, int slot_bytes) {
+  PkWarpSmem s;
+  u8* base = smem + size_t(warp) * (2 * size_t(slot_bytes) + PK_WARP_EXTRA);
+  s.slot0 = base;
+  s.pbuf = base + 2 * slot_bytes;
+  s.ttab = reinterpret_cast<uint2*>(s.pbuf + PK_PBUF_BYTES);
+  s.meta = reinterpret_cast<const u8**>(s.pbuf + PK_PBUF_BYTES + PK_TTAB_BYTES);
+  s.zero = s.pbuf + PK_PBUF_BYTES + PK_TTAB_BYTES + PK_META_BYTES;
+  return s;
+}
+
+// Lanes k < nb hold PkBlockMeta of the item's blocks; the warp copies what fits into `slot` (16-byte
+// chunks, cp.async) and records in meta[slot] where each block's token/K/V sections are: in the slot,
+// in global memory (span larger than what is left of the slot), or the zero section (no block).
+// mode 0: K and V, 1: K only, 2: V only. Commits one cp.async group (possibly empty).
+__device__ __forceinline__ void pk_stage_item(const PkWarpSmem& ws, int slot, int slot_bytes, const PkBlockMeta& bm,
+                                              int nb, int mode, int lane) {
+  u32 t0 = bm.tok_s & ~15u, t1 = (bm.tok_e + 15u) & ~15u;
+  u32 c_s = (mode == 2) ? bm.v_s : bm.k_s;
+  u32 c_e = (mode == 1) ? bm.v_s : bm.kv_e;
+  u32 k0 = c_s & ~15u, k1 = (c_e + 15u) & ~15u;
+  bool have = lane < nb && bm.rec != nullptr;
+  u32 need = have ? (t1 - t0) + (k1 - k0) : 0u;
+  // exclusive prefix of `need` over lanes (only lanes < nb are non-zero)
+  u32 incl = need;
+#pragma unroll
+  for (int d = 1; d < PK_NBMAX; d <<= 1) {
+    u32 y = __shfl_up_sync(PK_FULL, incl, d);
+    if (lane >= d) incl += y;
+  }
+  u32 pos = incl - need;
+  bool fits = have && incl + 16u <= u32(slot_bytes);   // 16 bytes of slack after the last span
+  u8* slot_base = ws.slot0 + size_t(slot) * slot_bytes;
+  if (lane < nb) {
+    const u8* tp; const u8* kp; const u8* vp;
+    if (!have) {
+      tp = kp = vp = ws.zero;
+    } else if (fits) {
+      u8* d = slot_base + pos;
+      tp = d + (bm.tok_s - t0);
+      u8* dk = d + (t1 - t0);
+      kp = dk + (bm.k_s - k0);
+      vp = dk + (bm.v_s - k0);
+    } else {
+      tp = bm.rec + bm.tok_s; kp = bm.rec + bm.k_s; vp = bm.rec + bm.v_s;
+    }
+    const u8** m = ws.meta + (slot * PK_NBMAX + lane) * 3;
+    m[0] = tp; m[1] = kp; m[2] = vp;
+  }
+  for (int k = 0; k < nb; ++k) {
+    bool f = __shfl_sync(PK_FULL, fits, k);
+    if (!f) continue;
+    const u8* rec = reinterpret_cast<const u8*>(__shfl_sync(PK_FULL, reinterpret_cast<u64>(bm.rec), k));
+    u32 p = __shfl_sync(PK_FULL, pos, k);
+    u32 a0 = __shfl_sync(PK_FULL, t0, k), a1 = __shfl_sync(PK_FULL, t1, k);
+    u32 b0 = __shfl_sync(PK_FULL, k0, k), b1 = __shfl_sync(PK_FULL, k1, k);
+    u8* d = slot_base + p;
+    u32 na = (a1 - a0) >> 4, nbk = (b1 - b0) >> 4;
+    for (u32 i = lane; i < na + nbk; i += 32) {
+      const u8* src = (i < na) ? rec + a0 + 16u * i : rec + b0 + 16u * (i - na);
+      pk_cp_async16(d + 16u * i, src);
+    }
+  }
+  pk_cp_commit();
+}

@@ -1,0 +1,544 @@
+// packkv_split.cuh: the body of the split kernels (fused decode attention, K-GEMV, V-GEMV), included by
+// packkv_attention.cu and packkv_gemv.cu. Read packkv_attention.cu's header first: it describes the
+// thread mapping that this file implements.
+#pragma once
+#include "packkv_common.cuh"
+
+#define PK_NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float2 pk_h2f(u32 x) {
+  return make_float2(pk_h2float(u16(x & 0xffffu)), pk_h2float(u16(x >> 16)));
+}
+__device__ __forceinline__ u32 pk_f2h2(float lo, float hi) {
+  return u32(pk_float2h(lo)) | (u32(pk_float2h(hi)) << 16);
+}
+
+// One run (16 storage tokens of one channel) of a pack row layout P, fast path when the widths allow.
+template <int P>
+__device__ __forceinline__ void pk_decode_run(const u8* pa, u32 wa, int ma, const u8* pb, u32 wb, int mb, u32 out[8]) {
+  if constexpr (P == 8) {
+    if (wa <= 4 && wb <= 4) pk_run8x2_fast(pa, wa, ma, pb, wb, mb, out);
+    else pk_run8x2_slow(pa, wa, ma, pb, wb, mb, out);
+  } else {
+    if (wa <= 4) pk_run16_fast(pa, wa, ma, out);
+    else pk_run16_slow(pa, wa, ma, out);
+  }
+}
+
+// Token parameters of the 8 groups (128 storage tokens) of sub-iteration `sub` of the staged item:
+// ttab[group * 16 + t] = (step_k | step_v << 16 as fp16 bits, off_k | off_v << 16 as int16).
+__device__ __forceinline__ void pk_token_table(const PkWarpSmem& ws, int slot, int sub, int T, int NG, int lane) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int e = lane + 32 * i, grp = e >> 4, t16 = e & 15;
+    int gi = sub * 8 + grp;
+    int bs = NG >= 8 ? 0 : gi / NG, gib = NG >= 8 ? gi : gi % NG;
+    const u8* tok = ws.meta[(slot * PK_NBMAX + bs) * 3 + 0];
+    uint2 v = make_uint2(0u, 0u);
+    if (tok != ws.zero) {
+      u32 tb = u32(gib * 16 + t16);
+      u32 hdr0 = pk_ld32(tok), hdr1 = pk_ld32(tok + 4);
+      int kbase = int(short(hdr0 & 0xffffu)), vbase = int(short(hdr0 >> 16));
+      u32 kb = hdr1 & 0xffu, vb = (hdr1 >> 8) & 0xffu;
+      u32 sk = *reinterpret_cast<const u16*>(tok + 8 + 2 * tb);
+      u32 sv = *reinterpret_cast<const u16*>(tok + 8 + 2 * T + 2 * tb);
+      const u8* ks = tok + 8 + 4 * T;
+      const u8* vs = ks + (u32(T) * kb) / 8u;
+      int ko = kbase + int(pk_bits32(ks, tb * kb) & ((1u << kb) - 1u));
+      int vo = vbase + int(pk_bits32_at(vs, tb * vb) & ((1u << vb) - 1u));
+      v.x = sk | (sv << 16);
+      v.y = (u32(ko) & 0xffffu) | (u32(vo) << 16);
+    }
+    ws.ttab[e] = v;
+  }
+}
+
+// Rows of the pack layout that group `gib` (16 tokens) of a block covers.
+template <int P>
+__device__ __forceinline__ void pk_rows(int gib, int& ra, int& rb, int& half) {
+  if constexpr (P == 8) { ra = 2 * gib; rb = 2 * gib + 1; half = 0; }
+  else if constexpr (P == 16) { ra = gib; rb = gib; half = 0; }
+  else { ra = gib >> 1; rb = ra; half = gib & 1; }
+}
+
+// Sum of payload bytes of NC adjacent packs starting at channel c0 of row r (P=8: two rows, a | b << 16).
+template <int P, int NC>
+__device__ __forceinline__ u32 pk_sizes(const PkSection& S, int D, int ra, int rb, u32 c0) {
+  u32 s = 0, sb = 0;
+#pragma unroll
+  for (int k = 0; k < NC; k += 2) {
+    u32 w0, w1;
+    pk_width2(S, u32(ra) * D + c0 + k, w0, w1);
+    s += w0 + w1;
+    if constexpr (P == 8) { pk_width2(S, u32(rb) * D + c0 + k, w0, w1); sb += w0 + w1; }
+  }
+  if constexpr (P == 8) return s | (sb << 16);
+  else return s * u32(P / 8);
+}
+
+template <int P>
+__device__ __forceinline__ u32 pk_row_contrib(u32 tot, int gib) {
+  u32 ta = tot & 0xffffu, tb = tot >> 16;
+  if constexpr (P == 8) return ta + tb;
+  else if constexpr (P == 16) return ta;
+  else return (gib & 1) ? 0u : ta;
+}
+
+// MODE 0: fused decode attention -> per-split softmax states; 1: K-GEMV scores; 2: V-GEMV partial sums.
+template <int D, int P, int MODE>
+__device__ __forceinline__ void pk_split_body(
+    const u16* __restrict__ q, const void* __restrict__ pw, int p_half,
+    const u8* __restrict__ arena, const i64* __restrict__ block_offsets, const int* __restrict__ n_blocks,
+    int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits, int slot_bytes, float qscale,
+    float* __restrict__ out) {
+  constexpr int KT = D / 16;
+  extern __shared__ __align__(16) u8 smem[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
+  const int ntile = (G + 7) >> 3;
+  const int split = blockIdx.x, kvh = blockIdx.y / ntile, nt = blockIdx.y % ntile, b = blockIdx.z;
+  const int Hq = Hkv * G;
+  const int NG = T >> 4, R = T / P;
+  const int NB = T >= 128 ? 1 : 128 / T;
+  const int SUBS = T >= 128 ? T >> 7 : 1;
+  int nb = n_blocks[b];
+  nb = nb < 0 ? 0 : (nb > max_blocks ? max_blocks : nb);
+  int bps = (nb + n_splits - 1) / n_splits;
+  bps = (bps + NB - 1) / NB * NB;
+  const int blk_lo = split * bps, blk_hi = min(nb, blk_lo + bps);
+  const int n_items = blk_hi > blk_lo ? (blk_hi - blk_lo + NB - 1) / NB : 0;
+  const PkWarpSmem ws = pk_warp_smem(smem, warp, slot_bytes);
+  const int hg = nt * 8 + gq;                  // head (in the KV group) of n-slot gq / B-operand column
+  const int hc0 = nt * 8 + 2 * tq;             // heads of the accumulator columns 2tq, 2tq+1
+  const i64* offs_b = block_offsets + size_t(b) * max_blocks;
+
+  // ---- Phase 0: q as mma B fragments (k-slots 2tq..2tq+1 | 2tq+8..9 <-> channels 4tq..4tq+3 of a tile)
+  u32 qf[KT][2];
+  float sumq0 = 0.f, sumq1 = 0.f;
+  if constexpr (MODE != 2) {
+    float part = 0.f;
+    const u16* qrow = q + (size_t(b) * Hq + size_t(kvh) * G + hg) * D;
+#pragma unroll
+    for (int kt = 0; kt < KT; ++kt) {
+      uint2 v = make_uint2(0u, 0u);
+      if (hg < G) v = *reinterpret_cast<const uint2*>(qrow + 16 * kt + 4 * tq);
+      qf[kt][0] = v.x;
+      qf[kt][1] = v.y;
+      float2 f0 = pk_h2f(v.x), f1 = pk_h2f(v.y);
+      part += (f0.x + f0.y) + (f1.x + f1.y);
+    }
+    part += __shfl_xor_sync(PK_FULL, part, 1);
+    part += __shfl_xor_sync(PK_FULL, part, 2);
+    sumq0 = __shfl_sync(PK_FULL, part, (2 * tq) * 4);
+    sumq1 = __shfl_sync(PK_FULL, part, (2 * tq + 1) * 4);
+  }
+
+  float m0 = PK_NEG_INF, m1 = PK_NEG_INF, l0 = 0.f, l1 = 0.f, oo0 = 0.f, oo1 = 0.f, oog = 0.f;
+  float o[KT][4];
+#pragma unroll
+  for (int mt = 0; mt < KT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+
+  if (lane < PK_ZERO_BYTES / 4) reinterpret_cast<u32*>(ws.zero)[lane] = 0u;
+  __syncwarp();
+
+  auto item_rec = [&](int item) -> const u8* {
+    int blk = blk_lo + item * NB + lane;
+    if (lane >= NB || item >= n_items || blk >= blk_hi) return nullptr;
+    return arena + offs_b[blk];
+  };
+
+  if (warp < n_items) {
+    // ---- Phase 1: prologue of the staging pipeline (item it+W staged while item it is decoded; the
+    //      section tables of item it+2W and the block offsets of item it+3W are loaded ahead)
+    PkBlockMeta bm = pk_block_meta(item_rec(warp), kvh, Hkv, token_layer);
+    pk_stage_item(ws, 0, slot_bytes, bm, NB, MODE, lane);
+    PkBlockMeta bm_next = pk_block_meta(item_rec(warp + PK_WARPS), kvh, Hkv, token_layer);
+    const u8* rec_pf = item_rec(warp + 2 * PK_WARPS);
+    int k = 0;
+    for (int it = warp; it < n_items; it += PK_WARPS, ++k) {
+      const int slot = k & 1;
+      pk_stage_item(ws, slot ^ 1, slot_bytes, bm_next, (it + PK_WARPS < n_items) ? NB : 0, MODE, lane);
+      bm_next = pk_block_meta(rec_pf, kvh, Hkv, token_layer);
+      rec_pf = item_rec(it + 3 * PK_WARPS);
+      pk_cp_wait1();
+      __syncwarp();
+      const u8** meta = ws.meta + slot * PK_NBMAX * 3;
+      u32 carryK = 0, carryV = 0;
+      for (int sub = 0; sub < SUBS; ++sub) {
+        pk_token_table(ws, slot, sub, T, NG, lane);
+        __syncwarp();
+
+        if constexpr (MODE != 2) {
+          // ---- Phase 2 (K): lane (gq, tq) decodes group gq (16 tokens), channels 16kt + 4tq .. +3
+          const int gi = sub * 8 + gq;
+          const int bs = NG >= 8 ? 0 : gi / NG, gib = NG >= 8 ? gi : gi % NG;
+          const bool gvalid = blk_lo + it * NB + bs < blk_hi;
+          const PkSection S = pk_section(meta[bs * 3 + 1], R, D);
+          int ra, rb, half;
+          pk_rows<P>(gib, ra, rb, half);
+          // 2a: payload offsets: sizes of the lane's 4 packs per tile, quad scan, running tile totals
+          u32 off[KT];
+          u32 run = 0;
+          {
+            u32 sz[KT];
+#pragma unroll
+            for (int kt = 0; kt < KT; ++kt) sz[kt] = pk_sizes<P, 4>(S, D, ra, rb, u32(16 * kt + 4 * tq));
+#pragma unroll
+            for (int kt = 0; kt < KT; kt += (P == 8 ? 1 : 2)) {
+              u32 v = (P == 8 || kt + 1 >= KT) ? sz[kt] : (sz[kt] | (sz[kt + 1] << 16));
+              u32 incl = v, y;
+              y = __shfl_up_sync(PK_FULL, incl, 1, 4); if (tq >= 1) incl += y;
+              y = __shfl_up_sync(PK_FULL, incl, 2, 4); if (tq >= 2) incl += y;
+              u32 tot = __shfl_sync(PK_FULL, incl, 3, 4), excl = incl - v;
+              if constexpr (P == 8) { off[kt] = run + excl; run += tot; }
+              else {
+                off[kt] = run + (excl & 0xffffu); run += tot & 0xffffu;
+                if (kt + 1 < KT) { off[kt + 1] = run + (excl >> 16); run += tot >> 16; }
+              }
+            }
+          }
+          // 2b: row bases: exclusive scan of row totals over the groups of the block (quads)
+          u32 c = pk_row_contrib<P>(run, gib);
+          const int pos = NG >= 8 ? gq : gq % NG;
+          u32 v = c;
+#pragma unroll
+          for (int d = 1; d < 8; d <<= 1) {
+            u32 y = __shfl_up_sync(PK_FULL, v, 4 * d);
+            if (pos >= d) v += y;
+          }
+          const u32 tot_a = run & 0xffffu;
+          u32 base_a = v - c + carryK;
+          if (NG > 8) carryK += __shfl_sync(PK_FULL, v, 28);
+          if (P == 32 && (gib & 1)) base_a -= tot_a;
+          const u32 base_b = base_a + tot_a;
+
+          // 2c: decode 4 runs per tile into half2 pairs, transpose pairs with PRMT, 8 mma per tile
+          float acc[8][4];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+#pragma unroll
+          for (int kt = 0; kt < KT; ++kt) {
+            const u32 c0 = u32(16 * kt + 4 * tq);
+            u32 w[4], wb[4] = {0, 0, 0, 0};
+            int mn[4], mnb[4] = {0, 0, 0, 0};
+            pk_fields2(S, u32(ra) * D + c0, w[0], mn[0], w[1], mn[1]);
+            pk_fields2(S, u32(ra) * D + c0 + 2, w[2], mn[2], w[3], mn[3]);
+            if constexpr (P == 8) {
+              pk_fields2(S, u32(rb) * D + c0, wb[0], mnb[0], wb[1], mnb[1]);
+              pk_fields2(S, u32(rb) * D + c0 + 2, wb[2], mnb[2], wb[3], mnb[3]);
+            }
+            u32 pr[4][8];
+            if constexpr (P == 8) {
+              const u8* oa = S.payload + base_a + (off[kt] & 0xffffu);
+              const u8* ob = S.payload + base_b + (off[kt] >> 16);
+#pragma unroll
+              for (int kk = 0; kk < 4; ++kk) {
+                pk_decode_run<8>(oa, w[kk], mn[kk], ob, wb[kk], mnb[kk], pr[kk]);
+                oa += w[kk];
+                ob += wb[kk];
+              }
+            } else {
+              const u8* op = S.payload + base_a + off[kt];
+#pragma unroll
+              for (int kk = 0; kk < 4; ++kk) {
+                pk_decode_run<P>(op + (P == 32 ? half * 2 * w[kk] : 0u), w[kk], mn[kk], nullptr, 0, 0, pr[kk]);
+                op += (P / 8) * w[kk];
+              }
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              u32 a0 = __byte_perm(pr[0][j], pr[1][j], 0x5410), a1 = __byte_perm(pr[0][j], pr[1][j], 0x7632);
+              u32 a2 = __byte_perm(pr[2][j], pr[3][j], 0x5410), a3 = __byte_perm(pr[2][j], pr[3][j], 0x7632);
+              pk_mma(acc[j], a0, a1, a2, a3, qf[kt][0], qf[kt][1]);
+            }
+          }
+
+          // 2d: scores = step_k * (q.level + off_k * sum(q)) [* log2(e)/sqrt(D) when fused]
+          const uint2* tt = ws.ttab + gq * 16;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const uint2 e0 = tt[j], e8 = tt[j + 8];
+            const float a0 = pk_h2f(e0.x).x * qscale, a8 = pk_h2f(e8.x).x * qscale;
+            const float b0 = a0 * float(int(short(e0.y & 0xffffu))), b8 = a8 * float(int(short(e8.y & 0xffffu)));
+            acc[j][0] = a0 * acc[j][0] + b0 * sumq0;
+            acc[j][1] = a0 * acc[j][1] + b0 * sumq1;
+            acc[j][2] = a8 * acc[j][2] + b8 * sumq0;
+            acc[j][3] = a8 * acc[j][3] + b8 * sumq1;
+          }
+
+          if constexpr (MODE == 1) {
+            // ---- K-GEMV output: 16 consecutive storage tokens per head, four float4 stores
+            if (gvalid) {
+              const size_t ntok = size_t(max_blocks) * T;
+              const size_t t0 = size_t(blk_lo + it * NB + bs) * T + size_t(gib) * 16;
+#pragma unroll
+              for (int hs = 0; hs < 2; ++hs) {
+                if (hc0 + hs >= G) continue;
+                float4* dst = reinterpret_cast<float4*>(out + (size_t(b) * Hq + size_t(kvh) * G + hc0 + hs) * ntok + t0);
+                dst[0] = make_float4(acc[0][hs], acc[1][hs], acc[2][hs], acc[3][hs]);
+                dst[1] = make_float4(acc[4][hs], acc[5][hs], acc[6][hs], acc[7][hs]);
+                dst[2] = make_float4(acc[0][2 + hs], acc[1][2 + hs], acc[2][2 + hs], acc[3][2 + hs]);
+                dst[3] = make_float4(acc[4][2 + hs], acc[5][2 + hs], acc[6][2 + hs], acc[7][2 + hs]);
+              }
+            }
+          } else {
+            // ---- Phase 3: online softmax (log2 domain) over the 8 groups, weights to pbuf as fp16
+            float mx0 = PK_NEG_INF, mx1 = PK_NEG_INF;
+            if (gvalid) {
+#pragma unroll
+              for (int j = 0; j < 8; ++j) {
+                mx0 = fmaxf(mx0, fmaxf(acc[j][0], acc[j][2]));
+                mx1 = fmaxf(mx1, fmaxf(acc[j][1], acc[j][3]));
+              }
+            }
+#pragma unroll
+            for (int d = 4; d < 32; d <<= 1) {
+              mx0 = fmaxf(mx0, __shfl_xor_sync(PK_FULL, mx0, d));
+              mx1 = fmaxf(mx1, __shfl_xor_sync(PK_FULL, mx1, d));
+            }
+            const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+            const float ref0 = mn0 == PK_NEG_INF ? 0.f : mn0, ref1 = mn1 == PK_NEG_INF ? 0.f : mn1;
+            const float al0 = pk_exp2(m0 - ref0), al1 = pk_exp2(m1 - ref1);   // exp2(-inf) = 0
+            m0 = mn0;
+            m1 = mn1;
+            float ps0 = 0.f, ps1 = 0.f, po0 = 0.f, po1 = 0.f;
+            u32 w0[8], w1[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              const uint2 e0 = tt[j], e8 = tt[j + 8];
+              const float sv0 = pk_h2f(e0.x).y, sv8 = pk_h2f(e8.x).y;
+              const float dv0 = sv0 * float(int(short(e0.y >> 16))), dv8 = sv8 * float(int(short(e8.y >> 16)));
+              float p00 = gvalid ? pk_exp2(acc[j][0] - ref0) : 0.f, p01 = gvalid ? pk_exp2(acc[j][1] - ref1) : 0.f;
+              float p80 = gvalid ? pk_exp2(acc[j][2] - ref0) : 0.f, p81 = gvalid ? pk_exp2(acc[j][3] - ref1) : 0.f;
+              ps0 += p00 + p80;
+              ps1 += p01 + p81;
+              po0 += p00 * dv0 + p80 * dv8;
+              po1 += p01 * dv0 + p81 * dv8;
+              w0[j] = pk_f2h2(p00 * sv0, p80 * sv8);
+              w1[j] = pk_f2h2(p01 * sv0, p81 * sv8);
+            }
+            l0 = l0 * al0 + ps0;
+            l1 = l1 * al1 + ps1;
+            oo0 = oo0 * al0 + po0;
+            oo1 = oo1 * al1 + po1;
+#pragma unroll
+            for (int mt = 0; mt < KT; ++mt) {
+              o[mt][0] *= al0; o[mt][1] *= al1; o[mt][2] *= al0; o[mt][3] *= al1;
+            }
+            uint4* d0 = reinterpret_cast<uint4*>(ws.pbuf + (2 * tq) * PK_PBUF_HEAD + gq * 32);
+            uint4* d1 = reinterpret_cast<uint4*>(ws.pbuf + (2 * tq + 1) * PK_PBUF_HEAD + gq * 32);
+            d0[0] = make_uint4(w0[0], w0[1], w0[2], w0[3]);
+            d0[1] = make_uint4(w0[4], w0[5], w0[6], w0[7]);
+            d1[0] = make_uint4(w1[0], w1[1], w1[2], w1[3]);
+            d1[1] = make_uint4(w1[4], w1[5], w1[6], w1[7]);
+            __syncwarp();
+          }
+        }
+
+        if constexpr (MODE != 1) {
+          // ---- Phase 4 (V): two passes of 4 groups; lane (gq, tq) decodes group 4vp+tq, channels
+          //      16mt + 2gq, +1 (the A operand rows gq, gq+8 of m-tile mt), 4 mma per tile
+#pragma unroll 1
+          for (int vp = 0; vp < 2; ++vp) {
+            const int gv = sub * 8 + 4 * vp + tq;
+            const int bsv = NG >= 8 ? 0 : gv / NG, gibv = NG >= 8 ? gv : gv % NG;
+            const int blkv = blk_lo + it * NB + bsv;
+            const bool vvalid = blkv < blk_hi;
+            const PkSection S = pk_section(meta[bsv * 3 + 2], R, D);
+            int ra, rb, half;
+            pk_rows<P>(gibv, ra, rb, half);
+            u32 off[KT];
+            u32 run = 0;
+            {
+              u32 sz[KT];
+#pragma unroll
+              for (int mt = 0; mt < KT; ++mt) sz[mt] = pk_sizes<P, 2>(S, D, ra, rb, u32(16 * mt + 2 * gq));
+#pragma unroll
+              for (int mt = 0; mt < KT; mt += (P == 8 ? 1 : 2)) {
+                u32 v = (P == 8 || mt + 1 >= KT) ? sz[mt] : (sz[mt] | (sz[mt + 1] << 16));
+                u32 incl = v;
+#pragma unroll
+                for (int d = 1; d < 8; d <<= 1) {
+                  u32 y = __shfl_up_sync(PK_FULL, incl, 4 * d);
+                  if (gq >= d) incl += y;
+                }
+                u32 tot = __shfl_sync(PK_FULL, incl, 28 + tq), excl = incl - v;
+                if constexpr (P == 8) { off[mt] = run + excl; run += tot; }
+                else {
+                  off[mt] = run + (excl & 0xffffu); run += tot & 0xffffu;
+                  if (mt + 1 < KT) { off[mt + 1] = run + (excl >> 16); run += tot >> 16; }
+                }
+              }
+            }
+            if (((sub * 8 + 4 * vp) % NG) == 0) carryV = 0;
+            u32 c = pk_row_contrib<P>(run, gibv);
+            const int posv = NG >= 4 ? tq : tq % NG;
+            u32 v = c, y;
+            y = __shfl_up_sync(PK_FULL, v, 1, 4); if (posv >= 1) v += y;
+            y = __shfl_up_sync(PK_FULL, v, 2, 4); if (posv >= 2) v += y;
+            const u32 tot_a = run & 0xffffu;
+            u32 base_a = v - c + carryV;
+            if (NG > 4) carryV += __shfl_sync(PK_FULL, v, 3, 4);
+            if (P == 32 && (gibv & 1)) base_a -= tot_a;
+            const u32 base_b = base_a + tot_a;
+
+            // B operand: weights of head n-slot gq for the pass's group 4vp+tq, pairs (2jj, 2jj+8), (2jj+1, 2jj+9)
+            u32 bf[8];
+            if constexpr (MODE == 0) {
+              const uint4* src = reinterpret_cast<const uint4*>(ws.pbuf + gq * PK_PBUF_HEAD + (4 * vp + tq) * 32);
+              uint4 u0 = src[0], u1 = src[1];
+              bf[0] = u0.x; bf[1] = u0.y; bf[2] = u0.z; bf[3] = u0.w;
+              bf[4] = u1.x; bf[5] = u1.y; bf[6] = u1.z; bf[7] = u1.w;
+            } else {
+              float pv[16];
+#pragma unroll
+              for (int t = 0; t < 16; ++t) pv[t] = 0.f;
+              if (vvalid && hg < G) {
+                const size_t ntok = size_t(max_blocks) * T;
+                const size_t base = (size_t(b) * Hq + size_t(kvh) * G + hg) * ntok + size_t(blkv) * T + size_t(gibv) * 16;
+                if (p_half) {
+                  const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const u16*>(pw) + base);
+#pragma unroll
+                  for (int i = 0; i < 2; ++i) {
+                    uint4 u = src[i];
+                    float2 a = pk_h2f(u.x), bq = pk_h2f(u.y), cq = pk_h2f(u.z), dq = pk_h2f(u.w);
+                    pv[8 * i + 0] = a.x; pv[8 * i + 1] = a.y; pv[8 * i + 2] = bq.x; pv[8 * i + 3] = bq.y;
+                    pv[8 * i + 4] = cq.x; pv[8 * i + 5] = cq.y; pv[8 * i + 6] = dq.x; pv[8 * i + 7] = dq.y;
+                  }
+                } else {
+                  const float4* src = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(pw) + base);
+#pragma unroll
+                  for (int i = 0; i < 4; ++i) {
+                    float4 u = src[i];
+                    pv[4 * i] = u.x; pv[4 * i + 1] = u.y; pv[4 * i + 2] = u.z; pv[4 * i + 3] = u.w;
+                  }
+                }
+              }
+              const uint4* tt = reinterpret_cast<const uint4*>(ws.ttab + (4 * vp + tq) * 16);
+#pragma unroll
+              for (int i = 0; i < 8; ++i) {
+                uint4 u = tt[i];
+                float s0 = pk_h2f(u.x).y, s1 = pk_h2f(u.z).y;
+                float o0 = float(int(short(u.y >> 16))), o1 = float(int(short(u.w >> 16)));
+                pv[2 * i] *= s0;
+                pv[2 * i + 1] *= s1;
+                oog += pv[2 * i] * o0 + pv[2 * i + 1] * o1;
+              }
+#pragma unroll
+              for (int jj = 0; jj < 4; ++jj) {
+                bf[2 * jj] = pk_f2h2(pv[2 * jj], pv[2 * jj + 8]);
+                bf[2 * jj + 1] = pk_f2h2(pv[2 * jj + 1], pv[2 * jj + 9]);
+              }
+            }
+
+#pragma unroll
+            for (int mt = 0; mt < KT; ++mt) {
+              const u32 c0 = u32(16 * mt + 2 * gq);
+              u32 w0, w1, w0b = 0, w1b = 0;
+              int n0, n1, n0b = 0, n1b = 0;
+              pk_fields2(S, u32(ra) * D + c0, w0, n0, w1, n1);
+              u32 pr[2][8];
+              if constexpr (P == 8) {
+                pk_fields2(S, u32(rb) * D + c0, w0b, n0b, w1b, n1b);
+                const u8* oa = S.payload + base_a + (off[mt] & 0xffffu);
+                const u8* ob = S.payload + base_b + (off[mt] >> 16);
+                pk_decode_run<8>(oa, w0, n0, ob, w0b, n0b, pr[0]);
+                pk_decode_run<8>(oa + w0, w1, n1, ob + w0b, w1b, n1b, pr[1]);
+              } else {
+                const u8* op = S.payload + base_a + off[mt];
+                pk_decode_run<P>(op + (P == 32 ? half * 2 * w0 : 0u), w0, n0, nullptr, 0, 0, pr[0]);
+                op += (P / 8) * w0;
+                pk_decode_run<P>(op + (P == 32 ? half * 2 * w1 : 0u), w1, n1, nullptr, 0, 0, pr[1]);
+              }
+#pragma unroll
+              for (int jj = 0; jj < 4; ++jj)
+                pk_mma(o[mt], pr[0][2 * jj], pr[1][2 * jj], pr[0][2 * jj + 1], pr[1][2 * jj + 1], bf[2 * jj], bf[2 * jj + 1]);
+            }
+          }
+        }
+        __syncwarp();
+      }
+    }
+    pk_cp_wait0();
+  }
+
+  // ---- Phase 5: per-warp state -> CTA merge in shared memory -> one state per split
+  if constexpr (MODE == 1) {
+    // zero the scores of blocks past n_blocks that this split owns in a max_blocks partition
+    const int zb = (max_blocks + n_splits - 1) / n_splits;
+    const int z0 = max(nb, split * zb), z1 = min(max_blocks, (split + 1) * zb);
+    if (z1 > z0) {
+      const size_t ntok = size_t(max_blocks) * T;
+      const int heads = min(8, G - nt * 8);
+      const size_t per_head = size_t(z1 - z0) * T;
+      for (size_t i = threadIdx.x; i < size_t(heads) * per_head; i += blockDim.x) {
+        size_t hh = i / per_head, t = i % per_head;
+        out[(size_t(b) * Hq + size_t(kvh) * G + nt * 8 + hh) * ntok + size_t(z0) * T + t] = 0.f;
+      }
+    }
+    return;
+  } else {
+    if constexpr (MODE == 0) {
+#pragma unroll
+      for (int d = 4; d < 32; d <<= 1) {
+        l0 += __shfl_xor_sync(PK_FULL, l0, d);
+        l1 += __shfl_xor_sync(PK_FULL, l1, d);
+        oo0 += __shfl_xor_sync(PK_FULL, oo0, d);
+        oo1 += __shfl_xor_sync(PK_FULL, oo1, d);
+      }
+    } else {
+      oog += __shfl_xor_sync(PK_FULL, oog, 1);
+      oog += __shfl_xor_sync(PK_FULL, oog, 2);
+      oo0 = __shfl_sync(PK_FULL, oog, (2 * tq) * 4);
+      oo1 = __shfl_sync(PK_FULL, oog, (2 * tq + 1) * 4);
+    }
+#pragma unroll
+    for (int mt = 0; mt < KT; ++mt) {
+      o[mt][0] += oo0; o[mt][1] += oo1; o[mt][2] += oo0; o[mt][3] += oo1;
+    }
+    __syncthreads();   // every warp is done with its slots: reuse shared memory
+    float* mo = reinterpret_cast<float*>(smem);             // [WARPS][8 heads][D]
+    float* mml = mo + PK_WARPS * 8 * D;                     // [WARPS][8 heads][2]: m, l
+#pragma unroll
+    for (int mt = 0; mt < KT; ++mt) {
+      const int ch = 16 * mt + 2 * gq;
+      mo[(warp * 8 + 2 * tq) * D + ch] = o[mt][0];
+      mo[(warp * 8 + 2 * tq + 1) * D + ch] = o[mt][1];
+      mo[(warp * 8 + 2 * tq) * D + ch + 1] = o[mt][2];
+      mo[(warp * 8 + 2 * tq + 1) * D + ch + 1] = o[mt][3];
+    }
+    if (gq == 0) {
+      mml[(warp * 8 + 2 * tq) * 2] = m0; mml[(warp * 8 + 2 * tq) * 2 + 1] = l0;
+      mml[(warp * 8 + 2 * tq + 1) * 2] = m1; mml[(warp * 8 + 2 * tq + 1) * 2 + 1] = l1;
+    }
+    __syncthreads();
+    const int stride = MODE == 0 ? D + 2 : D;
+    for (int idx = threadIdx.x; idx < 8 * D; idx += blockDim.x) {
+      const int hh = idx / D, d = idx % D;
+      if (nt * 8 + hh >= G) continue;
+      float* dst = out + ((size_t(b) * Hq + size_t(kvh) * G + nt * 8 + hh) * n_splits + split) * stride;
+      if constexpr (MODE == 0) {
+        float ms = PK_NEG_INF;
+#pragma unroll
+        for (int w = 0; w < PK_WARPS; ++w) ms = fmaxf(ms, mml[(w * 8 + hh) * 2]);
+        float oa = 0.f, la = 0.f;
+        if (ms != PK_NEG_INF) {
+#pragma unroll
+          for (int w = 0; w < PK_WARPS; ++w) {
+            const float mw = mml[(w * 8 + hh) * 2];
+            if (mw == PK_NEG_INF) continue;
+            const float f = pk_exp2(mw - ms);
+            oa += f * mo[(w * 8 + hh) * D + d];
+            la += f * mml[(w * 8 + hh) * 2 + 1];
+          }
+        }
+        dst[d] = oa;
+        if (d == 0) { dst[D] = ms; dst[D + 1] = la; }
+      } else {
+        float oa = 0.f;
+#pragma unroll
+        for (int w = 0; w < PK_WARPS; ++w) oa += mo[(w * 8 + hh) * D + d];
+        dst[d] = oa;
+      }
+    }
+  }
+}
