@@ -12,7 +12,8 @@ Every cache reports the bytes it holds (`bytes_used`) and the bytes it has set a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -40,6 +41,8 @@ class KVCache(ABC):
     # graph bakes in moves (so the graph must be captured again).
     graph_capturable = False
     layout_version = 0
+    # Attributes that hold one entry per sequence, and the axis of the sequence: row(b) slices them.
+    per_sequence = {"lengths": 0, "starts": 0}
 
     def __init__(self, shape: CacheShape, backend: Backend):
         self.shape, self.backend = shape, backend
@@ -48,6 +51,17 @@ class KVCache(ABC):
         # The same lengths on the device: kernels read each sequence's next position from here, so a
         # captured decode step replays correctly as sequences grow.
         self.starts = backend.xp.zeros(shape.batch, dtype=np.int32)
+
+    def row(self, b: int) -> "KVCache":
+        """Sequence b as a batch-1 cache sharing this one's memory (views of its per-sequence state): a
+        batch's sequences are prefilled one by one through their rows, then decoded together. Every
+        per-sequence update is in place, so the views stay views."""
+        view = copy.copy(self)
+        view.shape = replace(self.shape, batch=1)
+        for name, axis in self.per_sequence.items():
+            index = (slice(None),) * axis + (slice(b, b + 1),)
+            setattr(view, name, getattr(self, name)[index])
+        return view
 
     def check_room(self, new_tokens: int) -> None:
         """Refuse to grow any sequence past max_context."""
@@ -111,6 +125,7 @@ class DenseCache(KVCache):
 
     kind = "dense"
     graph_capturable = True
+    per_sequence = {**KVCache.per_sequence, "k": 1, "v": 1}
 
     def __init__(self, shape: CacheShape, backend: Backend):
         super().__init__(shape, backend)
@@ -202,6 +217,9 @@ class BlockCache(KVCache, ABC):
     tokens through their encoded blocks, as decode does.
     """
 
+    per_sequence = {**KVCache.per_sequence, "window_k": 1, "window_v": 1, "window_len": 0, "window_starts": 0,
+                    "n_blocks": 0, "block_offsets": 1, "decoded_k": 1, "decoded_v": 1}
+
     def __init__(self, shape: CacheShape, backend: Backend, block: int, window: int = 128,
                  max_new_tokens: int = 512):
         super().__init__(shape, backend)
@@ -282,7 +300,7 @@ class BlockCache(KVCache, ABC):
         if due.any():
             self.compress(due, window_len)   # may refuse (NaN, inf): then the step is not committed
         super().advance(new_tokens)
-        self.window_len = window_len - due * self.block
+        self.window_len[...] = window_len - due * self.block
         set_device_array(self.window_starts, self.window_len)
 
     def compress(self, due: np.ndarray, window_len: np.ndarray) -> None:

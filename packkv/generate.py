@@ -224,45 +224,66 @@ def generate(engine: Engine, prompt_ids: list[int], max_tokens: int, sampling: S
              use_graph: bool = True, **cache_params) -> Generation:
     """Prefill, then decode up to max_tokens (or EOS, or the context's end), calling on_text(piece) as
     complete UTF-8 text appears. Benchmarks turn stop_at_eos off to decode an exact number of tokens."""
+    emit = None if on_text is None else (lambda index, piece: on_text(piece))
+    return generate_batch(engine, [prompt_ids], max_tokens, sampling, cache_kind, emit, show_progress,
+                          stop_at_eos, use_graph, **cache_params)[0]
+
+
+def generate_batch(engine: Engine, prompts: list[list[int]], max_tokens: int, sampling: SamplingParams,
+                   cache_kind: str = "dense", on_text=None, show_progress: bool = True, stop_at_eos: bool = True,
+                   use_graph: bool = True, **cache_params) -> list[Generation]:
+    """Generate for several prompts of different lengths at once: each is prefilled alone into its row
+    of one cache, then all decode together, one launch per kernel for the whole batch. A sequence that
+    has stopped rides along (its tokens are dropped) until every sequence has. on_text(index, piece)."""
     if max_tokens < 1:
         raise PackkvError(f"--max-tokens must be >= 1, not {max_tokens}")
-    tokens_needed = min(len(prompt_ids) + max_tokens, engine.max_context)
-    cache = engine.new_cache(cache_kind, batch=1, tokens=tokens_needed, **cache_params)
+    tokens_needed = min(max(map(len, prompts)) + max_tokens, engine.max_context)
+    cache = engine.new_cache(cache_kind, batch=len(prompts), tokens=tokens_needed, **cache_params)
     sampler, backend = Sampler(sampling, engine.backend), engine.backend
-    stream = engine.tokenizer.stream_decoder() if engine.tokenizer else None   # random weights: no text
     eos = set(engine.config.eos_token_ids) if stop_at_eos else set()
-    result = Generation(prompt_ids=list(prompt_ids))
-    emit = on_text or (lambda piece: None)
+    results = [Generation(prompt_ids=list(ids)) for ids in prompts]
+    streams = [engine.tokenizer.stream_decoder() if engine.tokenizer else None for _ in prompts]
+    emit = on_text or (lambda index, piece: None)
 
-    start = time.perf_counter()
-    logits = prefill(engine, prompt_ids, cache, show_progress)
-    next_id = sampler(logits[0, -1])
-    result.prefill_seconds = time.perf_counter() - start
+    next_ids = []
+    for b, (ids, result) in enumerate(zip(prompts, results)):
+        start = time.perf_counter()
+        next_ids.append(sampler(prefill(engine, ids, cache.row(b), show_progress)[0, -1]))
+        result.prefill_seconds = time.perf_counter() - start
 
     decoder = make_decoder(engine, cache, use_graph)
     start = time.perf_counter()
+    running = set(range(len(prompts)))
     while True:
-        result.token_ids.append(next_id)
-        if next_id in eos:
-            result.stop_reason = "eos"
+        for b in sorted(running):
+            result = results[b]
+            result.token_ids.append(next_ids[b])
+            if next_ids[b] in eos:
+                result.stop_reason = "eos"
+            elif len(result.token_ids) >= max_tokens:
+                result.stop_reason = "max_tokens"
+            elif int(cache.lengths[b]) >= cache.shape.max_context:
+                result.stop_reason = "context_full"
+            if streams[b] and next_ids[b] not in eos:
+                emit(b, streams[b].push(next_ids[b]))
+            if result.stop_reason:
+                running.discard(b)
+        if not running or int(cache.lengths.max()) >= cache.shape.max_context:
             break
-        if stream:
-            emit(stream.push(next_id))
-        if len(result.token_ids) >= max_tokens:
-            result.stop_reason = "max_tokens"
-            break
-        if int(cache.lengths[0]) >= cache.shape.max_context:
-            result.stop_reason = "context_full"
-            break
-        next_id = sampler(decoder.step([next_id])[0, -1])
+        logits = decoder.step(next_ids)
+        next_ids = [sampler(logits[b, -1]) for b in range(len(prompts))]
     backend.synchronize()
-    result.decode_seconds = time.perf_counter() - start
-    if stream:
-        emit(stream.flush())
-        result.text = engine.tokenizer.decode([t for t in result.token_ids if t not in eos])
-    result.cache_stats = cache.stats()
-    result.peak_gpu_bytes = backend.peak_memory_bytes()
-    return result
+    decode_seconds = time.perf_counter() - start
+    stats = cache.stats()
+    for b, result in enumerate(results):
+        result.stop_reason = result.stop_reason or "context_full"
+        result.decode_seconds = decode_seconds
+        if streams[b]:
+            emit(b, streams[b].flush())
+            result.text = engine.tokenizer.decode([t for t in result.token_ids if t not in eos])
+        result.cache_stats = stats
+        result.peak_gpu_bytes = backend.peak_memory_bytes()
+    return results
 
 
 # ---- command line -----------------------------------------------------------------------------------

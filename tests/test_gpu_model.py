@@ -5,7 +5,7 @@ import pytest
 
 from packkv.cache import CacheShape, DenseCache
 from packkv.errors import PackkvError
-from packkv.generate import Engine, SamplingParams, generate
+from packkv.generate import Engine, SamplingParams, generate, generate_batch
 
 pytestmark = pytest.mark.gpu
 PROMPT = "The capital of France is"
@@ -46,6 +46,16 @@ def test_graph_replay_gives_the_eager_tokens(engines):
     runs = [generate(gpu_engine, ids, 40, SamplingParams(), show_progress=False, stop_at_eos=False,
                      use_graph=use_graph) for use_graph in (True, False)]
     assert runs[0].token_ids == runs[1].token_ids
+
+
+def test_batched_graph_decode_gives_each_sequence_its_tokens(engines):
+    _, gpu_engine = engines
+    prompts = [gpu_engine.prompt_ids(p, chat=False) for p in
+               (PROMPT, "Water boils at a temperature of one hundred degrees, and at", "1, 2, 3,")]
+    alone = [generate(gpu_engine, ids, 32, SamplingParams(), show_progress=False, stop_at_eos=False).token_ids
+             for ids in prompts]
+    together = generate_batch(gpu_engine, prompts, 32, SamplingParams(), show_progress=False, stop_at_eos=False)
+    assert [t.token_ids for t in together] == alone
 
 
 def test_gpu_out_of_memory_is_a_clear_error(gpu):
