@@ -115,15 +115,15 @@ if SIMULATOR:
         barrier, _, _ = _warp()
         barrier.wait()
 else:
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def shfl_xor(v, off):
         return cuda.shfl_xor_sync(0xFFFFFFFF, v, off)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def shfl_up(v, off):
         return cuda.shfl_up_sync(0xFFFFFFFF, v, off)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def syncwarp():
         cuda.syncwarp(0xFFFFFFFF)
 
@@ -160,19 +160,19 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
     F_2P112 = np.float32(2.0 ** 112)
     I_BIG = np.int64(1 << 40)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def swar_max(a, b):
         ge = ((a | HB) - b) & HB                      # lane top bit set where a >= b
         m = (ge - ((ge >> (E_ - 1)) & ONES)) | ge     # whole lane set where a >= b
         return b ^ ((a ^ b) & m)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def swar_min(a, b):
         ge = ((a | HB) - b) & HB
         m = (ge - ((ge >> (E_ - 1)) & ONES)) | ge
         return a ^ ((a ^ b) & m)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def swar_width_sum(r):
         """Sum over the lanes of bit_length(lane): smear each lane's top bit down, count the bits."""
         r |= (r >> 1) & SM1
@@ -182,12 +182,12 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
             r |= (r >> 8) & SM4
         return np.int64(cuda.popc(r))
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def width(x):
         """bit_length of 0 <= x < 2**31."""
         return np.int64(32 - cuda.clz(np.int32(x)))
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def grp_sum(v, gs):
         off = gs >> 1
         while off > 0:
@@ -195,7 +195,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
             off >>= 1
         return v
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def grp_min(v, gs):
         off = gs >> 1
         while off > 0:
@@ -205,7 +205,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
             off >>= 1
         return v
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def grp_max(v, gs):
         off = gs >> 1
         while off > 0:
@@ -215,7 +215,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
             off >>= 1
         return v
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def half_to_f32(h):
         """fp16 bits (finite) -> float32, exactly: the magnitude bits shifted into fp32 position are
         the value times 2**-112 (normal and subnormal alike)."""
@@ -224,7 +224,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
             x = -x
         return x
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def quant_step(lo, hi, rel):
         """docs/FORMAT.md section 1: step (float32, an fp16 value) of a token with range [lo, hi]."""
         amax = hi
@@ -247,7 +247,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
         b = (b + 0x1FFF) & ~np.int64(0x1FFF)
         return np.int32(b).view(np.float32)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def step_bits16(step):
         """The fp16 bit pattern of a float32 that is exactly an fp16 value >= 2**-24."""
         if step < F_2M14:
@@ -255,7 +255,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
         b = np.int64(step.view(np.int32))
         return (b >> 13) - (112 << 10)
 
-    @cuda.jit(device=True, inline=True)
+    @cuda.jit(device=True)
     def block_excl_scan(val, scan, s0, tid):
         """Exclusive prefix sum of one int64 per thread over the CTA; returns (exclusive, total)."""
         lane = tid & 31
@@ -287,88 +287,819 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
                 scan[s0 + NW] = z
         cuda.syncthreads()
         res = scan[s0 + warp] + x - val
-        total = scan[s0 + NW]
         cuda.syncthreads()
-        return res, total
+        return res
 
-    @cuda.jit(device=True, inline=True)
-    def chan_word(layer, h, kv, d, D, WU, WK):
-        """(unit, word index in the LV row, lane) of channel d of head h, K (kv=0) or V (kv=1)."""
+    # meta indices (compile-time constants)
+    iN, iH, iT, iD, iP, iR, iLAYER, iREPACK, iNU, iCU, iWK, iWU, iW, iNSEC, iNP = (M[k] for k in (
+        "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec", "NP"))
+    iGSQ, iGS, iS, iSEGW, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "S", "SEGW", "used0", "cap", "scr64"))
+    oLV, oPI, oPO, oLO, oHI, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCP, oPW, oSE, oTK, oMI, oSN = (
+        M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_lo", "o_hi", "o_mw", "o_nrm", "o_key", "o_score",
+                       "o_stepk", "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_costp", "o_pickw",
+                       "o_seci", "o_toki", "o_misc", "o_scan"))
+
+    # ------------------------------------------------------------------------------------------
+    # 1. quantize: LV rows (token-major, unit-major words), per-token steps/offsets, sums, norms
+    # ------------------------------------------------------------------------------------------
+    @cuda.jit(device=True)
+    def ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, rel_k, rel_v, tid):
+        n_blocks = meta[iN]
+        H = meta[iH]
+        T = meta[iT]
+        D = meta[iD]
+        layer = meta[iLAYER]
+        n_units = meta[iNU]
+        CU = meta[iCU]
+        WK = meta[iWK]
+        WU = meta[iWU]
+        W = meta[iW]
+        GSQ = meta[iGSQ]
+        key0 = meta[oKEY] >> 3
+        nrm0 = meta[oNRM] >> 3
+        sk0 = meta[oSK] >> 2
+        sv0 = meta[oSV] >> 2
+        ok0 = meta[oOK] >> 2
+        ov0 = meta[oOV] >> 2
+        mi0 = meta[oMI] >> 3
+        DQ = D >> 2
+        NCH = CU >> 2
+        UT = n_units * T
+        groups = NT // GSQ
+        g = tid // GSQ
+        sub = tid % GSQ
+        # this lane's first chunk: head and word within the head's row (token-layer walks the heads)
+        h_first = np.int64(0)
+        wd_first = sub
         if layer:
-            c = h * D + d
-            return np.int64(0), kv * WK + c // LPW_, c % LPW_
-        return h, h * WU + kv * WK + d // LPW_, d % LPW_
+            h_first = sub // DQ
+            wd_first = sub - h_first * DQ
+        iters = (UT + groups - 1) // groups
+        for it_k in range(iters):
+            it = g + groups * it_k
+            valid = it < UT
+            u = it // T
+            t = it - u * T
+            hu = h_first
+            if not layer:
+                hu = u
+            lok = F_BIG
+            hik = -F_BIG
+            lov = F_BIG
+            hiv = -F_BIG
+            bad_code = NO_NAN
+            if valid:
+                h = hu
+                wd = wd_first
+                for j in range(sub, NCH, GSQ):
+                    a = ((b * H + h) * T + t) * DQ + wd
+                    ck = K64[a]
+                    cv = V64[a]
+                    for i in range(4):
+                        hk = (ck >> (16 * i)) & 0xFFFF
+                        hv = (cv >> (16 * i)) & 0xFFFF
+                        if (hk & 0x7C00) == 0x7C00:
+                            code = (b * H + h) * T + t
+                            if code < bad_code:
+                                bad_code = code
+                        else:
+                            x = half_to_f32(hk)
+                            if x < lok:
+                                lok = x
+                            if x > hik:
+                                hik = x
+                        if (hv & 0x7C00) == 0x7C00:
+                            code = n_blocks * H * T + (b * H + h) * T + t
+                            if code < bad_code:
+                                bad_code = code
+                        else:
+                            x = half_to_f32(hv)
+                            if x < lov:
+                                lov = x
+                            if x > hiv:
+                                hiv = x
+                    wd += GSQ
+                    while wd >= DQ:
+                        wd -= DQ
+                        h += 1
+            lok = grp_min(lok, GSQ)
+            hik = grp_max(hik, GSQ)
+            lov = grp_min(lov, GSQ)
+            hiv = grp_max(hiv, GSQ)
+            bad_code = grp_min(bad_code, GSQ)
+            if valid and bad_code < NO_NAN and sub == 0:
+                cuda.atomic.min(work, W_NAN, bad_code)
+                sh64[mi0 + 1] = 1
+            ssum = np.int64(0)
+            ssq = np.int64(0)
+            stk = np.float32(1)
+            stv = np.float32(1)
+            offk = np.int64(0)
+            offv = np.int64(0)
+            if valid and bad_code == NO_NAN:
+                stk = quant_step(lok, hik, rel_k)
+                stv = quant_step(lov, hiv, rel_v)
+                offk = np.int64(round(lok / stk))
+                offv = np.int64(round(lov / stv))
+                row = lv0 + t * W + u * WU
+                h = hu
+                wd = wd_first
+                for j in range(sub, NCH, GSQ):
+                    a = ((b * H + h) * T + t) * DQ + wd
+                    ck = K64[a]
+                    cv = V64[a]
+                    pk = np.int64(0)
+                    pv = np.int64(0)
+                    for i in range(4):
+                        qk = np.int64(round(half_to_f32((ck >> (16 * i)) & 0xFFFF) / stk)) - offk
+                        qv = np.int64(round(half_to_f32((cv >> (16 * i)) & 0xFFFF) / stv)) - offv
+                        if qk < 0 or qk > LANE_MAX or qv < 0 or qv > LANE_MAX:
+                            cuda.atomic.max(work, W_INTERNAL, 1)
+                            qk = min(max(qk, 0), LANE_MAX)
+                            qv = min(max(qv, 0), LANE_MAX)
+                        ssum += qk + qv
+                        ssq += qk * qk + qv * qv
+                        pk |= qk << (E_ * i)
+                        pv |= qv << (E_ * i)
+                    if E == 8:   # 4 levels = half a word
+                        LV32[2 * row + j] = np.int32(pk)
+                        LV32[2 * (row + WK) + j] = np.int32(pv)
+                    else:
+                        LVA[row + j] = pk
+                        LVA[row + WK + j] = pv
+                    wd += GSQ
+                    while wd >= DQ:
+                        wd -= DQ
+                        h += 1
+                if E == 8 and (NCH & 1) != 0 and sub == 0:   # zero the unused half of the last words
+                    LV32[2 * (row + WK) - 1] = 0
+                    LV32[2 * (row + WU) - 1] = 0
+            ssum = grp_sum(ssum, GSQ)
+            ssq = grp_sum(ssq, GSQ)
+            if valid and sub == 0 and bad_code == NO_NAN:
+                sh64[key0 + u * T + t] = ssum
+                sh64[nrm0 + u * T + t] = ssq
+                sh32[sk0 + u * T + t] = np.int32(step_bits16(stk))
+                sh32[sv0 + u * T + t] = np.int32(step_bits16(stv))
+                sh32[ok0 + u * T + t] = np.int32(offk)
+                sh32[ov0 + u * T + t] = np.int32(offv)
 
+    # ------------------------------------------------------------------------------------------
+    # 2. repack
+    # ------------------------------------------------------------------------------------------
+    @cuda.jit(device=True)
+    def ph_order_simple(sh64, sh32, meta, tid):
+        """'none' (and greedy with one pack): identity; 'sort': stable rank by the level sum."""
+        T = meta[iT]
+        UT = meta[iNU] * T
+        key0 = meta[oKEY] >> 3
+        or0 = meta[oOR] >> 2
+        if meta[iREPACK] == 1:
+            for i in range(tid, UT, NT):
+                u = i // T
+                t = i - u * T
+                kt = sh64[key0 + i]
+                rank = 0
+                for s in range(T):
+                    ks = sh64[key0 + u * T + s]
+                    if ks < kt or (ks == kt and s < t):
+                        rank += 1
+                sh32[or0 + u * T + rank] = np.int32(t)
+        else:
+            for i in range(tid, UT, NT):
+                sh32[or0 + i] = np.int32(i % T)
+
+    @cuda.jit(device=True)
+    def ph_mean(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid):
+        """MW = per-channel rounded mean (2*sum + n) // (2n) of the remaining tokens, packed like LV."""
+        T = meta[iT]
+        WU = meta[iWU]
+        W = meta[iW]
+        mw0 = meta[oMW] >> 3
+        for wi in range(tid, W, NT):
+            u = wi // WU
+            a0 = np.int64(0)
+            a1 = np.int64(0)
+            a2 = np.int64(0)
+            a3 = np.int64(0)
+            for i in range(n_rem):
+                t = sh32[rb + u * T + i]
+                w = LVA[np.uint64(lv0 + t * W + wi)]
+                a0 += w & F32A
+                a1 += (w >> E_) & F32A
+                if E == 8:
+                    a2 += (w >> 16) & F32A
+                    a3 += (w >> 24) & F32A
+            mw = np.int64(0)
+            for l in range(LPW):
+                part = l % (LPW // 2)
+                if part == 0:
+                    acc = a0
+                elif part == 1:
+                    acc = a1
+                elif part == 2:
+                    acc = a2
+                else:
+                    acc = a3
+                if l >= LPW // 2:
+                    acc = acc >> 32
+                m = (2 * (acc & LOW32) + n_rem) // (2 * n_rem)
+                mw |= m << (E_ * l)
+            sh64[mw0 + wi] = mw
+
+    @cuda.jit(device=True)
+    def ph_scores(LVA, lv0, sh64, sh32, shf, meta, rb, n_rem, tid):
+        """SCORE[u][i] = float64(q_t . m) / sqrt(float64(|q_t|^2)) (0 for an all-zero token)."""
+        T = meta[iT]
+        WU = meta[iWU]
+        W = meta[iW]
+        GS = meta[iGS]
+        n_units = meta[iNU]
+        mw0 = meta[oMW] >> 3
+        nrm0 = meta[oNRM] >> 3
+        sc0 = meta[oSC] >> 3
+        groups = NT // GS
+        g = tid // GS
+        sub = tid % GS
+        n_items = n_units * n_rem
+        iters = (n_items + groups - 1) // groups
+        for it_k in range(iters):
+            it = g + groups * it_k
+            dot = np.int64(0)
+            t = np.int64(0)
+            u = it // n_rem
+            i = it - u * n_rem
+            if it < n_items:
+                t = sh32[rb + u * T + i]
+                rowb = lv0 + t * W
+                for wi in range(u * WU + sub, (u + 1) * WU, GS):
+                    q = LVA[np.uint64(rowb + wi)]
+                    m = sh64[np.uint64(mw0 + wi)]
+                    for l in range(LPW):
+                        dot += ((q >> (E_ * l)) & LM) * ((m >> (E_ * l)) & LM)
+            dot = grp_sum(dot, GS)
+            if it < n_items and sub == 0:
+                nrm = sh64[nrm0 + u * T + t]
+                sc = 0.0
+                if nrm > 0:
+                    sc = np.float64(dot) / math.sqrt(np.float64(nrm))
+                shf[sc0 + u * T + i] = sc
+
+    @cuda.jit(device=True)
+    def ph_costs(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid):
+        """COSTP[s][u][i] = sum over segment s of unit u's words of width(max(hi,q)-min(lo,q))."""
+        T = meta[iT]
+        WU = meta[iWU]
+        W = meta[iW]
+        GS = meta[iGS]
+        S = meta[iS]
+        SEGW = meta[iSEGW]
+        n_units = meta[iNU]
+        lo0 = meta[oLO] >> 3
+        hi0 = meta[oHI] >> 3
+        cp0 = meta[oCP] >> 2
+        groups = NT // GS
+        g = tid // GS
+        sub = tid % GS
+        n_items = n_units * n_rem * S
+        iters = (n_items + groups - 1) // groups
+        for it_k in range(iters):
+            it = g + groups * it_k
+            acc = np.int64(0)
+            rest = it // S
+            s = it - rest * S
+            u = rest // n_rem
+            i = rest - u * n_rem
+            if it < n_items:
+                t = sh32[rb + u * T + i]
+                w0 = u * WU + s * SEGW
+                w1 = min(w0 + SEGW, (u + 1) * WU)
+                wi = w0 + sub
+                pq = np.uint64(lv0 + t * W + wi)     # unsigned indices: no negative-index wraparound
+                plo = np.uint64(lo0 + wi)
+                phi = np.uint64(hi0 + wi)
+                step = np.uint64(GS)
+                while wi < w1:
+                    q = LVA[pq]
+                    mx = swar_max(q, sh64[phi])
+                    mn = swar_min(q, sh64[plo])
+                    acc += swar_width_sum(mx - mn)
+                    wi += GS
+                    pq += step
+                    plo += step
+                    phi += step
+            acc = grp_sum(acc, GS)
+            if it < n_items and sub == 0:
+                sh32[cp0 + (s * n_units + u) * T + i] = np.int32(acc)
+
+    @cuda.jit(device=True)
+    def ph_pick(LVA, lv0, sh64, sh32, shf, meta, rb, rn, n_rem, pos, seed, tid):
+        """Every warp finds each unit's pick (seed: max score; else min cost; lowest position on ties),
+        then: LO/HI := pick's levels (seed) or grow by them; ORDER[u][pos] = pick; REM next = REM - pick."""
+        T = meta[iT]
+        WU = meta[iWU]
+        W = meta[iW]
+        S = meta[iS]
+        n_units = meta[iNU]
+        lo0 = meta[oLO] >> 3
+        hi0 = meta[oHI] >> 3
+        sc0 = meta[oSC] >> 3
+        cp0 = meta[oCP] >> 2
+        pw0 = meta[oPW] >> 2
+        or0 = meta[oOR] >> 2
+        lane = tid & 31
+        warp = tid >> 5
+        for u in range(n_units):
+            bi = I_BIG
+            if seed:
+                bestf = -1.0
+                for i in range(lane, n_rem, 32):
+                    sc = shf[sc0 + u * T + i]
+                    if sc > bestf:
+                        bestf = sc
+                        bi = i
+                off = 16
+                while off > 0:
+                    obf = shfl_xor(bestf, off)
+                    oi = shfl_xor(bi, off)
+                    if obf > bestf or (obf == bestf and oi < bi):
+                        bestf = obf
+                        bi = oi
+                    off >>= 1
+            else:
+                best = I_BIG
+                for i in range(lane, n_rem, 32):
+                    cst = np.int64(0)
+                    for s in range(S):
+                        cst += sh32[cp0 + (s * n_units + u) * T + i]
+                    if cst < best:
+                        best = cst
+                        bi = i
+                off = 16
+                while off > 0:
+                    obc = shfl_xor(best, off)
+                    oi = shfl_xor(bi, off)
+                    if obc < best or (obc == best and oi < bi):
+                        best = obc
+                        bi = oi
+                    off >>= 1
+            if lane == 0:
+                sh32[pw0 + warp * n_units + u] = np.int32(bi)
+        syncwarp()
+        for wi in range(tid, W, NT):
+            u = wi // WU
+            ip = sh32[pw0 + warp * n_units + u]
+            t = sh32[rb + u * T + ip]
+            q = LVA[lv0 + t * W + wi]
+            if seed:
+                sh64[lo0 + wi] = q
+                sh64[hi0 + wi] = q
+            else:
+                sh64[lo0 + wi] = swar_min(q, sh64[lo0 + wi])
+                sh64[hi0 + wi] = swar_max(q, sh64[hi0 + wi])
+        if warp == 0:
+            for u in range(n_units):
+                ip = sh32[pw0 + u]
+                if lane == 0:
+                    sh32[or0 + u * T + pos] = sh32[rb + u * T + ip]
+                for i in range(lane, n_rem, 32):
+                    val = sh32[rb + u * T + i]
+                    if i < ip:
+                        sh32[rn + u * T + i] = val
+                    elif i > ip:
+                        sh32[rn + u * T + i - 1] = val
+
+    @cuda.jit(device=True)
+    def ph_greedy(LVA, lv0, sh64, sh32, shf, meta, tid):
+        T = meta[iT]
+        P = meta[iP]
+        n_units = meta[iNU]
+        UT = n_units * T
+        rm0 = meta[oRM] >> 2
+        or0 = meta[oOR] >> 2
+        for i in range(tid, UT, NT):
+            sh32[rm0 + i] = np.int32(i % T)
+        cuda.syncthreads()
+        par = 0
+        n_rem = T
+        for start in range(0, T - P, P):
+            for pos in range(start, start + P):
+                rb = rm0 + par * UT
+                rn = rm0 + (1 - par) * UT
+                if pos == start:
+                    ph_mean(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid)
+                    cuda.syncthreads()
+                    ph_scores(LVA, lv0, sh64, sh32, shf, meta, rb, n_rem, tid)
+                else:
+                    ph_costs(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid)
+                cuda.syncthreads()
+                ph_pick(LVA, lv0, sh64, sh32, shf, meta, rb, rn, n_rem, pos, pos == start, tid)
+                cuda.syncthreads()
+                par = 1 - par
+                n_rem -= 1
+        rb = rm0 + par * UT
+        for i in range(tid, n_units * P, NT):   # the last pack: the remaining tokens, ascending
+            u = i // P
+            j = i - u * P
+            sh32[or0 + u * T + T - P + j] = sh32[rb + u * T + j]
+
+    # ------------------------------------------------------------------------------------------
+    # 3. pack statistics, section sizes, pack payload offsets
+    # ------------------------------------------------------------------------------------------
+    @cuda.jit(device=True)
+    def ph_pack_stats(LVA, lv0, PK, pi0, sh32, meta, tid):
+        """PINFO[((2h + kv) * R + r) * D + d] = pack min << 8 | pack width."""
+        T = meta[iT]
+        D = meta[iD]
+        P = meta[iP]
+        R = meta[iR]
+        layer = meta[iLAYER]
+        CU = meta[iCU]
+        WK = meta[iWK]
+        WU = meta[iWU]
+        W = meta[iW]
+        or0 = meta[oOR] >> 2
+        for it in range(tid, R * W, NT):
+            r = it // W
+            wi = it - r * W
+            u = wi // WU
+            ob = or0 + u * T + r * P
+            q = LVA[np.uint64(lv0 + sh32[ob] * W + wi)]
+            mn = q
+            mx = q
+            for j in range(1, P):
+                q = LVA[np.uint64(lv0 + sh32[ob + j] * W + wi)]
+                mn = swar_min(mn, q)
+                mx = swar_max(mx, q)
+            wj = wi - u * WU
+            kv = np.int64(0)
+            if wj >= WK:
+                kv = np.int64(1)
+            c = (wj - kv * WK) * LPW_
+            h = u
+            d = c
+            if layer:
+                h = c // D
+                d = c - h * D
+            for l in range(LPW):
+                if c + l < CU:
+                    lo_l = (mn >> (E_ * l)) & LM
+                    hi_l = (mx >> (E_ * l)) & LM
+                    PK[pi0 + ((2 * h + kv) * R + r) * D + d] = np.int32((lo_l << 8) | width(hi_l - lo_l))
+                d += 1
+                if d == D:
+                    d = 0
+                    h += 1
+
+    @cuda.jit(device=True)
+    def ph_sections(PK, pi0, sh64, sh32, meta, tid):
+        """Per section: WB, MB, min_base, payload bytes; per unit: offset bases and bits; then (one
+        thread) every section's start, the record size and the payload prefix over sections."""
+        T = meta[iT]
+        D = meta[iD]
+        P = meta[iP]
+        R = meta[iR]
+        H = meta[iH]
+        n_units = meta[iNU]
+        n_sec = meta[iNSEC]
+        se0 = meta[oSE] >> 2
+        tk0 = meta[oTK] >> 2
+        ok0 = meta[oOK] >> 2
+        ov0 = meta[oOV] >> 2
+        mi0 = meta[oMI] >> 3
+        lane = tid & 31
+        warp = tid >> 5
+        RD = R * D
+        for s in range(warp, 2 * H, NW):
+            wmax = np.int64(0)
+            mnmin = I_BIG
+            mnmax = np.int64(0)
+            wsum = np.int64(0)
+            for i in range(lane, RD, 32):
+                info = np.int64(PK[pi0 + s * RD + i])
+                w = info & 0xFF
+                mnv = info >> 8
+                wsum += w
+                wmax = max(wmax, w)
+                mnmin = min(mnmin, mnv)
+                mnmax = max(mnmax, mnv)
+            wsum = grp_sum(wsum, 32)
+            wmax = grp_max(wmax, 32)
+            mnmin = grp_min(mnmin, 32)
+            mnmax = grp_max(mnmax, 32)
+            if lane == 0:
+                e0 = se0 + s * SECI_FIELDS
+                sh32[e0 + 0] = np.int32(width(wmax))
+                sh32[e0 + 1] = np.int32(width(mnmax - mnmin))
+                sh32[e0 + 2] = np.int32(mnmin)
+                sh32[e0 + 3] = np.int32(wsum * P // 8)
+        for u in range(warp, n_units, NW):
+            kmin = I_BIG
+            kmax = -I_BIG
+            vmin = I_BIG
+            vmax = -I_BIG
+            for t in range(lane, T, 32):
+                ok = np.int64(sh32[ok0 + u * T + t])
+                ov = np.int64(sh32[ov0 + u * T + t])
+                kmin = min(kmin, ok)
+                kmax = max(kmax, ok)
+                vmin = min(vmin, ov)
+                vmax = max(vmax, ov)
+            kmin = grp_min(kmin, 32)
+            kmax = grp_max(kmax, 32)
+            vmin = grp_min(vmin, 32)
+            vmax = grp_max(vmax, 32)
+            if lane == 0:
+                e0 = tk0 + u * TOKI_FIELDS
+                sh32[e0 + 0] = np.int32(kmin)
+                sh32[e0 + 1] = np.int32(vmin)
+                sh32[e0 + 2] = np.int32(width(kmax - kmin))
+                sh32[e0 + 3] = np.int32(width(vmax - vmin))
+        cuda.syncthreads()
+        if tid == 0:
+            off = np.int64(12 + 4 * n_sec)
+            for u in range(n_units):
+                e0 = tk0 + u * TOKI_FIELDS
+                sh32[e0 + 4] = np.int32(off)
+                size = 8 + 4 * T + T * (np.int64(sh32[e0 + 2]) + sh32[e0 + 3]) // 8
+                off += size + (-size) % 4
+            ppre = np.int64(0)
+            for s in range(2 * H):
+                e0 = se0 + s * SECI_FIELDS
+                sh32[e0 + 4] = np.int32(off)
+                hb = 4 + (RD * (np.int64(sh32[e0 + 0]) + sh32[e0 + 1]) + 7) // 8
+                ps = hb + (-hb) % 4
+                sh32[e0 + 5] = np.int32(ps)
+                sh32[e0 + 6] = np.int32(ppre)
+                pb = np.int64(sh32[e0 + 3])
+                ppre += pb
+                off += ps + pb + (-pb) % 4
+            sh64[mi0 + 3] = off + (-off) % 16
+            sh64[mi0 + 5] = off
+
+    @cuda.jit(device=True)
+    def ph_pack_offsets(PK, pi0, po0, sh64, sh32, meta, tid):
+        """POFF[g] = byte offset of pack g's payload inside its section's payload (CTA scan)."""
+        P = meta[iP]
+        RD = meta[iR] * meta[iD]
+        NP = meta[iNP]
+        se0 = meta[oSE] >> 2
+        sn0 = meta[oSN] >> 3
+        chunk = (NP + NT - 1) // NT
+        g0 = tid * chunk
+        g1 = min(g0 + chunk, NP)
+        local = np.int64(0)
+        for gi in range(g0, g1):
+            local += np.int64(PK[pi0 + gi] & 0xFF)
+        run = block_excl_scan(local * P // 8, sh64, sn0, tid)
+        for gi in range(g0, g1):
+            s = gi // RD
+            PK[po0 + gi] = np.int32(run - sh32[se0 + s * SECI_FIELDS + 6])
+            run += (PK[pi0 + gi] & 0xFF) * P // 8
+
+    # ------------------------------------------------------------------------------------------
+    # 4. look-back (thread 0): the record's offset in the arena
+    # ------------------------------------------------------------------------------------------
+    @cuda.jit(device=True)
+    def ph_lookback(b, bad, sh64, meta, work, offsets):
+        n_blocks = meta[iN]
+        mi0 = meta[oMI] >> 3
+        size = np.int64(0)
+        if bad == 0:
+            size = sh64[mi0 + 3]
+        excl = np.int64(0)
+        if b == 0:
+            cuda.atomic.add(work, W_STATUS + b, FLAG_PRE | size)
+        else:
+            cuda.atomic.add(work, W_STATUS + b, FLAG_AGG | size)
+            j = b - 1
+            while True:
+                st = cuda.atomic.add(work, W_STATUS + j, 0)
+                flag = st >> 60
+                if flag == 0:
+                    continue
+                excl += st & VAL_MASK
+                if flag == 2:
+                    break
+                j -= 1
+            cuda.atomic.add(work, W_STATUS + b, (FLAG_PRE | (excl + size)) - (FLAG_AGG | size))
+        base = meta[iUSED] + excl
+        offsets[b] = base
+        if b == n_blocks - 1:
+            offsets[n_blocks] = base + size
+            work[W_END] = base + size
+        skip = 0
+        if bad != 0:
+            skip = 1
+        elif base + size > meta[iCAP]:
+            cuda.atomic.max(work, W_OVER, 1)
+            skip = 1
+        sh64[mi0 + 2] = base
+        sh64[mi0 + 4] = skip
+
+    # ------------------------------------------------------------------------------------------
+    # 5. write: every 32-bit word of the record by one thread
+    # ------------------------------------------------------------------------------------------
+    @cuda.jit(device=True)
+    def ph_write_head(arena32, sh64, sh32, meta, tid):
+        """Record header, section table, token sections."""
+        H = meta[iH]
+        T = meta[iT]
+        D = meta[iD]
+        P = meta[iP]
+        layer = meta[iLAYER]
+        n_units = meta[iNU]
+        n_sec = meta[iNSEC]
+        se0 = meta[oSE] >> 2
+        tk0 = meta[oTK] >> 2
+        sk0 = meta[oSK] >> 2
+        sv0 = meta[oSV] >> 2
+        ok0 = meta[oOK] >> 2
+        ov0 = meta[oOV] >> 2
+        or0 = meta[oOR] >> 2
+        mi0 = meta[oMI] >> 3
+        rw = sh64[mi0 + 2] >> 2
+        total = sh64[mi0 + 3]
+        body = sh64[mi0 + 5]
+        flags = layer | ((width(P) - 4) << 1)
+        for j in range(tid, 3 + n_sec, NT):
+            if j == 0:
+                val = 1 | (flags << 8) | (H << 16)
+            elif j == 1:
+                val = T | (D << 16)
+            elif j == 2:
+                val = total
+            elif j < 3 + n_units:
+                val = np.int64(sh32[tk0 + (j - 3) * TOKI_FIELDS + 4])
+            else:
+                val = np.int64(sh32[se0 + (j - 3 - n_units) * SECI_FIELDS + 4])
+            arena32[rw + j] = np.uint32(val & LOW32)
+        for j in range(tid, (total - body) >> 2, NT):   # zero padding to 16
+            arena32[rw + (body >> 2) + j] = np.uint32(0)
+        for u in range(n_units):
+            e0 = tk0 + u * TOKI_FIELDS
+            kbase = np.int64(sh32[e0 + 0])
+            vbase = np.int64(sh32[e0 + 1])
+            kb = np.int64(sh32[e0 + 2])
+            vb = np.int64(sh32[e0 + 3])
+            tsw = rw + (np.int64(sh32[e0 + 4]) >> 2)
+            nwords = (8 + 4 * T + T * (kb + vb) // 8 + 3) // 4
+            ob = or0 + u * T
+            for j in range(tid, nwords, NT):
+                if j == 0:
+                    val = (kbase & 0xFFFF) | ((vbase & 0xFFFF) << 16)
+                elif j == 1:
+                    val = kb | (vb << 8)
+                elif j < 2 + T:   # steps, K then V, two per word, storage order
+                    p = 2 * (j - 2)
+                    base_s = sk0
+                    if p >= T:
+                        p -= T
+                        base_s = sv0
+                    val = (np.int64(sh32[base_s + u * T + sh32[ob + p]]) |
+                           (np.int64(sh32[base_s + u * T + sh32[ob + p + 1]]) << 16))
+                else:             # offset bit streams: K fields, then V fields
+                    bit0 = 32 * (j - 2 - T)
+                    val = np.int64(0)
+                    if kb > 0:
+                        for f in range(bit0 // kb, min((bit0 + 31) // kb, T - 1) + 1):
+                            fv = sh32[ok0 + u * T + sh32[ob + f]] - kbase
+                            sft = f * kb - bit0
+                            if sft >= 0:
+                                val |= fv << sft
+                            else:
+                                val |= fv >> (-sft)
+                    vbit0 = bit0 - T * kb
+                    if vb > 0 and vbit0 + 31 >= 0:
+                        for f in range(max(vbit0, 0) // vb, min((vbit0 + 31) // vb, T - 1) + 1):
+                            fv = sh32[ov0 + u * T + sh32[ob + f]] - vbase
+                            sft = f * vb - vbit0
+                            if sft >= 0:
+                                val |= fv << sft
+                            else:
+                                val |= fv >> (-sft)
+                arena32[tsw + j] = np.uint32(val & LOW32)
+
+    @cuda.jit(device=True)
+    def ph_write_sections(arena32, LVA, lv0, PK, pi0, po0, sh64, sh32, meta, tid):
+        """Channel sections: header word, pack header stream, payload (binary search over POFF)."""
+        H = meta[iH]
+        T = meta[iT]
+        D = meta[iD]
+        P = meta[iP]
+        R = meta[iR]
+        layer = meta[iLAYER]
+        WK = meta[iWK]
+        WU = meta[iWU]
+        W = meta[iW]
+        se0 = meta[oSE] >> 2
+        or0 = meta[oOR] >> 2
+        mi0 = meta[oMI] >> 3
+        rw = sh64[mi0 + 2] >> 2
+        RD = R * D
+        for s in range(2 * H):
+            e0 = se0 + s * SECI_FIELDS
+            WB = np.int64(sh32[e0 + 0])
+            MB = np.int64(sh32[e0 + 1])
+            mbase = np.int64(sh32[e0 + 2])
+            pbytes = np.int64(sh32[e0 + 3])
+            csw = rw + (np.int64(sh32[e0 + 4]) >> 2)
+            nh = np.int64(sh32[e0 + 5]) >> 2
+            F = WB + MB
+            gb = s * RD
+            h = s >> 1
+            kv = s & 1
+            for j in range(tid, nh, NT):
+                if j == 0:
+                    val = WB | (MB << 8) | (mbase << 16)
+                else:
+                    bit0 = 32 * (j - 1)
+                    val = np.int64(0)
+                    if F > 0:
+                        for f in range(bit0 // F, min((bit0 + 31) // F, RD - 1) + 1):
+                            info = np.int64(PK[pi0 + gb + f])
+                            fv = (info & 0xFF) | (((info >> 8) - mbase) << WB)
+                            sft = f * F - bit0
+                            if sft >= 0:
+                                val |= fv << sft
+                            else:
+                                val |= fv >> (-sft)
+                arena32[csw + j] = np.uint32(val & LOW32)
+            pw_base = csw + nh
+            for j in range(tid, (pbytes + 3) // 4, NT):
+                byte0 = 4 * j
+                lo_i = np.int64(0)     # the last pack whose payload starts at or before byte0
+                hi_i = RD - 1
+                while lo_i < hi_i:
+                    mid = (lo_i + hi_i + 1) >> 1
+                    if PK[po0 + gb + mid] <= byte0:
+                        lo_i = mid
+                    else:
+                        hi_i = mid - 1
+                val = np.int64(0)
+                f = lo_i
+                while f < RD:
+                    poff = np.int64(PK[po0 + gb + f])
+                    if poff >= byte0 + 4:
+                        break
+                    info = np.int64(PK[pi0 + gb + f])
+                    w = info & 0xFF
+                    if w > 0:
+                        pmin = info >> 8
+                        r = f // D
+                        d = f - r * D
+                        if layer:
+                            c = h * D + d
+                            uu = np.int64(0)
+                            wi = kv * WK + c // LPW_
+                            ln = c % LPW_
+                        else:
+                            uu = h
+                            wi = h * WU + kv * WK + d // LPW_
+                            ln = d % LPW_
+                        rel_bit = 8 * (byte0 - poff)     # the word's first bit, relative to the pack
+                        ob = or0 + uu * T + r * P
+                        for vj in range(max(rel_bit, 0) // w, min((rel_bit + 31) // w, P - 1) + 1):
+                            t = sh32[ob + vj]
+                            lev = ((LVA[lv0 + t * W + wi] >> (E_ * ln)) & LM) - pmin
+                            sft = vj * w - rel_bit
+                            if sft >= 0:
+                                val |= lev << sft
+                            else:
+                                val |= lev >> (-sft)
+                    f += 1
+                arena32[pw_base + j] = np.uint32(val & LOW32)
+
+    # ------------------------------------------------------------------------------------------
+    # the kernel: a persistent loop over tiles (blocks, in order)
+    # ------------------------------------------------------------------------------------------
     def encode_kernel(K64, V64, arena32, meta, work, offsets, g64, g32, rel_k, rel_v):
         sh64 = cuda.shared.array(0, nb_int64)
         sh32 = cuda.shared.array(0, nb_int32)
         shf = cuda.shared.array(0, nb_float64)
         tid = np.int64(cuda.threadIdx.x)
-        lane = tid & 31
-        warp = tid >> 5
-        n_blocks = meta[0]
-        H = meta[1]
-        T = meta[2]
-        D = meta[3]
-        P = meta[4]
-        R = meta[5]
-        layer = meta[6]
-        repack = meta[7]
-        n_units = meta[8]
-        CU = meta[9]
-        WK = meta[10]
-        WU = meta[11]
-        W = meta[12]
-        n_sec = meta[13]
-        NP = meta[14]
-        GSQ = meta[15]
-        GS = meta[16]
-        S = meta[17]
-        SEGW = meta[18]
-        used0 = meta[19]
-        cap = meta[20]
-        scr64 = meta[21]
-        DQ = D >> 2
-        NCH = CU >> 2
-        slot = np.int64(cuda.blockIdx.x) * scr64   # this CTA's scratch, in int64 words
+        n_blocks = meta[iN]
+        slot = np.int64(cuda.blockIdx.x) * meta[iSCR]   # this CTA's global scratch, in int64 words
         if LV_SH:
             LVA = sh64
-            lv0 = meta[22] >> 3
             LV32 = sh32
+            lv0 = meta[oLV] >> 3
         else:
             LVA = g64
-            lv0 = slot + (meta[22] >> 3)
             LV32 = g32
+            lv0 = slot + (meta[oLV] >> 3)
         if PK_SH:
             PK = sh32
-            pi0 = meta[23] >> 2
-            po0 = meta[24] >> 2
+            pi0 = meta[oPI] >> 2
+            po0 = meta[oPO] >> 2
         else:
             PK = g32
-            pi0 = 2 * slot + (meta[23] >> 2)
-            po0 = 2 * slot + (meta[24] >> 2)
-        lo0 = meta[25] >> 3
-        hi0 = meta[26] >> 3
-        mw0 = meta[27] >> 3
-        nrm0 = meta[28] >> 3
-        key0 = meta[29] >> 3
-        sc0 = meta[30] >> 3
-        sk0 = meta[31] >> 2
-        sv0 = meta[32] >> 2
-        ok0 = meta[33] >> 2
-        ov0 = meta[34] >> 2
-        or0 = meta[35] >> 2
-        rm0 = meta[36] >> 2
-        cp0 = meta[37] >> 2
-        pw0 = meta[38] >> 2
-        se0 = meta[39] >> 2
-        tk0 = meta[40] >> 2
-        mi0 = meta[41] >> 3
-        sn0 = meta[42] >> 3
-        UT = n_units * T
-
+            pi0 = 2 * slot + (meta[oPI] >> 2)
+            po0 = 2 * slot + (meta[oPO] >> 2)
+        mi0 = meta[oMI] >> 3
+        repack = meta[iREPACK]
+        greedy = repack == 2 and meta[iT] > meta[iP]
         while True:
-            # ---------------- take the next tile (= block, in order) ----------------
             if tid == 0:
                 sh64[mi0 + 0] = cuda.atomic.add(work, W_TILE, 1)
                 sh64[mi0 + 1] = 0
@@ -376,626 +1107,30 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
             b = sh64[mi0 + 0]
             if b >= n_blocks:
                 break
-
-            # ---------------- 1. quantize ----------------
-            groups = NT // GSQ
-            g = tid // GSQ
-            sub = tid % GSQ
-            iters = (UT + groups - 1) // groups
-            for it_k in range(iters):
-                it = g + groups * it_k
-                valid = it < UT
-                u = it // T
-                t = it % T
-                stk = np.float32(1)
-                stv = np.float32(1)
-                offk = np.int64(0)
-                offv = np.int64(0)
-                row = np.int64(0)
-                lok = F_BIG
-                hik = -F_BIG
-                lov = F_BIG
-                hiv = -F_BIG
-                bad_code = NO_NAN
-                if valid:
-                    for j in range(sub, NCH, GSQ):
-                        if layer:
-                            h = j // DQ
-                            wd = j - h * DQ
-                        else:
-                            h = u
-                            wd = j
-                        a = ((b * H + h) * T + t) * DQ + wd
-                        ck = K64[a]
-                        cv = V64[a]
-                        for i in range(4):
-                            hk = (ck >> (16 * i)) & 0xFFFF
-                            hv = (cv >> (16 * i)) & 0xFFFF
-                            if (hk & 0x7C00) == 0x7C00:
-                                code = (b * H + h) * T + t
-                                if code < bad_code:
-                                    bad_code = code
-                            else:
-                                x = half_to_f32(hk)
-                                if x < lok:
-                                    lok = x
-                                if x > hik:
-                                    hik = x
-                            if (hv & 0x7C00) == 0x7C00:
-                                code = n_blocks * H * T + (b * H + h) * T + t
-                                if code < bad_code:
-                                    bad_code = code
-                            else:
-                                x = half_to_f32(hv)
-                                if x < lov:
-                                    lov = x
-                                if x > hiv:
-                                    hiv = x
-                lok = grp_min(lok, GSQ)
-                hik = grp_max(hik, GSQ)
-                lov = grp_min(lov, GSQ)
-                hiv = grp_max(hiv, GSQ)
-                bad_code = grp_min(bad_code, GSQ)
-                if valid and bad_code < NO_NAN:
-                    if sub == 0:
-                        cuda.atomic.min(work, W_NAN, bad_code)
-                        sh64[mi0 + 1] = 1
-                ssum = np.int64(0)
-                ssq = np.int64(0)
-                if valid and bad_code == NO_NAN:
-                    stk = quant_step(lok, hik, rel_k)
-                    stv = quant_step(lov, hiv, rel_v)
-                    offk = np.int64(round(lok / stk))
-                    offv = np.int64(round(lov / stv))
-                    row = lv0 + t * W + u * WU
-                    for j in range(sub, NCH, GSQ):
-                        if layer:
-                            h = j // DQ
-                            wd = j - h * DQ
-                        else:
-                            h = u
-                            wd = j
-                        a = ((b * H + h) * T + t) * DQ + wd
-                        ck = K64[a]
-                        cv = V64[a]
-                        pk = np.int64(0)
-                        pv = np.int64(0)
-                        for i in range(4):
-                            qk = np.int64(round(half_to_f32((ck >> (16 * i)) & 0xFFFF) / stk)) - offk
-                            qv = np.int64(round(half_to_f32((cv >> (16 * i)) & 0xFFFF) / stv)) - offv
-                            if qk < 0 or qk > LANE_MAX or qv < 0 or qv > LANE_MAX:
-                                cuda.atomic.max(work, W_INTERNAL, 1)
-                                qk = min(max(qk, 0), LANE_MAX)
-                                qv = min(max(qv, 0), LANE_MAX)
-                            ssum += qk + qv
-                            ssq += qk * qk + qv * qv
-                            pk |= qk << (E_ * i)
-                            pv |= qv << (E_ * i)
-                        c = 4 * j
-                        if E == 8:   # 4 levels = half a word
-                            LV32[2 * row + c // 4] = np.int32(pk)
-                            LV32[2 * (row + WK) + c // 4] = np.int32(pv)
-                        else:
-                            LVA[row + c // 4] = pk
-                            LVA[row + WK + c // 4] = pv
-                    if E == 8 and (CU % 8) != 0 and sub == 0:   # zero the unused half of the last words
-                        LV32[2 * (row + WK) - 1] = 0
-                        LV32[2 * (row + WU) - 1] = 0
-                ssum = grp_sum(ssum, GSQ)
-                ssq = grp_sum(ssq, GSQ)
-                if valid and sub == 0 and bad_code == NO_NAN:
-                    sh64[key0 + u * T + t] = ssum
-                    sh64[nrm0 + u * T + t] = ssq
-                    sh32[sk0 + u * T + t] = np.int32(step_bits16(stk))
-                    sh32[sv0 + u * T + t] = np.int32(step_bits16(stv))
-                    sh32[ok0 + u * T + t] = np.int32(offk)
-                    sh32[ov0 + u * T + t] = np.int32(offv)
+            ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, rel_k, rel_v, tid)
             cuda.syncthreads()
             bad = sh64[mi0 + 1]
-
             if bad == 0:
-                # ---------------- 2. repack: ORDER[u][pos] = token ----------------
-                if repack == 0 or T == P:
-                    for i in range(tid, UT, NT):
-                        sh32[or0 + i] = np.int32(i % T)
-                elif repack == 1:   # stable sort by the token's level sum
-                    for i in range(tid, UT, NT):
-                        u = i // T
-                        t = i % T
-                        kt = sh64[key0 + i]
-                        rank = 0
-                        for s_ in range(T):
-                            ks = sh64[key0 + u * T + s_]
-                            if ks < kt or (ks == kt and s_ < t):
-                                rank += 1
-                        sh32[or0 + u * T + rank] = np.int32(t)
+                if greedy:
+                    ph_greedy(LVA, lv0, sh64, sh32, shf, meta, tid)
                 else:
-                    for i in range(tid, UT, NT):
-                        sh32[rm0 + i] = np.int32(i % T)
-                    cuda.syncthreads()
-                    par = 0
-                    n_rem = T
-                    for start in range(0, T - P, P):
-                        rb = rm0 + par * UT
-                        rn = rm0 + (1 - par) * UT
-                        # rounded mean of the remaining tokens, per channel, packed like LV
-                        for wi in range(tid, W, NT):
-                            u = wi // WU
-                            a0 = np.int64(0)
-                            a1 = np.int64(0)
-                            a2 = np.int64(0)
-                            a3 = np.int64(0)
-                            for i in range(n_rem):
-                                t = sh32[rb + u * T + i]
-                                w = LVA[lv0 + t * W + wi]
-                                a0 += w & F32A
-                                a1 += (w >> E_) & F32A
-                                if E == 8:
-                                    a2 += (w >> 16) & F32A
-                                    a3 += (w >> 24) & F32A
-                            mw = np.int64(0)
-                            for l in range(LPW):
-                                part = l % (LPW // 2)
-                                if part == 0:
-                                    acc = a0
-                                elif part == 1:
-                                    acc = a1
-                                elif part == 2:
-                                    acc = a2
-                                else:
-                                    acc = a3
-                                if l >= LPW // 2:
-                                    acc = acc >> 32
-                                ssum_l = acc & LOW32
-                                m = (2 * ssum_l + n_rem) // (2 * n_rem)
-                                mw |= m << (E_ * l)
-                            sh64[mw0 + wi] = mw
-                        cuda.syncthreads()
-                        # cosine of every remaining token to the mean (m's norm left out)
-                        groups = NT // GS
-                        g = tid // GS
-                        sub = tid % GS
-                        n_items = n_units * n_rem
-                        iters = (n_items + groups - 1) // groups
-                        for it_k in range(iters):
-                            it = g + groups * it_k
-                            dot = np.int64(0)
-                            t = np.int64(0)
-                            u = it // n_rem
-                            i = it % n_rem
-                            if it < n_items:
-                                t = sh32[rb + u * T + i]
-                                rowb = lv0 + t * W
-                                for wi in range(u * WU + sub, (u + 1) * WU, GS):
-                                    q = LVA[rowb + wi]
-                                    m = sh64[mw0 + wi]
-                                    for l in range(LPW):
-                                        dot += ((q >> (E_ * l)) & LM) * ((m >> (E_ * l)) & LM)
-                            dot = grp_sum(dot, GS)
-                            if it < n_items and sub == 0:
-                                nrm = sh64[nrm0 + u * T + t]
-                                sc = 0.0
-                                if nrm > 0:
-                                    sc = np.float64(dot) / math.sqrt(np.float64(nrm))
-                                shf[sc0 + u * T + i] = sc
-                        cuda.syncthreads()
-                        # seed = argmax (lowest position on ties); every warp computes it
-                        for u in range(n_units):
-                            bestf = -1.0
-                            bi = I_BIG
-                            for i in range(lane, n_rem, 32):
-                                sc = shf[sc0 + u * T + i]
-                                if sc > bestf:
-                                    bestf = sc
-                                    bi = i
-                            off = 16
-                            while off > 0:
-                                obf = shfl_xor(bestf, off)
-                                oi = shfl_xor(bi, off)
-                                if obf > bestf or (obf == bestf and oi < bi):
-                                    bestf = obf
-                                    bi = oi
-                                off >>= 1
-                            if lane == 0:
-                                sh32[pw0 + warp * n_units + u] = np.int32(bi)
-                        syncwarp()
-                        for wi in range(tid, W, NT):
-                            u = wi // WU
-                            ip = sh32[pw0 + warp * n_units + u]
-                            t = sh32[rb + u * T + ip]
-                            q = LVA[lv0 + t * W + wi]
-                            sh64[lo0 + wi] = q
-                            sh64[hi0 + wi] = q
-                        if warp == 0:
-                            for u in range(n_units):
-                                ip = sh32[pw0 + u]
-                                if lane == 0:
-                                    sh32[or0 + u * T + start] = sh32[rb + u * T + ip]
-                                for i in range(lane, n_rem, 32):
-                                    val = sh32[rb + u * T + i]
-                                    if i < ip:
-                                        sh32[rn + u * T + i] = val
-                                    elif i > ip:
-                                        sh32[rn + u * T + i - 1] = val
-                        cuda.syncthreads()
-                        par = 1 - par
-                        n_rem -= 1
-                        # grow the pack: pack-1 picks of the cheapest candidate
-                        for pos in range(start + 1, start + P):
-                            rb = rm0 + par * UT
-                            rn = rm0 + (1 - par) * UT
-                            n_items = n_units * n_rem * S
-                            iters = (n_items + groups - 1) // groups
-                            for it_k in range(iters):
-                                it = g + groups * it_k
-                                acc = np.int64(0)
-                                s_ = it % S
-                                rest = it // S
-                                i = rest % n_rem
-                                u = rest // n_rem
-                                if it < n_items:
-                                    t = sh32[rb + u * T + i]
-                                    rowb = lv0 + t * W
-                                    w0 = u * WU + s_ * SEGW
-                                    w1 = min(w0 + SEGW, (u + 1) * WU)
-                                    for wi in range(w0 + sub, w1, GS):
-                                        q = LVA[rowb + wi]
-                                        mx = swar_max(q, sh64[hi0 + wi])
-                                        mn = swar_min(q, sh64[lo0 + wi])
-                                        acc += swar_width_sum(mx - mn)
-                                acc = grp_sum(acc, GS)
-                                if it < n_items and sub == 0:
-                                    sh32[cp0 + (s_ * n_units + u) * T + i] = np.int32(acc)
-                            cuda.syncthreads()
-                            for u in range(n_units):
-                                best = I_BIG
-                                bi = I_BIG
-                                for i in range(lane, n_rem, 32):
-                                    cst = np.int64(0)
-                                    for s_ in range(S):
-                                        cst += sh32[cp0 + (s_ * n_units + u) * T + i]
-                                    if cst < best:
-                                        best = cst
-                                        bi = i
-                                off = 16
-                                while off > 0:
-                                    obc = shfl_xor(best, off)
-                                    oi = shfl_xor(bi, off)
-                                    if obc < best or (obc == best and oi < bi):
-                                        best = obc
-                                        bi = oi
-                                    off >>= 1
-                                if lane == 0:
-                                    sh32[pw0 + warp * n_units + u] = np.int32(bi)
-                            syncwarp()
-                            for wi in range(tid, W, NT):
-                                u = wi // WU
-                                ip = sh32[pw0 + warp * n_units + u]
-                                t = sh32[rb + u * T + ip]
-                                q = LVA[lv0 + t * W + wi]
-                                sh64[lo0 + wi] = swar_min(q, sh64[lo0 + wi])
-                                sh64[hi0 + wi] = swar_max(q, sh64[hi0 + wi])
-                            if warp == 0:
-                                for u in range(n_units):
-                                    ip = sh32[pw0 + u]
-                                    if lane == 0:
-                                        sh32[or0 + u * T + pos] = sh32[rb + u * T + ip]
-                                    for i in range(lane, n_rem, 32):
-                                        val = sh32[rb + u * T + i]
-                                        if i < ip:
-                                            sh32[rn + u * T + i] = val
-                                        elif i > ip:
-                                            sh32[rn + u * T + i - 1] = val
-                            cuda.syncthreads()
-                            par = 1 - par
-                            n_rem -= 1
-                    # the last pack: the remaining tokens in ascending order
-                    rb = rm0 + par * UT
-                    for i in range(tid, n_units * P, NT):
-                        u = i // P
-                        j = i % P
-                        sh32[or0 + u * T + T - P + j] = sh32[rb + u * T + j]
+                    ph_order_simple(sh64, sh32, meta, tid)
                 cuda.syncthreads()
-
-                # ---------------- 3. pack statistics: PINFO[g] = min << 8 | width ----------------
-                for it in range(tid, R * W, NT):
-                    r = it // W
-                    wi = it % W
-                    u = wi // WU
-                    ob = or0 + u * T + r * P
-                    q = LVA[lv0 + sh32[ob] * W + wi]
-                    mn = q
-                    mx = q
-                    for j in range(1, P):
-                        q = LVA[lv0 + sh32[ob + j] * W + wi]
-                        mn = swar_min(mn, q)
-                        mx = swar_max(mx, q)
-                    wj = wi - u * WU
-                    kv = np.int64(0)
-                    if wj >= WK:
-                        kv = np.int64(1)
-                    cw = wj - kv * WK
-                    for l in range(LPW):
-                        c = cw * LPW_ + l
-                        if c < CU:
-                            lo_l = (mn >> (E_ * l)) & LM
-                            hi_l = (mx >> (E_ * l)) & LM
-                            if layer:
-                                h = c // D
-                                d = c - h * D
-                            else:
-                                h = u
-                                d = c
-                            gi = ((2 * h + kv) * R + r) * D + d
-                            PK[pi0 + gi] = np.int32((lo_l << 8) | width(hi_l - lo_l))
+                ph_pack_stats(LVA, lv0, PK, pi0, sh32, meta, tid)
                 cuda.syncthreads()
-                # per section: max width, min and max of the pack minima, payload bits
-                RD = R * D
-                for s_ in range(warp, 2 * H, NW):
-                    wmax = np.int64(0)
-                    mnmin = I_BIG
-                    mnmax = np.int64(0)
-                    wsum = np.int64(0)
-                    for i in range(lane, RD, 32):
-                        info = np.int64(PK[pi0 + s_ * RD + i])
-                        w = info & 0xFF
-                        mnv = info >> 8
-                        wsum += w
-                        if w > wmax:
-                            wmax = w
-                        if mnv < mnmin:
-                            mnmin = mnv
-                        if mnv > mnmax:
-                            mnmax = mnv
-                    wsum = grp_sum(wsum, 32)
-                    wmax = grp_max(wmax, 32)
-                    mnmin = grp_min(mnmin, 32)
-                    mnmax = grp_max(mnmax, 32)
-                    if lane == 0:
-                        e0 = se0 + s_ * SECI_FIELDS
-                        sh32[e0 + 0] = np.int32(width(wmax))
-                        sh32[e0 + 1] = np.int32(width(mnmax - mnmin))
-                        sh32[e0 + 2] = np.int32(mnmin)
-                        sh32[e0 + 3] = np.int32(wsum * P // 8)
-                # per unit: offset bases and bit counts
-                for u in range(warp, n_units, NW):
-                    kmin = I_BIG
-                    kmax = -I_BIG
-                    vmin = I_BIG
-                    vmax = -I_BIG
-                    for t in range(lane, T, 32):
-                        ok = np.int64(sh32[ok0 + u * T + t])
-                        ov = np.int64(sh32[ov0 + u * T + t])
-                        kmin = min(kmin, ok)
-                        kmax = max(kmax, ok)
-                        vmin = min(vmin, ov)
-                        vmax = max(vmax, ov)
-                    kmin = grp_min(kmin, 32)
-                    kmax = grp_max(kmax, 32)
-                    vmin = grp_min(vmin, 32)
-                    vmax = grp_max(vmax, 32)
-                    if lane == 0:
-                        e0 = tk0 + u * TOKI_FIELDS
-                        sh32[e0 + 0] = np.int32(kmin)
-                        sh32[e0 + 1] = np.int32(vmin)
-                        sh32[e0 + 2] = np.int32(width(kmax - kmin))
-                        sh32[e0 + 3] = np.int32(width(vmax - vmin))
-                cuda.syncthreads()
-                # section offsets and the record size (one thread: a few dozen sections)
-                if tid == 0:
-                    off = np.int64(12 + 4 * n_sec)
-                    for u in range(n_units):
-                        e0 = tk0 + u * TOKI_FIELDS
-                        sh32[e0 + 4] = np.int32(off)
-                        size = 8 + 4 * T + T * (np.int64(sh32[e0 + 2]) + sh32[e0 + 3]) // 8
-                        off += size + (-size) % 4
-                    ppre = np.int64(0)
-                    for s_ in range(2 * H):
-                        e0 = se0 + s_ * SECI_FIELDS
-                        sh32[e0 + 4] = np.int32(off)
-                        fb = np.int64(sh32[e0 + 0]) + sh32[e0 + 1]
-                        hb = 4 + (RD * fb + 7) // 8
-                        ps = hb + (-hb) % 4
-                        sh32[e0 + 5] = np.int32(ps)
-                        sh32[e0 + 6] = np.int32(ppre)
-                        pb = np.int64(sh32[e0 + 3])
-                        ppre += pb
-                        off += ps + pb + (-pb) % 4
-                    sh64[mi0 + 3] = off + (-off) % 16
-                    sh64[mi0 + 5] = off
-                # byte offset of every pack's payload inside its section's payload
-                chunk = (NP + NT - 1) // NT
-                g0 = tid * chunk
-                g1 = min(g0 + chunk, NP)
-                local = np.int64(0)
-                for gi in range(g0, g1):
-                    local += np.int64(PK[pi0 + gi] & 0xFF)
-                excl, tot = block_excl_scan(local * P // 8, sh64, sn0, tid)
-                run = excl
-                for gi in range(g0, g1):
-                    s_ = gi // RD
-                    PK[po0 + gi] = np.int32(run - sh32[se0 + s_ * SECI_FIELDS + 6])
-                    run += (PK[pi0 + gi] & 0xFF) * P // 8
-
-            # ---------------- 4. look-back: this record's offset in the arena ----------------
+                ph_sections(PK, pi0, sh64, sh32, meta, tid)
+                ph_pack_offsets(PK, pi0, po0, sh64, sh32, meta, tid)
             if tid == 0:
-                size = np.int64(0)
-                if bad == 0:
-                    size = sh64[mi0 + 3]
-                excl = np.int64(0)
-                if b == 0:
-                    cuda.atomic.add(work, W_STATUS + b, FLAG_PRE | size)
-                else:
-                    cuda.atomic.add(work, W_STATUS + b, FLAG_AGG | size)
-                    j = b - 1
-                    while True:
-                        st = cuda.atomic.add(work, W_STATUS + j, 0)
-                        flag = st >> 60
-                        if flag == 0:
-                            continue
-                        excl += st & VAL_MASK
-                        if flag == 2:
-                            break
-                        j -= 1
-                    cuda.atomic.add(work, W_STATUS + b, (FLAG_PRE | (excl + size)) - (FLAG_AGG | size))
-                base = used0 + excl
-                offsets[b] = base
-                if b == n_blocks - 1:
-                    offsets[n_blocks] = base + size
-                    work[W_END] = base + size
-                skip = 0
-                if bad != 0:
-                    skip = 1
-                elif base + size > cap:
-                    cuda.atomic.max(work, W_OVER, 1)
-                    skip = 1
-                sh64[mi0 + 2] = base
-                sh64[mi0 + 4] = skip
+                ph_lookback(b, bad, sh64, meta, work, offsets)
             cuda.syncthreads()
-
-            # ---------------- 5. write the record, one 32-bit word per thread ----------------
             if sh64[mi0 + 4] == 0:
-                rw = sh64[mi0 + 2] >> 2           # record start, in words
-                total = sh64[mi0 + 3]
-                body = sh64[mi0 + 5]
-                RD = R * D
-                flags = layer | ((width(P) - 4) << 1)
-                for j in range(tid, 3 + n_sec, NT):
-                    if j == 0:
-                        val = 1 | (flags << 8) | (H << 16)
-                    elif j == 1:
-                        val = T | (D << 16)
-                    elif j == 2:
-                        val = total
-                    elif j < 3 + n_units:
-                        val = np.int64(sh32[tk0 + (j - 3) * TOKI_FIELDS + 4])
-                    else:
-                        val = np.int64(sh32[se0 + (j - 3 - n_units) * SECI_FIELDS + 4])
-                    arena32[rw + j] = np.uint32(val & LOW32)
-                for u in range(n_units):
-                    e0 = tk0 + u * TOKI_FIELDS
-                    kbase = np.int64(sh32[e0 + 0])
-                    vbase = np.int64(sh32[e0 + 1])
-                    kb = np.int64(sh32[e0 + 2])
-                    vb = np.int64(sh32[e0 + 3])
-                    tsw = rw + (np.int64(sh32[e0 + 4]) >> 2)
-                    size = 8 + 4 * T + T * (kb + vb) // 8
-                    nwords = (size + 3) // 4
-                    ob = or0 + u * T
-                    for j in range(tid, nwords, NT):
-                        if j == 0:
-                            val = (kbase & 0xFFFF) | ((vbase & 0xFFFF) << 16)
-                        elif j == 1:
-                            val = kb | (vb << 8)
-                        elif j < 2 + T:   # steps, K then V, two per word, storage order
-                            p = 2 * (j - 2)
-                            base_s = sk0
-                            if p >= T:
-                                p -= T
-                                base_s = sv0
-                            val = (np.int64(sh32[base_s + u * T + sh32[ob + p]]) |
-                                   (np.int64(sh32[base_s + u * T + sh32[ob + p + 1]]) << 16))
-                        else:             # offset bit streams: K fields then V fields
-                            bit0 = 32 * (j - 2 - T)
-                            val = np.int64(0)
-                            if kb > 0:
-                                f0 = bit0 // kb
-                                f1 = min((bit0 + 31) // kb, T - 1)
-                                for f in range(f0, f1 + 1):
-                                    fv = sh32[ok0 + u * T + sh32[ob + f]] - kbase
-                                    sh_ = f * kb - bit0
-                                    if sh_ >= 0:
-                                        val |= fv << sh_
-                                    else:
-                                        val |= fv >> (-sh_)
-                            if vb > 0:
-                                vbit0 = bit0 - T * kb
-                                f0 = max(vbit0, 0) // vb
-                                f1 = min((vbit0 + 31) // vb, T - 1) if vbit0 + 31 >= 0 else -1
-                                for f in range(f0, f1 + 1):
-                                    fv = sh32[ov0 + u * T + sh32[ob + f]] - vbase
-                                    sh_ = f * vb - vbit0
-                                    if sh_ >= 0:
-                                        val |= fv << sh_
-                                    else:
-                                        val |= fv >> (-sh_)
-                        arena32[tsw + j] = np.uint32(val & LOW32)
-                for s_ in range(2 * H):
-                    e0 = se0 + s_ * SECI_FIELDS
-                    WB = np.int64(sh32[e0 + 0])
-                    MB = np.int64(sh32[e0 + 1])
-                    mbase = np.int64(sh32[e0 + 2])
-                    pbytes = np.int64(sh32[e0 + 3])
-                    csw = rw + (np.int64(sh32[e0 + 4]) >> 2)
-                    ps = np.int64(sh32[e0 + 5])
-                    F = WB + MB
-                    gb = s_ * RD
-                    h = s_ >> 1
-                    kv = s_ & 1
-                    nh = ps >> 2
-                    for j in range(tid, nh, NT):
-                        if j == 0:
-                            val = WB | (MB << 8) | (mbase << 16)
-                        else:
-                            bit0 = 32 * (j - 1)
-                            val = np.int64(0)
-                            if F > 0:
-                                f0 = bit0 // F
-                                f1 = min((bit0 + 31) // F, RD - 1)
-                                for f in range(f0, f1 + 1):
-                                    info = np.int64(PK[pi0 + gb + f])
-                                    fv = (info & 0xFF) | (((info >> 8) - mbase) << WB)
-                                    sh_ = f * F - bit0
-                                    if sh_ >= 0:
-                                        val |= fv << sh_
-                                    else:
-                                        val |= fv >> (-sh_)
-                        arena32[csw + j] = np.uint32(val & LOW32)
-                    npw = (pbytes + 3) // 4
-                    pw_base = csw + nh
-                    for j in range(tid, npw, NT):
-                        byte0 = 4 * j
-                        # last pack whose payload starts at or before byte0 (it contains byte0)
-                        lo_i = np.int64(0)
-                        hi_i = RD - 1
-                        while lo_i < hi_i:
-                            mid = (lo_i + hi_i + 1) >> 1
-                            if PK[po0 + gb + mid] <= byte0:
-                                lo_i = mid
-                            else:
-                                hi_i = mid - 1
-                        val = np.int64(0)
-                        f = lo_i
-                        while f < RD:
-                            poff = np.int64(PK[po0 + gb + f])
-                            if poff >= byte0 + 4:
-                                break
-                            info = np.int64(PK[pi0 + gb + f])
-                            w = info & 0xFF
-                            if w > 0:
-                                pmin = info >> 8
-                                r = f // D
-                                d = f - r * D
-                                uu, wi, ln = chan_word(layer, h, kv, d, D, WU, WK)
-                                rel_bit = 8 * (byte0 - poff)     # word start, relative to the pack
-                                v0 = max(rel_bit, 0) // w
-                                v1 = min((rel_bit + 31) // w, P - 1)
-                                ob = or0 + uu * T + r * P
-                                for vj in range(v0, v1 + 1):
-                                    t = sh32[ob + vj]
-                                    lev = ((LVA[lv0 + t * W + wi] >> (E_ * ln)) & LM) - pmin
-                                    sh_ = vj * w - rel_bit
-                                    if sh_ >= 0:
-                                        val |= lev << sh_
-                                    else:
-                                        val |= lev >> (-sh_)
-                            f += 1
-                        arena32[pw_base + j] = np.uint32(val & LOW32)
-                for j in range(tid, (total - body) >> 2, NT):
-                    arena32[rw + (body >> 2) + j] = np.uint32(0)
+                ph_write_head(arena32, sh64, sh32, meta, tid)
+                ph_write_sections(arena32, LVA, lv0, PK, pi0, po0, sh64, sh32, meta, tid)
             cuda.syncthreads()
 
-    return cuda.jit(encode_kernel)
+    if SIMULATOR:
+        return cuda.jit(encode_kernel)
+    return cuda.jit(encode_kernel, max_registers=min(255, 65536 // NT))
 
 
 def get_kernel(E: int, NT: int, lv_shared: bool, pack_shared: bool):

@@ -1,0 +1,298 @@
+"""The GPU encoder (packkv/kernels/encoder.py) against the reference (packkv.codec): byte for byte.
+
+CPU (CI): the Numba CUDA kernel runs under Numba's CUDA simulator, in a subprocess, because the
+simulator must be switched on (NUMBA_ENABLE_CUDASIM=1) before anything imports numba.cuda, and other
+tests of the same session may already have imported it for real. The shapes are tiny (the simulator
+runs one Python thread per CUDA thread); every granularity, repack method and pack size is covered,
+on random and adversarial blocks (constant tokens, zeros, fp16 extremes and subnormals, outliers,
+arbitrary fp16 bit patterns), both lane widths (8-bit levels for rel >= ~1/126, 16-bit below), the
+global-scratch placement, NaN/inf refusals and a full arena.
+
+GPU (`-m gpu`): the compiled kernel on real shapes (SmolLM2 3 KV heads x 64, Llama-3.1-8B 8 x 128),
+both granularities, all repack methods and pack sizes, block 128, many blocks at once (the look-back
+across concurrent CTAs), NaN/inf and a full arena.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from packkv import codec
+from packkv.codec import CodecParams
+
+HERE = Path(__file__).resolve().parent
+ADVERSARIAL = ("gaussian", "constant_tokens", "zeros", "fp16_extremes", "outlier_channels", "huge_outlier",
+               "subnormals", "fp16_bits", "far_from_zero")
+
+
+def make_blocks(kinds, H, T, D, seed):
+    """k, v fp16 [len(kinds), H, T, D]: block i of K is of kinds[i][0], of V of kinds[i][1]."""
+    sys.path.insert(0, str(HERE))
+    from test_codec import make_block
+    rng = np.random.default_rng(seed)
+    k = np.stack([make_block(kk, (H, T, D), rng) for kk, _ in kinds])
+    v = np.stack([make_block(kv, (H, T, D), rng) for _, kv in kinds])
+    return k, v
+
+
+def mixed_kinds(n, seed):
+    rng = np.random.default_rng(seed)
+    return [(ADVERSARIAL[i % len(ADVERSARIAL)], ADVERSARIAL[int(rng.integers(len(ADVERSARIAL)))]) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The simulator worker: `python tests/test_encoder.py '<json list of cases>'` prints one JSON line
+# ----------------------------------------------------------------------------------------------------
+
+def _worker(cases):
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    import warnings
+    warnings.filterwarnings("ignore", category=RuntimeWarning)  # int64 SWAR words wrap in numpy scalars
+    from numba import cuda
+    from packkv.kernels import encoder
+    assert encoder.SIMULATOR
+    results = []
+    for case in cases:
+        params = CodecParams(**case["params"])
+        k, v = make_blocks([tuple(x) for x in case["kinds"]], case["H"], params.block, case["D"], case["seed"])
+        for name, where in case.get("poison", []):   # (array, [block, head, token, channel]) -> NaN / inf
+            (k if name == "k" else v)[tuple(where)] = np.float16(np.inf if where[-1] % 2 else np.nan)
+        used = case.get("used", 48)
+        out = {"id": case["id"]}
+        try:
+            ref, ref_offsets, _ = codec.encode_blocks(k, v, params)
+        except ValueError as exc:
+            ref, out["ref_error"] = None, str(exc)
+        size = case.get("arena", used + (ref.size if ref is not None else 0) + 64)
+        host = np.full(size, 0xA5, dtype=np.uint8)
+        arena = cuda.to_device(host)
+        enc = encoder.BlockEncoder(params, case["H"], case["D"], threads=case.get("threads", 64),
+                                   force_global=case.get("force_global", False))
+        out["E"], out["lv_shared"] = enc.plan.E, enc.plan.lv_shared
+        try:
+            offsets, new_used = enc.encode(k, v, arena, used)
+            got = arena.copy_to_host()
+            out["identical"] = bool(ref is not None and new_used - used == ref.size
+                                    and np.array_equal(got[used:new_used], ref)
+                                    and np.array_equal(offsets.copy_to_host(), used + ref_offsets))
+            out["prefix_untouched"] = bool((got[:used] == 0xA5).all())
+            out["bytes"] = int(new_used - used)
+        except ValueError as exc:
+            out["error"], out["error_type"] = str(exc), type(exc).__name__
+            out["needed"] = getattr(exc, "needed", None)
+            out["ref_bytes"] = None if ref is None else int(ref.size)
+        results.append(out)
+    print(json.dumps(results))
+
+
+def _start(cases):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), json.dumps(cases)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)
+
+
+def _collect(proc, timeout=1200):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-4000:]
+    return {r["id"]: r for r in json.loads(out.strip().splitlines()[-1])}
+
+
+def _params(**kw):
+    return {**vars(CodecParams()), **kw}
+
+
+def _identical_cases(granularity, repack):
+    cases = []
+    for i, pack in enumerate(codec.PACK_SIZES):
+        block = pack * (2 if pack < 32 else 1)
+        H, D = (2, 8) if pack < 32 else (1, 4)
+        cases.append(dict(id=f"p{pack}", params=_params(granularity=granularity, repack=repack, pack=pack,
+                                                          block=block),
+                          H=H, D=D, kinds=mixed_kinds(3, seed=i), seed=100 + i))
+    return cases
+
+
+def _lane_cases():
+    return [
+        dict(id="e16", params=_params(rel_k=2.0 ** -12, rel_v=0.05, pack=8, block=16), H=2, D=8,
+             kinds=mixed_kinds(2, 5), seed=1),
+        dict(id="e8_fine", params=_params(rel_k=0.01, rel_v=1.0, repack="sort", pack=8, block=8), H=3, D=4,
+             kinds=mixed_kinds(2, 6), seed=2),
+        dict(id="global", params=_params(pack=8, block=16, granularity="token-head"), H=3, D=12,
+             kinds=mixed_kinds(2, 7), seed=3, force_global=True),
+        dict(id="global_e16", params=_params(rel_k=2.0 ** -12, rel_v=2.0 ** -12, pack=8, block=16), H=1,
+             D=12, kinds=mixed_kinds(2, 8), seed=4, force_global=True, threads=32),
+    ]
+
+
+def _refusal_cases():
+    base = dict(params=_params(pack=8, block=16), H=2, D=8, kinds=mixed_kinds(3, 9), seed=11)
+    return [dict(base, id="nan_v", poison=[("v", [2, 0, 3, 4]), ("v", [1, 1, 9, 1])]),
+            dict(base, id="inf_k", poison=[("k", [1, 1, 5, 7]), ("v", [0, 0, 0, 0])]),
+            dict(base, id="full", arena=64 + 48)]
+
+
+SIM_JOBS = {f"test_simulated_encoder_is_byte_identical[{r}-{g}]": (_identical_cases, (g, r))
+            for g in codec.GRANULARITIES for r in codec.REPACK_METHODS}
+SIM_JOBS["test_simulated_lane_widths_placements_and_odd_shapes"] = (_lane_cases, ())
+SIM_JOBS["test_simulated_refusals"] = (_refusal_cases, ())
+
+
+@pytest.fixture(scope="module")
+def simulated(request):
+    """Starts the simulator jobs of every selected test at once (they are CPU-bound subprocesses)."""
+    selected = {item.name for item in request.session.items}
+    procs = {name: _start(make(*args)) for name, (make, args) in SIM_JOBS.items() if name in selected}
+    yield lambda name: _collect(procs[name])
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPU: the kernel under the CUDA simulator
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("granularity", codec.GRANULARITIES)
+@pytest.mark.parametrize("repack", codec.REPACK_METHODS)
+def test_simulated_encoder_is_byte_identical(simulated, request, granularity, repack):
+    """Every pack size, one or two packs per block, random and adversarial blocks in one batch."""
+    for r in simulated(request.node.name).values():
+        assert r.get("identical"), r
+        assert r["prefix_untouched"], r
+
+
+def test_simulated_lane_widths_placements_and_odd_shapes(simulated, request):
+    """16-bit lanes (rel 2**-12: ~4097 levels), 8-bit lanes at the edge (rel 0.01), the global
+    scratch for the level matrix, head_dim 4 and 12 (padding lanes), 3 heads, one warp per CTA."""
+    results = simulated(request.node.name)
+    assert results["e16"]["E"] == 16 and results["e8_fine"]["E"] == 8
+    assert not results["global"]["lv_shared"] and not results["global_e16"]["lv_shared"]
+    for r in results.values():
+        assert r.get("identical"), r
+
+
+def test_simulated_refusals(simulated, request):
+    """NaN/inf: a ValueError naming the first bad (array, block, head, token), as the codec names it,
+    and nothing committed; a too-small arena: ArenaFullError with the size it needs."""
+    r = simulated(request.node.name)
+    assert r["nan_v"]["error_type"] == "ValueError"
+    assert r["nan_v"]["error"] == r["nan_v"]["ref_error"], r["nan_v"]
+    assert "v has a non-finite" in r["nan_v"]["error"] and "block 1, head 1, token 9" in r["nan_v"]["error"]
+    assert r["inf_k"]["error"] == r["inf_k"]["ref_error"] and "k has a non-finite" in r["inf_k"]["error"]
+    assert "block 1, head 1, token 5" in r["inf_k"]["error"]
+    assert r["full"]["error_type"] == "ArenaFullError" and r["full"]["needed"] == 48 + r["full"]["ref_bytes"]
+
+
+def test_level_bound_and_lane_choice():
+    from packkv.kernels.encoder import lane_bits, level_bound
+    assert level_bound(0.1) == 11 and level_bound(0.2) == 6 and level_bound(1.0) == 3
+    assert lane_bits(CodecParams()) == 8 and lane_bits(CodecParams(rel_k=2.0 ** -12)) == 16
+    # the bound holds on adversarial data for every rel the codec test draws
+    rng = np.random.default_rng(0)
+    for rel in (2.0 ** -12, 0.01, 1 / 126, 0.1, 0.3, 1.0):
+        for kind in ADVERSARIAL:
+            sys.path.insert(0, str(HERE))
+            from test_codec import make_block
+            x = make_block(kind, (2, 64, 16), rng)
+            levels, _, _ = codec.quantize_tokens(x.astype(np.float32), rel)
+            assert levels.max() <= level_bound(rel), (rel, kind)
+
+
+def test_max_record_bytes_bounds_real_records():
+    from packkv.kernels.encoder import max_record_bytes
+    rng = np.random.default_rng(1)
+    for kind in ADVERSARIAL:
+        for params in (CodecParams(), CodecParams(granularity="token-head", pack=8), CodecParams(rel_k=2.0 ** -12)):
+            k, v = make_blocks([(kind, kind)], 3, params.block, 8, int(rng.integers(1 << 30)))
+            buf, _, _ = codec.encode_blocks(k, v, params)
+            assert buf.size <= max_record_bytes(params, 3, 8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: the compiled kernel on real shapes
+# ----------------------------------------------------------------------------------------------------
+
+def _gpu_encode(k, v, params, used=48, extra=64, arena_size=None, **options):
+    import cupy
+    from packkv.kernels.encoder import encode_blocks_device
+    ref, ref_offsets, _ = codec.encode_blocks(k, v, params)
+    size = arena_size or used + ref.size + extra
+    arena = cupy.full(size, 0xA5, dtype=cupy.uint8)
+    offsets, new_used = encode_blocks_device(cupy.asarray(k), cupy.asarray(v), params, arena, used, **options)
+    got = cupy.asnumpy(arena)
+    return ref, ref_offsets, got, cupy.asnumpy(cupy.asarray(offsets)), new_used
+
+
+def _assert_identical(k, v, params, used=48, **options):
+    ref, ref_offsets, got, offsets, new_used = _gpu_encode(k, v, params, used=used, **options)
+    assert new_used - used == ref.size
+    assert np.array_equal(offsets, used + ref_offsets)
+    diff = np.flatnonzero(got[used:new_used] != ref)
+    assert diff.size == 0, f"{diff.size} bytes differ, first at {diff[:8]}"
+    assert (got[:used] == 0xA5).all() and (got[new_used:] == 0xA5).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,D", [(3, 64), (8, 128)])
+@pytest.mark.parametrize("granularity", codec.GRANULARITIES)
+def test_gpu_greedy_real_shapes_byte_identical(gpu, H, D, granularity):
+    params = CodecParams(granularity=granularity)   # greedy, pack 16, block 64
+    k, v = make_blocks(mixed_kinds(12, H), H, params.block, D, seed=D + H)
+    _assert_identical(k, v, params)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("repack", codec.REPACK_METHODS)
+@pytest.mark.parametrize("pack", codec.PACK_SIZES)
+def test_gpu_repack_and_pack_sizes(gpu, repack, pack):
+    params = CodecParams(repack=repack, pack=pack)
+    k, v = make_blocks(mixed_kinds(4, pack), 8, params.block, 128, seed=pack)
+    _assert_identical(k, v, params)
+
+
+@pytest.mark.gpu
+def test_gpu_many_blocks_lookback(gpu):
+    """More blocks than CTAs in flight: records land in block order, offsets chain across CTAs."""
+    params = CodecParams()
+    k, v = make_blocks(mixed_kinds(600, 3), 3, 64, 64, seed=3)
+    _assert_identical(k, v, params, used=4096)
+
+
+@pytest.mark.gpu
+def test_gpu_block_128_and_fine_levels(gpu):
+    """Block 128 of the 8B shape (the level matrix lives in global scratch) and 16-bit lanes."""
+    _assert_identical(*make_blocks(mixed_kinds(4, 1), 8, 128, 128, seed=1), CodecParams(block=128))
+    _assert_identical(*make_blocks(mixed_kinds(4, 2), 3, 64, 64, seed=2),
+                      CodecParams(rel_k=2.0 ** -12, granularity="token-head"))
+
+
+@pytest.mark.gpu
+def test_gpu_refusals(gpu):
+    import cupy
+    from packkv.kernels.encoder import ArenaFullError, encode_blocks_device
+    params = CodecParams()
+    k, v = make_blocks(mixed_kinds(5, 4), 8, 64, 128, seed=4)
+    k[3, 5, 17, 100] = np.float16(np.nan)
+    k[4, 0, 0, 0] = np.float16(np.inf)
+    arena = cupy.zeros(1 << 20, dtype=cupy.uint8)
+    with pytest.raises(ValueError) as exc:
+        codec.encode_blocks(k, v, params)
+    with pytest.raises(ValueError, match="block 3, head 5, token 17") as got:
+        encode_blocks_device(cupy.asarray(k), cupy.asarray(v), params, arena, 0)
+    assert str(got.value) == str(exc.value)
+    k, v = make_blocks(mixed_kinds(5, 5), 8, 64, 128, seed=5)
+    ref, _, _ = codec.encode_blocks(k, v, params)
+    with pytest.raises(ArenaFullError) as full:
+        encode_blocks_device(cupy.asarray(k), cupy.asarray(v), params, cupy.zeros(4096, cupy.uint8), 16)
+    assert full.value.needed == 16 + ref.size
+
+
+if __name__ == "__main__":
+    _worker(json.loads(sys.argv[1]))
