@@ -268,8 +268,8 @@ class KVCache:
     committed (``length`` grows by T) and a compressing cache compresses its full blocks, all layers at
     once. There is no call to forget. Each layer appends once and attends once per step, attend after
     its own append; anything else (a second append of a layer, attend before append, a new step while
-    layers of the last one have not attended, T differing between layers) raises a RuntimeError-type
-    PackkvError that says which layers are missing. ``discard_step()`` drops an unfinished step. If
+    layers of the last one have not attended) raises a PackkvError that is a RuntimeError and says
+    which layers are missing (a T that differs between layers: a ValueError). ``discard_step()`` drops an unfinished step. If
     compression refuses the step (K or V not finite), the last attend raises and the step is dropped:
     the cache holds what it held before it.
 
@@ -279,8 +279,8 @@ class KVCache:
     cache's compute dtype (float16 on the GPU, float32 on the CPU) where they differ; bfloat16 goes
     through its own library's float32 first (NumPy and CuPy have no bfloat16). attend returns an array
     of q's library (numpy, cupy, torch or jax; any other DLPack producer gets a CuPy/NumPy array), on
-    the cache's device, in q's dtype. Whatever the input dtype, the cache stores float16 (dense on the
-    GPU, and the packkv window) or its compressed format.
+    the cache's device, in q's dtype. Whatever the input dtype, the cache stores float16 (the packkv
+    window; the dense kind on the GPU) or its compressed format; the dense kind on the CPU keeps float32.
 
     Sizes: bytes_used (every byte the committed tokens occupy: compressed records, their offset table,
     the fp16 window), bytes_reserved (everything set aside), compression_ratio (fp16 K/V bytes of the
