@@ -177,6 +177,7 @@ class ByteArena:
 
     def __init__(self, xp, capacity: int):
         self.xp, self.used = xp, 0
+        self.generation = 0                     # bumped when the data moves (kernels bake its address)
         self.data = self._allocate(max(capacity, 4096))
 
     def _allocate(self, nbytes: int):
@@ -192,6 +193,7 @@ class ByteArena:
             grown = self._allocate(max(2 * self.data.size, self.used + n + self.SLACK))
             grown[:self.used] = self.data[:self.used]
             self.data = grown
+            self.generation += 1
         start = self.used
         self.data[start:start + n] = self.xp.asarray(records)
         self.used += n
@@ -218,10 +220,10 @@ class BlockCache(KVCache, ABC):
     """
 
     per_sequence = {**KVCache.per_sequence, "window_k": 1, "window_v": 1, "window_len": 0, "window_starts": 0,
-                    "n_blocks": 0, "block_offsets": 1, "decoded_k": 1, "decoded_v": 1}
+                    "n_blocks": 0, "device_n_blocks": 0, "block_offsets": 1, "decoded_k": 1, "decoded_v": 1}
 
     def __init__(self, shape: CacheShape, backend: Backend, block: int, window: int = 128,
-                 max_new_tokens: int = 512):
+                 max_new_tokens: int = 512, keep_decoded: bool = True):
         super().__init__(shape, backend)
         if window < 0:
             raise PackkvError(f"--kv-window must be >= 0, not {window}")
@@ -239,13 +241,15 @@ class BlockCache(KVCache, ABC):
         self.window_len = np.zeros(s.batch, dtype=np.int64)
         self.window_starts = xp.zeros(s.batch, dtype=np.int32)   # window_len on the device
         self.n_blocks = np.zeros(s.batch, dtype=np.int64)
+        self.device_n_blocks = xp.zeros(s.batch, dtype=np.int32)  # n_blocks on the device
         # Start the arena at a sixth of what fp16 would take for a full context (about what packkv's
         # default bounds achieve); it doubles when a sequence compresses worse than that.
         self.arena = ByteArena(xp, s.batch * s.max_context * self.token_fp16_bytes() // 6)
-        # The reference path decodes each block once, when it is written, and attends over the decoded
-        # copy: the reference computation, without re-decoding the whole history every step. It is
-        # not counted in bytes_used: it stands in for decoding in registers, which the GPU kernels do.
-        decoded = (s.layers, s.batch, s.kv_heads, self.max_blocks * block, s.head_dim)
+        # The reference path (keep_decoded) decodes each block once, when it is written, and attends over
+        # the decoded copy, without re-decoding the whole history every step. It is not counted in
+        # bytes_used: it stands in for decoding in registers, which a kind's GPU kernels do instead.
+        self.keep_decoded = keep_decoded
+        decoded = (s.layers, s.batch, s.kv_heads, self.max_blocks * block if keep_decoded else 0, s.head_dim)
         self.decoded_k, self.decoded_v = xp.zeros(decoded, backend.dtype), xp.zeros(decoded, backend.dtype)
 
     @abstractmethod
@@ -290,7 +294,17 @@ class BlockCache(KVCache, ABC):
     def compressed_kv(self, layer: int, b: int):
         """K and V of sequence b's compressed blocks in storage order, [kv_heads, tokens, head_dim]."""
         tokens = int(self.n_blocks[b]) * self.block
-        return self.decoded_k[layer, b, :, :tokens], self.decoded_v[layer, b, :, :tokens]
+        if self.keep_decoded:
+            return self.decoded_k[layer, b, :, :tokens], self.decoded_v[layer, b, :, :tokens]
+        if tokens == 0:
+            empty = self.backend.xp.zeros((self.shape.kv_heads, 0, self.shape.head_dim), np.float16)
+            return empty, empty
+        return self.decompress(self.block_offsets[layer, b, :self.n_blocks[b]])
+
+    def decompress(self, offsets):
+        """The blocks whose records start at `offsets` (device int64), as [kv_heads, tokens, head_dim]
+        K and V; kinds that do not keep decoded copies decode here."""
+        raise PackkvError(f"the {self.kind} cache keeps no decoded copies and has no decoder")
 
     # ---- once per step --------------------------------------------------------------------------
 
@@ -302,6 +316,7 @@ class BlockCache(KVCache, ABC):
         super().advance(new_tokens)
         self.window_len[...] = window_len - due * self.block
         set_device_array(self.window_starts, self.window_len)
+        set_device_array(self.device_n_blocks, self.n_blocks)
 
     def compress(self, due: np.ndarray, window_len: np.ndarray) -> None:
         """Encode the oldest due[b] blocks of every sequence's window, all layers in one encoder call,
@@ -320,7 +335,8 @@ class BlockCache(KVCache, ABC):
         base = self.arena.append(buffer)
         for (layer, b, j), start in zip(owners, base + offsets[:-1]):
             self.block_offsets[layer, b, j] = int(start)
-        self.store_decoded(buffer, offsets, owners)
+        if self.keep_decoded:
+            self.store_decoded(buffer, offsets, owners)
         for b in np.flatnonzero(due):
             tokens = due[b] * block
             keep = window_len[b] - tokens
@@ -367,14 +383,44 @@ class BlockCache(KVCache, ABC):
 
 class PackkvCache(BlockCache):
     """PackKV's compressed cache: blocks in packkv/codec.py's format (token-wise relative-error
-    quantization, repacking, bit-packing), read by attention without decompressing to memory."""
+    quantization, repacking, bit-packing). On the GPU, decode attention reads the compressed bytes and
+    decompresses in registers (kernels/packkv_attention.cu); prefill chunks decompress the blocks they
+    need; nothing decoded is kept. On the CPU, the NumPy reference path."""
 
     kind = "packkv"
 
     def __init__(self, shape: CacheShape, backend: Backend, params: codec.CodecParams = codec.CodecParams(),
                  window: int = 128, max_new_tokens: int = 512):
         self.params = params
-        super().__init__(shape, backend, params.block, window, max_new_tokens)
+        super().__init__(shape, backend, params.block, window, max_new_tokens, keep_decoded=not backend.is_gpu)
+
+    @property
+    def graph_capturable(self) -> bool:
+        return self.backend.is_gpu
+
+    @property
+    def layout_version(self) -> int:
+        return self.arena.generation
+
+    def append(self, layer: int, k, v) -> None:
+        super().append(layer, k, v)
+        if layer == 0 and self.backend.is_gpu:     # the window lengths the kernel sees, on the device
+            self.window_ends = self.window_starts + np.int32(self.pending)
+
+    def attend(self, layer: int, q):
+        if not (self.backend.is_gpu and self.pending == 1):
+            return super().attend(layer, q)
+        from packkv.kernels.attention_kernels import compressed_decode_attention
+        out = compressed_decode_attention(q[:, :, 0], self.arena.data, self.block_offsets[layer],
+                                          self.device_n_blocks, self.window_k[layer], self.window_v[layer],
+                                          self.window_ends, self.params)
+        return out[:, :, None]
+
+    def decompress(self, offsets):
+        from packkv.kernels.attention_kernels import decompress_blocks
+        k, v = decompress_blocks(self.arena.data, offsets, self.params, self.shape.kv_heads, self.shape.head_dim)
+        # [n, Hkv, block, D] -> [Hkv, n * block, D]
+        return tuple(x.transpose(1, 0, 2, 3).reshape(self.shape.kv_heads, -1, self.shape.head_dim) for x in (k, v))
 
     def encode(self, k_blocks, v_blocks):
         buffer, offsets, _ = codec.encode_blocks(k_blocks, v_blocks, self.params)

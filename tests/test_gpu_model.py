@@ -58,6 +58,30 @@ def test_batched_graph_decode_gives_each_sequence_its_tokens(engines):
     assert [t.token_ids for t in together] == alone
 
 
+def test_packkv_cache_greedy_tokens_agree_on_gpu_and_cpu(engines):
+    """Long enough a prompt that blocks are compressed at prefill and during decode (window 32, block 64):
+    the GPU's fused kernels and the CPU's reference path pick the same tokens."""
+    prompt = ("The history of the city begins with a small settlement on the river. Over the centuries it "
+              "grew into a market town, then a centre of trade and learning. ") * 6
+    tokens = []
+    for engine in engines:
+        ids = engine.prompt_ids(prompt, chat=False)
+        result = generate(engine, ids, 32, SamplingParams(), "packkv", show_progress=False, stop_at_eos=False,
+                          window=32)
+        assert result.cache_stats["compression_ratio"] > 2
+        tokens.append(result.token_ids)
+    assert len(engines[0].prompt_ids(prompt, chat=False)) > 3 * 64
+    assert tokens[0] == tokens[1]
+
+
+def test_packkv_graph_replay_gives_the_eager_tokens(engines):
+    _, gpu_engine = engines
+    ids = gpu_engine.prompt_ids("Once upon a time, in a land far away, " * 20, chat=False)
+    runs = [generate(gpu_engine, ids, 100, SamplingParams(), "packkv", show_progress=False, stop_at_eos=False,
+                     use_graph=use_graph, window=16) for use_graph in (True, False)]
+    assert runs[0].token_ids == runs[1].token_ids
+
+
 def test_gpu_out_of_memory_is_a_clear_error(gpu):
     shape = CacheShape(layers=80, kv_heads=64, head_dim=256, batch=64, max_context=131072)
     with pytest.raises(PackkvError, match=r"out of GPU memory: the dense KV cache .* needs \d+\.\d MiB"):
