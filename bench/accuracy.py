@@ -68,12 +68,11 @@ def run_step(command: list[str]) -> None:
 
 def merge_sweeps(parts: list[dict]) -> dict:
     """One sweep from the per-granularity runs (same text, windows and dense reference)."""
-    from packkv.eval import compare_families
+    from packkv.eval import comparisons
     merged = {**parts[0], "points": [p for part in parts for p in part["points"]],
               "commands": [part["command"] for part in parts]}
     del merged["command"]
-    merged["comparison"] = compare_families(merged["points"])
-    return merged
+    return {**merged, **comparisons(merged["points"])}
 
 
 def summarize(r: dict) -> dict:
@@ -96,15 +95,16 @@ def summarize(r: dict) -> dict:
                                                                        "packkv": packkv_pk["by_length"]},
             "met": all(packkv_pk["by_length"][n] >= a for n, a in dense_pk["by_length"].items())},
     }
-    for name, c in comparison.items():
-        targets[f"packkv_over_quant_at_{name}"] = {
-            "target": f">= {TARGET_OVER_QUANT}", "measured": c["packkv_over_quant"],
-            "met": c["packkv_over_quant"] is not None and c["packkv_over_quant"] >= TARGET_OVER_QUANT}
+    for prefix, key in (("", "comparison"), ("kl_", "comparison_kl")):
+        for name, c in sweep[key].items():
+            targets[f"packkv_over_quant_at_{prefix}{name}"] = {
+                "target": f">= {TARGET_OVER_QUANT}", "measured": c["packkv_over_quant"],
+                "met": c["packkv_over_quant"] is not None and c["packkv_over_quant"] >= TARGET_OVER_QUANT}
     return {"profile": tune["profile"], "evaluation": {k: kl[k] for k in (
         "ppl", "dense_ppl", "ppl_increase_pct", "kl", "top1_agreement", "compression_ratio",
         "block_compression_ratio", "tokens", "windows")}, "compression_ratio_at_8k_tokens": ratio_8k,
         "passkey": {"dense": dense_pk["by_length"], "packkv": packkv_pk["by_length"]},
-        "comparison": comparison, "targets": targets}
+        "comparison": comparison, "comparison_kl": sweep["comparison_kl"], "targets": targets}
 
 
 def markdown(summary: dict, commands: dict) -> str:
@@ -131,9 +131,14 @@ def markdown(summary: dict, commands: dict) -> str:
     ]
     for name, label in (("quant_4bit", "4-bit quant's"), ("1pct", "1%")):
         if name in c:
-            rows.append(f"| ratio at {label} perplexity increase (+{c[name]['ppl_increase_pct']:.2f}%): packkv vs "
+            rows.append(f"| ratio at {label} perplexity increase ({c[name]['ppl_increase_pct']:+.2f}%): packkv vs "
                         f"quant | {x(c[name]['packkv_ratio'])}x vs {x(c[name]['quant_ratio'])}x = "
                         f"{x(c[name]['packkv_over_quant'])} | >= 1.5 | {ok('packkv_over_quant_at_' + name)} |")
+    for name, label in (("quant_4bit", "4-bit quant's"), ("kl_0.02", "0.02 nats")):
+        ck = s["comparison_kl"][name]
+        rows.append(f"| ratio at {label} KL ({ck['kl']:.4f}): packkv vs quant | {x(ck['packkv_ratio'])}x vs "
+                    f"{x(ck['quant_ratio'])}x = {x(ck['packkv_over_quant'])} | (>= 1.5) | "
+                    f"{ok('packkv_over_quant_at_kl_' + name)} |")
     lengths = s["passkey"]["dense"]
     rows += ["", "| passkey retrieval | " + " | ".join(f"{int(n) // 1024}K" for n in lengths) + " |",
              "|---|" + "---|" * len(lengths),

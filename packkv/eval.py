@@ -322,22 +322,29 @@ def ratio_at(points: list[tuple[float, float]], x: float) -> float | None:
     return f[-1][1]
 
 
-def compare_families(points: list[dict]) -> dict:
-    """packkv's compression ratio against the quant baseline's at equal perplexity increase: at the
-    increase of 4-bit quant (KIVI's group 32, else the smallest measured group) and at 1%. Ratios are
-    of the compressed blocks (records and offset table), what a long context approaches."""
+def compare_families(points: list[dict], metric: str = "ppl_increase_pct", fixed: tuple = ("1pct", 1.0)) -> dict:
+    """packkv's compression ratio against the quant baseline's at equal `metric` (perplexity increase in %,
+    or "kl"): at 4-bit quant's value (KIVI's group 32, else the smallest measured group) and at
+    fixed = (name, value). Ratios are of the compressed blocks (records and offset table), what a long
+    context approaches."""
     def curve(kind):
-        return [(p["ppl_increase_pct"], p["block_compression_ratio"]) for p in points if p["cache"] == kind]
+        return [(p[metric], p["block_compression_ratio"]) for p in points if p["cache"] == kind]
 
     four = sorted((p for p in points if p["cache"] == "quant" and p["bits"] == 4), key=lambda p: p["group"])
     four = [p for p in four if p["group"] == 32] or four
-    at = ({"quant_4bit": four[0]["ppl_increase_pct"]} if four else {}) | {"1pct": 1.0}
+    at = ({"quant_4bit": four[0][metric]} if four else {}) | {fixed[0]: fixed[1]}
     out = {}
     for name, x in at.items():
         packkv, quant = ratio_at(curve("packkv"), x), ratio_at(curve("quant"), x)
-        out[name] = {"ppl_increase_pct": x, "packkv_ratio": packkv, "quant_ratio": quant,
+        out[name] = {metric: x, "packkv_ratio": packkv, "quant_ratio": quant,
                      "packkv_over_quant": packkv / quant if packkv and quant else None}
     return out
+
+
+def comparisons(points: list[dict]) -> dict:
+    """At equal perplexity increase (4-bit quant's, 1%) and, less noisy, at equal KL (4-bit quant's, 0.02)."""
+    return {"comparison": compare_families(points),
+            "comparison_kl": compare_families(points, "kl", ("kl_0.02", 0.02))}
 
 
 def plot_sweep(result: dict, path: Path) -> None:
@@ -362,9 +369,9 @@ def plot_sweep(result: dict, path: Path) -> None:
                 if kind == "quant":
                     ax.annotate(f"{p['bits']}b g{p['group']}", (p[metric], p["block_compression_ratio"]),
                                 fontsize=7, xytext=(3, 3), textcoords="offset points")
-        if metric == "ppl_increase_pct":
-            for x in (c["ppl_increase_pct"] for c in result["comparison"].values()):
-                ax.axvline(x, color="gray", ls=":", lw=1)
+        key = "comparison" if metric == "ppl_increase_pct" else "comparison_kl"
+        for x in (c[metric] for c in result.get(key, {}).values()):
+            ax.axvline(x, color="gray", ls=":", lw=1)
         ax.set_xscale("symlog", linthresh=0.1 if metric == "ppl_increase_pct" else 1e-3)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("compression ratio vs fp16 (blocks, every byte)")
@@ -530,10 +537,12 @@ def sweep_command(args) -> dict:
     windows = text_windows(engine, args)
     dense, points = score_against_dense(engine, windows, specs, desc="sweep")
     result = {**run_header(args, engine), "windows": windows.describe(), "dense": dense, "points": points,
-              "comparison": compare_families(points)}
-    for name, c in result["comparison"].items():
-        print(f"at +{c['ppl_increase_pct']:.3f}% perplexity ({name}): packkv {fmt(c['packkv_ratio'])}x, "
-              f"quant {fmt(c['quant_ratio'])}x, packkv/quant {fmt(c['packkv_over_quant'])}")
+              **comparisons(points)}
+    for key, unit in (("comparison", "% perplexity"), ("comparison_kl", " nats KL")):
+        for name, c in result[key].items():
+            x = c["ppl_increase_pct" if key == "comparison" else "kl"]
+            print(f"at {x:+.4g}{unit} ({name}): packkv {fmt(c['packkv_ratio'])}x, quant {fmt(c['quant_ratio'])}x, "
+                  f"packkv/quant {fmt(c['packkv_over_quant'])}")
     if args.plot:
         plot_sweep(result, Path(args.plot))
     return result

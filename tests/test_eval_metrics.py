@@ -193,6 +193,7 @@ def test_frontier_and_interpolation_by_hand():
               {"cache": "packkv", "ppl_increase_pct": 1.25, "block_compression_ratio": 8.0}]
     c = compare_families(points)
     assert c["quant_4bit"]["packkv_ratio"] == pytest.approx(5.0) and c["quant_4bit"]["quant_ratio"] == 3.0
+    assert c["quant_4bit"]["ppl_increase_pct"] == 0.5
     assert c["1pct"]["packkv_ratio"] == pytest.approx(7.0) and c["1pct"]["quant_ratio"] == pytest.approx(3.1)
     assert c["1pct"]["packkv_over_quant"] == pytest.approx(7.0 / 3.1)
 
@@ -208,7 +209,9 @@ def test_sweep_measures_both_families_and_plots(tiny, capsys, tmp_path):
     for p in result["points"]:
         assert p["ppl_increase_pct"] == pytest.approx(100 * (p["ppl"] / result["dense"]["ppl"] - 1))
         assert p["kl"] >= 0 and 0 <= p["top1_agreement"] <= 1 and p["block_compression_ratio"] > 1
-    assert set(result["comparison"]) == {"quant_4bit", "1pct"}
+    assert set(result["comparison"]) == {"quant_4bit", "1pct"} and set(result["comparison_kl"]) == {"quant_4bit",
+                                                                                                   "kl_0.02"}
+    assert result["comparison_kl"]["quant_4bit"]["kl"] == result["points"][-1]["kl"]   # 4-bit g32
     assert plot.stat().st_size > 10_000
 
 
