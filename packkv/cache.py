@@ -139,10 +139,7 @@ class DenseCache(KVCache):
             raise out_of_memory_error(nbytes, f"the dense KV cache for {shape.max_context} tokens") from exc
 
     def append(self, layer: int, k, v) -> None:
-        T = self.check_append(layer, k, v)
-        if layer == 0:  # one mask per step, shared by every layer
-            key_lengths = self.lengths + T
-            self.step_mask = causal_mask(self.backend.xp, key_lengths, T, int(key_lengths.max()))
+        self.check_append(layer, k, v)
         append_at(self.backend, k, v, self.k[layer], self.v[layer], self.lengths, self.starts)
 
     def attend(self, layer: int, q):
@@ -150,7 +147,10 @@ class DenseCache(KVCache):
             from packkv.kernels.dense_attention import dense_decode_attention
             out = dense_decode_attention(q[:, :, 0], self.k[layer], self.v[layer], self.starts, extra=1)
             return out[:, :, None]
-        end = int(self.lengths.max()) + self.pending
+        key_lengths = self.lengths + self.pending
+        end = int(key_lengths.max())
+        if layer == 0:  # one mask per step, shared by every layer (layer 0 attends first)
+            self.step_mask = causal_mask(self.backend.xp, key_lengths, self.pending, end)
         return causal_attention(self.backend.xp, q, self.k[layer, :, :, :end], self.v[layer, :, :, :end],
                                 self.step_mask)
 
@@ -230,7 +230,8 @@ class BlockCache(KVCache, ABC):
         xp, s = backend.xp, shape
         self.block, self.window, self.max_new_tokens = block, window, max_new_tokens
         self.window_capacity = window + block + max_new_tokens
-        self.max_blocks = -(-s.max_context // block)
+        # an even count keeps every layer's [B, max_blocks] int64 table 16-byte aligned, as kernels want
+        self.max_blocks = -(-s.max_context // block) + (-(-s.max_context // block)) % 2
         dims = (s.layers, s.batch, s.kv_heads, self.window_capacity, s.head_dim)
         try:
             self.window_k = xp.zeros(dims, dtype=np.float16)
