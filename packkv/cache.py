@@ -186,14 +186,23 @@ class ByteArena:
         except (MemoryError, _gpu_oom_type()) as exc:
             raise out_of_memory_error(nbytes, "growing the compressed KV arena") from exc
 
-    def append(self, records) -> int:
-        """Copy records (uint8, host or device) to the end; returns their start offset."""
-        n = int(records.size)
-        if self.used + n + self.SLACK > self.data.size:
-            grown = self._allocate(max(2 * self.data.size, self.used + n + self.SLACK))
+    def ensure(self, total: int) -> None:
+        """Make room for `total` bytes of records (plus the slack), doubling at least."""
+        if total + self.SLACK > self.data.size:
+            grown = self._allocate(max(2 * self.data.size, total + self.SLACK))
             grown[:self.used] = self.data[:self.used]
             self.data = grown
             self.generation += 1
+
+    @property
+    def writable(self):
+        """The bytes records may occupy: all but the slack."""
+        return self.data[:self.data.size - self.SLACK]
+
+    def append(self, records) -> int:
+        """Copy records (uint8, host or device) to the end; returns their start offset."""
+        n = int(records.size)
+        self.ensure(self.used + n)
         start = self.used
         self.data[start:start + n] = self.xp.asarray(records)
         self.used += n
@@ -332,12 +341,11 @@ class BlockCache(KVCache, ABC):
             owners += [(layer, b, self.n_blocks[b] + j) for layer in range(s.layers) for j in range(due[b])]
         k_all, v_all = xp.concatenate(k_blocks), xp.concatenate(v_blocks)
         self.refuse_nonfinite(k_all, v_all, owners)
-        buffer, offsets = self.encode(self.backend.to_numpy(k_all), self.backend.to_numpy(v_all))
-        base = self.arena.append(buffer)
-        for (layer, b, j), start in zip(owners, base + offsets[:-1]):
-            self.block_offsets[layer, b, j] = int(start)
+        offsets = self.write_records(k_all, v_all)
+        layer_index, row_index, block_index = (np.array(column) for column in zip(*owners))
+        self.block_offsets[layer_index, row_index, block_index] = xp.asarray(offsets[:-1])
         if self.keep_decoded:
-            self.store_decoded(buffer, offsets, owners)
+            self.store_decoded(offsets, owners)
         for b in np.flatnonzero(due):
             tokens = due[b] * block
             keep = window_len[b] - tokens
@@ -356,8 +364,15 @@ class BlockCache(KVCache, ABC):
                 raise PackkvError(f"cannot compress the KV cache: {name} of layer {layer}, sequence {b}, KV head "
                                   f"{head}, token position {j * self.block + t} is not finite (NaN or inf)")
 
-    def store_decoded(self, buffer, offsets, owners) -> None:
-        k_hat, v_hat = (self.backend.xp.asarray(x) for x in self.decode(buffer, offsets))
+    def write_records(self, k_blocks, v_blocks) -> np.ndarray:
+        """Encode blocks [n, kv_heads, block, D] into the arena; the records' offsets [n + 1] (host int64,
+        records back to back). Here: encode on the host, copy in; a kind may encode on the device."""
+        buffer, offsets = self.encode(self.backend.to_numpy(k_blocks), self.backend.to_numpy(v_blocks))
+        return self.arena.append(buffer) + offsets
+
+    def store_decoded(self, offsets, owners) -> None:
+        records = self.backend.to_numpy(self.arena.data[offsets[0]:offsets[-1]])
+        k_hat, v_hat = (self.backend.xp.asarray(x) for x in self.decode(records, offsets - offsets[0]))
         block = self.block
         for i, (layer, b, j) in enumerate(owners):
             self.decoded_k[layer, b, :, j * block:(j + 1) * block] = k_hat[i]
@@ -422,6 +437,22 @@ class PackkvCache(BlockCache):
         k, v = decompress_blocks(self.arena.data, offsets, self.params, self.shape.kv_heads, self.shape.head_dim)
         # [n, Hkv, block, D] -> [Hkv, n * block, D]
         return tuple(x.transpose(1, 0, 2, 3).reshape(self.shape.kv_heads, -1, self.shape.head_dim) for x in (k, v))
+
+    def write_records(self, k_blocks, v_blocks) -> np.ndarray:
+        """On the GPU the Numba encoder (kernels/encoder.py, bit-identical to codec.py) writes the records
+        straight into the arena in one launch; the arena doubles and the launch repeats if they do not fit."""
+        if not self.backend.is_gpu:
+            return super().write_records(k_blocks, v_blocks)
+        from packkv.kernels.encoder import ArenaFullError, encode_blocks_device
+        while True:
+            try:
+                offsets, used = encode_blocks_device(k_blocks, v_blocks, self.params, self.arena.writable,
+                                                     self.arena.used)
+                break
+            except ArenaFullError as full:
+                self.arena.ensure(full.needed)
+        self.arena.used = used
+        return offsets.get()
 
     def encode(self, k_blocks, v_blocks):
         buffer, offsets, _ = codec.encode_blocks(k_blocks, v_blocks, self.params)
