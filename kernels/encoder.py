@@ -135,7 +135,7 @@ else:
 _KERNELS: dict = {}
 
 
-def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
+def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
     LPW = 64 // E                       # levels per int64 word
     LM = np.int64((1 << E) - 1)         # lane mask
     LANE_MAX = (1 << (E - 1)) - 1       # SWAR compare needs the lane's top bit clear
@@ -303,6 +303,64 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
     # 1. quantize: LV rows (token-major, unit-major words), per-token steps/offsets, sums, norms
     # ------------------------------------------------------------------------------------------
     @cuda.jit(device=True)
+    def load_chunk(X, b, H, T, t, DQ, layer, u, j, NCH):
+        """8-byte word j (4 fp16 channels) of token t's unit u, or 0 past the unit's end."""
+        if j >= NCH:
+            return np.int64(0)
+        h = u
+        wd = j
+        if layer:
+            h = j // DQ
+            wd = j - h * DQ
+        return X[((b * H + h) * T + t) * DQ + wd]
+
+    @cuda.jit(device=True)
+    def chunk_minmax(ck, cv, j, NCH, lok, hik, lov, hiv, bad_code, bad_k, bad_v):
+        """Fold 4 K and 4 V fp16 values into the running ranges; NaN/inf lower bad_code."""
+        if j < NCH:
+            for i in range(4):
+                hk = (ck >> (16 * i)) & 0xFFFF
+                hv = (cv >> (16 * i)) & 0xFFFF
+                if (hk & 0x7C00) == 0x7C00:
+                    bad_code = min(bad_code, bad_k)
+                else:
+                    x = half_to_f32(hk)
+                    lok = min(lok, x)
+                    hik = max(hik, x)
+                if (hv & 0x7C00) == 0x7C00:
+                    bad_code = min(bad_code, bad_v)
+                else:
+                    x = half_to_f32(hv)
+                    lov = min(lov, x)
+                    hiv = max(hiv, x)
+        return lok, hik, lov, hiv, bad_code
+
+    @cuda.jit(device=True)
+    def chunk_levels(ck, cv, j, NCH, stk, stv, offk, offv, row, WK, LVA, LV32, work, ssum, ssq):
+        """Quantize 4 K and 4 V values and store them as LV lanes; returns the running sums."""
+        if j < NCH:
+            pk = np.int64(0)
+            pv = np.int64(0)
+            for i in range(4):
+                qk = np.int64(round(half_to_f32((ck >> (16 * i)) & 0xFFFF) / stk)) - offk
+                qv = np.int64(round(half_to_f32((cv >> (16 * i)) & 0xFFFF) / stv)) - offv
+                if qk < 0 or qk > LANE_MAX or qv < 0 or qv > LANE_MAX:
+                    cuda.atomic.max(work, W_INTERNAL, 1)
+                    qk = min(max(qk, 0), LANE_MAX)
+                    qv = min(max(qv, 0), LANE_MAX)
+                ssum += qk + qv
+                ssq += qk * qk + qv * qv
+                pk |= qk << (E_ * i)
+                pv |= qv << (E_ * i)
+            if E == 8:   # 4 levels = half a word
+                LV32[2 * row + j] = np.int32(pk)
+                LV32[2 * (row + WK) + j] = np.int32(pv)
+            else:
+                LVA[row + j] = pk
+                LVA[row + WK + j] = pv
+        return ssum, ssq
+
+    @cuda.jit(device=True)
     def ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, rel_k, rel_v, tid):
         n_blocks = meta[iN]
         H = meta[iH]
@@ -323,65 +381,73 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
         ov0 = meta[oOV] >> 2
         mi0 = meta[oMI] >> 3
         DQ = D >> 2
-        NCH = CU >> 2
+        NCH = CU >> 2              # 8-byte chunks (4 channels) of a token's unit, per K and per V
         UT = n_units * T
         groups = NT // GSQ
         g = tid // GSQ
         sub = tid % GSQ
-        # this lane's first chunk: head and word within the head's row (token-layer walks the heads)
-        h_first = np.int64(0)
-        wd_first = sub
-        if layer:
-            h_first = sub // DQ
-            wd_first = sub - h_first * DQ
+        span = GSQ * QCH           # chunks a lane group holds in registers (QCH per lane) at a time
         iters = (UT + groups - 1) // groups
+        z = np.int64(0)
         for it_k in range(iters):
             it = g + groups * it_k
             valid = it < UT
             u = it // T
             t = it - u * T
-            hu = h_first
-            if not layer:
-                hu = u
             lok = F_BIG
             hik = -F_BIG
             lov = F_BIG
             hiv = -F_BIG
             bad_code = NO_NAN
+            k0 = k1 = k2 = k3 = k4 = k5 = k6 = k7 = z
+            v0 = v1 = v2 = v3 = v4 = v5 = v6 = v7 = z
+            nch = z
             if valid:
-                h = hu
-                wd = wd_first
-                for j in range(sub, NCH, GSQ):
-                    a = ((b * H + h) * T + t) * DQ + wd
-                    ck = K64[a]
-                    cv = V64[a]
-                    for i in range(4):
-                        hk = (ck >> (16 * i)) & 0xFFFF
-                        hv = (cv >> (16 * i)) & 0xFFFF
-                        if (hk & 0x7C00) == 0x7C00:
-                            code = (b * H + h) * T + t
-                            if code < bad_code:
-                                bad_code = code
-                        else:
-                            x = half_to_f32(hk)
-                            if x < lok:
-                                lok = x
-                            if x > hik:
-                                hik = x
-                        if (hv & 0x7C00) == 0x7C00:
-                            code = n_blocks * H * T + (b * H + h) * T + t
-                            if code < bad_code:
-                                bad_code = code
-                        else:
-                            x = half_to_f32(hv)
-                            if x < lov:
-                                lov = x
-                            if x > hiv:
-                                hiv = x
-                    wd += GSQ
-                    while wd >= DQ:
-                        wd -= DQ
-                        h += 1
+                nch = NCH
+            for j0 in range(0, NCH, span):
+                j = j0 + sub
+                # every load first (QCH x 2 in flight per lane), then the arithmetic
+                k0 = load_chunk(K64, b, H, T, t, DQ, layer, u, j, nch)
+                v0 = load_chunk(V64, b, H, T, t, DQ, layer, u, j, nch)
+                if QCH == 8:
+                    k1 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + GSQ, nch)
+                    v1 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + GSQ, nch)
+                    k2 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 2 * GSQ, nch)
+                    v2 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 2 * GSQ, nch)
+                    k3 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 3 * GSQ, nch)
+                    v3 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 3 * GSQ, nch)
+                    k4 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 4 * GSQ, nch)
+                    v4 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 4 * GSQ, nch)
+                    k5 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 5 * GSQ, nch)
+                    v5 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 5 * GSQ, nch)
+                    k6 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 6 * GSQ, nch)
+                    v6 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 6 * GSQ, nch)
+                    k7 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 7 * GSQ, nch)
+                    v7 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 7 * GSQ, nch)
+                for c in range(QCH):
+                    jc = j + c * GSQ
+                    hh = u
+                    if layer:
+                        hh = jc // DQ
+                    bk = (b * H + hh) * T + t
+                    if c == 0:
+                        ck, cv = k0, v0
+                    elif c == 1:
+                        ck, cv = k1, v1
+                    elif c == 2:
+                        ck, cv = k2, v2
+                    elif c == 3:
+                        ck, cv = k3, v3
+                    elif c == 4:
+                        ck, cv = k4, v4
+                    elif c == 5:
+                        ck, cv = k5, v5
+                    elif c == 6:
+                        ck, cv = k6, v6
+                    else:
+                        ck, cv = k7, v7
+                    lok, hik, lov, hiv, bad_code = chunk_minmax(ck, cv, jc, nch, lok, hik, lov, hiv, bad_code,
+                                                                bk, n_blocks * H * T + bk)
             lok = grp_min(lok, GSQ)
             hik = grp_max(hik, GSQ)
             lov = grp_min(lov, GSQ)
@@ -390,47 +456,57 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
             if valid and bad_code < NO_NAN and sub == 0:
                 cuda.atomic.min(work, W_NAN, bad_code)
                 sh64[mi0 + 1] = 1
-            ssum = np.int64(0)
-            ssq = np.int64(0)
+            ssum = z
+            ssq = z
             stk = np.float32(1)
             stv = np.float32(1)
-            offk = np.int64(0)
-            offv = np.int64(0)
+            offk = z
+            offv = z
             if valid and bad_code == NO_NAN:
                 stk = quant_step(lok, hik, rel_k)
                 stv = quant_step(lov, hiv, rel_v)
                 offk = np.int64(round(lok / stk))
                 offv = np.int64(round(lov / stv))
                 row = lv0 + t * W + u * WU
-                h = hu
-                wd = wd_first
-                for j in range(sub, NCH, GSQ):
-                    a = ((b * H + h) * T + t) * DQ + wd
-                    ck = K64[a]
-                    cv = V64[a]
-                    pk = np.int64(0)
-                    pv = np.int64(0)
-                    for i in range(4):
-                        qk = np.int64(round(half_to_f32((ck >> (16 * i)) & 0xFFFF) / stk)) - offk
-                        qv = np.int64(round(half_to_f32((cv >> (16 * i)) & 0xFFFF) / stv)) - offv
-                        if qk < 0 or qk > LANE_MAX or qv < 0 or qv > LANE_MAX:
-                            cuda.atomic.max(work, W_INTERNAL, 1)
-                            qk = min(max(qk, 0), LANE_MAX)
-                            qv = min(max(qv, 0), LANE_MAX)
-                        ssum += qk + qv
-                        ssq += qk * qk + qv * qv
-                        pk |= qk << (E_ * i)
-                        pv |= qv << (E_ * i)
-                    if E == 8:   # 4 levels = half a word
-                        LV32[2 * row + j] = np.int32(pk)
-                        LV32[2 * (row + WK) + j] = np.int32(pv)
-                    else:
-                        LVA[row + j] = pk
-                        LVA[row + WK + j] = pv
-                    wd += GSQ
-                    while wd >= DQ:
-                        wd -= DQ
-                        h += 1
+                for j0 in range(0, NCH, span):
+                    j = j0 + sub
+                    if NCH > span:   # the token did not fit in the registers: load this part again
+                        k0 = load_chunk(K64, b, H, T, t, DQ, layer, u, j, NCH)
+                        v0 = load_chunk(V64, b, H, T, t, DQ, layer, u, j, NCH)
+                        if QCH == 8:
+                            k1 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + GSQ, NCH)
+                            v1 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + GSQ, NCH)
+                            k2 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 2 * GSQ, NCH)
+                            v2 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 2 * GSQ, NCH)
+                            k3 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 3 * GSQ, NCH)
+                            v3 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 3 * GSQ, NCH)
+                            k4 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 4 * GSQ, NCH)
+                            v4 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 4 * GSQ, NCH)
+                            k5 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 5 * GSQ, NCH)
+                            v5 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 5 * GSQ, NCH)
+                            k6 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 6 * GSQ, NCH)
+                            v6 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 6 * GSQ, NCH)
+                            k7 = load_chunk(K64, b, H, T, t, DQ, layer, u, j + 7 * GSQ, NCH)
+                            v7 = load_chunk(V64, b, H, T, t, DQ, layer, u, j + 7 * GSQ, NCH)
+                    for c in range(QCH):
+                        if c == 0:
+                            ck, cv = k0, v0
+                        elif c == 1:
+                            ck, cv = k1, v1
+                        elif c == 2:
+                            ck, cv = k2, v2
+                        elif c == 3:
+                            ck, cv = k3, v3
+                        elif c == 4:
+                            ck, cv = k4, v4
+                        elif c == 5:
+                            ck, cv = k5, v5
+                        elif c == 6:
+                            ck, cv = k6, v6
+                        else:
+                            ck, cv = k7, v7
+                        ssum, ssq = chunk_levels(ck, cv, j + c * GSQ, NCH, stk, stv, offk, offv, row, WK, LVA,
+                                                 LV32, work, ssum, ssq)
                 if E == 8 and (NCH & 1) != 0 and sub == 0:   # zero the unused half of the last words
                     LV32[2 * (row + WK) - 1] = 0
                     LV32[2 * (row + WU) - 1] = 0
@@ -1133,10 +1209,12 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool):
     return cuda.jit(encode_kernel, max_registers=min(255, 65536 // NT))
 
 
-def get_kernel(E: int, NT: int, lv_shared: bool, pack_shared: bool):
-    key = (E, NT, lv_shared, pack_shared)
+def get_kernel(E: int, NT: int, lv_shared: bool, pack_shared: bool, chunks_per_lane: int = 8):
+    """The kernel for lane width E, NT threads, the level matrix / pack tables in shared memory or not,
+    and chunks_per_lane 8-byte input words per lane held in registers while quantizing a token."""
+    key = (E, NT, lv_shared, pack_shared, chunks_per_lane)
     if key not in _KERNELS:
-        _KERNELS[key] = _build_kernel(E, NT, lv_shared, pack_shared)
+        _KERNELS[key] = _build_kernel(E, NT, lv_shared, pack_shared, chunks_per_lane)
     return _KERNELS[key]
 
 
@@ -1267,6 +1345,17 @@ def _as_device(x, name: str):
                      f"got {type(x).__name__}")
 
 
+def _like_cupy(array):
+    """A CuPy view of a Numba device array when CuPy is there (zero-copy), else the array itself."""
+    if SIMULATOR:
+        return array
+    try:
+        import cupy
+    except ImportError:
+        return array
+    return cupy.asarray(array)
+
+
 def _stream():
     if SIMULATOR:
         return 0
@@ -1282,7 +1371,7 @@ class BlockEncoder:
     """Compiles (once) and runs the encoder for one (params, n_kv_heads, head_dim) configuration."""
 
     def __init__(self, params: codec.CodecParams, n_kv_heads: int, head_dim: int, threads: int = 512,
-                 force_global: bool = False, max_ctas: int | None = None):
+                 force_global: bool = False, max_ctas: int | None = None, chunks_per_lane: int = 8):
         if not isinstance(params, codec.CodecParams):
             raise ValueError(f"params must be a codec.CodecParams, got {type(params).__name__}")
         if not (1 <= n_kv_heads <= 255):
@@ -1296,10 +1385,12 @@ class BlockEncoder:
         self.info = _device_info()
         self.plan = _Plan(params, n_kv_heads, head_dim, threads, self.info["smem_block"], force_global)
         p = self.plan
-        self.kernel = get_kernel(p.E, threads, p.lv_shared, p.pack_shared)
+        self.qch = chunks_per_lane
+        self.kernel = get_kernel(p.E, threads, p.lv_shared, p.pack_shared, chunks_per_lane)
         per_sm = max(1, min(2048 // threads, self.info["smem_sm"] // (p.shared_bytes + 1024)))
         self.max_ctas = max_ctas or self.info["sms"] * per_sm
         self._scratch = None
+        self._fallback = False
 
     # -- the one call ------------------------------------------------------------------------------
     def encode(self, k, v, arena, used: int):
@@ -1333,7 +1424,7 @@ class BlockEncoder:
         offsets = cuda.device_array(n + 1, dtype=np.int64, stream=stream)
         if n == 0:
             offsets.copy_to_device(np.array([used], dtype=np.int64), stream=stream)
-            return offsets, used
+            return _like_cupy(offsets), used
         if not (dk.is_c_contiguous() and dv.is_c_contiguous()):
             raise ValueError("k and v must be C-contiguous")
         k64, v64 = dk.reshape(-1).view(np.int64), dv.reshape(-1).view(np.int64)
@@ -1345,9 +1436,21 @@ class BlockEncoder:
         work_host[W_NAN] = NO_NAN
         work = cuda.to_device(work_host, stream=stream)
         meta = cuda.to_device(p.meta(n, used, cap), stream=stream)
-        config = self.kernel[grid, self.NT, stream, p.shared_bytes]
-        self._allow_shared(config, p.shared_bytes)
-        config(k64, v64, arena32, meta, work, offsets, g64, g32, np.float32(params.rel_k), np.float32(params.rel_v))
+        args = (k64, v64, arena32, meta, work, offsets, g64, g32, np.float32(params.rel_k), np.float32(params.rel_v))
+        try:
+            self._launch(grid, stream, args)
+        except Exception as exc:   # the >48 KiB shared-memory opt-in refused: level matrix to global scratch
+            if SIMULATOR or p.shared_bytes <= 48 * 1024 or self._fallback:
+                raise
+            import warnings
+            warnings.warn(f"packkv GPU encoder: launch with {p.shared_bytes} bytes of shared memory failed "
+                          f"({type(exc).__name__}: {exc}); using global scratch for the level matrix")
+            self._fallback = True
+            self.plan = p = _Plan(params, self.H, self.D, self.NT, 48 * 1024, force_global=True)
+            self.kernel = get_kernel(p.E, self.NT, p.lv_shared, p.pack_shared, self.qch)
+            meta = cuda.to_device(p.meta(n, used, cap), stream=stream)
+            g64, g32 = self._scratch_views(grid, stream)
+            self._launch(grid, stream, (k64, v64, arena32, meta, work, offsets, g64, g32) + args[8:])
         flags = work[:4].copy_to_host(stream=stream)
         if not SIMULATOR:
             stream.synchronize()
@@ -1362,7 +1465,12 @@ class BlockEncoder:
             raise RuntimeError("packkv GPU encoder: a quantized level exceeded its lane (an encoder bug)")
         if over:
             raise ArenaFullError(end, cap)
-        return offsets, end
+        return _like_cupy(offsets), end
+
+    def _launch(self, grid, stream, args):
+        config = self.kernel[grid, self.NT, stream, self.plan.shared_bytes]
+        self._allow_shared(config, self.plan.shared_bytes)
+        config(*args)
 
     def _scratch_views(self, grid: int, stream):
         nbytes = max(16, grid * self.plan.scratch_bytes)

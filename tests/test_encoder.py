@@ -73,7 +73,8 @@ def _worker(cases):
         host = np.full(size, 0xA5, dtype=np.uint8)
         arena = cuda.to_device(host)
         enc = encoder.BlockEncoder(params, case["H"], case["D"], threads=case.get("threads", 64),
-                                   force_global=case.get("force_global", False))
+                                   force_global=case.get("force_global", False),
+                                   chunks_per_lane=case.get("chunks_per_lane", 8))
         out["E"], out["lv_shared"] = enc.plan.E, enc.plan.lv_shared
         try:
             offsets, new_used = enc.encode(k, v, arena, used)
@@ -128,6 +129,8 @@ def _lane_cases():
              kinds=mixed_kinds(2, 7), seed=3, force_global=True),
         dict(id="global_e16", params=_params(rel_k=2.0 ** -12, rel_v=2.0 ** -12, pack=8, block=16), H=1,
              D=12, kinds=mixed_kinds(2, 8), seed=4, force_global=True, threads=32),
+        dict(id="reload", params=_params(pack=8, block=8), H=2, D=72, kinds=mixed_kinds(2, 9), seed=5,
+             chunks_per_lane=1),   # a token wider than a lane group's registers: quantize reloads it
     ]
 
 
@@ -170,7 +173,8 @@ def test_simulated_encoder_is_byte_identical(simulated, request, granularity, re
 
 def test_simulated_lane_widths_placements_and_odd_shapes(simulated, request):
     """16-bit lanes (rel 2**-12: ~4097 levels), 8-bit lanes at the edge (rel 0.01), the global
-    scratch for the level matrix, head_dim 4 and 12 (padding lanes), 3 heads, one warp per CTA."""
+    scratch for the level matrix, head_dim 4 and 12 (padding lanes), 3 heads, one warp per CTA, tokens
+    wider than the registers that hold them while quantizing."""
     results = simulated(request.node.name)
     assert results["e16"]["E"] == 16 and results["e8_fine"]["E"] == 8
     assert not results["global"]["lv_shared"] and not results["global_e16"]["lv_shared"]
