@@ -24,27 +24,18 @@ def test_a_row_is_a_view_of_the_batch():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, params", [("dense", {}),
-                                          ("packkv", {"params": CodecParams(block=16), "window": 8})])
-def test_batch_gives_each_sequence_its_own_tokens(smollm2_folder, kind, params):
+def test_batch_gives_each_sequence_its_own_tokens_and_text(smollm2_folder):
+    """Through the packkv cache (block 16, window 8: blocks are compressed during prefill and decode);
+    each sequence's text streams to its own callback."""
+    params = {"params": CodecParams(block=16), "window": 8}
     engine = Engine(str(smollm2_folder), device="cpu")
     prompts = [engine.prompt_ids(p, chat=False) for p in PROMPTS]
     assert len({len(p) for p in prompts}) == 3
-    alone = [generate(engine, ids, 12, SamplingParams(), kind, show_progress=False, stop_at_eos=False, **params)
-             for ids in prompts]
-    together = generate_batch(engine, prompts, 12, SamplingParams(), kind, show_progress=False,
-                              stop_at_eos=False, **params)
-    for a, t in zip(alone, together):
-        assert t.token_ids == a.token_ids and t.text == a.text
+    alone = [generate(engine, ids, 12, SamplingParams(), "packkv", show_progress=False, stop_at_eos=False,
+                      **params) for ids in prompts]
+    pieces = {b: [] for b in range(3)}
+    together = generate_batch(engine, prompts, 12, SamplingParams(), "packkv", show_progress=False,
+                              stop_at_eos=False, on_text=lambda b, piece: pieces[b].append(piece), **params)
+    for b, (a, t) in enumerate(zip(alone, together)):
+        assert t.token_ids == a.token_ids and t.text == a.text == "".join(pieces[b])
     assert together[0].cache_stats["kv_bytes_used"] > alone[0].cache_stats["kv_bytes_used"]
-
-
-@pytest.mark.slow
-def test_batch_streams_text_per_sequence(smollm2_folder):
-    engine = Engine(str(smollm2_folder), device="cpu")
-    pieces = {0: [], 1: []}
-    results = generate_batch(engine, [engine.prompt_ids(p, chat=False) for p in PROMPTS[:2]], 12,
-                             SamplingParams(), on_text=lambda b, piece: pieces[b].append(piece),
-                             show_progress=False)
-    for b, result in enumerate(results):
-        assert "".join(pieces[b]) == result.text
