@@ -159,6 +159,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
     F_2M14 = np.float32(2.0 ** -14)
     F_2P112 = np.float32(2.0 ** 112)
     I_BIG = np.int64(1 << 40)
+    F_MAGIC = np.float32(1.5 * 2.0 ** 23)
 
     @cuda.jit(device=True)
     def swar_max(a, b):
@@ -189,31 +190,52 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
 
     @cuda.jit(device=True)
     def grp_sum(v, gs):
-        off = gs >> 1
-        while off > 0:
-            v += shfl_xor(v, off)
-            off >>= 1
+        """Sum over aligned groups of gs lanes (gs a power of two <= 32, the same in the whole warp)."""
+        if gs > 16:
+            v += shfl_xor(v, 16)
+        if gs > 8:
+            v += shfl_xor(v, 8)
+        if gs > 4:
+            v += shfl_xor(v, 4)
+        if gs > 2:
+            v += shfl_xor(v, 2)
+        if gs > 1:
+            v += shfl_xor(v, 1)
         return v
 
     @cuda.jit(device=True)
     def grp_min(v, gs):
-        off = gs >> 1
-        while off > 0:
-            o = shfl_xor(v, off)
-            if o < v:
-                v = o
-            off >>= 1
+        if gs > 16:
+            v = min(v, shfl_xor(v, 16))
+        if gs > 8:
+            v = min(v, shfl_xor(v, 8))
+        if gs > 4:
+            v = min(v, shfl_xor(v, 4))
+        if gs > 2:
+            v = min(v, shfl_xor(v, 2))
+        if gs > 1:
+            v = min(v, shfl_xor(v, 1))
         return v
 
     @cuda.jit(device=True)
     def grp_max(v, gs):
-        off = gs >> 1
-        while off > 0:
-            o = shfl_xor(v, off)
-            if o > v:
-                v = o
-            off >>= 1
+        if gs > 16:
+            v = max(v, shfl_xor(v, 16))
+        if gs > 8:
+            v = max(v, shfl_xor(v, 8))
+        if gs > 4:
+            v = max(v, shfl_xor(v, 4))
+        if gs > 2:
+            v = max(v, shfl_xor(v, 2))
+        if gs > 1:
+            v = max(v, shfl_xor(v, 1))
         return v
+
+    @cuda.jit(device=True)
+    def rint32(y):
+        """rint of a float32 |y| < 2**22, in fp32 arithmetic: adding 1.5 * 2**23 rounds to an integer
+        (half to even), subtracting it back is exact."""
+        return np.int64((y + F_MAGIC) - F_MAGIC)
 
     @cuda.jit(device=True)
     def half_to_f32(h):
@@ -342,8 +364,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
             pk = np.int64(0)
             pv = np.int64(0)
             for i in range(4):
-                qk = np.int64(round(half_to_f32((ck >> (16 * i)) & 0xFFFF) / stk)) - offk
-                qv = np.int64(round(half_to_f32((cv >> (16 * i)) & 0xFFFF) / stv)) - offv
+                qk = rint32(half_to_f32((ck >> (16 * i)) & 0xFFFF) / stk) - offk
+                qv = rint32(half_to_f32((cv >> (16 * i)) & 0xFFFF) / stv) - offv
                 if qk < 0 or qk > LANE_MAX or qv < 0 or qv > LANE_MAX:
                     cuda.atomic.max(work, W_INTERNAL, 1)
                     qk = min(max(qk, 0), LANE_MAX)
@@ -465,8 +487,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
             if valid and bad_code == NO_NAN:
                 stk = quant_step(lok, hik, rel_k)
                 stv = quant_step(lov, hiv, rel_v)
-                offk = np.int64(round(lok / stk))
-                offv = np.int64(round(lov / stv))
+                offk = rint32(lok / stk)
+                offv = rint32(lov / stv)
                 row = lv0 + t * W + u * WU
                 for j0 in range(0, NCH, span):
                     j = j0 + sub
@@ -622,8 +644,15 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
                 shf[sc0 + u * T + i] = sc
 
     @cuda.jit(device=True)
+    def word_cost(q, lo, hi):
+        return swar_width_sum(swar_max(q, hi) - swar_min(q, lo))
+
+    @cuda.jit(device=True)
     def ph_costs(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid):
-        """COSTP[s][u][i] = sum over segment s of unit u's words of width(max(hi,q)-min(lo,q))."""
+        """COSTP[s][u][i] = sum over segment s of unit u's words of width(max(hi,q)-min(lo,q)).
+
+        Lane groups of GS lanes have a fixed (unit, segment) class: a lane keeps the pack's lo/hi of
+        its (at most 4) words in registers and walks the candidates, 4 independent words at a time."""
         T = meta[iT]
         WU = meta[iWU]
         W = meta[iW]
@@ -637,36 +666,74 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
         groups = NT // GS
         g = tid // GS
         sub = tid % GS
-        n_items = n_units * n_rem * S
-        iters = (n_items + groups - 1) // groups
-        for it_k in range(iters):
-            it = g + groups * it_k
-            acc = np.int64(0)
-            rest = it // S
-            s = it - rest * S
-            u = rest // n_rem
-            i = rest - u * n_rem
-            if it < n_items:
-                t = sh32[rb + u * T + i]
-                w0 = u * WU + s * SEGW
-                w1 = min(w0 + SEGW, (u + 1) * WU)
-                wi = w0 + sub
-                pq = np.uint64(lv0 + t * W + wi)     # unsigned indices: no negative-index wraparound
-                plo = np.uint64(lo0 + wi)
-                phi = np.uint64(hi0 + wi)
-                step = np.uint64(GS)
-                while wi < w1:
-                    q = LVA[pq]
-                    mx = swar_max(q, sh64[phi])
-                    mn = swar_min(q, sh64[plo])
-                    acc += swar_width_sum(mx - mn)
-                    wi += GS
-                    pq += step
-                    plo += step
-                    phi += step
-            acc = grp_sum(acc, GS)
-            if it < n_items and sub == 0:
-                sh32[cp0 + (s * n_units + u) * T + i] = np.int32(acc)
+        classes = n_units * S
+        if groups >= classes:          # usual: several groups per class, a class per group
+            per = groups // classes
+            rank = g // classes
+            c_first = g % classes
+            c_rounds = 1
+        else:                          # more classes than groups: each group takes several classes
+            per = 1
+            rank = np.int64(0)
+            c_first = g
+            c_rounds = (classes + groups - 1) // groups
+        for c_round in range(c_rounds):
+            cls = c_first + c_round * groups
+            on = cls < classes
+            if not on:
+                cls = 0
+            u = cls // S
+            s = cls - u * S
+            w0 = u * WU + s * SEGW
+            w1 = min(w0 + SEGW, (u + 1) * WU)
+            wa = w0 + sub
+            wb = wa + GS
+            wc = wb + GS
+            wd = wc + GS
+            ok_a = wa < w1
+            ok_b = wb < w1
+            ok_c = wc < w1
+            ok_d = wd < w1
+            if not ok_a:
+                wa = w0
+            if not ok_b:
+                wb = wa
+            if not ok_c:
+                wc = wa
+            if not ok_d:
+                wd = wa
+            lo_a = sh64[lo0 + wa]
+            hi_a = sh64[hi0 + wa]
+            lo_b = sh64[lo0 + wb]
+            hi_b = sh64[hi0 + wb]
+            lo_c = sh64[lo0 + wc]
+            hi_c = sh64[hi0 + wc]
+            lo_d = sh64[lo0 + wd]
+            hi_d = sh64[hi0 + wd]
+            rbu = rb + u * T
+            out = cp0 + (s * n_units + u) * T
+            iters = (n_rem + per - 1) // per
+            for k in range(iters):
+                i = rank + per * k
+                valid = on and rank < per and i < n_rem
+                acc = np.int64(0)
+                if valid:
+                    row = np.uint64(lv0 + sh32[rbu + i] * W)
+                    ca = word_cost(LVA[row + np.uint64(wa)], lo_a, hi_a)
+                    cb = word_cost(LVA[row + np.uint64(wb)], lo_b, hi_b)
+                    cc = word_cost(LVA[row + np.uint64(wc)], lo_c, hi_c)
+                    cd = word_cost(LVA[row + np.uint64(wd)], lo_d, hi_d)
+                    if ok_a:
+                        acc += ca
+                    if ok_b:
+                        acc += cb
+                    if ok_c:
+                        acc += cc
+                    if ok_d:
+                        acc += cd
+                acc = grp_sum(acc, GS)
+                if valid and sub == 0:
+                    sh32[out + i] = np.int32(acc)
 
     @cuda.jit(device=True)
     def ph_pick(LVA, lv0, sh64, sh32, shf, meta, rb, rn, n_rem, pos, seed, tid):
@@ -685,7 +752,15 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
         or0 = meta[oOR] >> 2
         lane = tid & 31
         warp = tid >> 5
-        for u in range(n_units):
+        # one unit: every warp finds the pick (no barrier); several: warps share the units, then sync
+        u_first = np.int64(0)
+        u_step = np.int64(1)
+        slot = pw0 + warp * n_units
+        if n_units > 1:
+            u_first = warp
+            u_step = np.int64(NW)
+            slot = pw0
+        for u in range(u_first, n_units, u_step):
             bi = I_BIG
             if seed:
                 bestf = -1.0
@@ -694,14 +769,12 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
                     if sc > bestf:
                         bestf = sc
                         bi = i
-                off = 16
-                while off > 0:
+                for off in (16, 8, 4, 2, 1):
                     obf = shfl_xor(bestf, off)
                     oi = shfl_xor(bi, off)
                     if obf > bestf or (obf == bestf and oi < bi):
                         bestf = obf
                         bi = oi
-                    off >>= 1
             else:
                 best = I_BIG
                 for i in range(lane, n_rem, 32):
@@ -711,20 +784,21 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
                     if cst < best:
                         best = cst
                         bi = i
-                off = 16
-                while off > 0:
+                for off in (16, 8, 4, 2, 1):
                     obc = shfl_xor(best, off)
                     oi = shfl_xor(bi, off)
                     if obc < best or (obc == best and oi < bi):
                         best = obc
                         bi = oi
-                    off >>= 1
             if lane == 0:
-                sh32[pw0 + warp * n_units + u] = np.int32(bi)
-        syncwarp()
+                sh32[slot + u] = np.int32(bi)
+        if n_units > 1:
+            cuda.syncthreads()
+        else:
+            syncwarp()
         for wi in range(tid, W, NT):
             u = wi // WU
-            ip = sh32[pw0 + warp * n_units + u]
+            ip = sh32[slot + u]
             t = sh32[rb + u * T + ip]
             q = LVA[lv0 + t * W + wi]
             if seed:
@@ -937,41 +1011,58 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
     # 4. look-back (thread 0): the record's offset in the arena
     # ------------------------------------------------------------------------------------------
     @cuda.jit(device=True)
-    def ph_lookback(b, bad, sh64, meta, work, offsets):
+    def ph_lookback(b, bad, sh64, meta, work, offsets, lane):
+        """Warp 0: publish this tile's size, then sum the predecessors' sizes 32 tiles at a time until
+        one that knows its inclusive prefix (decoupled look-back); publish the inclusive prefix."""
         n_blocks = meta[iN]
         mi0 = meta[oMI] >> 3
         size = np.int64(0)
         if bad == 0:
             size = sh64[mi0 + 3]
+        if lane == 0:
+            if b == 0:
+                cuda.atomic.add(work, W_STATUS + b, FLAG_PRE | size)
+            else:
+                cuda.atomic.add(work, W_STATUS + b, FLAG_AGG | size)
         excl = np.int64(0)
-        if b == 0:
-            cuda.atomic.add(work, W_STATUS + b, FLAG_PRE | size)
-        else:
-            cuda.atomic.add(work, W_STATUS + b, FLAG_AGG | size)
-            j = b - 1
-            while True:
+        top = b - 1
+        while top >= 0:
+            j = top - lane
+            st = FLAG_PRE             # before tile 0: nothing
+            if j >= 0:
                 st = cuda.atomic.add(work, W_STATUS + j, 0)
-                flag = st >> 60
-                if flag == 0:
-                    continue
-                excl += st & VAL_MASK
-                if flag == 2:
+            flag = st >> 60
+            first_pre = np.int64(32)
+            if flag == 2:
+                first_pre = lane
+            first_pre = grp_min(first_pre, 32)
+            missing = np.int64(0)
+            if flag == 0 and lane < first_pre:
+                missing = np.int64(1)
+            if grp_max(missing, 32) == 0:         # else: a tile in the window is not done, read again
+                val = np.int64(0)
+                if lane <= first_pre:
+                    val = st & VAL_MASK
+                excl += grp_sum(val, 32)
+                if first_pre < 32:
                     break
-                j -= 1
-            cuda.atomic.add(work, W_STATUS + b, (FLAG_PRE | (excl + size)) - (FLAG_AGG | size))
-        base = meta[iUSED] + excl
-        offsets[b] = base
-        if b == n_blocks - 1:
-            offsets[n_blocks] = base + size
-            work[W_END] = base + size
-        skip = 0
-        if bad != 0:
-            skip = 1
-        elif base + size > meta[iCAP]:
-            cuda.atomic.max(work, W_OVER, 1)
-            skip = 1
-        sh64[mi0 + 2] = base
-        sh64[mi0 + 4] = skip
+                top -= 32
+        if lane == 0:
+            if b > 0:
+                cuda.atomic.add(work, W_STATUS + b, (FLAG_PRE | (excl + size)) - (FLAG_AGG | size))
+            base = meta[iUSED] + excl
+            offsets[b] = base
+            if b == n_blocks - 1:
+                offsets[n_blocks] = base + size
+                work[W_END] = base + size
+            skip = 0
+            if bad != 0:
+                skip = 1
+            elif base + size > meta[iCAP]:
+                cuda.atomic.max(work, W_OVER, 1)
+                skip = 1
+            sh64[mi0 + 2] = base
+            sh64[mi0 + 4] = skip
 
     # ------------------------------------------------------------------------------------------
     # 5. write: every 32-bit word of the record by one thread
@@ -1196,8 +1287,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
                 cuda.syncthreads()
                 ph_sections(PK, pi0, sh64, sh32, meta, tid)
                 ph_pack_offsets(PK, pi0, po0, sh64, sh32, meta, tid)
-            if tid == 0:
-                ph_lookback(b, bad, sh64, meta, work, offsets)
+            if tid < 32:
+                ph_lookback(b, bad, sh64, meta, work, offsets, tid)
             cuda.syncthreads()
             if sh64[mi0 + 4] == 0:
                 ph_write_head(arena32, sh64, sh32, meta, tid)
@@ -1282,7 +1373,7 @@ class _Plan:
         NW = threads // 32
         GSQ = min(32, _pow2ceil(CU // 4))
         GS = min(32, _pow2ceil(max(1, WU // 4)))
-        S = max(1, WU // (GS * 4))
+        S = -(-WU // (GS * 4))           # segments of at most 4 words per lane
         SEGW = -(-WU // S)
         UT = n_units * T
         regions = {  # name -> bytes
