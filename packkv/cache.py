@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 import copy
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -248,6 +249,7 @@ class BlockCache(KVCache, ABC):
             self.block_offsets = xp.zeros((s.layers, s.batch, self.max_blocks), dtype=np.int64)
         except (MemoryError, _gpu_oom_type()) as exc:
             raise out_of_memory_error(2 * np.prod(dims) * 2, "the KV cache's fp16 window") from exc
+        self.compress_seconds, self.compress_events = 0.0, 0   # host time spent encoding blocks
         self.window_len = np.zeros(s.batch, dtype=np.int64)
         self.window_starts = xp.zeros(s.batch, dtype=np.int32)   # window_len on the device
         self.n_blocks = np.zeros(s.batch, dtype=np.int64)
@@ -322,7 +324,10 @@ class BlockCache(KVCache, ABC):
         window_len = self.window_len + new_tokens
         due = np.maximum(window_len - self.window, 0) // self.block   # full blocks past the window
         if due.any():
+            start = time.perf_counter()
             self.compress(due, window_len)   # may refuse (NaN, inf): then the step is not committed
+            self.compress_seconds += time.perf_counter() - start
+            self.compress_events += 1
         super().advance(new_tokens)
         self.window_len[...] = window_len - due * self.block
         set_device_array(self.window_starts, self.window_len)
@@ -393,6 +398,7 @@ class BlockCache(KVCache, ABC):
         stats = super().stats()
         elements = int(self.lengths.sum()) * self.token_fp16_bytes() // 2
         stats.update(bits_per_element=8 * self.bytes_used() / elements if elements else None,
+                     compress_seconds=self.compress_seconds, compress_events=self.compress_events,
                      kv_params={**self.kind_params(), "window": self.window})
         return stats
 
