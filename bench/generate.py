@@ -1,11 +1,16 @@
-"""Decode speed of packkv against Hugging Face transformers, on the same model, prompt and GPU.
+"""Decode speed of packkv's caches against each other and against Hugging Face transformers.
 
-    python bench/generate.py [--weights DIR] [--contexts 512 4096 8000] [--decode-tokens 128]
+    python bench/generate.py --model smollm2 [--weights DIR] [--contexts 512 4096 8000]
+    python bench/generate.py --model llama-3.1-8b --contexts 1024 32768 131072 --batches 1 8
 
-For each prompt length: packkv's decode tok/s for each cache kind, and transformers' (fp16, sdpa) with its
-dynamic and static caches when torch imports. Every engine is warmed up first; decode time excludes the
-prefill (transformers: time of generating 1 + N tokens minus that of generating 1). Writes
-bench/results/generate.json and generate.png.
+SmolLM2 runs with its real weights on a real prompt (prefill, then decode). A random-weight model of a
+real shape (`--model llama-3.1-8b`, llama-2-7b, tinyllama-1.1b) has its caches filled with random K/V
+of the given length instead of a prefill (labelled kv_data "random"), then decodes. Decode tok/s counts
+the tokens of all sequences of the batch over the decode time, compression included; every engine is
+warmed up first. Transformers (fp16, sdpa, dynamic and static cache) runs beside SmolLM2 at batch 1 when
+torch imports. `capacity`: the longest context (batch 1) and the largest batch (at --capacity-context)
+each cache kind holds in the GPU memory left beside the weights, from the bytes per token it reported.
+Writes bench/results/<out>.json and a plot.
 """
 from __future__ import annotations
 
@@ -14,11 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_TEXT, header, print_table, write_json, RESULTS  # noqa: E402
+import numpy as np
 
-from packkv.generate import Engine, SamplingParams, generate  # noqa: E402
-from packkv.weights.default import default_weights_folder  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_TEXT, RESULTS, header, print_table, write_json  # noqa: E402
+
+from packkv.generate import Engine, SamplingParams, Sampler, generate_batch, make_decoder  # noqa: E402
+from packkv.weights.random import PRESETS  # noqa: E402
+
+WORKSPACE_BYTES = 2 << 30    # set aside for activations, logits and kernel workspaces in capacity estimates
 
 
 def prompt_of_length(engine: Engine, text_path: Path, tokens: int) -> list[int]:
@@ -28,13 +37,51 @@ def prompt_of_length(engine: Engine, text_path: Path, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
-def packkv_decode_tok_s(engine: Engine, ids: list[int], decode_tokens: int, cache: str) -> float:
-    result = generate(engine, ids, decode_tokens, SamplingParams(), cache_kind=cache, show_progress=False,
-                      stop_at_eos=False)
-    return result.stats()["decode_tok_s"]
+def real_prompt_decode(engine, text, context, batch, cache, steps) -> tuple[float, dict]:
+    """Prefill `batch` real prompts of `context` tokens (shifted apart in the text), decode `steps`."""
+    ids = prompt_of_length(engine, text, context + 64 * batch)
+    prompts = [ids[64 * b: 64 * b + context] for b in range(batch)]
+    results = generate_batch(engine, prompts, steps + 1, SamplingParams(), cache, show_progress=False,
+                             stop_at_eos=False)
+    return batch * steps / results[0].decode_seconds, results[0].cache_stats
 
 
-def transformers_decode_tok_s(model, torch, ids: list[int], decode_tokens: int, cache: str) -> float:
+def fill_random(engine, cache, context: int, chunk: int = 512) -> None:
+    """Append `context` tokens of random K/V (N(0, 1), fp16) to every sequence, as a prefill would."""
+    xp, s = engine.backend.xp, cache.shape
+    rng = xp.random.default_rng(0)
+    for start in range(0, context, chunk):
+        T = min(chunk, context - start)
+        for layer in range(s.layers):
+            k = rng.standard_normal((s.batch, s.kv_heads, T, s.head_dim), dtype=np.float32).astype(np.float16)
+            v = rng.standard_normal((s.batch, s.kv_heads, T, s.head_dim), dtype=np.float32).astype(np.float16)
+            cache.append(layer, k, v)
+        cache.advance(T)
+
+
+def random_kv_decode(engine, context, batch, cache_kind, steps) -> tuple[float, dict]:
+    cache = engine.new_cache(cache_kind, batch=batch, tokens=context + steps + 1)
+    fill_random(engine, cache, context)
+    decoder, sampler = make_decoder(engine, cache), Sampler(SamplingParams(), engine.backend)
+    ids = [1] * batch
+    decoder.step(ids)                                   # capture (or warm up) outside the timing
+    engine.backend.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = decoder.step(ids)
+        ids = [sampler(logits[b, -1]) for b in range(batch)]
+    engine.backend.synchronize()
+    return batch * steps / (time.perf_counter() - start), cache.stats()
+
+
+def transformers_decode_tok_s(folder, ids: list[int], steps: int, cache: str) -> float | None:
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return None
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float16,
+                                                          attn_implementation="sdpa").cuda().eval()
     prompt = torch.tensor([ids], device="cuda")
 
     def timed(new_tokens: int) -> float:
@@ -45,74 +92,104 @@ def transformers_decode_tok_s(model, torch, ids: list[int], decode_tokens: int, 
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    timed(1 + decode_tokens)      # warm-up at this prompt length: allocations, the static cache's compile
-    return (decode_tokens) / (timed(1 + decode_tokens) - timed(1))
+    timed(1 + steps)           # warm-up at this prompt length: allocations, the static cache's compile
+    return steps / (timed(1 + steps) - timed(1))
 
 
-def load_transformers(folder):
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        return None, None
-    if not torch.cuda.is_available():
-        return None, None
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float16,
-                                                          attn_implementation="sdpa").cuda().eval()
-    return model, torch
+def capacity(engine, records: list[dict], model: str, capacity_context: int) -> list[dict]:
+    """Tokens that fit beside the weights, per cache kind, from the bytes per token each one reported at
+    its longest measured context (so window and headers are included at that length)."""
+    import cupy
+    free = cupy.cuda.runtime.memGetInfo()[1] - engine.model.weight_bytes() - WORKSPACE_BYTES
+    out = []
+    for kind in sorted({r["cache"] for r in records if r["engine"] == "packkv"}):
+        longest = max((r for r in records if r["cache"] == kind and r["engine"] == "packkv"),
+                      key=lambda r: r["context"] * r["batch"])
+        per_token = longest["kv_bytes_used"] / (longest["context"] * longest["batch"])
+        tokens = int(free / per_token)
+        out.append({"model": model, "cache": kind, "batch": 1,
+                    "max_context": min(tokens, engine.config.max_position_embeddings),
+                    "max_tokens_in_memory": tokens, "bytes_per_token": per_token})
+        out.append({"model": model, "cache": kind, "batch": tokens // capacity_context,
+                    "max_context": capacity_context, "max_tokens_in_memory": tokens, "bytes_per_token": per_token})
+    return out
 
 
-def plot(records: list[dict], path: Path, device: str) -> None:
+def plot(records: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({(r["engine"], r["cache"]) for r in records}):
-        rows = sorted((r for r in records if (r["engine"], r["cache"]) == key), key=lambda r: r["context"])
-        ax.plot([r["context"] for r in rows], [r["decode_tok_s"] for r in rows], marker="o", label=f"{key[0]} {key[1]}")
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("decode tokens / s (batch 1)")
-    ax.set_title(f"{records[0]['model']} decode speed, {device}")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    batches = sorted({r["batch"] for r in records})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for key in sorted({(r["engine"], r["cache"]) for r in records if r["batch"] == batch}):
+            rows = sorted((r for r in records if (r["engine"], r["cache"]) == key and r["batch"] == batch),
+                          key=lambda r: r["context"])
+            ax.plot([r["context"] for r in rows], [r["decode_tok_s"] for r in rows], marker="o",
+                    label=f"{key[0]} {key[1]}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode tokens / s")
+        ax.set_title(f"{title}, batch {batch}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", help="Hugging Face folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", *PRESETS])
+    ap.add_argument("--weights", help="SmolLM2's (or another real model's) Hugging Face folder")
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     ap.add_argument("--contexts", type=int, nargs="+", default=[512, 4096, 8000])
-    ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--caches", nargs="+", default=["dense"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1])
+    ap.add_argument("--caches", nargs="+", default=["dense", "packkv", "quant"])
+    ap.add_argument("--steps", type=int, default=64, help="decode steps timed per measurement")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--capacity-context", type=int, default=8192)
     ap.add_argument("--out", default="generate.json")
     args = ap.parse_args()
 
-    folder = args.weights or str(default_weights_folder())
-    engine = Engine(folder, device="gpu")
-    model_name = Path(folder).name.lower()
-    hf_model, torch = (None, None) if args.no_transformers else load_transformers(folder)
-    packkv_decode_tok_s(engine, prompt_of_length(engine, args.text, 64), 16, args.caches[0])   # warm-up
+    real = args.model == "smollm2"
+    longest = max(args.contexts) + args.steps + 64 * max(args.batches) + 8
+    engine = Engine(args.weights, device="gpu", max_context=None if real else longest,
+                    random_weights=None if real else args.model)
+    model_name = "smollm2-135m" if real else args.model
+    measure = ((lambda c, b, kind: real_prompt_decode(engine, args.text, c, b, kind, args.steps)) if real else
+               (lambda c, b, kind: random_kv_decode(engine, c, b, kind, args.steps)))
+    for kind in args.caches:                             # warm-up: kernels compiled, encoders built
+        measure(min(args.contexts), 1, kind)
     records = []
-    for context in args.contexts:
-        ids = prompt_of_length(engine, args.text, context)
-        runs = [("packkv", cache, lambda c=cache: packkv_decode_tok_s(engine, ids, args.decode_tokens, c))
-                for cache in args.caches]
-        if hf_model is not None:
-            runs += [("transformers", cache, lambda c=cache: transformers_decode_tok_s(
-                hf_model, torch, ids, args.decode_tokens, c)) for cache in ("dynamic", "static")]
-        for engine_name, cache, measure in runs:
-            record = {"model": model_name, "engine": engine_name, "cache": cache, "context": context,
-                      "batch": 1, "decode_tok_s": measure()}
-            records.append(record)
-            print(f"  {engine_name:12s} {cache:8s} context {context:6d}: {record['decode_tok_s']:.1f} tok/s",
-                  file=sys.stderr, flush=True)
-    print_table(records, ["model", "engine", "cache", "context", "batch", "decode_tok_s"])
-    payload = {**header(engine.backend.device_name), "decode_tokens": args.decode_tokens, "records": records}
+    for batch in args.batches:
+        for context in args.contexts:
+            for kind in args.caches:
+                tok_s, stats = measure(context, batch, kind)
+                records.append({"model": model_name, "engine": "packkv", "cache": kind, "context": context,
+                                "batch": batch, "decode_tok_s": tok_s, "kv_data": "real" if real else "random",
+                                "kv_bytes_used": stats["kv_bytes_used"], "compression_ratio": stats["compression_ratio"],
+                                "compress_seconds": stats.get("compress_seconds")})
+                print(f"  {kind:7s} context {context:6d} batch {batch:2d}: {tok_s:8.1f} tok/s", file=sys.stderr,
+                      flush=True)
+            if real and batch == 1 and not args.no_transformers:
+                ids = prompt_of_length(engine, args.text, context)
+                for hf_cache in ("dynamic", "static"):
+                    tok_s = transformers_decode_tok_s(args.weights or str(engine_folder()), ids, args.steps, hf_cache)
+                    if tok_s is not None:
+                        records.append({"model": model_name, "engine": "transformers", "cache": hf_cache,
+                                        "context": context, "batch": 1, "decode_tok_s": tok_s, "kv_data": "real"})
+    print_table(records, ["model", "engine", "cache", "context", "batch", "decode_tok_s", "compression_ratio"])
+    payload = {**header(engine.backend.device_name), "steps": args.steps, "records": records,
+               "capacity": capacity(engine, records, model_name, args.capacity_context),
+               "weight_bytes": engine.model.weight_bytes()}
+    print_table(payload["capacity"], ["model", "cache", "batch", "max_context", "max_tokens_in_memory"])
     write_json(args.out, payload)
-    plot(records, RESULTS / Path(args.out).with_suffix(".png").name, engine.backend.device_name)
+    plot(records, RESULTS / Path(args.out).with_suffix(".png").name, f"{model_name}, {engine.backend.device_name}")
+
+
+def engine_folder() -> Path:
+    from packkv.weights.default import default_weights_folder
+    return default_weights_folder()
 
 
 if __name__ == "__main__":
