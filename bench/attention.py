@@ -15,7 +15,8 @@ the L2; time per layer = total / NL):
   packkv_fused   compressed_decode_attention: scores, softmax, V over all blocks + a 1-token window
   packkv_k_gemv  K-GEMV: q . K_hat^T over compressed blocks (fp32 scores)
   packkv_v_gemv  V-GEMV: p . V_hat over compressed blocks (fp16 p)
-  cublas_k       cupy.matmul fp16 q . K^T (batched over KV heads, the GQA group as rows)
+  cublas_k       cupy.matmul fp16 K . q^T (batched over KV heads; K [L, D] row-major as stored, the GQA
+                 group's queries as the G columns: the same products as q . K^T without copying K)
   cublas_v       cupy.matmul fp16 p . V
   sdpa_fp16      torch scaled_dot_product_attention fp16 decode (enable_gqa), when torch imports
 fp16_equiv_gbps = fp16 bytes of the K/V the method covers / time; read_gbps = bytes actually read / time
@@ -220,8 +221,9 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
     pick = (np.arange(n)[None, :] * 7 + np.arange(NL)[:, None] * 3) % len(sizes)
     lens = sizes[pick]
     offs = np.concatenate([[0], np.cumsum(lens.ravel())])[:-1].reshape(NL, n).astype(np.int64)
-    idx = np.concatenate([np.arange(starts[r], starts[r] + sizes[r]) for r in pick.ravel()])
-    arena = cupy.asarray(np.concatenate([data["buffer"][idx], np.zeros(64, np.uint8)]))
+    buf = data["buffer"]
+    arena = cupy.asarray(np.concatenate([buf[starts[r]:starts[r] + sizes[r]] for r in pick.ravel()]
+                                        + [np.zeros(64, np.uint8)]))
     tables = [cupy.asarray(offs[l][None, :]) for l in range(NL)]
     nb = cupy.asarray(np.array([n], np.int32))
     q = cupy.asarray(rng.standard_normal((1, Hq, D)).astype(np.float16))
@@ -264,11 +266,12 @@ def bench_dense(cupy, torch, shape_name, context, rng) -> list[dict]:
         Ks.append(Ks[0].copy()); Vs.append(Vs[0].copy())
     qg = cupy.asarray(rng.standard_normal((Hkv, G, D)).astype(np.float16))
     pg = cupy.asarray((rng.random((Hkv, G, context)) / context).astype(np.float16))
-    sk = cupy.empty((Hkv, G, context), np.float16)
+    qt = cupy.ascontiguousarray(qg.transpose(0, 2, 1))
+    sk = cupy.empty((Hkv, context, G), np.float16)
     ov = cupy.empty((Hkv, G, D), np.float16)
     fp16_kv = context * Hkv * D * 2
     rows = []
-    ck = [lambda K=K: cupy.matmul(qg, K.transpose(0, 2, 1), out=sk) for K in Ks]
+    ck = [lambda K=K: cupy.matmul(K, qt, out=sk) for K in Ks]
     cv = [lambda V=V: cupy.matmul(pg, V, out=ov) for V in Vs]
     for method, calls in (("cublas_k", ck), ("cublas_v", cv)):
         us, graphed = graph_time_us(cupy, calls)

@@ -17,6 +17,7 @@ k_gemv_reference, v_gemv_reference, decode_records.
 from __future__ import annotations
 
 import math
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -27,9 +28,10 @@ from packkv.codec import CodecParams
 
 KERNEL_DIR = Path(__file__).resolve().parent
 WARPS = 4                     # PK_WARPS in packkv_common.cuh
-WARP_EXTRA = 2176 + 1024 + 384 + 64   # PK_WARP_EXTRA: weight buffer, token table, meta, zero section
+WARP_EXTRA = 2176 + 1024 + 384 + 64 + 16   # PK_WARP_EXTRA: weights, token table, meta, zero section, mbarriers
+WORK_PER_TILE = {0: 32 * 28, 1: 32 * 12, 2: 32 * 20}   # PK_WORK_PER_TILE(mode): q fragments, offsets, o
+SMEM_PER_SM = 233472          # H100: 228 KB of shared memory per SM, 1 KB of it reserved per CTA
 MAX_HEAD_DIM = 256
-SMEM_PER_CTA_MAX = 115712     # two CTAs per SM on H100 (228 KB per SM, 1 KB reserved per CTA)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -50,10 +52,15 @@ def kernel_source(name: str) -> str:
     return expand(name)
 
 
-@lru_cache(maxsize=None)
 def _module(file: str, names: tuple[str, ...]):
+    # PACKKV_NVRTC_DEFINES (e.g. "-DPK_MINB=2 -DPK_PROF"): tuning and diagnostics builds
+    return _module_with(file, names, tuple(os.environ.get("PACKKV_NVRTC_DEFINES", "").split()))
+
+
+@lru_cache(maxsize=None)
+def _module_with(file: str, names: tuple[str, ...], defines: tuple[str, ...]):
     import cupy
-    return cupy.RawModule(code=kernel_source(file), options=("-std=c++17",), name_expressions=names)
+    return cupy.RawModule(code=kernel_source(file), options=("-std=c++17",) + defines, name_expressions=names)
 
 
 def module_names(file: str, D: int = 0, P: int = 0) -> tuple[str, ...]:
@@ -150,18 +157,21 @@ def default_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: in
     return max(1, min(wanted, -(-items // WARPS)))
 
 
-def default_slot_bytes(T: int, D: int, P: int, both: bool) -> int:
-    """Bytes of one staging slot: an item's spans at ~3.2 bits per element, capped so that two CTAs fit
-    on an SM. Spans that do not fit are read from global memory (correct, slower)."""
+def default_slot_bytes(T: int, D: int, P: int, mode: int) -> int:
+    """Bytes of one staging slot: an item's spans at ~2.6 bits per element (real K/V: 1.6-2.3), capped so
+    that two CTAs (fused, 163 registers) or three (GEMVs, <= 160 registers) fit on an SM. Spans that do not
+    fit are read from global memory (correct, slower). mode: 0 fused, 1 K-GEMV, 2 V-GEMV."""
     token = 8 + 4 * T + 2 * T + 32
-    section = 4 + (T // P) * D + 4 + math.ceil(T * D * 3.2 / 8) + 16
-    block = token + (2 if both else 1) * section + 32
-    cap = (SMEM_PER_CTA_MAX // WARPS - WARP_EXTRA) // 2 // 16 * 16
-    return int(min(cap, -(-blocks_per_item(T) * block // 256) * 256))
+    section = 4 + (T // P) * D + 4 + math.ceil(T * D * 2.6 / 8) + 16
+    block = token + (2 if mode == 0 else 1) * section + 32
+    ctas = 2 if mode == 0 else 3
+    per_warp = (SMEM_PER_SM // ctas - 1024) // WARPS
+    cap = (per_warp - WARP_EXTRA - (D // 16) * WORK_PER_TILE[mode]) // 2 // 16 * 16
+    return int(max(256, min(cap, -(-blocks_per_item(T) * block // 256) * 256)))
 
 
-def _shared_bytes(slot: int, D: int) -> int:
-    return max(WARPS * (2 * slot + WARP_EXTRA), WARPS * 8 * D * 4 + WARPS * 8 * 2 * 4)
+def _shared_bytes(slot: int, D: int, mode: int) -> int:
+    return max(WARPS * (2 * slot + WARP_EXTRA + (D // 16) * WORK_PER_TILE[mode]), WARPS * 8 * D * 4 + WARPS * 8 * 2 * 4)
 
 
 def attention_workspace_size(batch: int, n_heads: int, head_dim: int, n_splits: int) -> int:
@@ -209,7 +219,7 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     G, T, P = Hq // Hkv, params.block, params.pack
     max_blocks = block_offsets.shape[1]
     n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
-    slot = int(slot_bytes or default_slot_bytes(T, D, P, True))
+    slot = int(slot_bytes or default_slot_bytes(T, D, P, 0))
     if slot % 16 or slot < 256:
         _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
     need = attention_workspace_size(B, Hq, D, n_splits)
@@ -226,7 +236,7 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
         _cupy_array(fn, "out", out, np.float16, 3, dev)
         if out.shape != (B, Hq, D):
             _fail(fn, f"out must be [B, Hq, D] = {(B, Hq, D)}, got {out.shape}")
-    shared = _shared_bytes(slot, D)
+    shared = _shared_bytes(slot, D, 0)
     split_fn = _function("packkv_attention.cu", f"pk_attention_splits<{D}, {P}>", D, P, shared)
     merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, P)
     qscale = np.float32(math.log2(math.e) / math.sqrt(D))
@@ -264,8 +274,8 @@ def k_gemv(q, arena, block_offsets, n_blocks, params, n_kv_heads: int, out=None,
         if out.shape != shape:
             _fail(fn, f"out must be [B, Hq, max_blocks * block] = {shape}, got {out.shape}")
     n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
-    slot = int(slot_bytes or default_slot_bytes(T, D, P, False))
-    shared = _shared_bytes(slot, D)
+    slot = int(slot_bytes or default_slot_bytes(T, D, P, 1))
+    shared = _shared_bytes(slot, D, 1)
     kernel = _function("packkv_gemv.cu", f"pk_k_gemv<{D}, {P}>", D, P, shared)
     kernel((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
            (q, arena, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T),
@@ -309,8 +319,8 @@ def v_gemv(p, arena, block_offsets, n_blocks, params, n_kv_heads: int, head_dim:
         _cupy_array(fn, "out", out, np.float32, 3, dev)
         if out.shape != (B, Hq, D):
             _fail(fn, f"out must be [B, Hq, D] = {(B, Hq, D)}, got {out.shape}")
-    slot = int(slot_bytes or default_slot_bytes(T, D, P, False))
-    shared = _shared_bytes(slot, D)
+    slot = int(slot_bytes or default_slot_bytes(T, D, P, 2))
+    shared = _shared_bytes(slot, D, 2)
     kernel = _function("packkv_gemv.cu", f"pk_v_gemv<{D}, {P}>", D, P, shared)
     kernel((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
            (p, np.int32(p.dtype == np.float16), arena, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv),

@@ -19,33 +19,50 @@ Decode math (FORMAT.md section 4): x_hat[t, d] = (level[t, d] + off_t) * step_t,
 Thread mapping (CTA = 4 warps; a warp owns whole "items" of 128 storage tokens = 8 groups of 16)
   groups: 16 consecutive storage tokens of a block (a pack row for pack 16, half of one for 32, two for 8).
   K, per item: lane (gq = lane/4, tq = lane%4) decodes group gq, channels 16kt + 4tq .. +3 of every
-  16-channel tile kt. A run (16 tokens of one channel) unpacks into 8 half2 pairs (token j, token j+8);
+  16-channel tile kt. A run (16 tokens of one channel) unpacks into 8 half2 pairs (token j, token j+8)
+  with one funnel shift, two PRMTs and a shift + LOP3 (magic 0x6400) + add.f16x2 (pack min) per pair;
   two PRMTs turn the pairs of adjacent channels into the mma A fragment (rows = tokens j / j+8 of group
   gq, columns = the 4 channels); B = q of the 8 query heads of the tile (n-slot gq); 8 mma per tile give
-  the scores of 16 tokens x 2 heads per lane (all query heads of the group at once: each compressed
-  byte is read once per step).
+  the scores of 16 tokens x 2 heads per lane: all query heads of the group at once, so each compressed
+  byte is read once per step.
   softmax: per-head running max/sum (log2 domain, ex2.approx), max over the 8 groups by 3 xor-shuffles;
   weights p*step_v as fp16 to shared memory in the B-fragment order of the V mma.
   V, two passes of 4 groups: lane (gq, tq) decodes group 4*pass+tq, channels 16mt + 2gq, +1; the pairs
   (token j, j+8) are directly the mma A fragment (rows = channels, k = tokens), B = the weights; 4 mma
-  per 16-channel tile accumulate o[channel, head] in fp32 registers (a lane: 2 channels x 2 heads per tile).
+  per 16-channel tile accumulate o[channel, head] in fp32 (a lane: 2 channels x 2 heads per tile).
   Payload offsets: widths of the lane's packs per tile -> exclusive scan across the 4 (K) or 8 (V) lanes
   sharing a pack row (16-bit SIMD, two tiles per shuffle) -> row bases by a scan of row totals.
-Registers: q B-fragments (D/8), score accumulators (32), o accumulators (D/4), tile offsets (D/16).
-Shared memory per warp: two staging slots (record spans of the item being decoded / the next one, by
-  16-byte cp.async; a span that does not fit is read from global memory instead), the fp16 weight buffer
-  (2.2 KB), a per-token table (step_k, step_v, off_k, off_v; 1 KB). The CTA merges its 4 warps' states.
-Bytes per token (8 KV heads x D 128, rel 0.1/0.2, token-layer, greedy, pack 16): ~2.3-2.5 bits per K/V
-  element incl. headers, about 600 bytes per token per layer read once (fp16: 4096).
+Registers (163 at D=128): 32 score accumulators, the decoded runs of one tile pair, softmax state.
+Shared memory per warp: two staging slots (the item being decoded / the next, each filled by two 1-D
+  bulk copies (TMA, cp.async.bulk) per block completing on an mbarrier; a span that does not fit is read
+  from global memory instead), q B-fragments, tile offsets and o accumulators per 16-channel tile (the
+  tile loops are rolled to keep the code small), the fp16 weights (2.2 KB), a per-token table (1 KB).
+  115.6 KB per CTA at D=128 (9 KB slots): 2 CTAs = 8 warps per SM. The CTA merges its warps' states.
+Bytes per token and layer (8 KV heads x 128, rel 0.1/0.2, token-layer, greedy, pack 16): 421 on the
+  8B-shaped real K/V (1.65 bits per element, all bytes counted), 617 on random Gaussian (2.41); fp16: 4096.
 
-Measured (H100, bench/attention.py, see bench/results/attention.json): filled in from the run below.
+Measured (H100 80GB HBM3, `python3 bench/attention.py`, bench/results/attention.json; one sequence,
+  time per layer as a CUDA graph over layer copies larger than L2):
+  32/8/128, 128K tokens: 157.5 us on the real-valued K/V (SDPA fp16 181.0 us: 1.15x; compressed bytes
+  at 351 GB/s = 12% of the 2976 GB/s device copy), 262 us on random K/V (items overflow the slot, part
+  read from global memory); 32K: 51.6 us (SDPA 52.0). 9/3/64 SmolLM2 real K/V, 128K: 56.8 us (SDPA
+  41.2). Below 16K a floor of ~15-22 us (two launches, pipeline prologue). Targets (3x SDPA, 70% of copy
+  bandwidth) are NOT met: the kernel is issue/latency-bound on unpacking with 8 warps per SM (ncu: IPC
+  1.9 per SM before the unroll by 2, top stall "wait" = dependent ALU chains), not memory-bound.
 
-Attempts discarded: (none yet)
+Attempts discarded:
+  - fully unrolled tile loops with q fragments, offsets and o in registers (255 registers): 230 us; ncu's
+    top stall was "no instruction" (3 cycles per issue): 9K+ instructions overflowed the instruction cache.
+  - two decoder bodies, ld.shared for staged items / generic loads otherwise: 242 us (code size again).
+  - o in registers with the V tile loop unrolled (frees 4 KB/warp so random items fit the slot): 164 us
+    real / 308 us random, slower than o in shared memory (5.8K instructions).
+  - __launch_bounds__(128, 3) for 12 warps per SM: spills, 292 us. 66 splits instead of 33: 252 us.
+  - per-lane 16-byte cp.async staging: 10% of the time in issuing copies; replaced by bulk copies (TMA).
 */
 #include "packkv_split.cuh"
 
 template <int D, int P>
-__global__ void __launch_bounds__(128) pk_attention_splits(
+__global__ void __launch_bounds__(128, PK_MINB) pk_attention_splits(
     const u16* __restrict__ q, const u8* __restrict__ arena, const i64* __restrict__ block_offsets,
     const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits,
     int slot_bytes, float qscale, float* __restrict__ ws) {

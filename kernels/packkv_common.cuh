@@ -7,8 +7,8 @@
 //      levels, pair j = (level of token j, level of token j+8), with the magic-number trick:
 //      (0x6400 | v) is the fp16 number 1024 + v, so one LOP3 turns two w-bit fields into a half2, and one
 //      add.f16x2 with (min - 1024) gives min + v exactly (integers up to 2048 are exact in fp16);
-//   4. mma.sync m16n8k16 (fp16 in, fp32 accumulate), ex2.approx, cp.async;
-//   5. the per-item staging of compressed spans into shared memory (cp.async, double-buffered per warp).
+//   4. mma.sync m16n8k16 (fp16 in, fp32 accumulate), ex2.approx, mbarriers and 1-D bulk copies (TMA);
+//   5. the per-item staging of compressed spans into shared memory (bulk copies, two slots per warp).
 #pragma once
 
 typedef unsigned char u8;
@@ -38,9 +38,11 @@ __device__ __forceinline__ u32 pk_bits32(const u8* base, u32 bit) {
 }
 
 // The same for a stream starting at any byte address.
+// (Alignment by pointer subtraction, never through an integer: keeps the shared address space visible
+// to the compiler, which then emits ld.shared.)
 __device__ __forceinline__ u32 pk_bits32_at(const u8* p, u32 bit) {
-  size_t a = reinterpret_cast<size_t>(p);
-  return pk_bits32(reinterpret_cast<const u8*>(a & ~size_t(3)), bit + 8u * u32(a & 3));
+  const u32 mis = u32(reinterpret_cast<size_t>(p)) & 3u;
+  return pk_bits32(p - mis, bit + 8u * mis);
 }
 
 __device__ __forceinline__ u32 pk_ld32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
@@ -124,9 +126,9 @@ __device__ __forceinline__ u32 pk_level_pair(int a, int b) {
 // low 8w bits, 8..15 in the next 8w; C1 = (bits 0..15 of each half), C2 = the same shifted by 4w, so
 // field k of each half of C1 is value (k, k+8) and of C2 value (k+4, k+12).
 __device__ __forceinline__ void pk_run16_fast(const u8* a, u32 w, int mn, u32 out[8]) {
-  size_t ad = reinterpret_cast<size_t>(a);
-  const u32* wp = reinterpret_cast<const u32*>(ad & ~size_t(3));
-  u32 sh = u32(ad & 3) * 8u;
+  const u32 mis = u32(reinterpret_cast<size_t>(a)) & 3u;
+  const u32* wp = reinterpret_cast<const u32*>(a - mis);
+  u32 sh = mis * 8u;
   u32 x0 = wp[0], x1 = wp[1], x2 = wp[2];
   u32 lo = __funnelshift_r(x0, x1, sh), hi = __funnelshift_r(x1, x2, sh);
   u32 bv = __funnelshift_rc(lo, hi, 8u * w);
@@ -142,14 +144,18 @@ __device__ __forceinline__ void pk_run16_fast(const u8* a, u32 w, int mn, u32 ou
   }
 }
 
-// Any width (w <= 16): one 32-bit window per value, int -> half conversions.
+// Any width (w <= 16): one 32-bit window per value, int -> half conversions. Rare (a pack wider than 4
+// bits needs rel < ~1/15), so it is kept small: a rolled loop whose results shift through 8 registers.
 __device__ __forceinline__ void pk_run16_slow(const u8* a, u32 w, int mn, u32 out[8]) {
-  u32 m = (1u << w) - 1u;
-  for (int j = 0; j < 8; ++j) {
-    int va = int(pk_bits32_at(a, u32(j) * w) & m);
-    int vb = int(pk_bits32_at(a, u32(j + 8) * w) & m);
-    out[j] = pk_level_pair(mn + va, mn + vb);
+  const u32 m = (1u << w) - 1u;
+  u32 r0 = 0, r1 = 0, r2 = 0, r3 = 0, r4 = 0, r5 = 0, r6 = 0, r7 = 0;
+#pragma unroll 1
+  for (u32 j = 0; j < 8; ++j) {
+    const int va = int(pk_bits32_at(a, j * w) & m), vb = int(pk_bits32_at(a, (j + 8) * w) & m);
+    r0 = r1; r1 = r2; r2 = r3; r3 = r4; r4 = r5; r5 = r6; r6 = r7;
+    r7 = pk_level_pair(mn + va, mn + vb);
   }
+  out[0] = r0; out[1] = r1; out[2] = r2; out[3] = r3; out[4] = r4; out[5] = r5; out[6] = r6; out[7] = r7;
 }
 
 // pack 8: tokens 0..7 are pack row a (8 values of wa bits at pa), tokens 8..15 pack row b.
@@ -164,13 +170,16 @@ __device__ __forceinline__ void pk_run8x2_fast(const u8* pa, u32 wa, int ma, con
 }
 
 __device__ __forceinline__ void pk_run8x2_slow(const u8* pa, u32 wa, int ma, const u8* pb, u32 wb, int mb,
-                                            u32 out[8]) {
-  u32 mka = (1u << wa) - 1u, mkb = (1u << wb) - 1u;
-  for (int j = 0; j < 8; ++j) {
-    int va = int(pk_bits32_at(pa, u32(j) * wa) & mka);
-    int vb = int(pk_bits32_at(pb, u32(j) * wb) & mkb);
-    out[j] = pk_level_pair(ma + va, mb + vb);
+                                               u32 out[8]) {
+  const u32 mka = (1u << wa) - 1u, mkb = (1u << wb) - 1u;
+  u32 r0 = 0, r1 = 0, r2 = 0, r3 = 0, r4 = 0, r5 = 0, r6 = 0, r7 = 0;
+#pragma unroll 1
+  for (u32 j = 0; j < 8; ++j) {
+    const int va = int(pk_bits32_at(pa, j * wa) & mka), vb = int(pk_bits32_at(pb, j * wb) & mkb);
+    r0 = r1; r1 = r2; r2 = r3; r3 = r4; r4 = r5; r5 = r6; r6 = r7;
+    r7 = pk_level_pair(ma + va, mb + vb);
   }
+  out[0] = r0; out[1] = r1; out[2] = r2; out[3] = r3; out[4] = r4; out[5] = r5; out[6] = r6; out[7] = r7;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -191,14 +200,35 @@ __device__ __forceinline__ float pk_exp2(float x) {
   return y;
 }
 
-__device__ __forceinline__ void pk_cp_async16(void* smem, const void* gmem) {
+__device__ __forceinline__ u32 pk_smem_addr(const void* p) {
   u32 s;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(p));
+  return s;
 }
-__device__ __forceinline__ void pk_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void pk_cp_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-__device__ __forceinline__ void pk_cp_wait0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+// mbarrier + 1-D bulk copies (TMA): one instruction moves a whole span, completion counted in bytes.
+__device__ __forceinline__ void pk_mbar_init(u64* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(pk_smem_addr(bar)) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+__device__ __forceinline__ void pk_mbar_expect(u64* bar, u32 bytes) {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");   // earlier generic reads of the slot
+  asm volatile("{ .reg .b64 st; mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1; }"
+               ::"r"(pk_smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void pk_bulk_copy(void* smem, const void* gmem, u32 bytes, u64* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(pk_smem_addr(smem)), "l"(gmem), "r"(bytes), "r"(pk_smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void pk_mbar_inval(u64* bar) {
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];" ::"r"(pk_smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void pk_mbar_wait(u64* bar, u32 parity) {
+  u32 done = 0, a = pk_smem_addr(bar);
+  while (!done)
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(a), "r"(parity) : "memory");
+}
 
 // ---------------------------------------------------------------------------------------------------
 // 5. Staging: which bytes of a record one (KV head, item) needs, copied to the warp's slot
@@ -228,7 +258,9 @@ __device__ __forceinline__ PkBlockMeta pk_block_meta(const u8* rec, int h, int H
 
 // Per-warp shared memory layout of the split kernels:
 //   slot[2][slot_bytes]   staged record spans of the item being decoded / the next one
-//   meta[2][PK_NBMAX][3]  pointers (shared or global) to token, K and V sections of each staged block
+//   meta[2][PK_NBMAX][3]  where the token, K and V sections of each block of the item are: byte offsets
+//                         from the start of shared memory when the whole item is staged (the decoder
+//                         then reads with ld.shared, 32-bit addresses), generic addresses otherwise
 //   pbuf                  fp16 weights p*step_v for the V mma, [8 heads][8 groups][16 tokens] (+pad)
 //   ttab[128]             per-token (step_k, step_v, off_k, off_v) of the 8 groups being decoded
 //   zero[64]              an all-zero "section" that blocks past the end point at
@@ -237,33 +269,48 @@ __device__ __forceinline__ PkBlockMeta pk_block_meta(const u8* rec, int h, int H
 #define PK_TTAB_BYTES (128 * 8)
 #define PK_META_BYTES (2 * PK_NBMAX * 3 * 8)
 #define PK_ZERO_BYTES 64
-#define PK_WARP_EXTRA (PK_PBUF_BYTES + PK_TTAB_BYTES + PK_META_BYTES + PK_ZERO_BYTES)
+#define PK_MBAR_BYTES 16     // one mbarrier per slot
+#define PK_WARP_EXTRA (PK_PBUF_BYTES + PK_TTAB_BYTES + PK_META_BYTES + PK_ZERO_BYTES + PK_MBAR_BYTES)
 
 struct PkWarpSmem {
   u8* slot0;
   u8* pbuf;
   uint2* ttab;
-  const u8** meta;   // [2][PK_NBMAX][3]
+  u64* meta;         // [2][PK_NBMAX][3]
   u8* zero;
+  u64* bar;          // [2]
+  uint2* qbuf;       // [KT][32] q B fragments of the lane (tile loops are rolled: no register arrays)
+  u32* offbuf;       // [KT][32] payload offsets of the lane's packs per tile
+  float4* obuf;      // [KT][32] o accumulators of the lane per 16-channel tile
 };
+// per-warp work bytes per 16-channel tile: q fragments (not V-GEMV), offsets, o (not K-GEMV)
+#define PK_WORK_PER_TILE(mode) (32 * ((mode) == 0 ? 28 : (mode) == 1 ? 12 : 20))
 
-__device__ __forceinline__ PkWarpSmem pk_warp_smem(u8* smem, int warp, int slot_bytes) {
+__device__ __forceinline__ PkWarpSmem pk_warp_smem(u8* smem, int warp, int slot_bytes, int KT, int mode) {
   PkWarpSmem s;
-  u8* base = smem + size_t(warp) * (2 * size_t(slot_bytes) + PK_WARP_EXTRA);
+  u8* base = smem + size_t(warp) * (2 * size_t(slot_bytes) + PK_WARP_EXTRA + size_t(KT) * PK_WORK_PER_TILE(mode));
   s.slot0 = base;
   s.pbuf = base + 2 * slot_bytes;
   s.ttab = reinterpret_cast<uint2*>(s.pbuf + PK_PBUF_BYTES);
-  s.meta = reinterpret_cast<const u8**>(s.pbuf + PK_PBUF_BYTES + PK_TTAB_BYTES);
+  s.meta = reinterpret_cast<u64*>(s.pbuf + PK_PBUF_BYTES + PK_TTAB_BYTES);
   s.zero = s.pbuf + PK_PBUF_BYTES + PK_TTAB_BYTES + PK_META_BYTES;
+  s.bar = reinterpret_cast<u64*>(s.zero + PK_ZERO_BYTES);
+  u8* work = base + 2 * size_t(slot_bytes) + PK_WARP_EXTRA;
+  const int qb = mode == 2 ? 0 : KT * 256;
+  s.qbuf = reinterpret_cast<uint2*>(work);
+  s.offbuf = reinterpret_cast<u32*>(work + qb);
+  s.obuf = reinterpret_cast<float4*>(work + qb + KT * 128);   // 16-aligned: qb, KT*128 multiples of 16
   return s;
 }
 
-// Lanes k < nb hold PkBlockMeta of the item's blocks; the warp copies what fits into `slot` (16-byte
-// chunks, cp.async) and records in meta[slot] where each block's token/K/V sections are: in the slot,
-// in global memory (span larger than what is left of the slot), or the zero section (no block).
-// mode 0: K and V, 1: K only, 2: V only. Commits one cp.async group (possibly empty).
-__device__ __forceinline__ void pk_stage_item(const PkWarpSmem& ws, int slot, int slot_bytes, const PkBlockMeta& bm,
-                                              int nb, int mode, int lane) {
+// Lanes k < nb hold PkBlockMeta of the item's blocks; the warp copies what fits into `slot` (two bulk
+// copies per block, completion on the slot's mbarrier) and records in meta[slot] where each block's
+// token/K/V sections are: in the slot, in global memory (span larger than what is left of the slot),
+// or the zero section (no block). Returns whether the whole item is in shared memory (warp-uniform).
+// mode 0: K and V, 1: K only, 2: V only. Arrives once on the slot's mbarrier (expecting the bytes copied).
+__device__ __forceinline__ bool pk_stage_item(const PkWarpSmem& ws, const u8* smem, int slot, int slot_bytes,
+                                              const PkBlockMeta& bm, int nb, int mode, int lane,
+                                              bool want_offsets = false) {
   u32 t0 = bm.tok_s & ~15u, t1 = (bm.tok_e + 15u) & ~15u;
   u32 c_s = (mode == 2) ? bm.v_s : bm.k_s;
   u32 c_e = (mode == 1) ? bm.v_s : bm.kv_e;
@@ -279,6 +326,7 @@ __device__ __forceinline__ void pk_stage_item(const PkWarpSmem& ws, int slot, in
   }
   u32 pos = incl - need;
   bool fits = have && incl + 16u <= u32(slot_bytes);   // 16 bytes of slack after the last span
+  const bool all = __all_sync(PK_FULL, fits || !have);
   u8* slot_base = ws.slot0 + size_t(slot) * slot_bytes;
   if (lane < nb) {
     const u8* tp; const u8* kp; const u8* vp;
@@ -293,22 +341,20 @@ __device__ __forceinline__ void pk_stage_item(const PkWarpSmem& ws, int slot, in
     } else {
       tp = bm.rec + bm.tok_s; kp = bm.rec + bm.k_s; vp = bm.rec + bm.v_s;
     }
-    const u8** m = ws.meta + (slot * PK_NBMAX + lane) * 3;
-    m[0] = tp; m[1] = kp; m[2] = vp;
-  }
-  for (int k = 0; k < nb; ++k) {
-    bool f = __shfl_sync(PK_FULL, fits, k);
-    if (!f) continue;
-    const u8* rec = reinterpret_cast<const u8*>(__shfl_sync(PK_FULL, reinterpret_cast<u64>(bm.rec), k));
-    u32 p = __shfl_sync(PK_FULL, pos, k);
-    u32 a0 = __shfl_sync(PK_FULL, t0, k), a1 = __shfl_sync(PK_FULL, t1, k);
-    u32 b0 = __shfl_sync(PK_FULL, k0, k), b1 = __shfl_sync(PK_FULL, k1, k);
-    u8* d = slot_base + p;
-    u32 na = (a1 - a0) >> 4, nbk = (b1 - b0) >> 4;
-    for (u32 i = lane; i < na + nbk; i += 32) {
-      const u8* src = (i < na) ? rec + a0 + 16u * i : rec + b0 + 16u * (i - na);
-      pk_cp_async16(d + 16u * i, src);
+    u64* m = ws.meta + (slot * PK_NBMAX + lane) * 3;
+    if (all && want_offsets) {   // offsets in the shared window (kp of mode 2 / vp of mode 1 are never read)
+      m[0] = u64(u32(tp - smem)); m[1] = u64(u32(kp - smem)); m[2] = u64(u32(vp - smem));
+    } else {
+      m[0] = reinterpret_cast<u64>(tp); m[1] = reinterpret_cast<u64>(kp); m[2] = reinterpret_cast<u64>(vp);
     }
   }
-  pk_cp_commit();
+  const u32 bytes = __reduce_add_sync(PK_FULL, fits ? need : 0u);
+  if (lane == 0) pk_mbar_expect(ws.bar + slot, bytes);
+  __syncwarp();
+  if (fits) {
+    u8* d = slot_base + pos;
+    pk_bulk_copy(d, bm.rec + t0, t1 - t0, ws.bar + slot);
+    pk_bulk_copy(d + (t1 - t0), bm.rec + k0, k1 - k0, ws.bar + slot);
+  }
+  return all;
 }

@@ -17,12 +17,18 @@ Staging, offsets and shared memory as in packkv_attention.cu; only the K (or V) 
 section are staged. Bytes per token (8 KV heads x 128, defaults): ~300 compressed bytes read per token,
 plus the fp32 scores written (K-GEMV: 4 bytes per query head) or p read (V-GEMV: 2 or 4 bytes per head).
 
-Measured (H100, bench/attention.py): filled in from the run below.
+Registers: K-GEMV 160, V-GEMV 111-124 (launch bounds for 3 CTAs = 12 warps per SM; slots sized for it).
+
+Measured (H100 80GB HBM3, `python3 bench/attention.py`, bench/results/attention.json, CUDA graphs over
+  layer copies larger than L2), 32/8/128 at 128K tokens, real-valued K/V: K-GEMV 78.3 us (cupy.matmul
+  fp16 K.q^T 929 us: 11.9x), V-GEMV 98.2 us (cupy.matmul fp16 p.V 4704 us: 47.9x); random K/V: 148.5 us
+  (6.3x) and 142.4 us (33x). SmolLM2 9/3/64 real, 128K: 22.3 us and 31.2 us. cuBLAS is timed without a
+  graph (capture failed), so below ~16K its numbers are launch overhead.
 */
 #include "packkv_split.cuh"
 
 template <int D, int P>
-__global__ void __launch_bounds__(128) pk_k_gemv(
+__global__ void __launch_bounds__(128, PK_MINB_GEMV) pk_k_gemv(
     const u16* __restrict__ q, const u8* __restrict__ arena, const i64* __restrict__ block_offsets,
     const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits,
     int slot_bytes, float* __restrict__ scores) {
@@ -31,7 +37,7 @@ __global__ void __launch_bounds__(128) pk_k_gemv(
 }
 
 template <int D, int P>
-__global__ void __launch_bounds__(128) pk_v_gemv(
+__global__ void __launch_bounds__(128, PK_MINB_GEMV) pk_v_gemv(
     const void* __restrict__ p, int p_half, const u8* __restrict__ arena, const i64* __restrict__ block_offsets,
     const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits,
     int slot_bytes, float* __restrict__ ws) {

@@ -3,8 +3,23 @@
 // thread mapping that this file implements.
 #pragma once
 #include "packkv_common.cuh"
+#pragma nv_diag_suppress 177   // variables of the pack-8 path are unused in other instantiations
 
 #define PK_NEG_INF (-__int_as_float(0x7f800000))
+#ifndef PK_MINB
+#define PK_MINB 2          // __launch_bounds__ min CTAs per SM of the fused kernel (smem allows 2)
+#endif
+#ifndef PK_MINB_GEMV
+#define PK_MINB_GEMV 3     // the GEMV kernels: 3 CTAs per SM (<= 170 registers; their slots are sized for it)
+#endif
+
+// PK_PROF: per-phase clock64() totals of every warp, summed into pk_prof[] (diagnostics only).
+#ifdef PK_PROF
+__device__ unsigned long long pk_prof[16];
+#define PK_TICK(i) do { long long _t = clock64(); prof[i] += _t - prof_last; prof_last = _t; } while (0)
+#else
+#define PK_TICK(i) do { } while (0)
+#endif
 
 __device__ __forceinline__ float2 pk_h2f(u32 x) {
   return make_float2(pk_h2float(u16(x & 0xffffu)), pk_h2float(u16(x >> 16)));
@@ -17,25 +32,33 @@ __device__ __forceinline__ u32 pk_f2h2(float lo, float hi) {
 template <int P>
 __device__ __forceinline__ void pk_decode_run(const u8* pa, u32 wa, int ma, const u8* pb, u32 wb, int mb, u32 out[8]) {
   if constexpr (P == 8) {
-    if (wa <= 4 && wb <= 4) pk_run8x2_fast(pa, wa, ma, pb, wb, mb, out);
+    if (__builtin_expect(wa <= 4 && wb <= 4, 1)) pk_run8x2_fast(pa, wa, ma, pb, wb, mb, out);
     else pk_run8x2_slow(pa, wa, ma, pb, wb, mb, out);
   } else {
-    if (wa <= 4) pk_run16_fast(pa, wa, ma, out);
+    if (__builtin_expect(wa <= 4, 1)) pk_run16_fast(pa, wa, ma, out);
     else pk_run16_slow(pa, wa, ma, out);
   }
 }
 
 // Token parameters of the 8 groups (128 storage tokens) of sub-iteration `sub` of the staged item:
 // ttab[group * 16 + t] = (step_k | step_v << 16 as fp16 bits, off_k | off_v << 16 as int16).
-__device__ __forceinline__ void pk_token_table(const PkWarpSmem& ws, int slot, int sub, int T, int NG, int lane) {
+template <bool SH>
+__device__ __forceinline__ const u8* pk_at(const u8* smem, u64 v) {
+  if constexpr (SH) return smem + u32(v);        // shared window: the compiler emits ld.shared
+  else return reinterpret_cast<const u8*>(v);
+}
+
+template <bool SH>
+__device__ __forceinline__ void pk_token_table(const PkWarpSmem& ws, const u8* smem, int slot, int sub, int T, int NG,
+                                               int lane, int blk0, int blk_hi) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     int e = lane + 32 * i, grp = e >> 4, t16 = e & 15;
     int gi = sub * 8 + grp;
     int bs = NG >= 8 ? 0 : gi / NG, gib = NG >= 8 ? gi : gi % NG;
-    const u8* tok = ws.meta[(slot * PK_NBMAX + bs) * 3 + 0];
+    const u8* tok = pk_at<SH>(smem, ws.meta[(slot * PK_NBMAX + bs) * 3 + 0]);
     uint2 v = make_uint2(0u, 0u);
-    if (tok != ws.zero) {
+    if (blk0 + bs < blk_hi) {
       u32 tb = u32(gib * 16 + t16);
       u32 hdr0 = pk_ld32(tok), hdr1 = pk_ld32(tok + 4);
       int kbase = int(short(hdr0 & 0xffffu)), vbase = int(short(hdr0 >> 16));
@@ -84,6 +107,8 @@ __device__ __forceinline__ u32 pk_row_contrib(u32 tot, int gib) {
   else return (gib & 1) ? 0u : ta;
 }
 
+template <bool B> struct PkBool { static constexpr bool value = B; };
+
 // MODE 0: fused decode attention -> per-split softmax states; 1: K-GEMV scores; 2: V-GEMV partial sums.
 template <int D, int P, int MODE>
 __device__ __forceinline__ void pk_split_body(
@@ -106,13 +131,12 @@ __device__ __forceinline__ void pk_split_body(
   bps = (bps + NB - 1) / NB * NB;
   const int blk_lo = split * bps, blk_hi = min(nb, blk_lo + bps);
   const int n_items = blk_hi > blk_lo ? (blk_hi - blk_lo + NB - 1) / NB : 0;
-  const PkWarpSmem ws = pk_warp_smem(smem, warp, slot_bytes);
+  const PkWarpSmem ws = pk_warp_smem(smem, warp, slot_bytes, KT, MODE);
   const int hg = nt * 8 + gq;                  // head (in the KV group) of n-slot gq / B-operand column
   const int hc0 = nt * 8 + 2 * tq;             // heads of the accumulator columns 2tq, 2tq+1
   const i64* offs_b = block_offsets + size_t(b) * max_blocks;
 
   // ---- Phase 0: q as mma B fragments (k-slots 2tq..2tq+1 | 2tq+8..9 <-> channels 4tq..4tq+3 of a tile)
-  u32 qf[KT][2];
   float sumq0 = 0.f, sumq1 = 0.f;
   if constexpr (MODE != 2) {
     float part = 0.f;
@@ -121,8 +145,7 @@ __device__ __forceinline__ void pk_split_body(
     for (int kt = 0; kt < KT; ++kt) {
       uint2 v = make_uint2(0u, 0u);
       if (hg < G) v = *reinterpret_cast<const uint2*>(qrow + 16 * kt + 4 * tq);
-      qf[kt][0] = v.x;
-      qf[kt][1] = v.y;
+      ws.qbuf[kt * 32 + lane] = v;
       float2 f0 = pk_h2f(v.x), f1 = pk_h2f(v.y);
       part += (f0.x + f0.y) + (f1.x + f1.y);
     }
@@ -133,12 +156,15 @@ __device__ __forceinline__ void pk_split_body(
   }
 
   float m0 = PK_NEG_INF, m1 = PK_NEG_INF, l0 = 0.f, l1 = 0.f, oo0 = 0.f, oo1 = 0.f, oog = 0.f;
-  float o[KT][4];
-#pragma unroll
-  for (int mt = 0; mt < KT; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+  if constexpr (MODE != 1)
+    for (int mt = 0; mt < KT; ++mt) ws.obuf[mt * 32 + lane] = make_float4(0.f, 0.f, 0.f, 0.f);
 
   if (lane < PK_ZERO_BYTES / 4) reinterpret_cast<u32*>(ws.zero)[lane] = 0u;
+  if (lane == 0) { pk_mbar_init(ws.bar); pk_mbar_init(ws.bar + 1); }
   __syncwarp();
+#ifdef PK_PROF
+  long long prof[10] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, prof_last = clock64();
+#endif
 
   auto item_rec = [&](int item) -> const u8* {
     int blk = blk_lo + item * NB + lane;
@@ -150,50 +176,55 @@ __device__ __forceinline__ void pk_split_body(
     // ---- Phase 1: prologue of the staging pipeline (item it+W staged while item it is decoded; the
     //      section tables of item it+2W and the block offsets of item it+3W are loaded ahead)
     PkBlockMeta bm = pk_block_meta(item_rec(warp), kvh, Hkv, token_layer);
-    pk_stage_item(ws, 0, slot_bytes, bm, NB, MODE, lane);
+    bool staged = pk_stage_item(ws, smem, 0, slot_bytes, bm, NB, MODE, lane);
     PkBlockMeta bm_next = pk_block_meta(item_rec(warp + PK_WARPS), kvh, Hkv, token_layer);
     const u8* rec_pf = item_rec(warp + 2 * PK_WARPS);
     int k = 0;
     for (int it = warp; it < n_items; it += PK_WARPS, ++k) {
       const int slot = k & 1;
-      pk_stage_item(ws, slot ^ 1, slot_bytes, bm_next, (it + PK_WARPS < n_items) ? NB : 0, MODE, lane);
+      PK_TICK(0);
+      const bool staged_next =
+          pk_stage_item(ws, smem, slot ^ 1, slot_bytes, bm_next, (it + PK_WARPS < n_items) ? NB : 0, MODE, lane);
       bm_next = pk_block_meta(rec_pf, kvh, Hkv, token_layer);
       rec_pf = item_rec(it + 3 * PK_WARPS);
-      pk_cp_wait1();
+      PK_TICK(1);
+      pk_mbar_wait(ws.bar + slot, u32(k >> 1) & 1u);
       __syncwarp();
-      const u8** meta = ws.meta + slot * PK_NBMAX * 3;
+      PK_TICK(2);
+      const u64* meta = ws.meta + slot * PK_NBMAX * 3;
       u32 carryK = 0, carryV = 0;
+      // The item's body, compiled twice: SH when every span of the item is in shared memory (ld.shared
+      // with 32-bit addresses), generic loads otherwise (a span was read from global memory).
+      auto body = [&](auto sh_tag) {
+      constexpr bool SH = decltype(sh_tag)::value;
       for (int sub = 0; sub < SUBS; ++sub) {
-        pk_token_table(ws, slot, sub, T, NG, lane);
+        float alpha0 = 1.f, alpha1 = 1.f;
+        pk_token_table<SH>(ws, smem, slot, sub, T, NG, lane, blk_lo + it * NB, blk_hi);
         __syncwarp();
+        PK_TICK(3);
 
         if constexpr (MODE != 2) {
           // ---- Phase 2 (K): lane (gq, tq) decodes group gq (16 tokens), channels 16kt + 4tq .. +3
           const int gi = sub * 8 + gq;
           const int bs = NG >= 8 ? 0 : gi / NG, gib = NG >= 8 ? gi : gi % NG;
           const bool gvalid = blk_lo + it * NB + bs < blk_hi;
-          const PkSection S = pk_section(meta[bs * 3 + 1], R, D);
+          const PkSection S = pk_section(pk_at<SH>(smem, meta[bs * 3 + 1]), R, D);
           int ra, rb, half;
           pk_rows<P>(gib, ra, rb, half);
           // 2a: payload offsets: sizes of the lane's 4 packs per tile, quad scan, running tile totals
-          u32 off[KT];
           u32 run = 0;
-          {
-            u32 sz[KT];
-#pragma unroll
-            for (int kt = 0; kt < KT; ++kt) sz[kt] = pk_sizes<P, 4>(S, D, ra, rb, u32(16 * kt + 4 * tq));
-#pragma unroll
-            for (int kt = 0; kt < KT; kt += (P == 8 ? 1 : 2)) {
-              u32 v = (P == 8 || kt + 1 >= KT) ? sz[kt] : (sz[kt] | (sz[kt + 1] << 16));
-              u32 incl = v, y;
-              y = __shfl_up_sync(PK_FULL, incl, 1, 4); if (tq >= 1) incl += y;
-              y = __shfl_up_sync(PK_FULL, incl, 2, 4); if (tq >= 2) incl += y;
-              u32 tot = __shfl_sync(PK_FULL, incl, 3, 4), excl = incl - v;
-              if constexpr (P == 8) { off[kt] = run + excl; run += tot; }
-              else {
-                off[kt] = run + (excl & 0xffffu); run += tot & 0xffffu;
-                if (kt + 1 < KT) { off[kt + 1] = run + (excl >> 16); run += tot >> 16; }
-              }
+#pragma unroll 1
+          for (int kt = 0; kt < KT; kt += (P == 8 ? 1 : 2)) {
+            u32 v = pk_sizes<P, 4>(S, D, ra, rb, u32(16 * kt + 4 * tq));
+            if (P != 8 && kt + 1 < KT) v |= pk_sizes<P, 4>(S, D, ra, rb, u32(16 * kt + 16 + 4 * tq)) << 16;
+            u32 incl = v, y;
+            y = __shfl_up_sync(PK_FULL, incl, 1, 4); if (tq >= 1) incl += y;
+            y = __shfl_up_sync(PK_FULL, incl, 2, 4); if (tq >= 2) incl += y;
+            u32 tot = __shfl_sync(PK_FULL, incl, 3, 4), excl = incl - v;
+            if constexpr (P == 8) { ws.offbuf[kt * 32 + lane] = run + excl; run += tot; }
+            else {
+              ws.offbuf[kt * 32 + lane] = run + (excl & 0xffffu); run += tot & 0xffffu;
+              if (kt + 1 < KT) { ws.offbuf[(kt + 1) * 32 + lane] = run + (excl >> 16); run += tot >> 16; }
             }
           }
           // 2b: row bases: exclusive scan of row totals over the groups of the block (quads)
@@ -210,14 +241,17 @@ __device__ __forceinline__ void pk_split_body(
           if (NG > 8) carryK += __shfl_sync(PK_FULL, v, 28);
           if (P == 32 && (gib & 1)) base_a -= tot_a;
           const u32 base_b = base_a + tot_a;
+          PK_TICK(4);
 
           // 2c: decode 4 runs per tile into half2 pairs, transpose pairs with PRMT, 8 mma per tile
           float acc[8][4];
 #pragma unroll
           for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-#pragma unroll
+#pragma unroll 2
           for (int kt = 0; kt < KT; ++kt) {
             const u32 c0 = u32(16 * kt + 4 * tq);
+            const u32 offk = ws.offbuf[kt * 32 + lane];
+            const uint2 qv = ws.qbuf[kt * 32 + lane];
             u32 w[4], wb[4] = {0, 0, 0, 0};
             int mn[4], mnb[4] = {0, 0, 0, 0};
             pk_fields2(S, u32(ra) * D + c0, w[0], mn[0], w[1], mn[1]);
@@ -228,8 +262,8 @@ __device__ __forceinline__ void pk_split_body(
             }
             u32 pr[4][8];
             if constexpr (P == 8) {
-              const u8* oa = S.payload + base_a + (off[kt] & 0xffffu);
-              const u8* ob = S.payload + base_b + (off[kt] >> 16);
+              const u8* oa = S.payload + base_a + (offk & 0xffffu);
+              const u8* ob = S.payload + base_b + (offk >> 16);
 #pragma unroll
               for (int kk = 0; kk < 4; ++kk) {
                 pk_decode_run<8>(oa, w[kk], mn[kk], ob, wb[kk], mnb[kk], pr[kk]);
@@ -237,7 +271,7 @@ __device__ __forceinline__ void pk_split_body(
                 ob += wb[kk];
               }
             } else {
-              const u8* op = S.payload + base_a + off[kt];
+              const u8* op = S.payload + base_a + offk;
 #pragma unroll
               for (int kk = 0; kk < 4; ++kk) {
                 pk_decode_run<P>(op + (P == 32 ? half * 2 * w[kk] : 0u), w[kk], mn[kk], nullptr, 0, 0, pr[kk]);
@@ -248,10 +282,11 @@ __device__ __forceinline__ void pk_split_body(
             for (int j = 0; j < 8; ++j) {
               u32 a0 = __byte_perm(pr[0][j], pr[1][j], 0x5410), a1 = __byte_perm(pr[0][j], pr[1][j], 0x7632);
               u32 a2 = __byte_perm(pr[2][j], pr[3][j], 0x5410), a3 = __byte_perm(pr[2][j], pr[3][j], 0x7632);
-              pk_mma(acc[j], a0, a1, a2, a3, qf[kt][0], qf[kt][1]);
+              pk_mma(acc[j], a0, a1, a2, a3, qv.x, qv.y);
             }
           }
 
+          PK_TICK(5);
           // 2d: scores = step_k * (q.level + off_k * sum(q)) [* log2(e)/sqrt(D) when fused]
           const uint2* tt = ws.ttab + gq * 16;
 #pragma unroll
@@ -320,10 +355,8 @@ __device__ __forceinline__ void pk_split_body(
             l1 = l1 * al1 + ps1;
             oo0 = oo0 * al0 + po0;
             oo1 = oo1 * al1 + po1;
-#pragma unroll
-            for (int mt = 0; mt < KT; ++mt) {
-              o[mt][0] *= al0; o[mt][1] *= al1; o[mt][2] *= al0; o[mt][3] *= al1;
-            }
+            alpha0 = al0;   // o is rescaled as the V pass loads it
+            alpha1 = al1;
             uint4* d0 = reinterpret_cast<uint4*>(ws.pbuf + (2 * tq) * PK_PBUF_HEAD + gq * 32);
             uint4* d1 = reinterpret_cast<uint4*>(ws.pbuf + (2 * tq + 1) * PK_PBUF_HEAD + gq * 32);
             d0[0] = make_uint4(w0[0], w0[1], w0[2], w0[3]);
@@ -334,6 +367,7 @@ __device__ __forceinline__ void pk_split_body(
           }
         }
 
+        PK_TICK(6);
         if constexpr (MODE != 1) {
           // ---- Phase 4 (V): two passes of 4 groups; lane (gq, tq) decodes group 4vp+tq, channels
           //      16mt + 2gq, +1 (the A operand rows gq, gq+8 of m-tile mt), 4 mma per tile
@@ -343,30 +377,25 @@ __device__ __forceinline__ void pk_split_body(
             const int bsv = NG >= 8 ? 0 : gv / NG, gibv = NG >= 8 ? gv : gv % NG;
             const int blkv = blk_lo + it * NB + bsv;
             const bool vvalid = blkv < blk_hi;
-            const PkSection S = pk_section(meta[bsv * 3 + 2], R, D);
+            const PkSection S = pk_section(pk_at<SH>(smem, meta[bsv * 3 + 2]), R, D);
             int ra, rb, half;
             pk_rows<P>(gibv, ra, rb, half);
-            u32 off[KT];
             u32 run = 0;
-            {
-              u32 sz[KT];
+#pragma unroll 1
+            for (int mt = 0; mt < KT; mt += (P == 8 ? 1 : 2)) {
+              u32 v = pk_sizes<P, 2>(S, D, ra, rb, u32(16 * mt + 2 * gq));
+              if (P != 8 && mt + 1 < KT) v |= pk_sizes<P, 2>(S, D, ra, rb, u32(16 * mt + 16 + 2 * gq)) << 16;
+              u32 incl = v;
 #pragma unroll
-              for (int mt = 0; mt < KT; ++mt) sz[mt] = pk_sizes<P, 2>(S, D, ra, rb, u32(16 * mt + 2 * gq));
-#pragma unroll
-              for (int mt = 0; mt < KT; mt += (P == 8 ? 1 : 2)) {
-                u32 v = (P == 8 || mt + 1 >= KT) ? sz[mt] : (sz[mt] | (sz[mt + 1] << 16));
-                u32 incl = v;
-#pragma unroll
-                for (int d = 1; d < 8; d <<= 1) {
-                  u32 y = __shfl_up_sync(PK_FULL, incl, 4 * d);
-                  if (gq >= d) incl += y;
-                }
-                u32 tot = __shfl_sync(PK_FULL, incl, 28 + tq), excl = incl - v;
-                if constexpr (P == 8) { off[mt] = run + excl; run += tot; }
-                else {
-                  off[mt] = run + (excl & 0xffffu); run += tot & 0xffffu;
-                  if (mt + 1 < KT) { off[mt + 1] = run + (excl >> 16); run += tot >> 16; }
-                }
+              for (int d = 1; d < 8; d <<= 1) {
+                u32 y = __shfl_up_sync(PK_FULL, incl, 4 * d);
+                if (gq >= d) incl += y;
+              }
+              u32 tot = __shfl_sync(PK_FULL, incl, 28 + tq), excl = incl - v;
+              if constexpr (P == 8) { ws.offbuf[mt * 32 + lane] = run + excl; run += tot; }
+              else {
+                ws.offbuf[mt * 32 + lane] = run + (excl & 0xffffu); run += tot & 0xffffu;
+                if (mt + 1 < KT) { ws.offbuf[(mt + 1) * 32 + lane] = run + (excl >> 16); run += tot >> 16; }
               }
             }
             if (((sub * 8 + 4 * vp) % NG) == 0) carryV = 0;
@@ -430,36 +459,50 @@ __device__ __forceinline__ void pk_split_body(
               }
             }
 
-#pragma unroll
+#pragma unroll 2
             for (int mt = 0; mt < KT; ++mt) {
               const u32 c0 = u32(16 * mt + 2 * gq);
+              const u32 offv = ws.offbuf[mt * 32 + lane];
+              float4 of = ws.obuf[mt * 32 + lane];
+              if (MODE == 0 && vp == 0) { of.x *= alpha0; of.y *= alpha1; of.z *= alpha0; of.w *= alpha1; }
+              float oc[4] = {of.x, of.y, of.z, of.w};
               u32 w0, w1, w0b = 0, w1b = 0;
               int n0, n1, n0b = 0, n1b = 0;
               pk_fields2(S, u32(ra) * D + c0, w0, n0, w1, n1);
               u32 pr[2][8];
               if constexpr (P == 8) {
                 pk_fields2(S, u32(rb) * D + c0, w0b, n0b, w1b, n1b);
-                const u8* oa = S.payload + base_a + (off[mt] & 0xffffu);
-                const u8* ob = S.payload + base_b + (off[mt] >> 16);
+                const u8* oa = S.payload + base_a + (offv & 0xffffu);
+                const u8* ob = S.payload + base_b + (offv >> 16);
                 pk_decode_run<8>(oa, w0, n0, ob, w0b, n0b, pr[0]);
                 pk_decode_run<8>(oa + w0, w1, n1, ob + w0b, w1b, n1b, pr[1]);
               } else {
-                const u8* op = S.payload + base_a + off[mt];
+                const u8* op = S.payload + base_a + offv;
                 pk_decode_run<P>(op + (P == 32 ? half * 2 * w0 : 0u), w0, n0, nullptr, 0, 0, pr[0]);
                 op += (P / 8) * w0;
                 pk_decode_run<P>(op + (P == 32 ? half * 2 * w1 : 0u), w1, n1, nullptr, 0, 0, pr[1]);
               }
 #pragma unroll
               for (int jj = 0; jj < 4; ++jj)
-                pk_mma(o[mt], pr[0][2 * jj], pr[1][2 * jj], pr[0][2 * jj + 1], pr[1][2 * jj + 1], bf[2 * jj], bf[2 * jj + 1]);
+                pk_mma(oc, pr[0][2 * jj], pr[1][2 * jj], pr[0][2 * jj + 1], pr[1][2 * jj + 1], bf[2 * jj], bf[2 * jj + 1]);
+              ws.obuf[mt * 32 + lane] = make_float4(oc[0], oc[1], oc[2], oc[3]);
             }
           }
         }
         __syncwarp();
+        PK_TICK(7);
       }
+      };
+      body(PkBool<false>());   // one body: two (shared-only / generic) overflowed the instruction cache
+      staged = staged_next;
     }
-    pk_cp_wait0();
   }
+#ifdef PK_PROF
+  PK_TICK(8);
+  if (lane == 0)
+    for (int i = 0; i < 9; ++i) atomicAdd(&pk_prof[i], (unsigned long long)prof[i]);
+  if (lane == 0) atomicAdd(&pk_prof[15], 1ull);
+#endif
 
   // ---- Phase 5: per-warp state -> CTA merge in shared memory -> one state per split
   if constexpr (MODE == 1) {
@@ -491,20 +534,21 @@ __device__ __forceinline__ void pk_split_body(
       oo0 = __shfl_sync(PK_FULL, oog, (2 * tq) * 4);
       oo1 = __shfl_sync(PK_FULL, oog, (2 * tq + 1) * 4);
     }
-#pragma unroll
-    for (int mt = 0; mt < KT; ++mt) {
-      o[mt][0] += oo0; o[mt][1] += oo1; o[mt][2] += oo0; o[mt][3] += oo1;
-    }
+    if (lane == 0) { pk_mbar_inval(ws.bar); pk_mbar_inval(ws.bar + 1); }
     __syncthreads();   // every warp is done with its slots: reuse shared memory
     float* mo = reinterpret_cast<float*>(smem);             // [WARPS][8 heads][D]
     float* mml = mo + PK_WARPS * 8 * D;                     // [WARPS][8 heads][2]: m, l
+    float4 ofin[KT];   // this warp's o: read before the merge area (which overlaps it) is written
+#pragma unroll
+    for (int mt = 0; mt < KT; ++mt) ofin[mt] = ws.obuf[mt * 32 + lane];
+    __syncthreads();
 #pragma unroll
     for (int mt = 0; mt < KT; ++mt) {
       const int ch = 16 * mt + 2 * gq;
-      mo[(warp * 8 + 2 * tq) * D + ch] = o[mt][0];
-      mo[(warp * 8 + 2 * tq + 1) * D + ch] = o[mt][1];
-      mo[(warp * 8 + 2 * tq) * D + ch + 1] = o[mt][2];
-      mo[(warp * 8 + 2 * tq + 1) * D + ch + 1] = o[mt][3];
+      mo[(warp * 8 + 2 * tq) * D + ch] = ofin[mt].x + oo0;
+      mo[(warp * 8 + 2 * tq + 1) * D + ch] = ofin[mt].y + oo1;
+      mo[(warp * 8 + 2 * tq) * D + ch + 1] = ofin[mt].z + oo0;
+      mo[(warp * 8 + 2 * tq + 1) * D + ch + 1] = ofin[mt].w + oo1;
     }
     if (gq == 0) {
       mml[(warp * 8 + 2 * tq) * 2] = m0; mml[(warp * 8 + 2 * tq) * 2 + 1] = l0;

@@ -93,7 +93,7 @@ def build(rng, params, lengths, H, D, kind="outliers", extra_capacity=1):
     return Setup(params, buffer, table, np.asarray(lengths, np.int32), H, D)
 
 
-def fused_case(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_cap=8, n_splits=None):
+def fused_case(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_cap=8, n_splits=None, slot_bytes=None):
     import cupy
     s = build(rng, params, lengths, H, D, kind)
     B = len(lengths)
@@ -103,7 +103,7 @@ def fused_case(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_ca
     wl = np.asarray(windows, np.int32)
     arena, table, nb = s.device()
     out = ak.compressed_decode_attention(cupy.asarray(q), arena, table, nb, cupy.asarray(wk), cupy.asarray(wv),
-                                         cupy.asarray(wl), params, n_splits=n_splits)
+                                         cupy.asarray(wl), params, n_splits=n_splits, slot_bytes=slot_bytes)
     got = out.get().astype(np.float32)
     want = compressed_attention_reference(q, s.buffer, s.table, s.n_blocks, wk, wv, wl, params)
     k_hat, v_hat = decode_records(s.buffer, s.table[0, :max(s.n_blocks[0], 0)], params, H, D)
@@ -227,6 +227,26 @@ def test_fused_many_splits_and_long_sequences(ak):
     params = CodecParams(repack="none")
     for n_splits in (1, 3, 40):
         fused_case(ak, rng, params, [37, 12, 0], 2, 4, 128, [2, 7, 1], "outliers", n_splits=n_splits)
+
+
+def test_spans_that_do_not_fit_the_staging_slot_are_read_from_global_memory(ak):
+    """slot_bytes too small for an item: the kernels take their generic-load path (some or all spans
+    straight from the arena) and must give the same results."""
+    import cupy
+    rng = np.random.default_rng(12)
+    params = CodecParams(repack="none")
+    for slot in (256, 4096):
+        fused_case(ak, rng, params, [9, 4], 2, 4, 128, [2, 1], "outliers", slot_bytes=slot)
+        s = build(rng, params, [5, 3], 2, 64)
+        arena, table, nb = s.device()
+        q = rng.standard_normal((2, 6, 64)).astype(np.float16)
+        got = ak.k_gemv(cupy.asarray(q), arena, table, nb, params, 2, slot_bytes=slot).get()
+        want = k_gemv_reference(q, s.buffer, s.table, s.n_blocks, params, 2)
+        assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+        p = rng.random((2, 6, table.shape[1] * 64)).astype(np.float32)
+        got = ak.v_gemv(cupy.asarray(p), arena, table, nb, params, 2, 64, slot_bytes=slot).get()
+        want = v_gemv_reference(p, s.buffer, s.table, s.n_blocks, params, 2, 64)
+        assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
 
 
 def test_fused_real_kv(ak):
