@@ -180,6 +180,15 @@ def attention_workspace_size(batch: int, n_heads: int, head_dim: int, n_splits: 
     return batch * n_heads * n_splits * (head_dim + 2)
 
 
+def attention_workspace(batch: int, n_heads: int, n_kv_heads: int, head_dim: int, max_blocks: int, params,
+                        n_splits: int | None = None):
+    """A float32 workspace for compressed_decode_attention with these shapes (allocate it once, outside a
+    CUDA graph capture, and pass it on every call); n_splits as the launcher will use it (default)."""
+    import cupy
+    n_splits = int(n_splits or default_splits(batch, n_kv_heads, n_heads // n_kv_heads, max_blocks, params.block))
+    return cupy.empty(attention_workspace_size(batch, n_heads, head_dim, n_splits), np.float32)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------
