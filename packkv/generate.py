@@ -336,15 +336,17 @@ def format_stats(s: dict) -> str:
 
 
 def run(args) -> Generation:
-    sampling = SamplingParams(args.temp, args.top_k, args.top_p, args.seed)   # validate before loading
+    # every check of the arguments before the (slow) model load
+    sampling = SamplingParams(args.temp, args.top_k, args.top_p, args.seed)
     kv_params = cache_params(args)
+    prompt = None if args.random_weights else read_prompt(args)
     engine = Engine(args.weights, args.device, args.max_context, random_weights=args.random_weights)
     if args.random_weights:
         ids = np.random.default_rng(args.seed).integers(engine.config.vocab_size, size=args.prompt_tokens).tolist()
         if not 0 < len(ids) < engine.max_context:
             raise PackkvError(f"--prompt-tokens must be in 1..{engine.max_context - 1}, not {args.prompt_tokens}")
     else:
-        ids = engine.prompt_ids(read_prompt(args), args.chat)
+        ids = engine.prompt_ids(prompt, args.chat)
 
     def write(piece):
         sys.stdout.write(piece)

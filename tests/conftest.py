@@ -1,5 +1,12 @@
 """Shared fixtures: the real SmolLM2 checkpoint (imported once per machine), CPU and GPU backends."""
+import os
+import tempfile
+
 import pytest
+
+# The tests' own cache folder: the default model is imported there once per machine, and no tuned
+# profile a user saved for it (python -m packkv.eval tune) changes the defaults the tests expect.
+os.environ["PACKKV_CACHE"] = os.path.join(tempfile.gettempdir(), "packkv-tests")
 
 from packkv.backend import get_backend, gpu_problem
 
