@@ -1,18 +1,23 @@
 """packkv's accuracy on SmolLM2 against the dense cache and the KIVI-style quant baseline.
 
-    python bench/accuracy.py [--device cpu] [--work DIR] [--reuse] [--steps tune,kl,passkey,sweep]
+    python bench/accuracy.py [--device cpu] [--work DIR] [--reuse] [--steps STEP,...]
 
-Every number comes from a `python -m packkv.eval` run whose command is recorded beside it:
-  tune     on brown.txt (the calibration text): packkv's parameters of highest compression within the
-           targets' budget (+1% perplexity, KL 0.02 nats), saved as a profile;
-  kl       on kjv.txt, never used for tuning, with that profile: perplexity and KL against the dense
-           cache, top-1 agreement, compression ratios;
-  passkey  retrieval at 1K, 2K, 4K and 8K tokens x 3 depths, dense and packkv (same keys);
-  sweep    on kjv.txt: packkv's bounds and quant's bits/groups, compression ratio against perplexity
-           increase and KL (bench/results/sweep.json, sweep.png), and packkv's ratio against quant's
-           at equal perplexity increase (at 4-bit quant's, and at 1%);
+Every number comes from a `python -m packkv.eval` run whose command is recorded beside it. Steps:
+  tune, tune-margin      on brown.txt (the calibration text): packkv's parameters of highest compression
+                         within the targets' budget (+1% perplexity, KL 0.02 nats), and within half of
+                         it (a margin for the move to another text); each saved as a profile;
+  kl, kl-margin          on kjv.txt, never used for tuning, with each profile: perplexity and KL against
+                         the dense cache, top-1 agreement, compression ratios;
+  passkey-dense, passkey, passkey-margin
+                         retrieval at 1K, 2K, 4K and 8K tokens x 3 depths (the same keys for each cache);
+  sweep                  on kjv.txt: packkv's bounds and quant's bits/groups, compression ratio against
+                         perplexity increase and KL (bench/results/sweep.json, sweep.png), and packkv's
+                         ratio against quant's at equal perplexity increase (at 4-bit quant's, at 1%)
+                         and at equal KL (at 4-bit quant's, at 0.02);
 then bench/results/accuracy.json: the numbers against the targets, with the commands, and a Markdown
-table for the README on stdout. Intermediate JSON goes to --work; --reuse keeps what is there.
+table for the README on stdout. Intermediate JSON and the profiles go to --work; --reuse keeps what is
+there. Without --profile-out, `eval tune` saves the profile next to the weights, where eval and generate
+find it with no --kv-profile flag; the benchmark keeps the machine's default untouched.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ from common import RESULTS, header, write_json  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION, EVALUATION = "../shared/data/brown.txt", "../shared/data/kjv.txt"
 BUDGET_PPL, BUDGET_KL, TARGET_RATIO, TARGET_OVER_QUANT = 1.0, 0.02, 6.0, 1.5
+# Tuning budgets on the calibration text, by file suffix: the targets themselves, and half of them (a
+# margin for the move to another text).
+PROFILES = {"": (BUDGET_PPL, BUDGET_KL), "-margin": (BUDGET_PPL / 2, BUDGET_KL / 2)}
 WINDOWS = ["--ctx", "2048", "--windows", "3", "--prefill", "512"]               # 4608 scored tokens
 CALIBRATION_WINDOWS = ["--ctx", "2048", "--windows", "2", "--prefill", "512"]   # 3072 scored tokens
 TUNE_GRID = ["--rel-k", "0.02,0.03,0.04,0.05,0.07,0.1", "--rel-v", "0.05,0.08,0.12,0.16,0.2,0.3"]
@@ -40,21 +48,24 @@ SWEEP_PAIRS = {   # (rel_k, rel_v) per granularity: along rel_v = 2 rel_k (the c
 
 
 def steps(work: Path, device: str) -> dict[str, list[list[str]]]:
-    """The eval commands of every step (arguments after `python -m packkv.eval`)."""
-    profile = str(work / "profile.json")
+    """The eval commands of every step (arguments after `python -m packkv.eval`), by step name."""
     common = ["--device", device]
-    packkv = ["--cache", "packkv", "--kv-profile", profile]
-    sweeps = [["sweep", "--text", EVALUATION, *WINDOWS, *common, "--granularities", g, "--pairs", pairs,
-               "--bits", "2,4" if i == 0 else "", "--groups", "32,64", "--json", str(work / f"sweep-{g}.json")]
-              for i, (g, pairs) in enumerate(SWEEP_PAIRS.items())]   # the quant points in the first run only
-    return {
-        "tune": [["tune", "--text", CALIBRATION, *CALIBRATION_WINDOWS, *common, "--budget-ppl", str(BUDGET_PPL),
-                  "--budget-kl", str(BUDGET_KL), *TUNE_GRID, "--profile-out", profile, "--json", str(work / "tune.json")]],
-        "kl": [["kl", "--text", EVALUATION, *WINDOWS, *common, *packkv, "--json", str(work / "kl.json")]],
-        "passkey": [["passkey", *PASSKEY, *common, "--cache", "dense", "--json", str(work / "passkey-dense.json")],
-                    ["passkey", *PASSKEY, *common, *packkv, "--json", str(work / "passkey-packkv.json")]],
-        "sweep": sweeps,
-    }
+    plan = {"passkey-dense": [["passkey", *PASSKEY, *common, "--cache", "dense", "--json",
+                               str(work / "passkey-dense.json")]],
+            "sweep": [["sweep", "--text", EVALUATION, *WINDOWS, *common, "--granularities", g, "--pairs", pairs,
+                       "--bits", "2,4" if i == 0 else "", "--groups", "32,64", "--json", str(work / f"sweep-{g}.json")]
+                      for i, (g, pairs) in enumerate(SWEEP_PAIRS.items())]}   # the quant points in the first only
+    for suffix, (budget_ppl, budget_kl) in PROFILES.items():
+        profile = str(work / f"profile{suffix}.json")
+        packkv = ["--cache", "packkv", "--kv-profile", profile]
+        plan[f"tune{suffix}"] = [["tune", "--text", CALIBRATION, *CALIBRATION_WINDOWS, *common, "--budget-ppl",
+                                  str(budget_ppl), "--budget-kl", str(budget_kl), *TUNE_GRID, "--profile-out", profile,
+                                  "--json", str(work / f"tune{suffix}.json")]]
+        plan[f"kl{suffix}"] = [["kl", "--text", EVALUATION, *WINDOWS, *common, *packkv, "--json",
+                                str(work / f"kl{suffix}.json")]]
+        plan[f"passkey{suffix}"] = [["passkey", *PASSKEY, *common, *packkv, "--json",
+                                     str(work / f"passkey-packkv{suffix}.json")]]
+    return plan
 
 
 def output(command: list[str]) -> Path:
@@ -75,75 +86,85 @@ def merge_sweeps(parts: list[dict]) -> dict:
     return {**merged, **comparisons(merged["points"])}
 
 
-def summarize(r: dict) -> dict:
-    kl, tune = r["kl"][0], r["tune"][0]
-    dense_pk, packkv_pk = r["passkey"]
-    at_8k = [t["compression_ratio"] for t in packkv_pk["trials"] if t["length"] == 8192]
-    sweep = r["sweep"]
-    comparison = sweep["comparison"]
+def measured(r: dict, suffix: str) -> dict:
+    """One tuned profile, evaluated on the evaluation text: the numbers and whether each target is met."""
+    kl, tune, passkey = r[f"kl{suffix}"][0], r[f"tune{suffix}"][0], r[f"passkey{suffix}"][0]
+    dense_passkey = r["passkey-dense"][0]["by_length"]
+    at_8k = [t["compression_ratio"] for t in passkey["trials"] if t["length"] == 8192]
     ratio_8k = sum(at_8k) / len(at_8k) if at_8k else None
-    targets = {
-        "compression_ratio_at_8k_tokens": {"target": f">= {TARGET_RATIO}", "measured": ratio_8k,
-                                           "met": ratio_8k is not None and ratio_8k >= TARGET_RATIO},
-        "compressed_blocks_ratio": {"target": f">= {TARGET_RATIO}", "measured": kl["block_compression_ratio"],
-                                    "met": kl["block_compression_ratio"] >= TARGET_RATIO},
-        "ppl_increase_pct": {"target": f"<= {BUDGET_PPL}", "measured": kl["ppl_increase_pct"],
-                             "met": kl["ppl_increase_pct"] <= BUDGET_PPL},
-        "kl": {"target": f"< {BUDGET_KL}", "measured": kl["kl"], "met": kl["kl"] < BUDGET_KL},
-        "passkey_equal_to_dense": {
-            "target": "packkv == dense at every length", "measured": {"dense": dense_pk["by_length"],
-                                                                       "packkv": packkv_pk["by_length"]},
-            "met": all(packkv_pk["by_length"][n] >= a for n, a in dense_pk["by_length"].items())},
+    return {
+        "profile": tune["profile"],
+        "evaluation": {k: kl[k] for k in ("ppl", "dense_ppl", "ppl_increase_pct", "kl", "top1_agreement",
+                                          "compression_ratio", "block_compression_ratio", "tokens", "windows")},
+        "compression_ratio_at_8k_tokens": ratio_8k, "passkey": passkey["by_length"],
+        "targets": {
+            "compressed_blocks_ratio": check(kl["block_compression_ratio"], ">=", TARGET_RATIO),
+            "compression_ratio_at_8k_tokens": check(ratio_8k, ">=", TARGET_RATIO),
+            "ppl_increase_pct": check(kl["ppl_increase_pct"], "<=", BUDGET_PPL),
+            "kl": check(kl["kl"], "<", BUDGET_KL),
+            "passkey_equal_to_dense": {"target": "packkv >= dense at every length", "measured": passkey["by_length"],
+                                       "met": all(passkey["by_length"][n] >= a for n, a in dense_passkey.items())}},
     }
-    for prefix, key in (("", "comparison"), ("kl_", "comparison_kl")):
-        for name, c in sweep[key].items():
-            targets[f"packkv_over_quant_at_{prefix}{name}"] = {
-                "target": f">= {TARGET_OVER_QUANT}", "measured": c["packkv_over_quant"],
-                "met": c["packkv_over_quant"] is not None and c["packkv_over_quant"] >= TARGET_OVER_QUANT}
-    return {"profile": tune["profile"], "evaluation": {k: kl[k] for k in (
-        "ppl", "dense_ppl", "ppl_increase_pct", "kl", "top1_agreement", "compression_ratio",
-        "block_compression_ratio", "tokens", "windows")}, "compression_ratio_at_8k_tokens": ratio_8k,
-        "passkey": {"dense": dense_pk["by_length"], "packkv": packkv_pk["by_length"]},
-        "comparison": comparison, "comparison_kl": sweep["comparison_kl"], "targets": targets}
+
+
+def check(value, op: str, target: float) -> dict:
+    met = value is not None and {">=": value >= target, "<=": value <= target, "<": value < target}[op]
+    return {"target": f"{op} {target}", "measured": value, "met": bool(met)}
+
+
+def summarize(r: dict) -> dict:
+    sweep = r["sweep"]
+    over_quant = {f"packkv_over_quant_at_{prefix}{name}": check(c["packkv_over_quant"], ">=", TARGET_OVER_QUANT)
+                  for prefix, key in (("", "comparison"), ("kl_", "comparison_kl")) for name, c in sweep[key].items()}
+    return {"profiles": {suffix.strip("-") or "target": {"budget_ppl_pct": b_ppl, "budget_kl": b_kl,
+                                                         **measured(r, suffix)}
+                         for suffix, (b_ppl, b_kl) in PROFILES.items()},
+            "passkey_dense": r["passkey-dense"][0]["by_length"],
+            "comparison": sweep["comparison"], "comparison_kl": sweep["comparison_kl"], "sweep_targets": over_quant}
 
 
 def markdown(summary: dict, commands: dict) -> str:
-    s, t = summary, summary["targets"]
-    e, c = s["evaluation"], s["comparison"]
+    s = summary
 
     def x(v, digits=2):
         return "n/a" if v is None else f"{v:.{digits}f}"
 
-    def ok(name):
-        return "yes" if t[name]["met"] else "**no**"
+    def ok(target):
+        return "yes" if target["met"] else "**no**"
 
-    rows = [
-        "| measure (SmolLM2-135M-Instruct, CPU) | packkv | target | met |",
-        "|---|---|---|---|",
-        f"| compression ratio, compressed blocks (every byte) | {x(e['block_compression_ratio'])}x | >= 6x | "
-        f"{ok('compressed_blocks_ratio')} |",
-        f"| compression ratio, whole cache at 8K tokens (fp16 window included) | "
-        f"{x(s['compression_ratio_at_8k_tokens'])}x | >= 6x | {ok('compression_ratio_at_8k_tokens')} |",
-        f"| perplexity on kjv.txt vs dense ({x(e['dense_ppl'], 4)}) | {x(e['ppl'], 4)} "
-        f"({e['ppl_increase_pct']:+.2f}%) | <= +1% | {ok('ppl_increase_pct')} |",
-        f"| mean KL to dense (nats); top-1 agreement | {x(e['kl'], 4)}; {100 * e['top1_agreement']:.1f}% | < 0.02 | "
-        f"{ok('kl')} |",
-    ]
-    for name, label in (("quant_4bit", "4-bit quant's"), ("1pct", "1%")):
-        if name in c:
-            rows.append(f"| ratio at {label} perplexity increase ({c[name]['ppl_increase_pct']:+.2f}%): packkv vs "
-                        f"quant | {x(c[name]['packkv_ratio'])}x vs {x(c[name]['quant_ratio'])}x = "
-                        f"{x(c[name]['packkv_over_quant'])} | >= 1.5 | {ok('packkv_over_quant_at_' + name)} |")
-    for name, label in (("quant_4bit", "4-bit quant's"), ("kl_0.02", "0.02 nats")):
-        ck = s["comparison_kl"][name]
-        rows.append(f"| ratio at {label} KL ({ck['kl']:.4f}): packkv vs quant | {x(ck['packkv_ratio'])}x vs "
-                    f"{x(ck['quant_ratio'])}x = {x(ck['packkv_over_quant'])} | (>= 1.5) | "
-                    f"{ok('packkv_over_quant_at_kl_' + name)} |")
-    lengths = s["passkey"]["dense"]
-    rows += ["", "| passkey retrieval | " + " | ".join(f"{int(n) // 1024}K" for n in lengths) + " |",
-             "|---|" + "---|" * len(lengths),
-             "| dense | " + " | ".join(f"{a:.0f}%" for a in lengths.values()) + " |",
-             "| packkv (tuned profile) | " + " | ".join(f"{s['passkey']['packkv'][n]:.0f}%" for n in lengths) + " |"]
+    names = list(s["profiles"])
+    rows = ["| SmolLM2-135M-Instruct, kjv.txt | target | " + " | ".join(
+                f"packkv tuned on brown.txt at +{p['budget_ppl_pct']:g}% / KL {p['budget_kl']:g}"
+                for p in s["profiles"].values()) + " |",
+            "|---|---|" + "---|" * len(names)]
+
+    def row(label, target, cell):
+        rows.append(f"| {label} | {target} | " + " | ".join(cell(s["profiles"][n]) for n in names) + " |")
+
+    row("parameters (rel_k, rel_v, granularity)", "", lambda p: "{rel_k}, {rel_v}, {granularity}".format(**p["profile"]["params"]))
+    row("compression ratio, compressed blocks (every byte)", ">= 6x", lambda p: f"{x(p['evaluation']['block_compression_ratio'])}x "
+        f"{ok(p['targets']['compressed_blocks_ratio'])}")
+    row("compression ratio, whole cache at 8K tokens", ">= 6x", lambda p: f"{x(p['compression_ratio_at_8k_tokens'])}x "
+        f"{ok(p['targets']['compression_ratio_at_8k_tokens'])}")
+    row(f"perplexity (dense {x(next(iter(s['profiles'].values()))['evaluation']['dense_ppl'], 4)})", "<= +1%",
+        lambda p: f"{x(p['evaluation']['ppl'], 4)} ({p['evaluation']['ppl_increase_pct']:+.2f}%) "
+        f"{ok(p['targets']['ppl_increase_pct'])}")
+    row("mean KL to dense, nats (top-1 agreement)", "< 0.02", lambda p: f"{x(p['evaluation']['kl'], 4)} "
+        f"({100 * p['evaluation']['top1_agreement']:.1f}%) {ok(p['targets']['kl'])}")
+    row("passkey " + "/".join(f"{int(n) // 1024}K" for n in s["passkey_dense"]) + " (dense: " +
+        "/".join(f"{a:.0f}" for a in s["passkey_dense"].values()) + "%)", "= dense",
+        lambda p: "/".join(f"{a:.0f}" for a in p["passkey"].values()) + f"% {ok(p['targets']['passkey_equal_to_dense'])}")
+    rows += ["", "| packkv vs quant, sweep on kjv.txt | at | packkv | quant | packkv / quant (target >= 1.5) |",
+             "|---|---|---|---|---|"]
+    for key, metric, labels in (("comparison", "ppl_increase_pct", {"quant_4bit": "4-bit quant's perplexity increase",
+                                                                     "1pct": "1% perplexity increase"}),
+                                ("comparison_kl", "kl", {"quant_4bit": "4-bit quant's KL", "kl_0.02": "KL 0.02"})):
+        for name, label in labels.items():
+            c = s[key][name]
+            at = f"{c[metric]:+.2f}%" if metric == "ppl_increase_pct" else f"{c[metric]:.4f} nats"
+            prefix = "" if key == "comparison" else "kl_"
+            rows.append(f"| {label} | {at} | {x(c['packkv_ratio'])}x | {x(c['quant_ratio'])}x | "
+                        f"{x(c['packkv_over_quant'])} {ok(s['sweep_targets'][f'packkv_over_quant_at_{prefix}{name}'])} |")
     rows += ["", "Commands:", "```"] + [line for lines in commands.values() for line in lines] + ["```"]
     return "\n".join(rows)
 
@@ -153,12 +174,13 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"])
     ap.add_argument("--work", default="/tmp/packkv-accuracy", help="intermediate JSON and the tuned profile")
     ap.add_argument("--reuse", action="store_true", help="keep the results of steps already in --work")
-    ap.add_argument("--steps", default="tune,kl,passkey,sweep")
+    ap.add_argument("--steps", default="tune,kl,passkey,passkey-dense,sweep,tune-margin,kl-margin,passkey-margin",
+                    help="steps to run ('' to only summarize)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     plan = steps(work, args.device)
-    for name in args.steps.split(","):
+    for name in filter(None, args.steps.split(",")):     # --steps '' only summarizes
         for command in plan[name]:
             if not (args.reuse and output(command).is_file()):
                 run_step(command)
@@ -171,10 +193,9 @@ def main() -> int:
     from packkv.eval import plot_sweep
     plot_sweep(sweep, RESULTS / "sweep.png")
     write_json("sweep.json", sweep)
+    commands = {name: [r["command"] for r in rs] for name, rs in results.items()}
     results["sweep"] = sweep
-    commands = {name: [r["command"] for r in (rs if isinstance(rs, list) else [])] for name, rs in results.items()}
-    commands["sweep"] = sweep["commands"]
-    summary = summarize({**results, "sweep": sweep})
+    summary = summarize(results)
     write_json("accuracy.json", {**header(results["kl"][0]["device"]), **summary, "commands": commands,
                                  "profile_command_note": "without --profile-out, tune saves the profile next to "
                                  "the weights, where eval and generate find it with no --kv-profile flag"})

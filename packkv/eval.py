@@ -372,7 +372,10 @@ def plot_sweep(result: dict, path: Path) -> None:
         key = "comparison" if metric == "ppl_increase_pct" else "comparison_kl"
         for x in (c[metric] for c in result.get(key, {}).values()):
             ax.axvline(x, color="gray", ls=":", lw=1)
-        ax.set_xscale("symlog", linthresh=0.1 if metric == "ppl_increase_pct" else 1e-3)
+        if metric == "kl":
+            ax.set_xscale("log")
+        else:
+            ax.set_xscale("symlog", linthresh=0.1)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("compression ratio vs fp16 (blocks, every byte)")
         ax.grid(alpha=0.3)
@@ -442,11 +445,24 @@ def run_header(args, engine: Engine) -> dict:
             "device": engine.backend.device_name, "command": "python -m packkv.eval " + shlex.join(args.argv)}
 
 
-def ppl_command(args) -> dict:
+def prepare(args) -> tuple[CacheSpec, Engine, Windows]:
+    """The cache under test, the model, the text's windows: what ppl and kl share (checked in that order,
+    so bad flags fail before the model loads)."""
     spec = CacheSpec.from_args(args)
     check_window_args(args)
     engine = load(args)
-    windows = text_windows(engine, args)
+    return spec, engine, text_windows(engine, args)
+
+
+def grid_base(args) -> tuple[dict, int]:
+    """The packkv parameters a sweep or tune does not vary (--kv-pack, --kv-block, the codec's
+    defaults; never a profile), and the fp16 window."""
+    base = {"pack": args.kv_pack or codec.CodecParams.pack, "block": args.kv_block or codec.CodecParams.block}
+    return base, DEFAULT_WINDOW if args.kv_window is None else args.kv_window
+
+
+def ppl_command(args) -> dict:
+    spec, engine, windows = prepare(args)
     result, _ = score(engine, windows, spec)
     print(f"{spec.label()}: perplexity {result['ppl']:.4f} over {result['tokens']} tokens, "
           f"{result['compression_ratio']:.2f}x vs fp16 (whole cache at {windows.describe()['ctx']} tokens)"
@@ -456,10 +472,7 @@ def ppl_command(args) -> dict:
 
 
 def kl_command(args) -> dict:
-    spec = CacheSpec.from_args(args)
-    check_window_args(args)
-    engine = load(args)
-    windows = text_windows(engine, args)
+    spec, engine, windows = prepare(args)
     dense, (result,) = score_against_dense(engine, windows, [spec])
     print(f"{spec.label()}: KL {result['kl']:.5f} nats, top-1 agreement {100 * result['top1_agreement']:.2f}%, "
           f"perplexity {result['ppl']:.4f} vs dense {dense['ppl']:.4f} ({result['ppl_increase_pct']:+.3f}%)")
@@ -507,8 +520,7 @@ def rel_pairs(args) -> list[tuple[float, float]]:
 
 def sweep_specs(args) -> list[CacheSpec]:
     """packkv over (rel_k, rel_v) x granularity x repack, and quant over bits x group."""
-    window = DEFAULT_WINDOW if args.kv_window is None else args.kv_window
-    base = {"pack": args.kv_pack or codec.CodecParams.pack, "block": args.kv_block or codec.CodecParams.block}
+    base, window = grid_base(args)
     specs = []
     try:
         for granularity in parse_list(args.granularities, str, "--granularities"):
@@ -560,9 +572,8 @@ def tune_command(args) -> dict:
     rel_k = sorted(parse_list(args.rel_k, float, "--rel-k"))
     rel_v = sorted(parse_list(args.rel_v, float, "--rel-v"))
     granularities = parse_list(args.granularities, str, "--granularities")
-    window = DEFAULT_WINDOW if args.kv_window is None else args.kv_window
-    base = {"pack": args.kv_pack or codec.CodecParams.pack, "block": args.kv_block or codec.CodecParams.block,
-            "repack": args.kv_repack or codec.CodecParams.repack}
+    base, window = grid_base(args)
+    base["repack"] = args.kv_repack or codec.CodecParams.repack
     try:
         for rk in rel_k + rel_v:
             codec.CodecParams(rel_k=rk, **base)
