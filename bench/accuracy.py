@@ -96,7 +96,10 @@ def measured(r: dict, suffix: str) -> dict:
         "profile": tune["profile"],
         "evaluation": {k: kl[k] for k in ("ppl", "dense_ppl", "ppl_increase_pct", "kl", "top1_agreement",
                                           "compression_ratio", "block_compression_ratio", "tokens", "windows")},
-        "compression_ratio_at_8k_tokens": ratio_8k, "passkey": passkey["by_length"],
+        "compression_ratio_at_8k_tokens": ratio_8k,
+        "compression_ratio_at_8k_tokens_note": "whole cache (fp16 window included) at the end of the 8K passkey "
+                                               "runs, whose filler is repeated sentences",
+        "passkey": passkey["by_length"],
         "targets": {
             "compressed_blocks_ratio": check(kl["block_compression_ratio"], ">=", TARGET_RATIO),
             "compression_ratio_at_8k_tokens": check(ratio_8k, ">=", TARGET_RATIO),
@@ -144,7 +147,7 @@ def markdown(summary: dict, commands: dict) -> str:
     row("parameters (rel_k, rel_v, granularity)", "", lambda p: "{rel_k}, {rel_v}, {granularity}".format(**p["profile"]["params"]))
     row("compression ratio, compressed blocks (every byte)", ">= 6x", lambda p: f"{x(p['evaluation']['block_compression_ratio'])}x "
         f"{ok(p['targets']['compressed_blocks_ratio'])}")
-    row("compression ratio, whole cache at 8K tokens", ">= 6x", lambda p: f"{x(p['compression_ratio_at_8k_tokens'])}x "
+    row("compression ratio, whole cache at 8K tokens (passkey prompts)", ">= 6x", lambda p: f"{x(p['compression_ratio_at_8k_tokens'])}x "
         f"{ok(p['targets']['compression_ratio_at_8k_tokens'])}")
     row(f"perplexity (dense {x(next(iter(s['profiles'].values()))['evaluation']['dense_ppl'], 4)})", "<= +1%",
         lambda p: f"{x(p['evaluation']['ppl'], 4)} ({p['evaluation']['ppl_increase_pct']:+.2f}%) "
