@@ -129,6 +129,14 @@ def _check_head_dim(fn, D):
         _fail(fn, f"head_dim {D} is not supported (a multiple of 16 from 16 to {MAX_HEAD_DIM})")
 
 
+def _kv_heads(fn, Hq, n_kv_heads) -> int:
+    """The KV head count, checked: 1..255 (a record's u8 field) and dividing the query heads."""
+    Hkv = int(n_kv_heads)
+    if Hkv < 1 or Hkv > 255 or Hq % Hkv:
+        _fail(fn, f"{Hq} query heads are not a multiple of {Hkv} KV heads (1..255)")
+    return Hkv
+
+
 def _check_arena(fn, arena, block_offsets, n_blocks, B):
     _cupy_array(fn, "arena", arena, np.uint8, 1)
     dev = arena.device.id
@@ -223,8 +231,7 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     Hkv, W_cap = window_k.shape[1], window_k.shape[2]
     if window_len.shape != (B,):
         _fail(fn, f"window_len must be [B={B}], got {window_len.shape}")
-    if Hkv < 1 or Hkv > 255 or Hq % Hkv:
-        _fail(fn, f"{Hq} query heads are not a multiple of {Hkv} KV heads (1..255)")
+    _kv_heads(fn, Hq, Hkv)
     G, T, P = Hq // Hkv, params.block, params.pack
     max_blocks = block_offsets.shape[1]
     n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
@@ -270,9 +277,7 @@ def k_gemv(q, arena, block_offsets, n_blocks, params, n_kv_heads: int, out=None,
     B, Hq, D = q.shape
     _check_head_dim(fn, D)
     dev = _check_arena(fn, arena, block_offsets, n_blocks, B)
-    Hkv = int(n_kv_heads)
-    if Hkv < 1 or Hkv > 255 or Hq % Hkv:
-        _fail(fn, f"{Hq} query heads are not a multiple of n_kv_heads={Hkv} (1..255)")
+    Hkv = _kv_heads(fn, Hq, n_kv_heads)
     G, T, P = Hq // Hkv, params.block, params.pack
     max_blocks = block_offsets.shape[1]
     shape = (B, Hq, max_blocks * T)
@@ -307,9 +312,7 @@ def v_gemv(p, arena, block_offsets, n_blocks, params, n_kv_heads: int, head_dim:
     D = int(head_dim)
     _check_head_dim(fn, D)
     dev = _check_arena(fn, arena, block_offsets, n_blocks, B)
-    Hkv = int(n_kv_heads)
-    if Hkv < 1 or Hkv > 255 or Hq % Hkv:
-        _fail(fn, f"{Hq} query heads are not a multiple of n_kv_heads={Hkv} (1..255)")
+    Hkv = _kv_heads(fn, Hq, n_kv_heads)
     G, T, P = Hq // Hkv, params.block, params.pack
     max_blocks = block_offsets.shape[1]
     if n_tok != max_blocks * T:
