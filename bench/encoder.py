@@ -105,6 +105,9 @@ def main():
                     help="CTA sizes; the first for every batch, the others for the 8B 128K batch only")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="skip the 128K-token batches")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the 8B 128K batch with phases switched off (quantize only, + repack, "
+                         "+ pack statistics, + look-back): where the time goes")
     args = ap.parse_args()
 
     import cupy as cp
@@ -130,35 +133,65 @@ def main():
                     replace(base, granularity="token-head"))]
 
     records, data = [], {}
-    if True:
-        for model, label, tokens, params, threads in runs:
-            s = SHAPES[model]
-            H, D, L = s["kv_heads"], s["head_dim"], s["layers"]
-            n = L * (tokens // params.block)
-            key = (model, n)
-            if key not in data:
-                data.clear()
-                cp.get_default_memory_pool().free_all_blocks()
-                data[key] = synthetic_blocks(cp, n, H, params.block, D, seed=n)
-            k, v = data[key]
-            encoder = BlockEncoder(params, H, D, threads=threads)
-            arena = cp.zeros(n * max_record_bytes(params, H, D) + 16, dtype=cp.uint8)
-            seconds, offsets, used = time_encode(cp, encoder, k, v, arena, args.reps)
-            check_against_codec(cp, k, v, params, arena, offsets, sorted({0, 1, n // 2, n - 1}))
-            input_bytes = 2 * k.size * 2
-            rec = dict(model=model, batch=label, tokens=tokens,
-                       shape=dict(layers=L, kv_heads=H, head_dim=D, block=params.block),
-                       params={f: getattr(params, f) for f in ("granularity", "repack", "pack", "block",
-                                                                "rel_k", "rel_v")},
-                       threads=threads, lane_bits=encoder.plan.E, level_matrix="shared" if encoder.plan.lv_shared
-                       else "global", blocks=n, input_bytes=input_bytes, seconds=seconds,
-                       input_gbps=input_bytes / seconds / 1e9, compressed_bytes=int(used),
-                       ratio=input_bytes / int(used), checked_blocks="first, second, middle, last: identical")
-            records.append(rec)
-            print(f"{model:13s} {label:12s} {params.granularity:11s} {params.repack:6s} threads {threads:4d}: "
-                  f"{n:6d} blocks {seconds * 1e3:9.2f} ms {rec['input_gbps']:7.1f} GB/s ratio {rec['ratio']:.2f}",
+    for model, label, tokens, params, threads in runs:
+        s = SHAPES[model]
+        H, D, L = s["kv_heads"], s["head_dim"], s["layers"]
+        n = L * (tokens // params.block)
+        key = (model, n)
+        if key not in data:
+            data.clear()
+            cp.get_default_memory_pool().free_all_blocks()
+            data[key] = synthetic_blocks(cp, n, H, params.block, D, seed=n)
+        k, v = data[key]
+        encoder = BlockEncoder(params, H, D, threads=threads)
+        arena = cp.zeros(n * max_record_bytes(params, H, D) + 16, dtype=cp.uint8)
+        seconds, offsets, used = time_encode(cp, encoder, k, v, arena, args.reps)
+        check_against_codec(cp, k, v, params, arena, offsets, sorted({0, 1, n // 2, n - 1}))
+        input_bytes = 2 * k.size * 2
+        rec = dict(model=model, batch=label, tokens=tokens,
+                   shape=dict(layers=L, kv_heads=H, head_dim=D, block=params.block),
+                   params={f: getattr(params, f) for f in ("granularity", "repack", "pack", "block",
+                                                            "rel_k", "rel_v")},
+                   threads=threads, lane_bits=encoder.plan.E, level_matrix="shared" if encoder.plan.lv_shared
+                   else "global", blocks=n, input_bytes=input_bytes, seconds=seconds,
+                   input_gbps=input_bytes / seconds / 1e9, compressed_bytes=int(used),
+                   ratio=input_bytes / int(used), checked_blocks="first, second, middle, last: identical")
+        records.append(rec)
+        print(f"{model:13s} {label:12s} {params.granularity:11s} {params.repack:6s} threads {threads:4d}: "
+              f"{n:6d} blocks {seconds * 1e3:9.2f} ms {rec['input_gbps']:7.1f} GB/s ratio {rec['ratio']:.2f}",
+              flush=True)
+        del arena
+
+    breakdown = None
+    if args.breakdown and not args.quick:
+        s = SHAPES["llama-3.1-8b"]
+        H, D, L = s["kv_heads"], s["head_dim"], s["layers"]
+        n = L * (131072 // block)
+        if (("llama-3.1-8b", n)) not in data:
+            data.clear()
+            cp.get_default_memory_pool().free_all_blocks()
+            data[("llama-3.1-8b", n)] = synthetic_blocks(cp, n, H, block, D, seed=n)
+        k, v = data[("llama-3.1-8b", n)]
+        arena = cp.zeros(n * max_record_bytes(base, H, D) + 16, dtype=cp.uint8)
+        breakdown = {}
+        for params in (base, replace(base, repack="none")):
+            encoder = BlockEncoder(params, H, D, threads=args.threads[0])
+            t = {}
+            for mode in (0, 1, 2, 6, 14):   # bits: 1 no write, 2 no look-back, 4 no pack stats, 8 no repack
+                encoder.encode(k, v, arena, 0, _phase_mode=mode)
+                times = []
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    encoder.encode(k, v, arena, 0, _phase_mode=mode)
+                    times.append(time.perf_counter() - t0)
+                t[mode] = float(np.median(times))
+            phases = {"quantize (+ launch, uploads)": t[14], "repack": t[6] - t[14],
+                      "pack statistics, sizes, payload offsets": t[2] - t[6], "look-back": t[1] - t[2],
+                      "write": t[0] - t[1], "total": t[0]}
+            breakdown[params.repack] = {name: round(x, 4) for name, x in phases.items()}
+            print(f"8B 128K {params.repack}: " + ", ".join(f"{name} {1e3 * x:.1f} ms" for name, x in phases.items()),
                   flush=True)
-            del arena
+        del arena
 
     prefill = None
     main_rec = [r for r in records if r["model"] == "llama-3.1-8b" and r["tokens"] == 131072
@@ -178,7 +211,7 @@ def main():
               f"{100 * r['seconds'] / est:.2f}% of it")
     print_table(records, ["model", "batch", "threads", "blocks", "seconds", "input_gbps", "ratio"])
     write_json("encoder.json", {**header(device), "matmul_tflops_fp16": tflops, "records": records,
-                                "prefill_128k": prefill,
+                                "prefill_128k": prefill, "phase_breakdown_8b_128k_seconds": breakdown,
                                 "target": "100 GB/s of fp16 K+V input for llama-3.1-8b, token-layer, greedy, "
                                           "pack 16, block 64"})
 
