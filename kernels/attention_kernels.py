@@ -28,6 +28,7 @@ from packkv.codec import CodecParams
 
 KERNEL_DIR = Path(__file__).resolve().parent
 WARPS = 4                     # PK_WARPS in packkv_common.cuh
+MERGE_THREADS = 256           # PK_MERGE_THREADS in packkv_attention.cu
 WARP_EXTRA = 2176 + 1024 + 384 + 64 + 16   # PK_WARP_EXTRA: weights, token table, meta, zero section, mbarriers
 WORK_PER_TILE = {0: 32 * 28, 1: 32 * 12, 2: 32 * 20}   # PK_WORK_PER_TILE(mode): q fragments, offsets, o
 SMEM_PER_SM = 233472          # H100: 228 KB of shared memory per SM, 1 KB of it reserved per CTA
@@ -254,14 +255,15 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
             _fail(fn, f"out must be [B, Hq, D] = {(B, Hq, D)}, got {out.shape}")
     shared = _shared_bytes(slot, D, 0)
     split_fn = _function("packkv_attention.cu", f"pk_attention_splits<{D}, {P}>", D, P, shared)
-    merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, P)
+    merge_shared = 4 * (W_cap + n_splits)                 # a weight per window token and per split
+    merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, P, merge_shared)
     qscale = np.float32(math.log2(math.e) / math.sqrt(D))
     tl = np.int32(params.granularity == "token-layer")
     split_fn((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
              (q, arena, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T), tl,
               np.int32(n_splits), np.int32(slot), qscale, workspace), shared_mem=shared)
-    merge_fn((Hq, B), (128,), (q, window_k, window_v, window_len, workspace, np.int32(n_splits), np.int32(Hkv),
-                               np.int32(G), np.int32(W_cap), qscale, out))
+    merge_fn((Hq, B), (MERGE_THREADS,), (q, window_k, window_v, window_len, workspace, np.int32(n_splits), np.int32(Hkv),
+                               np.int32(G), np.int32(W_cap), qscale, out), shared_mem=merge_shared)
     return out
 
 

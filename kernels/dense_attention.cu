@@ -9,15 +9,16 @@
 // Thread mapping. dense_attention_split: grid (splits, Hkv, B), 128 threads. A CTA owns the G query
 // heads of one KV head and a contiguous span of ceil(length / splits) keys (rounded up to a tile), walked
 // in tiles of 32 keys:
-//   1. stage the K tile [32][D] in shared memory (rows padded by 2 halves: conflict-free half2 reads);
+//   1. store the K and V tiles [32][D], prefetched into registers (16-byte loads) while the previous tile
+//      was computed, in shared memory (rows padded by 2 halves: conflict-free half2 reads);
 //   2. scores: thread -> (head g, key j) pairs, a dot of D in fp32 against q (fp32, pre-scaled, in smem);
 //   3. online softmax per head (one warp per head): running max m and sum l in smem, a rescale factor;
-//   4. stage the V tile, then thread -> (g, d) pairs accumulate acc = acc * rescale + sum_j p_j V[j, d]
+//   4. thread -> (g, d) pairs accumulate acc = acc * rescale + sum_j p_j V[j, d]
 //      in registers (G * D / 128 per thread).
 // Every K and V byte of the span is read once per step for all G heads. The partial state (m, l, acc) of
-// each (b, kv head, split, g) goes to a workspace; dense_attention_merge (grid (B, Hq), D threads)
+// each (b, kv head, split, g) goes to a workspace; dense_attention_merge (grid (B, Hq), 256 threads)
 // combines the splits with log-sum-exp weights, all splits at once (a chain of pairwise merges over
-// ~180 splits cost more than the splits themselves: measured 376 -> see generate.json at 8000 tokens).
+// ~180 splits cost more than the splits themselves).
 // Bytes per step: 2 * length * Hkv * D * 2 (K and V, fp16) + the partials (splits * Hq * (D + 2) * 4).
 // Measured: part of the dense decode step in bench/results/generate.json.
 
@@ -26,7 +27,9 @@
 
 #define TILE 32
 #define THREADS 128
+#define MERGE_THREADS 256
 #define MAX_ACC 16            // G * D / THREADS registers per thread: G * D <= 2048
+#define PREFETCH (TILE * 256 / 8 / THREADS)   // 16-byte chunks of a K (and a V) tile per thread, D <= 256
 
 // The online-softmax state of one query head: max score m and sum l of exp(s - m); the caller keeps
 // the matching sum of exp(s - m) * v. merge() folds another state in and returns the factors by which
@@ -43,6 +46,20 @@ struct AttentionState {
     }
 };
 
+// Max or sum over the CTA (blockDim.x == MERGE_THREADS), the result in every thread.
+__device__ float block_reduce(float v, bool is_max, float* scratch) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffff, v, o);
+        v = is_max ? fmaxf(v, other) : v + other;
+    }
+    __syncthreads();                                         // scratch may still be read by a previous call
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+    __syncthreads();
+    v = scratch[0];
+    for (int w = 1; w < MERGE_THREADS / 32; ++w) v = is_max ? fmaxf(v, scratch[w]) : v + scratch[w];
+    return v;
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS)
 dense_attention_split(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
                       const int* __restrict__ start, int extra, int Hkv, int G, int D, int capacity,
@@ -56,7 +73,8 @@ dense_attention_split(const __half* __restrict__ q, const __half* __restrict__ k
     float* rescale_s = p_s + G * TILE;                       // [G] factor on acc for this tile
     float* m_s = rescale_s + G;                              // [G] running max
     float* l_s = m_s + G;                                    // [G] running sum
-    __half* kv_s = (__half*)(l_s + G);                       // [TILE][row] K tile, then V tile
+    __half* k_s = (__half*)(l_s + G);                        // [TILE][row] K tile
+    __half* v_s = k_s + TILE * row;                          // [TILE][row] V tile
 
     // ---- which keys: a span of this sequence's keys, tile-aligned --------------------------------
     const int length = start[b] + extra;
@@ -81,22 +99,46 @@ dense_attention_split(const __half* __restrict__ q, const __half* __restrict__ k
     for (int r = 0; r < MAX_ACC; ++r) acc[r] = 0.f;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
+    // The next tile's K and V wait in registers (16-byte chunks) while this tile is computed, so the
+    // global loads of tile i + 1 overlap the arithmetic of tile i.
+    const int chunks = D / 8;                                // 16-byte chunks per row
+    uint4 k_next[PREFETCH], v_next[PREFETCH];
+    auto load_tile = [&](int tile) {
+        const int n = min(TILE, end - tile);
+        #pragma unroll
+        for (int r = 0; r < PREFETCH; ++r) {
+            const int i = threadIdx.x + r * THREADS;
+            if (i < n * chunks) {
+                const size_t at = (size_t)(tile + i / chunks) * D + (i % chunks) * 8;
+                k_next[r] = *(const uint4*)(k_seq + at);
+                v_next[r] = *(const uint4*)(v_seq + at);
+            }
+        }
+    };
+    load_tile(begin);
     for (int tile = begin; tile < end; tile += TILE) {
         const int n = min(TILE, end - tile);
-        // ---- 1. K tile -> smem (half2 loads: 4 bytes per thread per step) ----------------------
+        // ---- 1. the prefetched K and V tiles -> smem (rows padded by 2 halves: conflict-free reads) --
         __syncthreads();
-        for (int i = threadIdx.x; i < n * D / 2; i += THREADS) {
-            int j = i / (D / 2), c = i % (D / 2);
-            ((__half2*)(kv_s + j * row))[c] = ((const __half2*)(k_seq + (size_t)(tile + j) * D))[c];
+        #pragma unroll
+        for (int r = 0; r < PREFETCH; ++r) {
+            const int i = threadIdx.x + r * THREADS;
+            if (i < n * chunks) {
+                unsigned* kd = (unsigned*)(k_s + (i / chunks) * row + (i % chunks) * 8);
+                unsigned* vd = (unsigned*)(v_s + (i / chunks) * row + (i % chunks) * 8);
+                kd[0] = k_next[r].x; kd[1] = k_next[r].y; kd[2] = k_next[r].z; kd[3] = k_next[r].w;
+                vd[0] = v_next[r].x; vd[1] = v_next[r].y; vd[2] = v_next[r].z; vd[3] = v_next[r].w;
+            }
         }
         __syncthreads();
+        if (tile + TILE < end) load_tile(tile + TILE);
         // ---- 2. scores of G heads x n keys ----------------------------------------------------
         for (int i = threadIdx.x; i < G * TILE; i += THREADS) {
             int g = i / TILE, j = i % TILE;
             float s = -CUDART_INF_F;
             if (j < n) {
                 s = 0.f;
-                const __half2* kr = (const __half2*)(kv_s + j * row);
+                const __half2* kr = (const __half2*)(k_s + j * row);
                 const float* qg = q_s + g * D;
                 for (int c = 0; c < D / 2; ++c) {
                     float2 kf = __half22float2(kr[c]);
@@ -120,19 +162,14 @@ dense_attention_split(const __half* __restrict__ q, const __half* __restrict__ k
             if (lane == 0) { m_s[g] = running.m; l_s[g] = running.l; rescale_s[g] = f.x; }
         }
         __syncthreads();
-        // ---- 4. V tile -> smem, then acc = acc * rescale + P V ----------------------------------
-        for (int i = threadIdx.x; i < n * D / 2; i += THREADS) {
-            int j = i / (D / 2), c = i % (D / 2);
-            ((__half2*)(kv_s + j * row))[c] = ((const __half2*)(v_seq + (size_t)(tile + j) * D))[c];
-        }
-        __syncthreads();
+        // ---- 4. acc = acc * rescale + P V ---------------------------------------------------------
         #pragma unroll
         for (int r = 0; r < MAX_ACC; ++r) {
             int i = threadIdx.x + r * THREADS;
             if (i >= G * D) break;
             int g = i / D, d = i % D;
             float sum = 0.f;
-            for (int j = 0; j < n; ++j) sum += p_s[g * TILE + j] * __half2float(kv_s[j * row + d]);
+            for (int j = 0; j < n; ++j) sum += p_s[g * TILE + j] * __half2float(v_s[j * row + d]);
             acc[r] = acc[r] * rescale_s[g] + sum;
         }
     }
@@ -149,44 +186,52 @@ dense_attention_split(const __half* __restrict__ q, const __half* __restrict__ k
     }
 }
 
-extern "C" __global__ void dense_attention_merge(const float* __restrict__ partial_acc,
-                                                 const float* __restrict__ partial_ml, int splits, int G,
-                                                 __half* __restrict__ out) {
-    // One CTA per (sequence, query head), one thread per channel d (blockDim.x == D). The splits are
-    // folded in parallel, not as a chain of merges: the largest max M first, then each split's weight
-    // exp(m_s - M) into shared memory, then every thread sums its channel over the splits.
-    extern __shared__ float weight_s[];                     // [splits]
+extern "C" __global__ void __launch_bounds__(MERGE_THREADS)
+dense_attention_merge(const float* __restrict__ partial_acc, const float* __restrict__ partial_ml, int splits,
+                      int G, int D, __half* __restrict__ out) {
+    // One CTA per (sequence, query head). The splits are folded in parallel, never as a chain: the largest
+    // max M (block reduction), each split's weight exp(m_s - M) into shared memory and the total L, then a
+    // thread per (channel pair, slice of the splits) sums weight * acc with independent loads, and the
+    // slices are added through shared memory. (A thread per channel walking all splits took 18 us per
+    // layer for 9/3/64 at 8K tokens, with 176 splits: a chain of dependent loads.)
+    extern __shared__ float weight_s[];                      // [splits]
     __shared__ float reduce_s[32];
+    __shared__ float2 slice_s[MERGE_THREADS];
     const int b = blockIdx.x, h = blockIdx.y, Hq = gridDim.y, kvh = h / G, g = h % G, Hkv = Hq / G;
-    const int D = blockDim.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = (D + 31) / 32;
     const size_t first = (((size_t)b * Hkv + kvh) * splits) * G + g;      // state of split 0; stride G
 
     float m = -CUDART_INF_F;
-    for (int s = threadIdx.x; s < splits; s += D) m = fmaxf(m, partial_ml[2 * (first + (size_t)s * G)]);
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
-    if (lane == 0) reduce_s[warp] = m;
-    __syncthreads();
-    m = -CUDART_INF_F;
-    for (int w = 0; w < warps; ++w) m = fmaxf(m, reduce_s[w]);
-    __syncthreads();
-
+    for (int s = threadIdx.x; s < splits; s += MERGE_THREADS) m = fmaxf(m, partial_ml[2 * (first + (size_t)s * G)]);
+    m = block_reduce(m, true, reduce_s);
     float l = 0.f;
-    for (int s = threadIdx.x; s < splits; s += D) {
+    for (int s = threadIdx.x; s < splits; s += MERGE_THREADS) {
         size_t index = first + (size_t)s * G;
         float split_m = partial_ml[2 * index], split_l = partial_ml[2 * index + 1];
         float w = split_l > 0.f ? __expf(split_m - m) : 0.f;
         weight_s[s] = w;
         l += w * split_l;
     }
-    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffff, l, o);
-    if (lane == 0) reduce_s[warp] = l;
-    __syncthreads();
-    l = 0.f;
-    for (int w = 0; w < warps; ++w) l += reduce_s[w];
+    l = block_reduce(l, false, reduce_s);                    // its barriers also publish weight_s
 
-    float acc = 0.f;
-    #pragma unroll 4
-    for (int s = 0; s < splits; ++s)
-        if (weight_s[s] > 0.f) acc += weight_s[s] * partial_acc[(first + (size_t)s * G) * D + threadIdx.x];
-    out[((size_t)b * Hq + h) * D + threadIdx.x] = __float2half(acc / l);
+    const int pairs = D / 2, slices = MERGE_THREADS / pairs;
+    const int pair = threadIdx.x % pairs, slice = threadIdx.x / pairs;
+    float2 acc = make_float2(0.f, 0.f);
+    if (slice < slices) {
+        #pragma unroll 4
+        for (int s = slice; s < splits; s += slices) {
+            const float w = weight_s[s];
+            if (w > 0.f) {
+                const float2 x = ((const float2*)(partial_acc + (first + (size_t)s * G) * D))[pair];
+                acc.x += w * x.x;
+                acc.y += w * x.y;
+            }
+        }
+    }
+    slice_s[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < pairs) {
+        for (int i = 1; i < slices; ++i) { acc.x += slice_s[i * pairs + threadIdx.x].x; acc.y += slice_s[i * pairs + threadIdx.x].y; }
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        ((__half2*)(out + ((size_t)b * Hq + h) * D))[threadIdx.x] = __floats2half2_rn(acc.x * inv, acc.y * inv);
+    }
 }

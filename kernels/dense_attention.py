@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-TILE, THREADS, MAX_ACC = 32, 128, 16
+TILE, THREADS, MERGE_THREADS, MAX_ACC = 32, 128, 256, 16
 
 
 @lru_cache(maxsize=None)
@@ -46,9 +46,9 @@ def dense_decode_attention(q, k_cache, v_cache, starts, extra: int = 1, splits: 
         raise ValueError(f"dense_decode_attention: q {q.shape} does not fit k_cache {k_cache.shape} / v_cache {v_cache.shape}")
     if k_cache.strides != v_cache.strides or k_cache.strides[1:] != (capacity * D * 2, D * 2, 2):
         raise ValueError("dense_decode_attention: each sequence's [Hkv, capacity, D] must be contiguous, K and V alike")
-    if D % 2 or D > 256 or (Hq // Hkv) * D > THREADS * MAX_ACC:
+    if D % 8 or D > 256 or (Hq // Hkv) * D > THREADS * MAX_ACC:
         raise ValueError(f"dense_decode_attention: head_dim {D} with {Hq // Hkv} query heads per KV head is not "
-                         f"supported (even head_dim <= 256, group * head_dim <= {THREADS * MAX_ACC})")
+                         f"supported (head_dim a multiple of 8 up to 256, group * head_dim <= {THREADS * MAX_ACC})")
     if not isinstance(starts, cupy.ndarray) or starts.dtype != np.int32 or starts.shape != (B,):
         raise ValueError(f"dense_decode_attention: starts must be an int32 CuPy array of shape ({B},)")
     G = Hq // Hkv
@@ -58,11 +58,11 @@ def dense_decode_attention(q, k_cache, v_cache, starts, extra: int = 1, splits: 
     partial_ml = cupy.empty(B * Hkv * splits * G * 2, np.float32)
     out = cupy.empty((B, Hq, D), np.float16)
     split_kernel, merge_kernel = _kernels()
-    shared = (G * D + G * TILE + 3 * G) * 4 + TILE * (D + 2) * 2
+    shared = (G * D + G * TILE + 3 * G) * 4 + 2 * TILE * (D + 2) * 2      # K and V tiles
     split_kernel((splits, Hkv, B), (THREADS,),
                  (q, k_cache, v_cache, starts, np.int32(extra), np.int32(Hkv), np.int32(G), np.int32(D),
                   np.int32(capacity), np.int64(k_cache.strides[0] // 2), np.float32(1 / np.sqrt(D)),
                   partial_acc, partial_ml), shared_mem=shared)
-    merge_kernel((B, Hq), (D,), (partial_acc, partial_ml, np.int32(splits), np.int32(G), out),
+    merge_kernel((B, Hq), (MERGE_THREADS,), (partial_acc, partial_ml, np.int32(splits), np.int32(G), np.int32(D), out),
                  shared_mem=splits * 4)
     return out

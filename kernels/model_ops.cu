@@ -7,15 +7,18 @@
 // packkv/cache.py (DenseCache's slice assignment); tests/test_model_ops_gpu.py checks each against them.
 //
 //   rms_norm       x fp32 [rows, H], w fp32 [H] -> out fp16 [rows, H].
-//                  One CTA per row; threads stride over H, a block-wide sum of squares (warp shuffles,
-//                  then one warp over the warps' partials). Bytes per row: 4H read twice (L1), 2H written.
+//                  One CTA per row, ~H/4 threads (up to 1024: a single thread's chain of dependent loads
+//                  was the cost, 10 us at H = 4096 with 256 threads); a block-wide sum of squares (warp
+//                  shuffles, then one warp over the warps' partials). Bytes per row: 4H read twice (L1), 2H
+//                  written.
 //   rope_split     qkv fp16 [B*T, (Hq + 2 Hkv) * D] -> q [B, Hq, T, D], k, v [B, Hkv, T, D], fp16;
 //                  q and k rotated by RoPE ("rotate half" pairs (i, i + D/2)) at position start[b] + t,
 //                  angles from fp32 cos/sin tables [positions, D/2]. One thread per (row, head, pair).
 //   silu_mul       gate_up fp16 [rows, 2I] -> act fp16 [rows, I] = silu(gate) * up, in fp32.
 //   append_kv      k, v fp16 [B, Hkv, T, D] -> written into cache layer slices [B, Hkv, capacity, D] at token
 //                  offset start[b] (device int32): one launch appends K and V of every sequence.
-//   linear_rows    y fp16 [rows, out] = x fp16 [rows, in] . W fp16 [out, in]^T (+ bias fp32), rows <= 8:
+//   linear_rows    y fp16 [rows, out] = x fp16 [rows, in] . W fp16 [out, in]^T (+ bias fp32), rows <= 8,
+//                  or added in place to the fp32 residual stream, or SiLU(gate) * up of a fused gate/up W:
 //                  the decode-time matmuls (a GEMV per sequence). CuPy refuses cuBLAS calls during stream
 //                  capture, and at a handful of rows the product is a pure stream of W anyway. One warp
 //                  per output feature; each lane loads 16 bytes (8 weights) per iteration, two iterations
@@ -118,18 +121,9 @@ __device__ __forceinline__ void fma8(float& acc, uint4 w, uint4 x) {
     }
 }
 
-extern "C" __global__ void linear_rows(const __half* __restrict__ x, const __half* __restrict__ W,
-                                       const float* __restrict__ bias, __half* __restrict__ y,
-                                       int rows, int in, int out) {
-    const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
-    const int o = blockIdx.x * warps + threadIdx.x / 32;
-    if (o >= out) return;
-    const uint4* w_row = (const uint4*)(W + (size_t)o * in);
-    const uint4* x_rows = (const uint4*)x;
-    const int chunks = in / 8;                               // 8 halves = 16 bytes per chunk
-    float acc[MAX_ROWS];
-    #pragma unroll
-    for (int r = 0; r < MAX_ROWS; ++r) acc[r] = 0.f;
+// acc[r] += W[o, :] . x[r, :] over this lane's 16-byte chunks (the warp's lanes together cover the row).
+__device__ __forceinline__ void dot_rows(const uint4* __restrict__ w_row, const uint4* __restrict__ x_rows,
+                                        int rows, int chunks, int lane, float* acc) {
     int c = lane;
     for (; c + 32 < chunks; c += 64) {                       // two 16-byte weight loads in flight per lane
         uint4 w0 = __ldg(w_row + c), w1 = __ldg(w_row + c + 32);
@@ -147,10 +141,39 @@ extern "C" __global__ void linear_rows(const __half* __restrict__ x, const __hal
             if (r < rows) fma8(acc[r], w0, __ldg(x_rows + (size_t)r * chunks + c));
     }
     #pragma unroll
+    for (int r = 0; r < MAX_ROWS; ++r)
+        for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffff, acc[r], off);
+}
+
+// One warp per output feature o < out. Three epilogues, so that no activation makes an extra trip:
+//   plain:    y[r, o] = W[o] . x[r] (+ bias[o])                                  (fp16)
+//   residual: residual[r, o] += W[o] . x[r] (+ bias[o])                          (fp32, in place; y unused)
+//   swiglu:   y[r, o] = silu(g) * u, g = W[o] . x[r] (+ bias[o]), u = W[out + o] . x[r] (+ bias[out + o])
+//             (W holds gate then up, [2 out, in]: the warp reads both rows, so SiLU * up costs no launch)
+extern "C" __global__ void linear_rows(const __half* __restrict__ x, const __half* __restrict__ W,
+                                       const float* __restrict__ bias, __half* __restrict__ y,
+                                       float* __restrict__ residual, int swiglu, int rows, int in, int out) {
+    const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
+    const int o = blockIdx.x * warps + threadIdx.x / 32;
+    if (o >= out) return;
+    const int chunks = in / 8;                               // 8 halves = 16 bytes per chunk
+    float acc[MAX_ROWS], up[MAX_ROWS];
+    #pragma unroll
+    for (int r = 0; r < MAX_ROWS; ++r) acc[r] = up[r] = 0.f;
+    dot_rows((const uint4*)(W + (size_t)o * in), (const uint4*)x, rows, chunks, lane, acc);
+    if (swiglu) dot_rows((const uint4*)(W + (size_t)(out + o) * in), (const uint4*)x, rows, chunks, lane, up);
+    if (lane != 0) return;
+    #pragma unroll
     for (int r = 0; r < MAX_ROWS; ++r) {
         if (r >= rows) break;
-        float v = acc[r];
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
-        if (lane == 0) y[(size_t)r * out + o] = __float2half(bias ? v + bias[o] : v);
+        float v = bias ? acc[r] + bias[o] : acc[r];
+        if (swiglu) {
+            float u = bias ? up[r] + bias[out + o] : up[r];
+            y[(size_t)r * out + o] = __float2half(v / (1.f + expf(-v)) * u);
+        } else if (residual) {
+            residual[(size_t)r * out + o] += v;
+        } else {
+            y[(size_t)r * out + o] = __float2half(v);
+        }
     }
 }

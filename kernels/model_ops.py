@@ -45,8 +45,9 @@ def rms_norm(x, weight, eps: float, out=None):
     if x.dtype != np.float32 or x.shape[-1] != weight.shape[0] or not x.flags.c_contiguous:
         raise ValueError(f"rms_norm: x must be C-contiguous fp32 [..., {weight.shape[0]}], got {x.dtype} {x.shape}")
     out = cupy.empty(x.shape, np.float16) if out is None else out
-    rows = x.size // weight.shape[0]
-    _kernel("rms_norm")((rows,), (THREADS,), (x, weight, out, np.int32(weight.shape[0]), np.float32(eps)))
+    rows, hidden = x.size // weight.shape[0], weight.shape[0]
+    threads = min(1024, -(-hidden // 128) * 32)    # ~4 elements per thread: few loads in each thread's chain
+    _kernel("rms_norm")((rows,), (threads,), (x, weight, out, np.int32(hidden), np.float32(eps)))
     return out
 
 
@@ -99,9 +100,11 @@ def append_kv(k, v, cache_k, cache_v, start) -> None:
                                                        np.int32(cache_k.shape[2])))
 
 
-def linear_rows(x, weight, bias=None):
+def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False):
     """y = x . weight^T (+ bias) for x fp16 [..., in] with at most MAX_ROWS rows, weight fp16 [out, in]
-    (in a multiple of 8), bias fp32 [out] or None -> fp16 [..., out]."""
+    (in a multiple of 8), bias fp32 [out] or None -> fp16 [..., out]. Two fused epilogues:
+    residual fp32 [..., out]: residual += y in fp32, in place (returns residual; y is never rounded);
+    swiglu: weight holds gate then up rows [2 I, in] -> silu(gate) * up, fp16 [..., I]."""
     import cupy
     _require(weight, "weight", np.float16, 2)
     out_features, in_features = weight.shape
@@ -111,9 +114,19 @@ def linear_rows(x, weight, bias=None):
                          f"(and in_features a multiple of 8), got {x.dtype} {x.shape}")
     if bias is not None:
         _require(bias, "bias", np.float32, 1)
-    y = cupy.empty(x.shape[:-1] + (out_features,), np.float16)
+    if swiglu:
+        if residual is not None or out_features % 2:
+            raise ValueError("linear_rows: swiglu needs an even number of weight rows (gate, up) and no residual")
+        out_features //= 2
+    y = cupy.empty(x.shape[:-1] + (out_features,), np.float16) if residual is None else None
+    if residual is not None and (residual.dtype != np.float32 or residual.shape != x.shape[:-1] + (out_features,)
+                                 or not residual.flags.c_contiguous):
+        raise ValueError(f"linear_rows: residual must be C-contiguous fp32 {x.shape[:-1] + (out_features,)}, got "
+                         f"{residual.dtype} {residual.shape}")
     warps = THREADS // 32
+    null = np.uintp(0)
     _kernel("linear_rows")(((out_features + warps - 1) // warps,), (THREADS,),
-                           (x, weight, bias if bias is not None else np.uintp(0), y, np.int32(rows),
+                           (x, weight, null if bias is None else bias, null if y is None else y,
+                            null if residual is None else residual, np.int32(swiglu), np.int32(rows),
                             np.int32(in_features), np.int32(out_features)))
-    return y
+    return residual if y is None else y

@@ -71,82 +71,113 @@ __global__ void __launch_bounds__(128, PK_MINB) pk_attention_splits(
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Merge: a CTA per (query head, sequence). Phase 1: attention over the fp16 window in chunks of 256
-// tokens (a warp per token dots q with k; thread per channel accumulates p v); phase 2: log-sum-exp merge
-// with every split's state; phase 3: out = o / l in fp16 (0 when nothing was attended).
+// Merge: a CTA per (query head, sequence), PK_MERGE_THREADS threads. The window's tokens and the splits'
+// states are all "parts" of one softmax: a part has a max (a token's own score; a split's m), a sum (1;
+// a split's l) and a vector (the token's v; a split's o). Every phase runs over all parts in parallel:
+//   1. window scores: a thread per token dots q (shared memory) with the token's k (16-byte loads);
+//   2. M = the largest max of all parts (block reduction); weights exp2(max - M) into shared memory;
+//      L = sum of weight * sum (block reduction);
+//   3. o = sum of weight * vector: a thread per (channel pair, slice of the parts), independent loads,
+//      slices summed through shared memory; out = o / L in fp16 (0 when nothing was attended).
+// (Measured before: one thread per channel walking the splits in a chain of dependent merges took
+// 50 us per layer for 9/3/64 at 8K tokens with ~170 splits; see bench/results/generate.json for now.)
 // ---------------------------------------------------------------------------------------------------
-#define PK_WCHUNK 256
+#define PK_MERGE_THREADS 256
+
+__device__ __forceinline__ float pk_block_reduce(float v, bool is_max, float* scratch) {
+#pragma unroll
+  for (int s = 16; s > 0; s >>= 1) {
+    const float o = __shfl_xor_sync(PK_FULL, v, s);
+    v = is_max ? fmaxf(v, o) : v + o;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();                      // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < PK_MERGE_THREADS / 32; ++w) v = is_max ? fmaxf(v, scratch[w]) : v + scratch[w];
+  return v;
+}
 
 template <int D>
-__global__ void __launch_bounds__(128) pk_merge_window(
+__global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
     const u16* __restrict__ q, const u16* __restrict__ wk, const u16* __restrict__ wv,
     const int* __restrict__ window_len, const float* __restrict__ ws, int n_splits, int Hkv, int G, int W_cap,
     float qscale, u16* __restrict__ out) {
-  constexpr int PER = (D + 127) / 128;
-  __shared__ float qs[D];
-  __shared__ float sc[PK_WCHUNK];
-  const int head = blockIdx.x, b = blockIdx.y, kvh = head / G, Hq = Hkv * G;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  for (int d = tid; d < D; d += blockDim.x) qs[d] = pk_h2float(q[(size_t(b) * Hq + head) * D + d]);
+  constexpr int PAIRS = D / 2, SLICES = PK_MERGE_THREADS / PAIRS;
+  extern __shared__ float weight[];                     // [W_cap] window tokens, then [n_splits] splits
+  float* split_weight = weight + W_cap;
+  __shared__ float qs[D], scratch[32];
+  __shared__ float2 slice_sum[SLICES][PAIRS];
+  const int head = blockIdx.x, b = blockIdx.y, kvh = head / G, Hq = Hkv * G, tid = threadIdx.x;
+  for (int d = tid; d < D; d += PK_MERGE_THREADS) qs[d] = pk_h2float(q[(size_t(b) * Hq + head) * D + d]) * qscale;
   int W = window_len[b];
   W = W < 0 ? 0 : (W > W_cap ? W_cap : W);
-  float m = PK_NEG_INF, l = 0.f, o[PER];
-#pragma unroll
-  for (int i = 0; i < PER; ++i) o[i] = 0.f;
-  __syncthreads();
   const size_t kv_base = (size_t(b) * Hkv + kvh) * size_t(W_cap) * D;
-  for (int c0 = 0; c0 < W; c0 += PK_WCHUNK) {
-    const int n = min(PK_WCHUNK, W - c0);
-    // phase 1a: scores of the chunk
-    for (int t = warp; t < n; t += blockDim.x / 32) {
-      const u16* kp = wk + kv_base + size_t(c0 + t) * D;
-      float part = 0.f;
-      for (int d = lane; d < D; d += 32) part += qs[d] * pk_h2float(kp[d]);
+  const float* state = ws + (size_t(b) * Hq + head) * size_t(n_splits) * (D + 2);
+  __syncthreads();
+
+  // ---- 1. window scores (log2 domain); the part maxima ------------------------------------------
+  float M = PK_NEG_INF;
+  for (int t = tid; t < W; t += PK_MERGE_THREADS) {
+    const uint4* k = reinterpret_cast<const uint4*>(wk + kv_base + size_t(t) * D);
+    float s = 0.f;
 #pragma unroll
-      for (int s = 16; s > 0; s >>= 1) part += __shfl_xor_sync(PK_FULL, part, s);
-      if (lane == 0) sc[t] = part * qscale;
-    }
-    __syncthreads();
-    // phase 1b: online softmax update (every thread computes the chunk's max and sum: n <= 256)
-    float mc = PK_NEG_INF;
-    for (int t = 0; t < n; ++t) mc = fmaxf(mc, sc[t]);
-    const float mn = fmaxf(m, mc);
-    const float al = pk_exp2(m - mn);
-    float lc = 0.f;
-    for (int t = 0; t < n; ++t) lc += pk_exp2(sc[t] - mn);
-    l = l * al + lc;
+    for (int c = 0; c < D / 8; ++c) {
+      const uint4 x = k[c];
+      const u32 w4[4] = {x.x, x.y, x.z, x.w};
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-      const int d = tid + 128 * i;
-      float acc = o[i] * al;
-      if (d < D)
-        for (int t = 0; t < n; ++t) acc += pk_exp2(sc[t] - mn) * pk_h2float(wv[kv_base + size_t(c0 + t) * D + d]);
-      o[i] = acc;
+      for (int i = 0; i < 4; ++i)
+        s += qs[8 * c + 2 * i] * pk_h2float(u16(w4[i])) + qs[8 * c + 2 * i + 1] * pk_h2float(u16(w4[i] >> 16));
     }
-    m = mn;
-    __syncthreads();
+    weight[t] = s;
+    M = fmaxf(M, s);
   }
-  // phase 2: the splits' states
-  const float* st = ws + (size_t(b) * Hq + head) * size_t(n_splits) * (D + 2);
-  for (int s = 0; s < n_splits; ++s, st += D + 2) {
-    const float ms = st[D];
-    if (ms == PK_NEG_INF) continue;
-    const float mn = fmaxf(m, ms);
-    const float a1 = pk_exp2(m - mn), a2 = pk_exp2(ms - mn);
-    l = l * a1 + st[D + 1] * a2;
-#pragma unroll
-    for (int i = 0; i < PER; ++i) {
-      const int d = tid + 128 * i;
-      o[i] = o[i] * a1 + (d < D ? st[d] : 0.f) * a2;
+  for (int s = tid; s < n_splits; s += PK_MERGE_THREADS) M = fmaxf(M, state[size_t(s) * (D + 2) + D]);
+  M = pk_block_reduce(M, true, scratch);
+
+  // ---- 2. weights and the total sum L ----------------------------------------------------------------
+  float L = 0.f;
+  if (M != PK_NEG_INF) {
+    for (int t = tid; t < W; t += PK_MERGE_THREADS) L += weight[t] = pk_exp2(weight[t] - M);
+    for (int s = tid; s < n_splits; s += PK_MERGE_THREADS) {
+      const float m = state[size_t(s) * (D + 2) + D];
+      const float w = m == PK_NEG_INF ? 0.f : pk_exp2(m - M);
+      split_weight[s] = w;
+      L += w * state[size_t(s) * (D + 2) + D + 1];
     }
-    m = mn;
   }
-  // phase 3
-  const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-  for (int i = 0; i < PER; ++i) {
-    const int d = tid + 128 * i;
-    if (d < D) out[(size_t(b) * Hq + head) * D + d] = pk_float2h(o[i] * inv);
+  L = pk_block_reduce(L, false, scratch);            // its barriers also publish the weights
+
+  // ---- 3. o = sum of weight * vector, a thread per (channel pair, slice) --------------------------
+  const int pair = tid % PAIRS, slice = tid / PAIRS;
+  float2 o = make_float2(0.f, 0.f);
+  if (L > 0.f) {
+    const u32* v = reinterpret_cast<const u32*>(wv + kv_base) + pair;
+#pragma unroll 4
+    for (int t = slice; t < W; t += SLICES) {
+      const u32 x = v[size_t(t) * PAIRS];
+      o.x += weight[t] * pk_h2float(u16(x));
+      o.y += weight[t] * pk_h2float(u16(x >> 16));
+    }
+#pragma unroll 4
+    for (int s = slice; s < n_splits; s += SLICES) {
+      const float w = split_weight[s];
+      if (w > 0.f) {
+        const float2 x = reinterpret_cast<const float2*>(state + size_t(s) * (D + 2))[pair];
+        o.x += w * x.x;
+        o.y += w * x.y;
+      }
+    }
+  }
+  slice_sum[slice][pair] = o;
+  __syncthreads();
+  if (tid < PAIRS) {
+    for (int i = 1; i < SLICES; ++i) { o.x += slice_sum[i][tid].x; o.y += slice_sum[i][tid].y; }
+    const float inv = L > 0.f ? 1.f / L : 0.f;
+    u16* dst = out + (size_t(b) * Hq + head) * D + 2 * tid;
+    dst[0] = pk_float2h(o.x * inv);
+    dst[1] = pk_float2h(o.y * inv);
   }
 }
 
@@ -160,6 +191,8 @@ template __global__ void pk_attention_splits<128, 8>(const u16*, const u8*, cons
                                                      int, int, int, float, float*);
 template __global__ void pk_attention_splits<128, 32>(const u16*, const u8*, const i64*, const int*, int, int, int, int,
                                                       int, int, int, float, float*);
+template __global__ void pk_merge_window<64>(const u16*, const u16*, const u16*, const int*, const float*, int, int,
+                                             int, int, float, u16*);
 template __global__ void pk_merge_window<128>(const u16*, const u16*, const u16*, const int*, const float*, int, int,
                                               int, int, float, u16*);
 #endif

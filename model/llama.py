@@ -103,14 +103,23 @@ class Llama:
         inv_rms = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + np.float32(self.config.rms_norm_eps))
         return (weight * (x * inv_rms)).astype(self.backend.dtype)
 
-    def linear(self, x, weight, bias):
-        """x [..., in] . weight [out, in]^T (+ bias): a GEMV kernel for the few rows of a decode step on the
-        GPU (capturable in a CUDA graph, unlike cuBLAS through CuPy), the library matmul otherwise."""
-        rows = x.size // x.shape[-1]
-        if self.ops and rows <= self.ops.MAX_ROWS and x.shape[-1] % 8 == 0:
-            return self.ops.linear_rows(self.backend.xp.ascontiguousarray(x), weight, bias)
+    def linear(self, x, weight, bias, residual=None):
+        """x [..., in] . weight [out, in]^T (+ bias), or with `residual` (fp32 [..., out]) added to it in
+        place. A GEMV kernel for the few rows of a decode step on the GPU (capturable in a CUDA graph,
+        unlike cuBLAS through CuPy; it adds into the residual stream itself), the library matmul
+        otherwise."""
+        if self.decode_rows(x):
+            return self.ops.linear_rows(self.backend.xp.ascontiguousarray(x), weight, bias, residual=residual)
         y = x @ weight.T
-        return y if bias is None else (y + bias).astype(y.dtype)
+        y = y if bias is None else (y + bias).astype(y.dtype)
+        if residual is None:
+            return y
+        residual += y
+        return residual
+
+    def decode_rows(self, x) -> bool:
+        """Whether x's rows go through the GEMV kernels (GPU, a decode step's few rows)."""
+        return bool(self.ops) and x.size // x.shape[-1] <= self.ops.MAX_ROWS and x.shape[-1] % 8 == 0
 
     def rope(self, x, cos, sin):
         """Rotate pairs (i, i + head_dim/2): the Hugging Face 'rotate_half' layout. x [B, H, T, D]."""
@@ -139,23 +148,28 @@ class Llama:
         v = heads(qkv[..., q_end + kv_width:], cfg.num_key_value_heads)
         return q, k, v
 
-    def attention(self, i, layer: LayerWeights, h, cache: KVCache):
+    def attention(self, i, layer: LayerWeights, h, cache: KVCache, residual):
+        """residual += attention(h): the output projection adds into the residual stream."""
         cfg = self.config
         B, T, _ = h.shape
         q, k, v = self.split_heads_rope(self.linear(h, layer.wqkv, layer.bqkv), cache)
         cache.append(i, k, v)
         out = cache.attend(i, q)                                  # [B, heads, T, D]
         out = out.transpose(0, 2, 1, 3).reshape(B, T, cfg.num_attention_heads * cfg.head_dim)
-        return self.linear(out, layer.wo, layer.bo)
+        self.linear(out, layer.wo, layer.bo, residual)
 
-    def mlp(self, layer: LayerWeights, h):
+    def mlp(self, layer: LayerWeights, h, residual):
+        """residual += SwiGLU MLP(h). Decode rows on the GPU: one GEMV computes silu(gate) * up."""
+        if self.decode_rows(h):
+            act = self.ops.linear_rows(h, layer.w_gate_up, layer.b_gate_up, swiglu=True)
+            return self.linear(act, layer.w_down, layer.b_down, residual)
         if self.ops:
             act = self.ops.silu_mul(self.linear(h, layer.w_gate_up, layer.b_gate_up))
-            return self.linear(act, layer.w_down, layer.b_down)
+            return self.linear(act, layer.w_down, layer.b_down, residual)
         gate_up = self.linear(h, layer.w_gate_up, layer.b_gate_up).astype(np.float32)
         gate, up = gate_up[..., :self.config.intermediate_size], gate_up[..., self.config.intermediate_size:]
         act = gate / (1.0 + self.backend.xp.exp(-gate)) * up    # SiLU(gate) * up
-        return self.linear(act.astype(self.backend.dtype), layer.w_down, layer.b_down)
+        return self.linear(act.astype(self.backend.dtype), layer.w_down, layer.b_down, residual)
 
     # ---- forward ------------------------------------------------------------------------------------
 
@@ -176,8 +190,8 @@ class Llama:
         tokens = xp.asarray(tokens)
         x = self.embed[tokens].astype(np.float32)                   # residual stream, fp32
         for i, layer in enumerate(self.layers):
-            x += self.attention(i, layer, self.rms_norm(x, layer.attn_norm), cache)
-            x += self.mlp(layer, self.rms_norm(x, layer.mlp_norm))
+            self.attention(i, layer, self.rms_norm(x, layer.attn_norm), cache, residual=x)
+            self.mlp(layer, self.rms_norm(x, layer.mlp_norm), residual=x)
         if not all_logits:
             x = x[:, -1:]
         return self.linear(self.rms_norm(x, self.final_norm), self.lm_head, None).astype(np.float32)

@@ -292,7 +292,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m packkv.generate", description=__doc__.splitlines()[0])
     ap.add_argument("--weights", help="Hugging Face Llama folder or .gguf file (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--random-weights", metavar="NAME|CONFIG",
-                    help="random weights of a real shape instead (llama-3.1-8b, llama-2-7b, tinyllama-1.1b or a "
+                    help="random weights of a real shape instead (llama-3.1-8b, llama-2-7b, tinyllama-1.1b, smollm2-135m or a "
                          "config.json), made on the device; the prompt is --prompt-tokens random token ids")
     ap.add_argument("--prompt-tokens", type=int, default=16, help="prompt length with --random-weights")
     prompt = ap.add_mutually_exclusive_group()

@@ -139,6 +139,37 @@ def test_linear_rows_matches_matmul(gpu, rows, in_features, out_features):
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=5e-3, atol=5e-3)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_linear_rows_adds_into_the_residual_stream(gpu, rows):
+    import cupy
+    from packkv.kernels import model_ops
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 1, 200)).astype(np.float16)
+    w = (rng.standard_normal((96, 200)) / np.sqrt(200)).astype(np.float16)
+    residual = rng.standard_normal((rows, 1, 96)).astype(np.float32)
+    want = residual + x.astype(np.float32) @ w.astype(np.float32).T
+    on_gpu = cupy.asarray(residual)
+    got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), residual=on_gpu)
+    assert got is on_gpu
+    np.testing.assert_allclose(on_gpu.get(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_rows_swiglu_is_silu_of_gate_times_up(gpu, bias):
+    import cupy
+    from packkv.kernels import model_ops
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 576)).astype(np.float16)
+    w = (rng.standard_normal((2 * 160, 576)) / np.sqrt(576)).astype(np.float16)
+    b = rng.standard_normal(2 * 160).astype(np.float32) if bias else None
+    gate_up = x.astype(np.float32) @ w.astype(np.float32).T + (b if bias else 0)
+    gate, up = gate_up[:, :160], gate_up[:, 160:]
+    want = gate / (1 + np.exp(-gate)) * up
+    got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), None if b is None else cupy.asarray(b),
+                                swiglu=True).get()
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=5e-3, atol=5e-3)
+
+
 def test_linear_rows_refuses_too_many_rows(gpu):
     import cupy
     from packkv.kernels import model_ops

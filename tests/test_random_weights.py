@@ -11,7 +11,8 @@ from packkv.weights import expected_tensors
 from packkv.weights.random import RandomTensors, random_config
 
 
-@pytest.mark.parametrize("name, billions", [("llama-3.1-8b", 8.03), ("llama-2-7b", 6.74), ("tinyllama-1.1b", 1.10)])
+@pytest.mark.parametrize("name, billions", [("llama-3.1-8b", 8.03), ("llama-2-7b", 6.74), ("tinyllama-1.1b", 1.10),
+                                           ("smollm2-135m", 0.135)])
 def test_presets_have_the_real_parameter_counts(name, billions):
     params = sum(int(np.prod(s)) for s in expected_tensors(random_config(name)).values())
     assert params / 1e9 == pytest.approx(billions, abs=0.01)

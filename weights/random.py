@@ -1,6 +1,6 @@
 """Random-weight models of real shapes, built in memory on the device (never written out), for benchmarks
-that need a model's shapes and bytes, not its knowledge: Llama-3.1-8B, Llama-2-7B, TinyLlama-1.1B, or any
-config.json."""
+that need a model's shapes and bytes, not its knowledge: Llama-3.1-8B, Llama-2-7B, TinyLlama-1.1B,
+SmolLM2-135M (timing the default model without its weights), or any config.json."""
 from __future__ import annotations
 
 import json
@@ -28,6 +28,11 @@ PRESETS = {
         "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
         "num_attention_heads": 32, "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
+    "smollm2-135m": {
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+        "bos_token_id": 1, "eos_token_id": 2},
 }
 
 
