@@ -25,11 +25,13 @@
 #include <cuda_fp16.h>
 #include <math_constants.h>
 
+#ifndef HEAD_DIM
+#define HEAD_DIM 128          // the launcher compiles one module per head_dim (-DHEAD_DIM=...)
+#endif
 #define TILE 32
 #define THREADS 128
 #define MERGE_THREADS 256
 #define MAX_ACC 16            // G * D / THREADS registers per thread: G * D <= 2048
-#define PREFETCH (TILE * 256 / 8 / THREADS)   // 16-byte chunks of a K (and a V) tile per thread, D <= 256
 
 // The online-softmax state of one query head: max score m and sum l of exp(s - m); the caller keeps
 // the matching sum of exp(s - m) * v. merge() folds another state in and returns the factors by which
@@ -60,11 +62,13 @@ __device__ float block_reduce(float v, bool is_max, float* scratch) {
     return v;
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, 4)    // 4 CTAs (16 warps) per SM: <= 128 registers
 dense_attention_split(const __half* __restrict__ q, const __half* __restrict__ k, const __half* __restrict__ v,
-                      const int* __restrict__ start, int extra, int Hkv, int G, int D, int capacity,
+                      const int* __restrict__ start, int extra, int Hkv, int G, int capacity,
                       long long batch_stride, float scale, float* __restrict__ partial_acc,
                       float* __restrict__ partial_ml) {
+    constexpr int D = HEAD_DIM;                              // compile-time: the channel loops unroll
+    constexpr int PREFETCH = (TILE * D / 8 + THREADS - 1) / THREADS;   // 16-byte chunks of a K tile per thread
     extern __shared__ float smem[];
     const int split = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, splits = gridDim.x;
     const int row = D + 2;                                   // padded smem row, in halves
@@ -140,6 +144,7 @@ dense_attention_split(const __half* __restrict__ q, const __half* __restrict__ k
                 s = 0.f;
                 const __half2* kr = (const __half2*)(k_s + j * row);
                 const float* qg = q_s + g * D;
+                #pragma unroll 16
                 for (int c = 0; c < D / 2; ++c) {
                     float2 kf = __half22float2(kr[c]);
                     s += qg[2 * c] * kf.x + qg[2 * c + 1] * kf.y;

@@ -63,16 +63,16 @@ from numba import float64 as nb_float64, int32 as nb_int32, int64 as nb_int64  #
 
 _META_FIELDS = (
     "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec",
-    "NP", "GSQ", "GS", "S", "SEGW", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode",
+    "NP", "GSQ", "GS", "S", "SEGW", "CAP", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode",
     # region offsets in bytes: in shared memory, or in the CTA's global scratch for LV / PACK*
     "o_lv", "o_pinfo", "o_poff", "o_lo", "o_hi", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
     "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_costp", "o_pickw", "o_seci", "o_toki",
-    "o_misc", "o_scan",
+    "o_misc", "o_scan", "o_cost", "o_chc", "o_chb",
 )
 M = {name: i for i, name in enumerate(_META_FIELDS)}
 SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, payload prefix, -
 TOKI_FIELDS = 8   # per unit: k_base, v_base, k_bits, v_bits, start, -, -, -
-MISC_FIELDS = 8   # tile, bad, base, size, skip, -, -, -
+MISC_FIELDS = 8   # tile, bad, base, size, skip, -, changed-channel counters (2, by pick parity)
 # work array (int64): [0] end offset of the last record, [1] first NaN code, [2] arena overflow,
 # [3] internal error, [4] tile counter, then one look-back status word per block
 W_END, W_NAN, W_OVER, W_INTERNAL, W_TILE, W_STATUS = 0, 1, 2, 3, 4, 8
@@ -184,6 +184,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
     F_2M14 = np.float32(2.0 ** -14)
     F_2P112 = np.float32(2.0 ** 112)
     I_BIG = np.int64(1 << 40)
+    KEY_BIG = np.int64(1 << 62)
     F_MAGIC = np.float32(1.5 * 2.0 ** 23)
 
     @cuda.jit(device=True)
@@ -349,7 +350,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
     iN, iH, iT, iD, iP, iR, iLAYER, iREPACK, iNU, iCU, iWK, iWU, iW, iNSEC, iNP = (M[k] for k in (
         "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec", "NP"))
     iGSQ, iGS, iS, iSEGW, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "S", "SEGW", "used0", "cap", "scr64"))
-    iDQSH, iDSH, iMODE = M["dq_shift"], M["d_shift"], M["mode"]
+    iDQSH, iDSH, iMODE, iCAP_CH = M["dq_shift"], M["d_shift"], M["mode"], M["CAP"]
+    oCO, oCC, oCB = M["o_cost"], M["o_chc"], M["o_chb"]
     oLV, oPI, oPO, oLO, oHI, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCP, oPW, oSE, oTK, oMI, oSN = (
         M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_lo", "o_hi", "o_mw", "o_nrm", "o_key", "o_score",
                        "o_stepk", "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_costp", "o_pickw",
@@ -695,7 +697,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
 
     @cuda.jit(device=True)
     def ph_costs(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid, per, rank, c_first, c_rounds):
-        """COSTP[s][u][i] = sum over segment s of unit u's words of width(max(hi,q)-min(lo,q)).
+        """COSTP[s][u][t] = sum over segment s of unit u's words of width(max(hi,q)-min(lo,q)) for
+        every remaining token t (the full evaluation: after a seed, or when many channels changed).
 
         A lane keeps the pack's lo/hi of its (at most 4) words in registers and walks its class's
         candidates, 4 independent words at a time."""
@@ -758,8 +761,10 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
             for k in range(iters):
                 valid = on and rank < per and i < n_rem
                 acc = np.int64(0)
+                t = np.int64(0)
                 if valid:
-                    row = np.uint64(lv0 + sh32[rbu + i] * W)
+                    t = np.int64(sh32[rbu + i])
+                    row = np.uint64(lv0 + t * W)
                     ca = word_cost(LVA[row + np.uint64(wa)], lo_a, hi_a)
                     cb = word_cost(LVA[row + np.uint64(wb)], lo_b, hi_b)
                     cc = word_cost(LVA[row + np.uint64(wc)], lo_c, hi_c)
@@ -774,22 +779,92 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
                         acc += cd
                 acc = grp_sum(acc, GS)
                 if valid and sub == 0:
-                    sh32[out + i] = np.int32(acc)
+                    sh32[out + t] = np.int32(acc)
                 i += per
 
     @cuda.jit(device=True)
-    def ph_pick(LVA, lv0, sh64, sh32, shf, meta, rb, rn, n_rem, pos, seed, tid, u_tid):
-        """Every warp finds each unit's pick (seed: max score; else min cost; lowest position on ties),
-        then: LO/HI := pick's levels (seed) or grow by them; ORDER[u][pos] = pick; REM next = REM - pick."""
+    def ph_delta(LV32, lv0, sh64, sh32, meta, rb, n_rem, n_ch, tid):
+        """COST[u][t] += sum over the channels the last pick changed of width(new range with q) -
+        width(old range with q): the incremental evaluation. Warps split the changed-channel list,
+        lanes the remaining candidates (positions lane and lane + 32 of each 64, one entry load for
+        both); a lane adds its sum to COST with one shared atomic per unit run of the list."""
+        T = meta[iT]
+        W = meta[iW]
+        co0 = meta[oCO] >> 2
+        cc0 = meta[oCC] >> 3
+        cb0 = meta[oCB] >> 3
+        lane = tid & 31
+        warp = tid >> 5
+        k0 = (n_ch * warp) // NW
+        k1 = (n_ch * (warp + 1)) // NW
+        for ib in range(0, n_rem, 64):
+            i0 = ib + lane
+            i1 = i0 + 32
+            ok0 = i0 < n_rem
+            ok1 = i1 < n_rem
+            cur_u = np.int64(-1)
+            t0 = np.int64(0)
+            t1 = np.int64(0)
+            r0 = np.int64(0)
+            r1 = np.int64(0)
+            acc0 = np.int64(0)
+            acc1 = np.int64(0)
+            for k in range(k0, k1):
+                cc = sh64[cc0 + k]
+                u = cc >> 40
+                if u != cur_u:              # the list's unit changed: flush, find the candidates' rows
+                    if cur_u >= 0:
+                        if ok0 and acc0 != 0:
+                            cuda.atomic.add(sh32, co0 + cur_u * T + t0, np.int32(acc0))
+                        if ok1 and acc1 != 0:
+                            cuda.atomic.add(sh32, co0 + cur_u * T + t1, np.int32(acc1))
+                    cur_u = u
+                    acc0 = np.int64(0)
+                    acc1 = np.int64(0)
+                    if ok0:
+                        t0 = np.int64(sh32[rb + u * T + i0])
+                        r0 = 2 * (lv0 + t0 * W)
+                    if ok1:
+                        t1 = np.int64(sh32[rb + u * T + i1])
+                        r1 = 2 * (lv0 + t1 * W)
+                idx = cc & LOW32
+                sft = (cc >> 32) & 0xFF
+                bb = sh64[cb0 + k]
+                lo = np.int32(bb & 0xFFFF)
+                hi = np.int32((bb >> 16) & 0xFFFF)
+                nlo = np.int32((bb >> 32) & 0xFFFF)
+                nhi = np.int32((bb >> 48) & 0xFFFF)
+                if ok0:
+                    q = np.int32((LV32[np.uint64(r0 + idx)] >> sft) & LM)
+                    acc0 += cuda.clz(np.int32(max(hi, q) - min(lo, q))) - cuda.clz(np.int32(max(nhi, q) - min(nlo, q)))
+                if ok1:
+                    q = np.int32((LV32[np.uint64(r1 + idx)] >> sft) & LM)
+                    acc1 += cuda.clz(np.int32(max(hi, q) - min(lo, q))) - cuda.clz(np.int32(max(nhi, q) - min(nlo, q)))
+            if cur_u >= 0:
+                if ok0 and acc0 != 0:
+                    cuda.atomic.add(sh32, co0 + cur_u * T + t0, np.int32(acc0))
+                if ok1 and acc1 != 0:
+                    cuda.atomic.add(sh32, co0 + cur_u * T + t1, np.int32(acc1))
+
+    @cuda.jit(device=True)
+    def ph_pick(LVA, lv0, sh64, sh32, shf, meta, rb, rn, n_rem, pos, seed, full, listing, cnt, tid, u_tid):
+        """Every warp finds each unit's pick (seed: max score; else min cost, by (cost << 32 | position)
+        keys; lowest position on ties), then: LO/HI := pick's levels (seed) or grow by them, and when
+        `listing`, every channel whose lo or hi changed goes to the list CHC/CHB (count at sh64[cnt]);
+        ORDER[u][pos] = pick; REM next = REM - pick. After a full evaluation, COST := sum of COSTP."""
         T = meta[iT]
         WU = meta[iWU]
         W = meta[iW]
         S = meta[iS]
+        CAP = meta[iCAP_CH]
         n_units = meta[iNU]
         lo0 = meta[oLO] >> 3
         hi0 = meta[oHI] >> 3
         sc0 = meta[oSC] >> 3
         cp0 = meta[oCP] >> 2
+        co0 = meta[oCO] >> 2
+        cc0 = meta[oCC] >> 3
+        cb0 = meta[oCB] >> 3
         pw0 = meta[oPW] >> 2
         or0 = meta[oOR] >> 2
         lane = tid & 31
@@ -802,6 +877,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
             u_first = warp
             u_step = np.int64(NW)
             slot = pw0
+        writer = n_units > 1 or warp == 0
         for u in range(u_first, n_units, u_step):
             bi = I_BIG
             if seed:
@@ -818,20 +894,21 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
                         bestf = obf
                         bi = oi
             else:
-                best = I_BIG
+                best = KEY_BIG
                 for i in range(lane, n_rem, 32):
-                    cst = np.int64(0)
-                    for s in range(S):
-                        cst += sh32[cp0 + (s * n_units + u) * T + i]
-                    if cst < best:
-                        best = cst
-                        bi = i
+                    t = sh32[rb + u * T + i]
+                    if full:
+                        cst = np.int64(0)
+                        for s in range(S):
+                            cst += sh32[cp0 + (s * n_units + u) * T + t]
+                        if writer:
+                            sh32[co0 + u * T + t] = np.int32(cst)
+                    else:
+                        cst = np.int64(sh32[co0 + u * T + t])
+                    best = min(best, (cst << 32) | i)
                 for off in (16, 8, 4, 2, 1):
-                    obc = shfl_xor(best, off)
-                    oi = shfl_xor(bi, off)
-                    if obc < best or (obc == best and oi < bi):
-                        best = obc
-                        bi = oi
+                    best = min(best, shfl_xor(best, off))
+                bi = best & LOW32
             if lane == 0:
                 sh32[slot + u] = np.int32(bi)
         if n_units > 1:
@@ -848,8 +925,28 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
                 sh64[lo0 + wi] = q
                 sh64[hi0 + wi] = q
             else:
-                sh64[lo0 + wi] = swar_min(q, sh64[lo0 + wi])
-                sh64[hi0 + wi] = swar_max(q, sh64[hi0 + wi])
+                olo = sh64[lo0 + wi]
+                ohi = sh64[hi0 + wi]
+                nlo = swar_min(q, olo)
+                nhi = swar_max(q, ohi)
+                sh64[lo0 + wi] = nlo
+                sh64[hi0 + wi] = nhi
+                d = (olo ^ nlo) | (ohi ^ nhi)
+                if listing and d != 0:
+                    n = np.int64(0)
+                    for l in range(LPW):
+                        if (d >> (E_ * l)) & LM:
+                            n += 1
+                    k = cuda.atomic.add(sh64, cnt, n)
+                    for l in range(LPW):
+                        if (d >> (E_ * l)) & LM:
+                            if k < CAP:
+                                sl = E_ * l
+                                sh64[cc0 + k] = ((2 * wi + l // (LPW // 2)) | ((E_ * (l % (LPW // 2))) << 32) |
+                                                 (u << 40))
+                                sh64[cb0 + k] = (((olo >> sl) & LM) | (((ohi >> sl) & LM) << 16) |
+                                                 (((nlo >> sl) & LM) << 32) | (((nhi >> sl) & LM) << 48))
+                            k += 1
             wi += NT
             if wi < W:
                 u = wi // WU
@@ -866,13 +963,18 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
                         sh32[rn + u * T + i - 1] = val
 
     @cuda.jit(device=True)
-    def ph_greedy(LVA, lv0, sh64, sh32, shf, meta, tid):
+    def ph_greedy(LVA, LV32, lv0, sh64, sh32, shf, meta, tid):
+        """Per pack: seed, then P - 1 picks. The first pick after a seed (and any pick after which more
+        than CAP channels changed) evaluates every candidate fully (ph_costs); the others update the
+        kept costs by the changed channels only (ph_delta). Both give the exact costs."""
         T = meta[iT]
         P = meta[iP]
+        CAP = meta[iCAP_CH]
         n_units = meta[iNU]
         UT = n_units * T
         rm0 = meta[oRM] >> 2
         or0 = meta[oOR] >> 2
+        mi0 = meta[oMI] >> 3
         for i in range(tid, UT, NT):
             sh32[rm0 + i] = np.int32(i % T)
         per, rank, c_first, c_rounds = cost_classes(meta, tid)
@@ -884,14 +986,24 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
             for pos in range(start, start + P):
                 rb = rm0 + par * UT
                 rn = rm0 + (1 - par) * UT
+                cnt = mi0 + 6 + par           # this step's pick lists into it; the next step reads it
+                full = True
                 if pos == start:
                     ph_mean(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid)
                     cuda.syncthreads()
                     ph_scores(LVA, lv0, sh64, sh32, shf, meta, rb, n_rem, tid)
                 else:
-                    ph_costs(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid, per, rank, c_first, c_rounds)
+                    n_ch = sh64[mi0 + 7 - par]
+                    full = pos == start + 1 or n_ch > CAP
+                    if full:
+                        ph_costs(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid, per, rank, c_first, c_rounds)
+                    else:
+                        ph_delta(LV32, lv0, sh64, sh32, meta, rb, n_rem, n_ch, tid)
+                if tid == 0:
+                    sh64[cnt] = 0
                 cuda.syncthreads()
-                ph_pick(LVA, lv0, sh64, sh32, shf, meta, rb, rn, n_rem, pos, pos == start, tid, u_tid)
+                ph_pick(LVA, lv0, sh64, sh32, shf, meta, rb, rn, n_rem, pos, pos == start, full,
+                        start < pos < start + P - 1, cnt, tid, u_tid)
                 cuda.syncthreads()
                 par = 1 - par
                 n_rem -= 1
@@ -1340,7 +1452,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
             bad = sh64[mi0 + 1]
             if bad == 0 and (mode & 8) == 0:
                 if greedy:
-                    ph_greedy(LVA, lv0, sh64, sh32, shf, meta, tid)
+                    ph_greedy(LVA, LV32, lv0, sh64, sh32, shf, meta, tid)
                 else:
                     ph_order_simple(sh64, sh32, meta, tid)
                 cuda.syncthreads()
@@ -1443,11 +1555,13 @@ class _Plan:
         S = -(-WU // (GS * 4))           # segments of at most 4 words per lane
         SEGW = -(-WU // S)
         UT = n_units * T
+        CAP = 2 * W                      # changed channels an incremental pick step takes; more: full
         regions = {  # name -> bytes
             "lv": T * W * 8, "pinfo": NP * 4, "poff": NP * 4,
             "lo": W * 8, "hi": W * 8, "mw": W * 8, "nrm": UT * 8, "key": UT * 8, "score": UT * 8,
             "stepk": UT * 4, "stepv": UT * 4, "offk": UT * 4, "offv": UT * 4, "order": UT * 4,
-            "rem": 2 * UT * 4, "costp": S * UT * 4, "pickw": NW * n_units * 4,
+            "rem": 2 * UT * 4, "costp": S * UT * 4, "pickw": NW * n_units * 4, "cost": UT * 4,
+            "chc": CAP * 8, "chb": CAP * 8,
             "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
             "scan": (NW + 1) * 8,
         }
@@ -1473,7 +1587,7 @@ class _Plan:
         self.shared_bytes, self.scratch_bytes = shared_at, global_at
         self.values = dict(n_blocks=0, H=H, T=T, D=D, P=P, R=R, layer=int(layer),
                            repack=codec.REPACK_METHODS.index(params.repack), n_units=n_units, CU=CU, WK=WK,
-                           WU=WU, W=W, n_sec=n_units + 2 * H, NP=NP, GSQ=GSQ, GS=GS, S=S, SEGW=SEGW,
+                           WU=WU, W=W, n_sec=n_units + 2 * H, NP=NP, GSQ=GSQ, GS=GS, S=S, SEGW=SEGW, CAP=CAP,
                            used0=0, cap=0, scr64=global_at // 8,
                            dq_shift=_log2_or(D // 4), d_shift=_log2_or(D), mode=0,
                            **{f"o_{name}": off for name, off in offsets.items()})
