@@ -150,9 +150,9 @@ __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
   L = pk_block_reduce(L, false, scratch);            // its barriers also publish the weights
 
   // ---- 3. o = sum of weight * vector, a thread per (channel pair, slice) --------------------------
-  const int pair = tid % PAIRS, slice = tid / PAIRS;
+  const int pair = tid % PAIRS, slice = tid / PAIRS;     // threads past SLICES * PAIRS idle here
   float2 o = make_float2(0.f, 0.f);
-  if (L > 0.f) {
+  if (L > 0.f && slice < SLICES) {
     const u32* v = reinterpret_cast<const u32*>(wv + kv_base) + pair;
 #pragma unroll 4
     for (int t = slice; t < W; t += SLICES) {
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
       }
     }
   }
-  slice_sum[slice][pair] = o;
+  if (slice < SLICES) slice_sum[slice][pair] = o;
   __syncthreads();
   if (tid < PAIRS) {
     for (int i = 1; i < SLICES; ++i) { o.x += slice_sum[i][tid].x; o.y += slice_sum[i][tid].y; }
