@@ -311,5 +311,5 @@ def test_launchers_refuse_clearly(ak):
         call(params={"block": 64})
     with pytest.raises(ValueError, match="p must be"):
         ak.v_gemv(cupy.zeros((1, 4, 100), np.float16), arena, table, nb, params, 2, 64)
-    with pytest.raises(ValueError, match="not a multiple of n_kv_heads"):
+    with pytest.raises(ValueError, match="query heads are not a multiple of 3 KV heads"):
         ak.k_gemv(q, arena, table, nb, params, 3)
