@@ -3,7 +3,7 @@
 // more host time than GPU time), and so that positions come from device memory (a captured CUDA graph
 // replays with each step's positions without being rebuilt).
 //
-// NumPy reference twins: model/llama.py (Llama.rms_norm_reference, rope_reference, mlp's SiLU) and
+// NumPy reference twins: model/llama.py (the xp code of rms_norm, rope, silu_mul, norm_linear, linear) and
 // packkv/cache.py (DenseCache's slice assignment); tests/test_model_ops_gpu.py checks each against them.
 //
 //   rms_norm       x fp32 [rows, H], w fp32 [H] -> out fp16 [rows, H].
@@ -122,6 +122,7 @@ __device__ __forceinline__ void fma8(float& acc, uint4 w, uint4 x) {
 }
 
 // acc[r] += W[o, :] . x[r, :] over this lane's 16-byte chunks (the warp's lanes together cover the row).
+// x is in global or shared memory (generic loads).
 __device__ __forceinline__ void dot_rows(const uint4* __restrict__ w_row, const uint4* __restrict__ x_rows,
                                         int rows, int chunks, int lane, float* acc) {
     int c = lane;
@@ -130,19 +131,35 @@ __device__ __forceinline__ void dot_rows(const uint4* __restrict__ w_row, const 
         #pragma unroll
         for (int r = 0; r < MAX_ROWS; ++r)
             if (r < rows) {
-                fma8(acc[r], w0, __ldg(x_rows + (size_t)r * chunks + c));
-                fma8(acc[r], w1, __ldg(x_rows + (size_t)r * chunks + c + 32));
+                fma8(acc[r], w0, x_rows[(size_t)r * chunks + c]);
+                fma8(acc[r], w1, x_rows[(size_t)r * chunks + c + 32]);
             }
     }
     for (; c < chunks; c += 32) {
         uint4 w0 = __ldg(w_row + c);
         #pragma unroll
         for (int r = 0; r < MAX_ROWS; ++r)
-            if (r < rows) fma8(acc[r], w0, __ldg(x_rows + (size_t)r * chunks + c));
+            if (r < rows) fma8(acc[r], w0, x_rows[(size_t)r * chunks + c]);
     }
     #pragma unroll
     for (int r = 0; r < MAX_ROWS; ++r)
         for (int off = 16; off > 0; off >>= 1) acc[r] += __shfl_xor_sync(0xffffffff, acc[r], off);
+}
+
+// RMSNorm folded in (norm_w != null; small hidden sizes): x is then the fp32 residual stream, and every
+// CTA normalises the rows itself into shared memory, fp16(norm_w * (x * inv_rms)) exactly as rms_norm
+// does, before the product: for a hidden size of ~1K that costs the CTA a few KB from L2, less than the
+// launch it saves.
+__device__ void rms_norm_rows_to_shared(const float* __restrict__ x, const float* __restrict__ norm_w, float eps,
+                                        int rows, int in, __half* xs) {
+    for (int r = 0; r < rows; ++r) {
+        const float* row = x + (size_t)r * in;
+        float squares = 0.f;
+        for (int i = threadIdx.x; i < in; i += blockDim.x) squares += row[i] * row[i];
+        const float inv_rms = 1.f / sqrtf(block_sum(squares) / in + eps);
+        for (int i = threadIdx.x; i < in; i += blockDim.x) xs[(size_t)r * in + i] = __float2half(norm_w[i] * (row[i] * inv_rms));
+        __syncthreads();                                     // block_sum's scratch is reused by the next row
+    }
 }
 
 // One warp per output feature o < out. Three epilogues, so that no activation makes an extra trip:
@@ -150,9 +167,16 @@ __device__ __forceinline__ void dot_rows(const uint4* __restrict__ w_row, const 
 //   residual: residual[r, o] += W[o] . x[r] (+ bias[o])                          (fp32, in place; y unused)
 //   swiglu:   y[r, o] = silu(g) * u, g = W[o] . x[r] (+ bias[o]), u = W[out + o] . x[r] (+ bias[out + o])
 //             (W holds gate then up, [2 out, in]: the warp reads both rows, so SiLU * up costs no launch)
-extern "C" __global__ void linear_rows(const __half* __restrict__ x, const __half* __restrict__ W,
-                                       const float* __restrict__ bias, __half* __restrict__ y,
-                                       float* __restrict__ residual, int swiglu, int rows, int in, int out) {
+extern "C" __global__ void linear_rows(const void* __restrict__ x_in, const float* __restrict__ norm_w, float eps,
+                                       const __half* __restrict__ W, const float* __restrict__ bias,
+                                       __half* __restrict__ y, float* __restrict__ residual, int swiglu, int rows,
+                                       int in, int out) {
+    extern __shared__ __half x_normed[];                     // [rows, in] when norm_w
+    const __half* x = (const __half*)x_in;
+    if (norm_w) {
+        rms_norm_rows_to_shared((const float*)x_in, norm_w, eps, rows, in, x_normed);
+        x = x_normed;
+    }
     const int warps = blockDim.x / 32, lane = threadIdx.x % 32;
     const int o = blockIdx.x * warps + threadIdx.x / 32;
     if (o >= out) return;

@@ -100,20 +100,23 @@ def append_kv(k, v, cache_k, cache_v, start) -> None:
                                                        np.int32(cache_k.shape[2])))
 
 
-def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False):
+def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False, norm_weight=None, eps: float = 0.0):
     """y = x . weight^T (+ bias) for x fp16 [..., in] with at most MAX_ROWS rows, weight fp16 [out, in]
-    (in a multiple of 8), bias fp32 [out] or None -> fp16 [..., out]. Two fused epilogues:
+    (in a multiple of 8), bias fp32 [out] or None -> fp16 [..., out]. Fused variants:
+    norm_weight fp32 [in]: x is the fp32 residual stream and the product takes rms_norm(x, norm_weight, eps);
     residual fp32 [..., out]: residual += y in fp32, in place (returns residual; y is never rounded);
     swiglu: weight holds gate then up rows [2 I, in] -> silu(gate) * up, fp16 [..., I]."""
     import cupy
     _require(weight, "weight", np.float16, 2)
     out_features, in_features = weight.shape
     rows = x.size // in_features if x.shape[-1] == in_features else -1
-    if x.dtype != np.float16 or rows < 1 or rows > MAX_ROWS or in_features % 8 or not x.flags.c_contiguous:
-        raise ValueError(f"linear_rows: x must be C-contiguous fp16 [..., {in_features}] with 1..{MAX_ROWS} rows "
-                         f"(and in_features a multiple of 8), got {x.dtype} {x.shape}")
-    if bias is not None:
-        _require(bias, "bias", np.float32, 1)
+    x_dtype = np.float16 if norm_weight is None else np.float32
+    if x.dtype != x_dtype or rows < 1 or rows > MAX_ROWS or in_features % 8 or not x.flags.c_contiguous:
+        raise ValueError(f"linear_rows: x must be C-contiguous {np.dtype(x_dtype).name} [..., {in_features}] with "
+                         f"1..{MAX_ROWS} rows (and in_features a multiple of 8), got {x.dtype} {x.shape}")
+    for name, vector, size in (("bias", bias, out_features), ("norm_weight", norm_weight, in_features)):
+        if vector is not None and (vector.dtype != np.float32 or vector.shape != (size,)):
+            raise ValueError(f"linear_rows: {name} must be fp32 [{size}], got {vector.dtype} {vector.shape}")
     if swiglu:
         if residual is not None or out_features % 2:
             raise ValueError("linear_rows: swiglu needs an even number of weight rows (gate, up) and no residual")
@@ -125,8 +128,10 @@ def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False):
                          f"{residual.dtype} {residual.shape}")
     warps = THREADS // 32
     null = np.uintp(0)
+    shared = 0 if norm_weight is None else rows * in_features * 2       # the normalised rows, fp16
     _kernel("linear_rows")(((out_features + warps - 1) // warps,), (THREADS,),
-                           (x, weight, null if bias is None else bias, null if y is None else y,
+                           (x, null if norm_weight is None else norm_weight, np.float32(eps), weight,
+                            null if bias is None else bias, null if y is None else y,
                             null if residual is None else residual, np.int32(swiglu), np.int32(rows),
-                            np.int32(in_features), np.int32(out_features)))
+                            np.int32(in_features), np.int32(out_features)), shared_mem=shared)
     return residual if y is None else y

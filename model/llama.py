@@ -25,6 +25,10 @@ from packkv.model.config import LlamaConfig
 if TYPE_CHECKING:
     from packkv.cache import KVCache
 
+# Decode GEMVs normalise their input themselves up to this hidden size (SmolLM2: 576); beyond it a
+# separate rms_norm launch is cheaper than every CTA re-reading the row.
+FOLD_NORM_MAX_HIDDEN = 2048
+
 
 @dataclass
 class LayerWeights:
@@ -121,6 +125,26 @@ class Llama:
         """Whether x's rows go through the GEMV kernels (GPU, a decode step's few rows)."""
         return bool(self.ops) and x.size // x.shape[-1] <= self.ops.MAX_ROWS and x.shape[-1] % 8 == 0
 
+    def norm_linear(self, x, norm_weight, weight, bias, swiglu: bool = False):
+        """linear(rms_norm(x)) of the fp32 residual stream x; with swiglu, silu(gate) * up of the fused
+        gate/up weight. A decode step's rows on the GPU take one GEMV, which also normalises its input
+        itself when the hidden size is small (re-reading x in every CTA then costs less than a launch)."""
+        if self.decode_rows(x):
+            fold = x.shape[-1] <= FOLD_NORM_MAX_HIDDEN
+            h = self.backend.xp.ascontiguousarray(x) if fold else self.rms_norm(x, norm_weight)
+            return self.ops.linear_rows(h, weight, bias, swiglu=swiglu, norm_weight=norm_weight if fold else None,
+                                        eps=self.config.rms_norm_eps)
+        y = self.linear(self.rms_norm(x, norm_weight), weight, bias)
+        return self.silu_mul(y) if swiglu else y
+
+    def silu_mul(self, gate_up):
+        """[..., 2 I] -> SiLU(gate) * up [..., I], computed in fp32."""
+        if self.ops:
+            return self.ops.silu_mul(gate_up)
+        gate_up = gate_up.astype(np.float32)
+        gate, up = gate_up[..., :self.config.intermediate_size], gate_up[..., self.config.intermediate_size:]
+        return (gate / (1.0 + self.backend.xp.exp(-gate)) * up).astype(self.backend.dtype)
+
     def rope(self, x, cos, sin):
         """Rotate pairs (i, i + head_dim/2): the Hugging Face 'rotate_half' layout. x [B, H, T, D]."""
         half = x.shape[-1] // 2
@@ -148,28 +172,20 @@ class Llama:
         v = heads(qkv[..., q_end + kv_width:], cfg.num_key_value_heads)
         return q, k, v
 
-    def attention(self, i, layer: LayerWeights, h, cache: KVCache, residual):
-        """residual += attention(h): the output projection adds into the residual stream."""
+    def attention(self, i, layer: LayerWeights, x, cache: KVCache):
+        """x += attention(rms_norm(x)): the output projection adds into the residual stream."""
         cfg = self.config
-        B, T, _ = h.shape
-        q, k, v = self.split_heads_rope(self.linear(h, layer.wqkv, layer.bqkv), cache)
+        B, T, _ = x.shape
+        q, k, v = self.split_heads_rope(self.norm_linear(x, layer.attn_norm, layer.wqkv, layer.bqkv), cache)
         cache.append(i, k, v)
         out = cache.attend(i, q)                                  # [B, heads, T, D]
         out = out.transpose(0, 2, 1, 3).reshape(B, T, cfg.num_attention_heads * cfg.head_dim)
-        self.linear(out, layer.wo, layer.bo, residual)
+        self.linear(out, layer.wo, layer.bo, residual=x)
 
-    def mlp(self, layer: LayerWeights, h, residual):
-        """residual += SwiGLU MLP(h). Decode rows on the GPU: one GEMV computes silu(gate) * up."""
-        if self.decode_rows(h):
-            act = self.ops.linear_rows(h, layer.w_gate_up, layer.b_gate_up, swiglu=True)
-            return self.linear(act, layer.w_down, layer.b_down, residual)
-        if self.ops:
-            act = self.ops.silu_mul(self.linear(h, layer.w_gate_up, layer.b_gate_up))
-            return self.linear(act, layer.w_down, layer.b_down, residual)
-        gate_up = self.linear(h, layer.w_gate_up, layer.b_gate_up).astype(np.float32)
-        gate, up = gate_up[..., :self.config.intermediate_size], gate_up[..., self.config.intermediate_size:]
-        act = gate / (1.0 + self.backend.xp.exp(-gate)) * up    # SiLU(gate) * up
-        return self.linear(act.astype(self.backend.dtype), layer.w_down, layer.b_down, residual)
+    def mlp(self, layer: LayerWeights, x):
+        """x += SwiGLU MLP(rms_norm(x)), the down projection adding into the residual stream."""
+        act = self.norm_linear(x, layer.mlp_norm, layer.w_gate_up, layer.b_gate_up, swiglu=True)
+        self.linear(act, layer.w_down, layer.b_down, residual=x)
 
     # ---- forward ------------------------------------------------------------------------------------
 
@@ -190,8 +206,8 @@ class Llama:
         tokens = xp.asarray(tokens)
         x = self.embed[tokens].astype(np.float32)                   # residual stream, fp32
         for i, layer in enumerate(self.layers):
-            self.attention(i, layer, self.rms_norm(x, layer.attn_norm), cache, residual=x)
-            self.mlp(layer, self.rms_norm(x, layer.mlp_norm), residual=x)
+            self.attention(i, layer, x, cache)
+            self.mlp(layer, x)
         if not all_logits:
             x = x[:, -1:]
         return self.linear(self.rms_norm(x, self.final_norm), self.lm_head, None).astype(np.float32)

@@ -170,6 +170,26 @@ def test_linear_rows_swiglu_is_silu_of_gate_times_up(gpu, bias):
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=5e-3, atol=5e-3)
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+def test_linear_rows_normalises_its_input_like_rms_norm(models, rows):
+    cpu_model, _ = models
+    import cupy
+    from packkv.kernels import model_ops
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, 1, 96)) * 3).astype(np.float32)
+    norm_w = cpu_model.layers[0].attn_norm
+    w = (rng.standard_normal((2 * 40, 96)) / 10).astype(np.float16)
+    h = cpu_model.rms_norm(x, norm_w).astype(np.float16).astype(np.float32)
+    want = h @ w.astype(np.float32).T
+    got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), norm_weight=cupy.asarray(norm_w),
+                                eps=CONFIG.rms_norm_eps).get()
+    np.testing.assert_allclose(got.astype(np.float32), want, rtol=5e-3, atol=5e-3)
+    gate, up = want[..., :40], want[..., 40:]
+    got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), norm_weight=cupy.asarray(norm_w),
+                                eps=CONFIG.rms_norm_eps, swiglu=True).get()
+    np.testing.assert_allclose(got.astype(np.float32), gate / (1 + np.exp(-gate)) * up, rtol=5e-3, atol=5e-3)
+
+
 def test_linear_rows_refuses_too_many_rows(gpu):
     import cupy
     from packkv.kernels import model_ops
