@@ -61,6 +61,10 @@ def _worker(cases):
     for case in cases:
         params = CodecParams(**case["params"])
         k, v = make_blocks([tuple(x) for x in case["kinds"]], case["H"], params.block, case["D"], case["seed"])
+        if case.get("repeat"):   # every token a copy of one of `repeat` tokens: ties everywhere
+            rng = np.random.default_rng(case["seed"])
+            pick = rng.integers(0, case["repeat"], size=params.block)
+            k, v = k[:, :, pick].copy(), v[:, :, pick].copy()
         for name, where in case.get("poison", []):   # (array, [block, head, token, channel]) -> NaN / inf
             (k if name == "k" else v)[tuple(where)] = np.float16(np.inf if where[-1] % 2 else np.nan)
         used = case.get("used", 48)
@@ -134,6 +138,26 @@ def _lane_cases():
     ]
 
 
+def _greedy_cases():
+    """Greedy with several packs of 8 or 16 in blocks of 32-64: most picks update the kept costs by
+    the changed channels only, some (many channels changed) evaluate fully; repeated tokens, constant
+    tokens and small integers tie costs everywhere (the lowest position must win, as in codec)."""
+    cases, kinds = [], ["gaussian", "constant_tokens", "zeros", "outlier_channels", "far_from_zero"]
+    shapes = [("token-layer", 16, 64, 2, 16, 64), ("token-layer", 8, 48, 1, 24, 32),
+              ("token-head", 8, 32, 3, 16, 128), ("token-head", 16, 64, 2, 8, 64)]
+    for i, (granularity, pack, block, H, D, threads) in enumerate(shapes):
+        for repeat in (0, 3):
+            cases.append(dict(id=f"{granularity}-p{pack}-r{repeat}", params=_params(granularity=granularity,
+                              pack=pack, block=block), H=H, D=D, kinds=[(kinds[(i + j) % 5], kinds[(i + 2 * j) % 5])
+                                                                      for j in range(2)],
+                              seed=20 + i, repeat=repeat, threads=threads))
+    cases.append(dict(id="e16", params=_params(rel_k=2.0 ** -12, rel_v=0.05, pack=8, block=32), H=1, D=8,
+                      kinds=mixed_kinds(2, 12), seed=30, threads=32))
+    cases.append(dict(id="small_ints", params=_params(rel_k=0.3, rel_v=1.0, pack=8, block=64), H=2, D=12,
+                      kinds=[("subnormals", "fp16_extremes"), ("constant_tokens", "subnormals")], seed=31))
+    return cases
+
+
 def _refusal_cases():
     base = dict(params=_params(pack=8, block=16), H=2, D=8, kinds=mixed_kinds(3, 9), seed=11)
     return [dict(base, id="nan_v", poison=[("v", [2, 0, 3, 4]), ("v", [1, 1, 9, 1])]),
@@ -144,6 +168,7 @@ def _refusal_cases():
 SIM_JOBS = {f"test_simulated_encoder_is_byte_identical[{r}-{g}]": (_identical_cases, (g, r))
             for g in codec.GRANULARITIES for r in codec.REPACK_METHODS}
 SIM_JOBS["test_simulated_lane_widths_placements_and_odd_shapes"] = (_lane_cases, ())
+SIM_JOBS["test_simulated_greedy_picks_and_ties"] = (_greedy_cases, ())
 SIM_JOBS["test_simulated_refusals"] = (_refusal_cases, ())
 
 
@@ -178,6 +203,14 @@ def test_simulated_lane_widths_placements_and_odd_shapes(simulated, request):
     results = simulated(request.node.name)
     assert results["e16"]["E"] == 16 and results["e8_fine"]["E"] == 8
     assert not results["global"]["lv_shared"] and not results["global_e16"]["lv_shared"]
+    for r in results.values():
+        assert r.get("identical"), r
+
+
+def test_simulated_greedy_picks_and_ties(simulated, request):
+    """The greedy order (incremental and full cost evaluations, ties) equals codec's, byte for byte."""
+    results = simulated(request.node.name)
+    assert len(results) == 10
     for r in results.values():
         assert r.get("identical"), r
 
