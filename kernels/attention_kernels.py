@@ -204,7 +204,7 @@ def attention_workspace(batch: int, n_heads: int, n_kv_heads: int, head_dim: int
 
 def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v, window_len, params,
                                 out=None, workspace=None, n_splits: int | None = None,
-                                slot_bytes: int | None = None):
+                                slot_bytes: int | None = None, arena_address=None):
     """Decode attention of one new token per sequence over its compressed blocks and its fp16 window.
 
     q fp16 [B, Hq, D]; arena uint8 [bytes]; block_offsets int64 [B, max_blocks]; n_blocks int32 [B];
@@ -213,7 +213,9 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     softmax(q K^T / sqrt(D)) V over blocks 0..n_blocks[b]-1 then window tokens 0..window_len[b]-1 (zeros
     when both are empty). workspace: float32 [>= attention_workspace_size(B, Hq, D, n_splits)] for the
     per-split softmax states (allocated when None). n_splits (default from shapes) and slot_bytes are
-    tuning knobs; neither depends on the lengths.
+    tuning knobs; neither depends on the lengths. arena_address: uint64 [1] on the device holding the
+    arena's address, which the kernel reads (a cache keeps one, so that a captured graph survives the
+    arena moving); made from `arena` when None.
     """
     import cupy
     fn = "compressed_decode_attention"
@@ -253,6 +255,10 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
         _cupy_array(fn, "out", out, np.float16, 3, dev)
         if out.shape != (B, Hq, D):
             _fail(fn, f"out must be [B, Hq, D] = {(B, Hq, D)}, got {out.shape}")
+    if arena_address is None:
+        arena_address = cupy.asarray([arena.data.ptr], dtype=np.uint64)
+    else:
+        _cupy_array(fn, "arena_address", arena_address, np.uint64, 1, dev)
     shared = _shared_bytes(slot, D, 0)
     split_fn = _function("packkv_attention.cu", f"pk_attention_splits<{D}, {P}>", D, P, shared)
     merge_shared = 4 * (W_cap + n_splits)                 # a weight per window token and per split
@@ -260,7 +266,7 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     qscale = np.float32(math.log2(math.e) / math.sqrt(D))
     tl = np.int32(params.granularity == "token-layer")
     split_fn((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
-             (q, arena, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T), tl,
+             (q, arena_address, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T), tl,
               np.int32(n_splits), np.int32(slot), qscale, workspace), shared_mem=shared)
     merge_fn((Hq, B), (MERGE_THREADS,), (q, window_k, window_v, window_len, workspace, np.int32(n_splits), np.int32(Hkv),
                                np.int32(G), np.int32(W_cap), qscale, out), shared_mem=merge_shared)

@@ -63,10 +63,11 @@ Attempts discarded:
 
 template <int D, int P>
 __global__ void __launch_bounds__(128, PK_MINB) pk_attention_splits(
-    const u16* __restrict__ q, const u8* __restrict__ arena, const i64* __restrict__ block_offsets,
+    const u16* __restrict__ q, const u8* const* __restrict__ arena_at, const i64* __restrict__ block_offsets,
     const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits,
     int slot_bytes, float qscale, float* __restrict__ ws) {
-  pk_split_body<D, P, 0>(q, nullptr, 0, arena, block_offsets, n_blocks, max_blocks, Hkv, G, T, token_layer,
+  // The arena's address is read from device memory: a captured graph replays after the arena moved.
+  pk_split_body<D, P, 0>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G, T, token_layer,
                          n_splits, slot_bytes, qscale, ws);
 }
 
@@ -183,13 +184,13 @@ __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
 
 #ifndef __CUDACC_RTC__
 // nvcc compile check (tests/test_kernels_compile.py); at run time nvrtc instantiates what is launched.
-template __global__ void pk_attention_splits<64, 16>(const u16*, const u8*, const i64*, const int*, int, int, int, int,
+template __global__ void pk_attention_splits<64, 16>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
                                                      int, int, int, float, float*);
-template __global__ void pk_attention_splits<128, 16>(const u16*, const u8*, const i64*, const int*, int, int, int, int,
+template __global__ void pk_attention_splits<128, 16>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
                                                       int, int, int, float, float*);
-template __global__ void pk_attention_splits<128, 8>(const u16*, const u8*, const i64*, const int*, int, int, int, int,
+template __global__ void pk_attention_splits<128, 8>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
                                                      int, int, int, float, float*);
-template __global__ void pk_attention_splits<128, 32>(const u16*, const u8*, const i64*, const int*, int, int, int, int,
+template __global__ void pk_attention_splits<128, 32>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
                                                       int, int, int, float, float*);
 template __global__ void pk_merge_window<64>(const u16*, const u16*, const u16*, const int*, const float*, int, int,
                                              int, int, float, u16*);

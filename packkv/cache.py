@@ -178,8 +178,13 @@ class ByteArena:
 
     def __init__(self, xp, capacity: int):
         self.xp, self.used = xp, 0
-        self.generation = 0                     # bumped when the data moves (kernels bake its address)
         self.data = self._allocate(max(capacity, 4096))
+        # The data's address, in memory of the data's kind: decode kernels read it from there, so a
+        # captured CUDA graph keeps working when the arena grows and moves (no capture again).
+        self.address = xp.asarray([self._data_address()], dtype=np.uint64)
+
+    def _data_address(self) -> int:
+        return int(self.data.data.ptr) if hasattr(self.data.data, "ptr") else int(self.data.ctypes.data)
 
     def _allocate(self, nbytes: int):
         try:
@@ -193,7 +198,7 @@ class ByteArena:
             grown = self._allocate(max(2 * self.data.size, total + self.SLACK))
             grown[:self.used] = self.data[:self.used]
             self.data = grown
-            self.generation += 1
+            self.address[...] = self._data_address()
 
     @property
     def writable(self):
@@ -420,10 +425,6 @@ class PackkvCache(BlockCache):
     def graph_capturable(self) -> bool:
         return self.backend.is_gpu
 
-    @property
-    def layout_version(self) -> int:
-        return self.arena.generation
-
     def append(self, layer: int, k, v) -> None:
         super().append(layer, k, v)
         if layer == 0 and self.backend.is_gpu:     # the window lengths the kernel sees, on the device
@@ -435,7 +436,7 @@ class PackkvCache(BlockCache):
         from packkv.kernels.attention_kernels import compressed_decode_attention
         out = compressed_decode_attention(q[:, :, 0], self.arena.data, self.block_offsets[layer],
                                           self.device_n_blocks, self.window_k[layer], self.window_v[layer],
-                                          self.window_ends, self.params)
+                                          self.window_ends, self.params, arena_address=self.arena.address)
         return out[:, :, None]
 
     def decompress(self, offsets):

@@ -82,6 +82,30 @@ def test_packkv_graph_replay_gives_the_eager_tokens(engines):
     assert runs[0].token_ids == runs[1].token_ids
 
 
+def test_packkv_graph_survives_the_arena_moving(engines):
+    """The decode kernel reads the arena's address from device memory: the arena grows (and moves) while
+    decoding, the graph is captured once, and the tokens equal eager decoding's."""
+    import cupy
+    from packkv.cache import ByteArena
+    from packkv.generate import EagerDecoder, GraphDecoder, prefill
+    _, engine = engines
+    ids = engine.prompt_ids("Once upon a time, in a land far away, " * 20, chat=False)
+    runs = []
+    for decoder_kind in (GraphDecoder, EagerDecoder):
+        cache = engine.new_cache("packkv", batch=1, tokens=len(ids) + 300, window=16)
+        cache.arena = ByteArena(cupy, 4096)                  # tiny: it must grow during decode
+        logits = prefill(engine, ids, cache, show_progress=False)
+        decoder, tokens, addresses, graphs = decoder_kind(engine, cache), [], set(), set()
+        for _ in range(300):
+            tokens.append(int(logits[0, -1].argmax()))
+            logits = decoder.step([tokens[-1]])
+            addresses.add(int(cache.arena.address.get()[0]))
+            graphs.add(id(getattr(decoder, "graph", None)))
+        assert len(addresses) > 1 and len(graphs) == 1
+        runs.append(tokens)
+    assert runs[0] == runs[1]
+
+
 def test_gpu_out_of_memory_is_a_clear_error(gpu):
     shape = CacheShape(layers=80, kv_heads=64, head_dim=256, batch=64, max_context=131072)
     with pytest.raises(PackkvError, match=r"out of GPU memory: the dense KV cache .* needs \d+\.\d MiB"):
