@@ -6,8 +6,8 @@
 SmolLM2 runs with its real weights on a real prompt (prefill, then decode). A random-weight model of a
 real shape (`--model llama-3.1-8b`, llama-2-7b, tinyllama-1.1b) has its caches filled with random K/V
 of the given length instead of a prefill (labelled kv_data "random"), then decodes. Decode tok/s counts
-the tokens of all sequences of the batch over the decode time, compression included; every engine is
-warmed up first. Transformers (fp16, sdpa, dynamic and static cache) runs beside SmolLM2 at batch 1 when
+the tokens of all sequences of the batch over the decode time, compression and host sampling included;
+every engine is warmed up first, and the first decode step (the CUDA graph's capture) is not timed. Transformers (fp16, sdpa, dynamic and static cache) runs beside SmolLM2 at batch 1 when
 torch imports. `capacity`: the longest context (batch 1) and the largest batch (at --capacity-context)
 each cache kind holds in the GPU memory left beside the weights, from the bytes per token it reported.
 Writes bench/results/<out>.json and a plot.
@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_TEXT, RESULTS, header, print_table, write_json  # noqa: E402
 
-from packkv.generate import Engine, SamplingParams, Sampler, generate_batch, make_decoder  # noqa: E402
+from packkv.generate import Engine, SamplingParams, Sampler, make_decoder, prefill  # noqa: E402
 from packkv.weights.random import PRESETS  # noqa: E402
 
 WORKSPACE_BYTES = 2 << 30    # set aside for activations, logits and kernel workspaces in capacity estimates
@@ -37,13 +37,15 @@ def prompt_of_length(engine: Engine, text_path: Path, tokens: int) -> list[int]:
     return ids[:tokens]
 
 
-def real_prompt_decode(engine, text, context, batch, cache, steps) -> tuple[float, dict]:
-    """Prefill `batch` real prompts of `context` tokens (shifted apart in the text), decode `steps`."""
+def real_prompt_decode(engine, text, context, batch, cache_kind, steps) -> tuple[float, dict]:
+    """Prefill `batch` real prompts of `context` tokens (shifted apart in the text), then time `steps`
+    decode steps."""
     ids = prompt_of_length(engine, text, context + 64 * batch)
-    prompts = [ids[64 * b: 64 * b + context] for b in range(batch)]
-    results = generate_batch(engine, prompts, steps + 1, SamplingParams(), cache, show_progress=False,
-                             stop_at_eos=False)
-    return batch * steps / results[0].decode_seconds, results[0].cache_stats
+    cache = engine.new_cache(cache_kind, batch=batch, tokens=context + steps + 2)
+    first = [prefill(engine, ids[64 * b: 64 * b + context], cache.row(b), show_progress=False)[0, -1]
+             for b in range(batch)]
+    sampler = Sampler(SamplingParams(), engine.backend)
+    return timed_decode(engine, cache, [sampler(logits) for logits in first], steps)
 
 
 def fill_random(engine, cache, context: int, chunk: int = 512) -> None:
@@ -60,18 +62,24 @@ def fill_random(engine, cache, context: int, chunk: int = 512) -> None:
 
 
 def random_kv_decode(engine, context, batch, cache_kind, steps) -> tuple[float, dict]:
-    cache = engine.new_cache(cache_kind, batch=batch, tokens=context + steps + 1)
+    cache = engine.new_cache(cache_kind, batch=batch, tokens=context + steps + 2)
     fill_random(engine, cache, context)
+    return timed_decode(engine, cache, [1] * batch, steps)
+
+
+def timed_decode(engine, cache, ids: list[int], steps: int) -> tuple[float, dict]:
+    """Greedy decode tok/s over `steps` steps (sampling on the host included); the first step, which
+    captures the CUDA graph (or warms up), is not timed: a generation pays it once."""
     decoder, sampler = make_decoder(engine, cache), Sampler(SamplingParams(), engine.backend)
-    ids = [1] * batch
-    decoder.step(ids)                                   # capture (or warm up) outside the timing
+    logits = decoder.step(ids)
+    ids = [sampler(logits[b, -1]) for b in range(len(ids))]
     engine.backend.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         logits = decoder.step(ids)
-        ids = [sampler(logits[b, -1]) for b in range(batch)]
+        ids = [sampler(logits[b, -1]) for b in range(len(ids))]
     engine.backend.synchronize()
-    return batch * steps / (time.perf_counter() - start), cache.stats()
+    return len(ids) * steps / (time.perf_counter() - start), cache.stats()
 
 
 def transformers_decode_tok_s(folder, ids: list[int], steps: int, cache: str) -> float | None:
