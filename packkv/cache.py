@@ -417,20 +417,30 @@ class PackkvCache(BlockCache):
     kind = "packkv"
 
     def __init__(self, shape: CacheShape, backend: Backend, params: codec.CodecParams = codec.CodecParams(),
-                 window: int = 128, max_new_tokens: int = 512):
+                 window: int = 128, max_new_tokens: int = 512, scales: "ChannelScales | None" = None):
         self.params = params
         super().__init__(shape, backend, params.block, window, max_new_tokens, keep_decoded=not backend.is_gpu)
+        self.scales = None if scales is None else scales.on(backend, shape)
 
     @property
     def graph_capturable(self) -> bool:
         return self.backend.is_gpu
 
     def append(self, layer: int, k, v) -> None:
+        if self.scales is not None:     # the cache holds K and V divided by the channel scales
+            k, v = self.scales.to_cached(layer, k, v)
         super().append(layer, k, v)
         if layer == 0 and self.backend.is_gpu:     # the window lengths the kernel sees, on the device
             self.window_ends = self.window_starts + np.int32(self.pending)
 
     def attend(self, layer: int, q):
+        if self.scales is None:
+            return self.attend_cached(layer, q)
+        # (q*s).(k/s) is q.k, and s * p.(v/s) is p.v: exact, whatever the cache's error
+        return self.scales.output(layer, self.attend_cached(layer, self.scales.query(layer, q)))
+
+    def attend_cached(self, layer: int, q):
+        """Attention over what the cache holds (K and V divided by the channel scales, if any)."""
         if not (self.backend.is_gpu and self.pending == 1):
             return super().attend(layer, q)
         from packkv.kernels.attention_kernels import compressed_decode_attention
@@ -469,7 +479,71 @@ class PackkvCache(BlockCache):
         return codec.decode_blocks(buffer, offsets, self.params, self.shape.kv_heads, self.shape.head_dim)
 
     def kind_params(self) -> dict:
-        return vars(self.params)
+        return {**vars(self.params), "channel_scales": self.scales is not None}
+
+    def bytes_used(self) -> int:
+        """The blocks, the window, and the channel scales (once per cache)."""
+        return super().bytes_used() + (0 if self.scales is None else self.scales.nbytes)
+
+
+class ChannelScales:
+    """Per-layer, per-KV-head, per-channel scales s_k and s_v [layers, kv_heads, head_dim], calibrated
+    per model and saved in its tuned profile. The cache stores k/s_k and v/s_v; attention takes q*s_k and
+    multiplies its output by s_v. Both are exact rewrites of attention ((q*s).(k/s) = q.k, and
+    s * p.(v/s) = p.v channel by channel), so only where the quantization error lands changes: a
+    token-wise bound spends the same levels on every channel of a token, and dividing by s gives the
+    channels of small s finer steps in the original units. The codec, its format and every kernel are
+    untouched: they see other numbers. On the GPU the three rescalings are CuPy elementwise ops.
+    """
+
+    def __init__(self, k, v):
+        self.k, self.v = np.asarray(k, dtype=np.float32), np.asarray(v, dtype=np.float32)
+        if self.k.shape != self.v.shape or self.k.ndim != 3:
+            raise PackkvError(f"channel scales must be two [layers, kv_heads, head_dim] arrays, got "
+                              f"{self.k.shape} and {self.v.shape}")
+        if not all(np.isfinite(s).all() and (s > 0).all() for s in (self.k, self.v)):
+            raise PackkvError("channel scales must be finite and positive")
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def on(self, backend: Backend, shape: CacheShape) -> "ChannelScales":
+        """A copy with device arrays shaped to broadcast over one layer's [B, H, T, D], checked against
+        the cache's shape."""
+        expected = (shape.layers, shape.kv_heads, shape.head_dim)
+        if self.k.shape != expected:
+            raise PackkvError(f"the channel scales are for [layers, kv_heads, head_dim] = {self.k.shape}, the "
+                              f"cache is {expected} (a profile of another model?)")
+        placed, xp = copy.copy(self), backend.xp
+
+        def per_layer(s):  # [layers, 1, kv_heads, 1, D]
+            return xp.asarray(s[:, None, :, None, :])
+
+        placed.k_inverse, placed.v_inverse = per_layer(1.0 / self.k), per_layer(1.0 / self.v)
+        placed.k_device, placed.v_device = per_layer(self.k), per_layer(self.v)
+        return placed
+
+    def to_cached(self, layer: int, k, v):
+        """k, v [B, kv_heads, T, D] -> what the cache stores, k / s_k and v / s_v, in their dtype."""
+        return (k * self.k_inverse[layer]).astype(k.dtype), (v * self.v_inverse[layer]).astype(v.dtype)
+
+    def query(self, layer: int, q):
+        """q [B, heads, T, D] -> q * s_k."""
+        return grouped_multiply(q, self.k_device[layer])
+
+    def output(self, layer: int, out):
+        """Attention's output over the stored V, [B, heads, T, D] -> times s_v: the real output."""
+        return grouped_multiply(out, self.v_device[layer])
+
+
+def grouped_multiply(x, scale):
+    """x [B, heads, T, D] times scale [1, kv_heads, 1, D] (query head h uses KV head h // (heads /
+    kv_heads), as GQA does), in x's dtype."""
+    B, heads, T, D = x.shape
+    kv_heads = scale.shape[1]
+    grouped = x.reshape(B, kv_heads, heads // kv_heads, T, D) * scale[:, :, None]
+    return grouped.reshape(B, heads, T, D).astype(x.dtype)
 
 
 def set_device_array(device_array, host_values) -> None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from packkv import codec
-from packkv.cache import CACHE_KINDS
+from packkv.cache import CACHE_KINDS, ChannelScales
 from packkv.errors import PackkvError
 from packkv.quant import QUANT_BITS, QUANT_GROUPS, QuantParams
 
@@ -34,6 +34,8 @@ def add_cache_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-pack", type=int, choices=codec.PACK_SIZES, help=f"tokens per pack (default {d.pack})")
     g.add_argument("--kv-block", type=int, help=f"tokens per compressed block (default {d.block})")
     g.add_argument("--kv-window", type=int, help=f"recent tokens kept in fp16 (default {DEFAULT_WINDOW})")
+    g.add_argument("--kv-scales", choices=["profile", "none"], default="profile",
+                   help="packkv's channel scales: the tuned profile's, if it has them (default), or none")
     g.add_argument("--kv-profile", help="a tuned profile (JSON) for packkv's defaults, or 'none' (default: the "
                                         "profile `python -m packkv.eval tune` saved for the model, if any)")
     g.add_argument("--quant-bits", type=int, default=2, help=f"bits per element of the quant baseline {QUANT_BITS}")
@@ -61,10 +63,22 @@ def cache_params(args) -> dict:
         params = codec.CodecParams(**{**taken, **{k: v for k, v in explicit.items() if v is not None}})
     except (TypeError, ValueError) as exc:
         raise PackkvError(f"invalid KV compression parameters: {exc}") from exc
-    if taken:
-        shown = " ".join(f"{k}={v}" for k, v in taken.items())
+    scales = profile_scales(profile[1]) if profile and getattr(args, "kv_scales", "profile") == "profile" else None
+    if taken or scales:
+        shown = " ".join([f"{k}={v}" for k, v in taken.items()] + (["channel scales"] if scales else []))
         print(f"packkv: using the tuned profile {profile[0]} ({shown}); --kv-* flags override it", file=sys.stderr)
-    return {"params": params, "window": window}
+    return {"params": params, "window": window, **({"scales": scales} if scales else {})}
+
+
+def profile_scales(profile: dict) -> ChannelScales | None:
+    """The channel scales a profile holds ({"k": [[[...]]], "v": ...}, [layers][kv_heads][head_dim]), if any."""
+    saved = profile.get("channel_scales")
+    if saved is None:
+        return None
+    try:
+        return ChannelScales(saved["k"], saved["v"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackkvError(f"the profile's channel_scales cannot be read: {exc}") from exc
 
 
 # ---- tuned profiles ---------------------------------------------------------------------------------
