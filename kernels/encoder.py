@@ -31,30 +31,38 @@ block order) takes one block (one record) at a time:
    cost[t] = sum_c width(max(hi,q)-min(lo,q)), by (cost << 32 | position) keys reduced with warp
    shuffles (lowest position on ties). The costs are kept per token (COST) and evaluated two ways,
    both exact:
-   - full (the first pick after a seed, or when more than CAP = 2W channels changed): lane groups over
-     (candidate, channel segment), the pack's lo/hi in registers, 4 independent words per lane, on
-     SWAR words (per-lane max/min by the borrow trick, widths by smearing bits, one popc per 8
-     channels);
-   - incremental (the usual pick): the previous pick's lo/hi update lists every channel whose lo or hi
-     changed (CHC: unit, 32-bit word and shift in the level row; CHB: old and new lo/hi), and
-     cost[t] += width(new) - width(old) over that list only. Warps split the list, a lane takes
-     candidates (positions lane and lane + 32 of each 64), scalar 32-bit arithmetic (clz
-     differences); one shared atomic per lane and unit run adds its sum to COST. On the 8B shape's
-     synthetic KV (bench) a pick changes ~700 of the 2048 channels after the seed's first pick (then
-     the next pick is full), 100-400 later: ~12% of the old full evaluations' (candidate, channel) pairs;
+   - full (the first pick after a seed, or when a unit's list overflowed: more than CAP / n_units
+     channels changed; CAP = 4W, less where the level matrix would not fit in shared memory): lane
+     groups over (candidate, channel segment), the pack's lo/hi in registers, 4 independent words
+     per lane, on SWAR words (per-lane max/min by the borrow trick, widths by smearing bits, one popc
+     per 8 channels);
+   - incremental (the usual pick): the previous pick's lo/hi update appends every channel whose lo or
+     hi changed to its unit's list (CHC: level index in the row; CHB: old and new lo/hi; counts CHN,
+     double-buffered by pick parity), and cost[t] += width(new) - width(old) over the list only. The
+     lists are cut into chunks of 128 channels; a warp holds one chunk (4 channels per lane, their
+     indices and bounds unpacked in registers) and walks its share of the candidates: per candidate 4
+     single-level loads through an 8/16-bit view of LV (one row, scattered columns: few bank
+     conflicts), scalar 32-bit arithmetic (clz differences), a 5-shuffle warp sum and one shared
+     atomic to COST (~96 instructions per candidate and 128 channels). On the 8B shape's
+     synthetic KV (bench) a pick changes ~700 of the 2048 channels after the seed's first pick, 100-400
+     later: ~12% of the (candidate, channel) pairs that full evaluations of picks 2..15 would take;
 3. pack statistics (min and width per pack of P tokens x 1 channel), section sizes, record size;
 4. decoupled look-back over the tiles' record sizes gives the record's arena offset (a single-pass
    prefix sum: no second launch, no host round trip);
 5. write: every 32-bit word of the record is assembled by one thread (headers, steps, bit streams,
    payload words found by binary search over the packs' byte offsets) and stored coalesced.
 
-Speed (bench/results/encoder.json, H100): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V)
+Speed (bench/results/encoder.json, H100, git 45a263c: before the incremental greedy costs, which are
+not measured yet): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V)
 in 0.36 s with the greedy (47 GB/s), 0.13 s with sort or none (134 GB/s).
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set before numba.cuda is imported) the same
 kernel runs on the CPU; warp shuffles, which the simulator lacks, go through a per-warp barrier there.
 
 Attempts that lost (measured or estimated, then removed):
+- incremental costs with lanes over candidates (a warp per list entry, lanes at positions lane and
+  lane + 32): the levels of one column in rows 2 KiB apart hit one shared-memory bank (32-way
+  conflicts), every entry is loaded and unpacked by every lane, and ~40% of the lanes idle.
 - incremental costs at SWAR-word granularity (re-evaluate whole 8-channel words that changed): ~46% of
   the words change per pick on the 8B shape's KV, and a changed word costs two word evaluations: no gain.
 - lazy greedy (stale costs as lower bounds, evaluate candidates in bound order until the best exact
@@ -75,6 +83,7 @@ SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 
 from numba import cuda  # noqa: E402  (after reading the simulator switch)
 from numba import float64 as nb_float64, int32 as nb_int32, int64 as nb_int64  # noqa: E402
+from numba import uint8 as nb_uint8, uint16 as nb_uint16  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Layout of the small int64 meta array (runtime dimensions and region offsets) and of the work array
@@ -86,12 +95,12 @@ _META_FIELDS = (
     # region offsets in bytes: in shared memory, or in the CTA's global scratch for LV / PACK*
     "o_lv", "o_pinfo", "o_poff", "o_lo", "o_hi", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
     "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_costp", "o_pickw", "o_seci", "o_toki",
-    "o_misc", "o_scan", "o_cost", "o_chc", "o_chb",
+    "o_misc", "o_scan", "o_cost", "o_chc", "o_chb", "o_chn",
 )
 M = {name: i for i, name in enumerate(_META_FIELDS)}
 SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, payload prefix, -
 TOKI_FIELDS = 8   # per unit: k_base, v_base, k_bits, v_bits, start, -, -, -
-MISC_FIELDS = 8   # tile, bad, base, size, skip, -, changed-channel counters (2, by pick parity)
+MISC_FIELDS = 8   # tile, bad, base, size, skip, -, -, -
 # work array (int64): [0] end offset of the last record, [1] first NaN code, [2] arena overflow,
 # [3] internal error, [4] tile counter, then one look-back status word per block
 W_END, W_NAN, W_OVER, W_INTERNAL, W_TILE, W_STATUS = 0, 1, 2, 3, 4, 8
@@ -181,6 +190,8 @@ _KERNELS: dict = {}
 
 def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
     LPW = 64 // E                       # levels per int64 word
+    nb_lane = nb_uint8 if E == 8 else nb_uint16
+    LSH = 3 if E == 8 else 4            # log2(E)
     LM = np.int64((1 << E) - 1)         # lane mask
     LANE_MAX = (1 << (E - 1)) - 1       # SWAR compare needs the lane's top bit clear
     HB = _lanes(E, 1 << (E - 1))
@@ -370,7 +381,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
         "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec", "NP"))
     iGSQ, iGS, iS, iSEGW, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "S", "SEGW", "used0", "cap", "scr64"))
     iDQSH, iDSH, iMODE, iCAP_CH = M["dq_shift"], M["d_shift"], M["mode"], M["CAP"]
-    oCO, oCC, oCB = M["o_cost"], M["o_chc"], M["o_chb"]
+    oCO, oCC, oCB, oCN = M["o_cost"], M["o_chc"], M["o_chb"], M["o_chn"]
     oLV, oPI, oPO, oLO, oHI, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCP, oPW, oSE, oTK, oMI, oSN = (
         M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_lo", "o_hi", "o_mw", "o_nrm", "o_key", "o_score",
                        "o_stepk", "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_costp", "o_pickw",
@@ -802,86 +813,110 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
                 i += per
 
     @cuda.jit(device=True)
-    def chan_delta(word, sft, lo, hi, nlo, nhi):
-        """width(max(nhi,q)-min(nlo,q)) - width(max(hi,q)-min(lo,q)) for the level q at bit sft of
-        word (32-bit arithmetic: clz differences)."""
-        q = np.int32((word >> sft) & LM)
+    def unpack_bounds(b):
+        """A change-list entry's old lo, old hi, new lo, new hi (16 bits each) as int32."""
+        return (np.int32(b & 0xFFFF), np.int32((b >> 16) & 0xFFFF), np.int32((b >> 32) & 0xFFFF),
+                np.int32((b >> 48) & 0xFFFF))
+
+    @cuda.jit(device=True)
+    def chan_delta(lev, lo, hi, nlo, nhi):
+        """width(max(nhi,q)-min(nlo,q)) - width(max(hi,q)-min(lo,q)) for level q (32-bit arithmetic:
+        clz differences)."""
+        q = np.int32(lev)
         return cuda.clz(np.int32(max(hi, q) - min(lo, q))) - cuda.clz(np.int32(max(nhi, q) - min(nlo, q)))
 
     @cuda.jit(device=True)
-    def ph_delta(LV32, lv0, sh64, sh32, meta, rb, n_rem, n_ch, tid):
+    def sum32(v):
+        """Sum of a 32-bit value over the warp (32-bit shuffles)."""
+        v = np.int32(v + shfl_xor(v, 16))
+        v = np.int32(v + shfl_xor(v, 8))
+        v = np.int32(v + shfl_xor(v, 4))
+        v = np.int32(v + shfl_xor(v, 2))
+        return np.int32(v + shfl_xor(v, 1))
+
+    @cuda.jit(device=True)
+    def ph_delta(LVL, lv0, sh64, sh32, meta, rb, n_rem, cnt, tid):
         """COST[u][t] += sum over the channels the last pick changed of width(new range with q) -
-        width(old range with q): the incremental evaluation. Warps split the changed-channel list,
-        lanes the remaining candidates (positions lane and lane + 32 of each 64, one entry load for
-        both); a lane adds its sum to COST with one shared atomic per unit run of the list."""
+        width(old range with q): the incremental evaluation. Each unit's list (count at sh64[cnt + u])
+        is cut into chunks of 128 channels; a warp takes a chunk (4 channels per lane, their index and
+        old/new lo/hi in registers) and a share of the candidates, sums a candidate's deltas over the
+        warp and adds them to COST with one shared atomic."""
         T = meta[iT]
         W = meta[iW]
+        CAPU = meta[iCAP_CH] // meta[iNU]
+        n_units = meta[iNU]
         co0 = meta[oCO] >> 2
         cc0 = meta[oCC] >> 3
         cb0 = meta[oCB] >> 3
         lane = tid & 31
         warp = tid >> 5
-        k0 = (n_ch * warp) // NW
-        k1 = (n_ch * (warp + 1)) // NW
-        for ib in range(0, n_rem, 64):
-            i0 = ib + lane
-            i1 = i0 + 32
-            ok0 = i0 < n_rem
-            ok1 = i1 < n_rem
-            two = ib + 32 < n_rem          # the same in the whole warp
-            cur_u = np.int64(-1)
-            t0 = np.int64(0)
-            t1 = np.int64(0)
-            r0 = 2 * lv0                   # lanes past the candidates read token 0's row, add nothing
-            r1 = 2 * lv0
-            acc0 = np.int64(0)
-            acc1 = np.int64(0)
-            for k in range(k0, k1):
-                cc = sh64[np.uint64(cc0 + k)]     # unsigned indices: no negative-index wrap code
-                u = cc >> 40
-                if u != cur_u:              # the list's unit changed: flush, find the candidates' rows
-                    if cur_u >= 0:
-                        if ok0 and acc0 != 0:
-                            cuda.atomic.add(sh32, co0 + cur_u * T + t0, np.int32(acc0))
-                        if ok1 and acc1 != 0:
-                            cuda.atomic.add(sh32, co0 + cur_u * T + t1, np.int32(acc1))
-                    cur_u = u
-                    acc0 = np.int64(0)
-                    acc1 = np.int64(0)
-                    if ok0:
-                        t0 = np.int64(sh32[rb + u * T + i0])
-                        r0 = 2 * (lv0 + t0 * W)
-                    if ok1:
-                        t1 = np.int64(sh32[rb + u * T + i1])
-                        r1 = 2 * (lv0 + t1 * W)
-                idx = cc & LOW32
-                sft = (cc >> 32) & 0xFF
-                bb = sh64[np.uint64(cb0 + k)]
-                lo = np.int32(bb & 0xFFFF)
-                hi = np.int32((bb >> 16) & 0xFFFF)
-                nlo = np.int32((bb >> 32) & 0xFFFF)
-                nhi = np.int32((bb >> 48) & 0xFFFF)
-                acc0 += chan_delta(LV32[np.uint64(r0 + idx)], sft, lo, hi, nlo, nhi)
-                if two:
-                    acc1 += chan_delta(LV32[np.uint64(r1 + idx)], sft, lo, hi, nlo, nhi)
-            if cur_u >= 0:
-                if ok0 and acc0 != 0:
-                    cuda.atomic.add(sh32, co0 + cur_u * T + t0, np.int32(acc0))
-                if ok1 and acc1 != 0:
-                    cuda.atomic.add(sh32, co0 + cur_u * T + t1, np.int32(acc1))
+        total = np.int64(0)
+        for uu in range(n_units):
+            total += (sh64[cnt + uu] + 127) >> 7
+        per = np.int64(1)
+        rank = np.int64(0)
+        rounds = (total + NW - 1) // NW
+        if total <= NW:                 # several warps per chunk: they split the candidates
+            per = NW // max(total, 1)
+            rank = warp // max(total, 1)
+            rounds = np.int64(1)
+        for rd in range(rounds):
+            a = warp + rd * NW
+            if total <= NW:
+                a = warp % max(total, 1)
+            if a >= total or rank >= per:
+                continue
+            u = np.int64(0)             # chunk a -> (unit u, chunk c of u's list)
+            c = a
+            for uu in range(n_units):
+                nc = (sh64[cnt + uu] + 127) >> 7
+                if c >= nc and u == uu:
+                    c -= nc
+                    u += 1
+            n_u = sh64[cnt + u]
+            e0 = u * CAPU + c * 128 + lane
+            ix0, ix1, ix2, ix3 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
+            b0, b1, b2, b3 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)   # 0: adds nothing
+            if c * 128 + lane < n_u:
+                ix0 = sh64[cc0 + e0]
+                b0 = sh64[cb0 + e0]
+            if c * 128 + lane + 32 < n_u:
+                ix1 = sh64[cc0 + e0 + 32]
+                b1 = sh64[cb0 + e0 + 32]
+            if c * 128 + lane + 64 < n_u:
+                ix2 = sh64[cc0 + e0 + 64]
+                b2 = sh64[cb0 + e0 + 64]
+            if c * 128 + lane + 96 < n_u:
+                ix3 = sh64[cc0 + e0 + 96]
+                b3 = sh64[cb0 + e0 + 96]
+            l0, h0, m0, n0 = unpack_bounds(b0)
+            l1, h1, m1, n1 = unpack_bounds(b1)
+            l2, h2, m2, n2 = unpack_bounds(b2)
+            l3, h3, m3, n3 = unpack_bounds(b3)
+            for i in range(rank, n_rem, per):
+                t = np.int64(sh32[rb + u * T + i])
+                base = (lv0 + t * W) * LPW_
+                acc = chan_delta(LVL[np.uint64(base + ix0)], l0, h0, m0, n0)
+                acc += chan_delta(LVL[np.uint64(base + ix1)], l1, h1, m1, n1)
+                acc += chan_delta(LVL[np.uint64(base + ix2)], l2, h2, m2, n2)
+                acc += chan_delta(LVL[np.uint64(base + ix3)], l3, h3, m3, n3)
+                acc = sum32(np.int32(acc))
+                if lane == 0 and acc != 0:
+                    cuda.atomic.add(sh32, co0 + u * T + t, acc)
 
     @cuda.jit(device=True)
     def ph_pick(LVA, lv0, sh64, sh32, shf, meta, rb, rn, n_rem, pos, seed, full, listing, cnt, tid, u_tid):
         """Every warp finds each unit's pick (seed: max score; else min cost, by (cost << 32 | position)
         keys; lowest position on ties), then: LO/HI := pick's levels (seed) or grow by them, and when
-        `listing`, every channel whose lo or hi changed goes to the list CHC/CHB (count at sh64[cnt]);
+        `listing`, every channel whose lo or hi changed goes to its unit's list CHC/CHB (count at
+        sh64[cnt + u], at most CAP / n_units entries kept);
         ORDER[u][pos] = pick; REM next = REM - pick. After a full evaluation, COST := sum of COSTP."""
         T = meta[iT]
         WU = meta[iWU]
         W = meta[iW]
         S = meta[iS]
-        CAP = meta[iCAP_CH]
         n_units = meta[iNU]
+        CAPU = meta[iCAP_CH] // n_units
         lo0 = meta[oLO] >> 3
         hi0 = meta[oHI] >> 3
         sc0 = meta[oSC] >> 3
@@ -957,20 +992,18 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
                 sh64[hi0 + wi] = nhi
                 d = (olo ^ nlo) | (ohi ^ nhi)
                 if listing and d != 0:
-                    n = np.int64(0)
-                    for l in range(LPW):
-                        if (d >> (E_ * l)) & LM:
-                            n += 1
-                    k = cuda.atomic.add(sh64, cnt, n)
-                    for l in range(LPW):
-                        if (d >> (E_ * l)) & LM:
-                            if k < CAP:
-                                sl = E_ * l
-                                sh64[cc0 + k] = ((2 * wi + l // (LPW // 2)) | ((E_ * (l % (LPW // 2))) << 32) |
-                                                 (u << 40))
-                                sh64[cb0 + k] = (((olo >> sl) & LM) | (((ohi >> sl) & LM) << 16) |
-                                                 (((nlo >> sl) & LM) << 32) | (((nhi >> sl) & LM) << 48))
-                            k += 1
+                    # the low bit of every changed lane (lanes < 2**(E-1): no carries; >= 0 for popc)
+                    nz = ((d + SM1) >> (E_ - 1)) & ONES
+                    k = cuda.atomic.add(sh64, cnt + u, np.int64(cuda.popc(nz)))
+                    while nz != 0:
+                        if k < CAPU:
+                            l = np.int64(cuda.popc((nz & -nz) - 1)) >> LSH    # lowest changed lane
+                            sl = E_ * l
+                            sh64[cc0 + u * CAPU + k] = wi * LPW_ + l
+                            sh64[cb0 + u * CAPU + k] = (((olo >> sl) & LM) | (((ohi >> sl) & LM) << 16) |
+                                                        (((nlo >> sl) & LM) << 32) | (((nhi >> sl) & LM) << 48))
+                        k += 1
+                        nz &= nz - 1
             wi += NT
             if wi < W:
                 u = wi // WU
@@ -987,18 +1020,18 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
                         sh32[rn + u * T + i - 1] = val
 
     @cuda.jit(device=True)
-    def ph_greedy(LVA, LV32, lv0, sh64, sh32, shf, meta, tid):
+    def ph_greedy(LVA, LVL, lv0, sh64, sh32, shf, meta, tid):
         """Per pack: seed, then P - 1 picks. The first pick after a seed (and any pick after which more
         than CAP channels changed) evaluates every candidate fully (ph_costs); the others update the
         kept costs by the changed channels only (ph_delta). Both give the exact costs."""
         T = meta[iT]
         P = meta[iP]
-        CAP = meta[iCAP_CH]
         n_units = meta[iNU]
+        CAPU = meta[iCAP_CH] // n_units
         UT = n_units * T
         rm0 = meta[oRM] >> 2
         or0 = meta[oOR] >> 2
-        mi0 = meta[oMI] >> 3
+        cn0 = meta[oCN] >> 3
         for i in range(tid, UT, NT):
             sh32[rm0 + i] = np.int32(i % T)
         per, rank, c_first, c_rounds = cost_classes(meta, tid)
@@ -1010,21 +1043,24 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
             for pos in range(start, start + P):
                 rb = rm0 + par * UT
                 rn = rm0 + (1 - par) * UT
-                cnt = mi0 + 6 + par           # this step's pick lists into it; the next step reads it
+                cnt = cn0 + par * n_units     # this step's pick lists into these; the next step reads them
+                prev = cn0 + (1 - par) * n_units
                 full = True
                 if pos == start:
                     ph_mean(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid)
                     cuda.syncthreads()
                     ph_scores(LVA, lv0, sh64, sh32, shf, meta, rb, n_rem, tid)
                 else:
-                    n_ch = sh64[mi0 + 7 - par]
-                    full = pos == start + 1 or n_ch > CAP
+                    full = pos == start + 1 or (meta[iMODE] & 16) != 0
+                    for u in range(n_units):
+                        if sh64[prev + u] > CAPU:
+                            full = True
                     if full:
                         ph_costs(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid, per, rank, c_first, c_rounds)
                     else:
-                        ph_delta(LV32, lv0, sh64, sh32, meta, rb, n_rem, n_ch, tid)
-                if tid == 0:
-                    sh64[cnt] = 0
+                        ph_delta(LVL, lv0, sh64, sh32, meta, rb, n_rem, prev, tid)
+                for u in range(tid, n_units, NT):
+                    sh64[cnt + u] = 0
                 cuda.syncthreads()
                 ph_pick(LVA, lv0, sh64, sh32, shf, meta, rb, rn, n_rem, pos, pos == start, full,
                         start < pos < start + P - 1, cnt, tid, u_tid)
@@ -1436,7 +1472,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
     # ------------------------------------------------------------------------------------------
     # the kernel: a persistent loop over tiles (blocks, in order)
     # ------------------------------------------------------------------------------------------
-    def encode_kernel(K64, V64, arena32, meta, work, offsets, g64, g32, rel_k, rel_v):
+    def encode_kernel(K64, V64, arena32, meta, work, offsets, g64, g32, glv, rel_k, rel_v):
         sh64 = cuda.shared.array(0, nb_int64)
         sh32 = cuda.shared.array(0, nb_int32)
         shf = cuda.shared.array(0, nb_float64)
@@ -1446,10 +1482,12 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
         if LV_SH:
             LVA = sh64
             LV32 = sh32
+            LVL = cuda.shared.array(0, nb_lane)     # the level matrix as single levels (8 or 16 bits)
             lv0 = meta[oLV] >> 3
         else:
             LVA = g64
             LV32 = g32
+            LVL = glv
             lv0 = slot + (meta[oLV] >> 3)
         if PK_SH:
             PK = sh32
@@ -1462,7 +1500,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
         mi0 = meta[oMI] >> 3
         repack = meta[iREPACK]
         greedy = repack == 2 and meta[iT] > meta[iP]
-        mode = meta[iMODE]     # 0; for timing phases only: 1 no write, 2 no look-back, 4 no stats, 8 no repack
+        mode = meta[iMODE]     # 0; for timing phases only: 1 no write, 2 no look-back, 4 no stats, 8 no repack,
+        #                        16 greedy with full cost evaluations only (same bytes, the pre-incremental work)
         while True:
             if tid == 0:
                 sh64[mi0 + 0] = cuda.atomic.add(work, W_TILE, 1)
@@ -1476,7 +1515,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
             bad = sh64[mi0 + 1]
             if bad == 0 and (mode & 8) == 0:
                 if greedy:
-                    ph_greedy(LVA, LV32, lv0, sh64, sh32, shf, meta, tid)
+                    ph_greedy(LVA, LVL, lv0, sh64, sh32, shf, meta, tid)
                 else:
                     ph_order_simple(sh64, sh32, meta, tid)
                 cuda.syncthreads()
@@ -1488,7 +1527,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
             if tid < 32 and (mode & 6) == 0:
                 ph_lookback(b, bad, sh64, meta, work, offsets, tid)
             cuda.syncthreads()
-            if sh64[mi0 + 4] == 0 and mode == 0:
+            if sh64[mi0 + 4] == 0 and (mode & 15) == 0:
                 ph_write_head(arena32, sh64, sh32, meta, tid)
                 ph_write_sections(arena32, LVA, lv0, PK, pi0, po0, sh64, sh32, meta, tid)
             cuda.syncthreads()
@@ -1579,28 +1618,33 @@ class _Plan:
         S = -(-WU // (GS * 4))           # segments of at most 4 words per lane
         SEGW = -(-WU // S)
         UT = n_units * T
-        CAP = 2 * W                      # changed channels an incremental pick step takes; more: full
-        regions = {  # name -> bytes
-            "lv": T * W * 8, "pinfo": NP * 4, "poff": NP * 4,
-            "lo": W * 8, "hi": W * 8, "mw": W * 8, "nrm": UT * 8, "key": UT * 8, "score": UT * 8,
-            "stepk": UT * 4, "stepv": UT * 4, "offk": UT * 4, "offv": UT * 4, "order": UT * 4,
-            "rem": 2 * UT * 4, "costp": S * UT * 4, "pickw": NW * n_units * 4, "cost": UT * 4,
-            "chc": CAP * 8, "chb": CAP * 8,
-            "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
-            "scan": (NW + 1) * 8,
-        }
         al = lambda n: -(-n // 16) * 16
-        small = sum(al(n) for name, n in regions.items() if name not in ("lv", "pinfo", "poff"))
-        lv, pk = al(regions["lv"]), al(regions["pinfo"]) + al(regions["poff"])
-        if not force_global and small + lv + pk <= smem_limit:
-            self.lv_shared, self.pack_shared = True, True
-        elif small + pk <= smem_limit:
-            self.lv_shared, self.pack_shared = False, True
-        elif small <= smem_limit:
-            self.lv_shared, self.pack_shared = False, False
-        else:
+
+        def layout(cap):   # regions (name -> bytes) and placement: 0 all shared, 1 LV global, 2 LV and PACK*
+            regions = {
+                "lv": T * W * 8, "pinfo": NP * 4, "poff": NP * 4,
+                "lo": W * 8, "hi": W * 8, "mw": W * 8, "nrm": UT * 8, "key": UT * 8, "score": UT * 8,
+                "stepk": UT * 4, "stepv": UT * 4, "offk": UT * 4, "offv": UT * 4, "order": UT * 4,
+                "rem": 2 * UT * 4, "costp": S * UT * 4, "pickw": NW * n_units * 4, "cost": UT * 4,
+                "chc": cap * 8, "chb": cap * 8, "chn": 2 * n_units * 8,
+                "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
+                "scan": (NW + 1) * 8,
+            }
+            small = sum(al(n) for name, n in regions.items() if name not in ("lv", "pinfo", "poff"))
+            lv, pk = al(regions["lv"]), al(regions["pinfo"]) + al(regions["poff"])
+            if not force_global and small + lv + pk <= smem_limit:
+                return regions, 0
+            return regions, 1 if small + pk <= smem_limit else 2 if small <= smem_limit else 3
+
+        # CAP: the most changed channels an incremental pick takes (more: a full evaluation). 4W lets
+        # the second pick of a pack (~1/3 of the channels changed) go incremental; a smaller list where
+        # the larger one would push the level matrix out of shared memory.
+        CAP, regions, where = min(((cap,) + layout(cap) for cap in (4 * W, 2 * W, W, max(n_units, W // 2))),
+                                  key=lambda x: (x[2], -x[0]))
+        if where == 3:
             raise ValueError(f"the GPU encoder cannot hold a block of {T} tokens x {H} KV heads x head_dim "
                              f"{D} ({params.granularity}) in {smem_limit} bytes of shared memory")
+        self.lv_shared, self.pack_shared = where == 0, where <= 1
         offsets, shared_at, global_at = {}, 0, 0
         for name, n in regions.items():
             in_global = (name == "lv" and not self.lv_shared) or (name in ("pinfo", "poff") and not self.pack_shared)
@@ -1728,12 +1772,12 @@ class BlockEncoder:
         cap = da.shape[0] // 4 * 4
         arena32 = da[:cap].view(np.uint32)
         grid = min(n, self.max_ctas)
-        g64, g32 = self._scratch_views(grid, stream)
+        scratch = self._scratch_views(grid, stream)
         work_host = np.zeros(W_STATUS + n, dtype=np.int64)
         work_host[W_NAN] = NO_NAN
         work = cuda.to_device(work_host, stream=stream)
         meta = cuda.to_device(p.meta(n, used, cap, _phase_mode), stream=stream)
-        args = (k64, v64, arena32, meta, work, offsets, g64, g32, np.float32(params.rel_k), np.float32(params.rel_v))
+        args = (k64, v64, arena32, meta, work, offsets, *scratch, np.float32(params.rel_k), np.float32(params.rel_v))
         try:
             self._launch(grid, stream, args)
         except Exception as exc:   # the >48 KiB shared-memory opt-in refused: level matrix to global scratch
@@ -1746,8 +1790,8 @@ class BlockEncoder:
             self.plan = p = _Plan(params, self.H, self.D, self.NT, 48 * 1024, force_global=True)
             self.kernel = get_kernel(p.E, self.NT, p.lv_shared, p.pack_shared, self.qch)
             meta = cuda.to_device(p.meta(n, used, cap), stream=stream)
-            g64, g32 = self._scratch_views(grid, stream)
-            self._launch(grid, stream, (k64, v64, arena32, meta, work, offsets, g64, g32) + args[8:])
+            scratch = self._scratch_views(grid, stream)
+            self._launch(grid, stream, (k64, v64, arena32, meta, work, offsets, *scratch) + args[9:])
         flags = work[:4].copy_to_host(stream=stream)
         if not SIMULATOR:
             stream.synchronize()
@@ -1773,7 +1817,8 @@ class BlockEncoder:
         nbytes = max(16, grid * self.plan.scratch_bytes)
         if self._scratch is None or self._scratch.shape[0] < nbytes // 8:
             self._scratch = cuda.device_array(nbytes // 8, dtype=np.int64, stream=stream)
-        return self._scratch, self._scratch.view(np.int32)
+        lanes = np.uint8 if self.plan.E == 8 else np.uint16
+        return self._scratch, self._scratch.view(np.int32), self._scratch.view(lanes)
 
     def _allow_shared(self, config, nbytes: int) -> None:
         """Opt the kernel in to more than 48 KiB of dynamic shared memory (once per launch config)."""

@@ -153,6 +153,11 @@ def _greedy_cases():
                               seed=20 + i, repeat=repeat, threads=threads))
     cases.append(dict(id="e16", params=_params(rel_k=2.0 ** -12, rel_v=0.05, pack=8, block=32), H=1, D=8,
                       kinds=mixed_kinds(2, 12), seed=30, threads=32))
+    # long change lists: several 128-channel chunks per unit, more chunks than warps (one warp)
+    cases.append(dict(id="chunks_1warp", params=_params(pack=8, block=32), H=4, D=64,
+                      kinds=[("gaussian", "gaussian")], seed=32, threads=32))
+    cases.append(dict(id="chunks_units", params=_params(granularity="token-head", pack=8, block=32), H=2,
+                      D=256, kinds=[("gaussian", "outlier_channels")], seed=33, threads=64))
     cases.append(dict(id="small_ints", params=_params(rel_k=0.3, rel_v=1.0, pack=8, block=64), H=2, D=12,
                       kinds=[("subnormals", "fp16_extremes"), ("constant_tokens", "subnormals")], seed=31))
     return cases
@@ -210,7 +215,7 @@ def test_simulated_lane_widths_placements_and_odd_shapes(simulated, request):
 def test_simulated_greedy_picks_and_ties(simulated, request):
     """The greedy order (incremental and full cost evaluations, ties) equals codec's, byte for byte."""
     results = simulated(request.node.name)
-    assert len(results) == 10
+    assert len(results) == 12
     for r in results.values():
         assert r.get("identical"), r
 
