@@ -14,6 +14,10 @@ Every number comes from a `python -m packkv.eval` run whose command is recorded 
                          perplexity increase and KL (bench/results/sweep.json, sweep.png), and packkv's
                          ratio against quant's at equal perplexity increase (at 4-bit quant's, at 1%)
                          and at equal KL (at 4-bit quant's, at 0.02);
+  tune-scales, kl-scales the channel-scales ablation: the +1% profile's bounds (rel_k 0.07, rel_v 0.16,
+                         token-head) with channel scales calibrated on brown.txt (a one-point tune with
+                         no budget to meet: it calibrates the scales, scores the point, saves the profile),
+                         then kl on kjv.txt, beside the same bounds without scales (the kl step);
 then bench/results/accuracy.json: the numbers against the targets, with the commands, and a Markdown
 table for the README on stdout. Intermediate JSON and the profiles go to --work; --reuse keeps what is
 there. Without --profile-out, `eval tune` saves the profile next to the weights, where eval and generate
@@ -41,6 +45,10 @@ WINDOWS = ["--ctx", "2048", "--windows", "3", "--prefill", "512"]               
 CALIBRATION_WINDOWS = ["--ctx", "2048", "--windows", "2", "--prefill", "512"]   # 3072 scored tokens
 TUNE_GRID = ["--rel-k", "0.02,0.03,0.04,0.05,0.07,0.1", "--rel-v", "0.05,0.08,0.12,0.16,0.2,0.3"]
 PASSKEY = ["--lengths", "1024,2048,4096,8192", "--depths", "0.1,0.5,0.9"]
+# The channel-scales ablation: the bounds that `tune` chose at +1% / KL 0.02 without scales (accuracy.json
+# of 4c49daf), with scales; --budget-ppl 1000: one point, calibrated and saved whatever it scores.
+SCALES_POINT = ["--rel-k", "0.07", "--rel-v", "0.16", "--granularities", "token-head", "--budget-ppl", "1000",
+                "--channel-scales", "on"]
 SWEEP_PAIRS = {   # (rel_k, rel_v) per granularity: along rel_v = 2 rel_k (the codec's default shape) and 4 rel_k
     "token-layer": "0.01:0.02,0.02:0.04,0.03:0.06,0.05:0.1,0.1:0.2,0.02:0.08,0.04:0.16",
     "token-head": "0.02:0.04,0.03:0.06,0.05:0.1,0.02:0.08,0.03:0.12,0.05:0.2",
@@ -55,6 +63,11 @@ def steps(work: Path, device: str) -> dict[str, list[list[str]]]:
             "sweep": [["sweep", "--text", EVALUATION, *WINDOWS, *common, "--granularities", g, "--pairs", pairs,
                        "--bits", "2,4" if i == 0 else "", "--groups", "32,64", "--json", str(work / f"sweep-{g}.json")]
                       for i, (g, pairs) in enumerate(SWEEP_PAIRS.items())]}   # the quant points in the first only
+    scaled = str(work / "profile-scales.json")
+    plan["tune-scales"] = [["tune", "--text", CALIBRATION, *CALIBRATION_WINDOWS, *common, *SCALES_POINT,
+                            "--profile-out", scaled, "--json", str(work / "tune-scales.json")]]
+    plan["kl-scales"] = [["kl", "--text", EVALUATION, *WINDOWS, *common, "--cache", "packkv", "--kv-profile", scaled,
+                          "--json", str(work / "kl-scales.json")]]
     for suffix, (budget_ppl, budget_kl) in PROFILES.items():
         profile = str(work / f"profile{suffix}.json")
         packkv = ["--cache", "packkv", "--kv-profile", profile]
@@ -123,7 +136,20 @@ def summarize(r: dict) -> dict:
                                                          **measured(r, suffix)}
                          for suffix, (b_ppl, b_kl) in PROFILES.items()},
             "passkey_dense": r["passkey-dense"][0]["by_length"],
-            "comparison": sweep["comparison"], "comparison_kl": sweep["comparison_kl"], "sweep_targets": over_quant}
+            "comparison": sweep["comparison"], "comparison_kl": sweep["comparison_kl"], "sweep_targets": over_quant,
+            "channel_scales_ablation": ablation(r)}
+
+
+def ablation(r: dict) -> dict:
+    """The same bounds with and without channel scales, on the calibration and the evaluation text."""
+    keys = ("ppl_increase_pct", "kl", "top1_agreement", "block_compression_ratio", "compression_ratio")
+    with_scales, without = r["kl-scales"][0], r["kl"][0]
+    return {"bounds": {k: with_scales[k] for k in ("rel_k", "rel_v", "granularity")},
+            "without_scales": {"evaluation": {k: without[k] for k in keys},
+                               "calibration": r["tune"][0]["profile"]["calibration"],
+                               "same_bounds": all(without[k] == with_scales[k] for k in ("rel_k", "rel_v", "granularity"))},
+            "with_scales": {"evaluation": {k: with_scales[k] for k in keys},
+                            "calibration": r["tune-scales"][0]["profile"]["calibration"]}}
 
 
 def markdown(summary: dict, commands: dict) -> str:
@@ -168,6 +194,14 @@ def markdown(summary: dict, commands: dict) -> str:
             prefix = "" if key == "comparison" else "kl_"
             rows.append(f"| {label} | {at} | {x(c['packkv_ratio'])}x | {x(c['quant_ratio'])}x | "
                         f"{x(c['packkv_over_quant'])} {ok(s['sweep_targets'][f'packkv_over_quant_at_{prefix}{name}'])} |")
+    a = s["channel_scales_ablation"]
+    rows += ["", "| channel scales, rel ({rel_k}, {rel_v}) {granularity} | brown.txt (calibration): perplexity, KL, blocks "
+             "| kjv.txt: perplexity, KL (top-1), blocks |".format(**a["bounds"]), "|---|---|---|"]
+    for name in ("without_scales", "with_scales"):
+        c, e = a[name]["calibration"], a[name]["evaluation"]
+        rows.append(f"| {name.replace('_', ' ')} | {c['ppl_increase_pct']:+.2f}%, {c['kl']:.4f}, "
+                    f"{c['block_compression_ratio']:.2f}x | {e['ppl_increase_pct']:+.2f}%, {e['kl']:.4f} "
+                    f"({100 * e['top1_agreement']:.1f}%), {e['block_compression_ratio']:.2f}x |")
     rows += ["", "Commands:", "```"] + [line for lines in commands.values() for line in lines] + ["```"]
     return "\n".join(rows)
 
@@ -177,7 +211,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"])
     ap.add_argument("--work", default="/tmp/packkv-accuracy", help="intermediate JSON and the tuned profile")
     ap.add_argument("--reuse", action="store_true", help="keep the results of steps already in --work")
-    ap.add_argument("--steps", default="tune,kl,passkey,passkey-dense,sweep,tune-margin,kl-margin,passkey-margin",
+    ap.add_argument("--steps", default="tune,kl,passkey,passkey-dense,sweep,tune-margin,kl-margin,passkey-margin,"
+                                        "tune-scales,kl-scales",
                     help="steps to run ('' to only summarize)")
     args = ap.parse_args()
     work = Path(args.work)

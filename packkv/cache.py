@@ -514,7 +514,8 @@ class ChannelScales:
         expected = (shape.layers, shape.kv_heads, shape.head_dim)
         if self.k.shape != expected:
             raise PackkvError(f"the channel scales are for [layers, kv_heads, head_dim] = {self.k.shape}, the "
-                              f"cache is {expected} (a profile of another model?)")
+                              f"cache is {expected} (a profile of another model? --kv-scales none or --kv-profile none ignores "
+                              f"its scales)")
         placed, xp = copy.copy(self), backend.xp
 
         def per_layer(s):  # [layers, 1, kv_heads, 1, D]

@@ -793,8 +793,9 @@ def parser() -> argparse.ArgumentParser:
     add_grid(p, "0.015,0.02,0.03,0.04,0.05,0.07,0.1", "0.05,0.08,0.12,0.16,0.2,0.3,0.4", "token-layer,token-head")
     p.add_argument("--budget-ppl", type=float, required=True, help="largest perplexity increase allowed, percent")
     p.add_argument("--budget-kl", type=float, help="also the largest mean KL to the dense cache allowed, nats")
-    p.add_argument("--channel-scales", choices=["on", "off"], default="on",
-                   help="calibrate per-channel K and V scales on the calibration text first (saved in the profile)")
+    p.add_argument("--channel-scales", choices=["on", "off"], default="off",
+                   help="calibrate per-channel K and V scales on the calibration text first and tune with them "
+                        "(saved in the profile; off by default: on SmolLM2 they trade KL for ratio, no clear win)")
     p.add_argument("--profile-out", help="save the profile here (default: next to the weights, else the cache "
                                          "folder, where generate and eval find it)")
     return ap

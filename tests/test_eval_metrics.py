@@ -233,15 +233,13 @@ def test_tune_respects_its_budget_and_its_profile_becomes_the_default(tiny, caps
     best = max(passing, key=lambda t: t["block_compression_ratio"])
     assert (best["rel_k"], best["rel_v"]) == (chosen["rel_k"], chosen["rel_v"])
     assert profile["calibration"]["ppl_increase_pct"] <= budget
-    k_scales = np.array(profile["channel_scales"]["k"])         # calibrated on the same text, by default
-    assert k_scales.shape == (CONFIG["num_hidden_layers"], CONFIG["num_key_value_heads"], 16)
-    assert all(t["channel_scales"] for t in tried)
+    assert "channel_scales" not in profile and not any(t["channel_scales"] for t in tried)   # off by default
     try:
         # eval picks the profile up by default and says so; re-measured on the calibration text: within budget
         result = eval_json(capsys, tmp_path, "kl", *window_args(folder, text), "--cache", "packkv",
                            "--kv-window", "16")
         assert (result["rel_k"], result["rel_v"], result["block"]) == (chosen["rel_k"], chosen["rel_v"], 16)
-        assert result["channel_scales"]
+        assert not result["channel_scales"]
         assert result["ppl_increase_pct"] <= budget
         assert result["ppl_increase_pct"] == pytest.approx(profile["calibration"]["ppl_increase_pct"])
         # an explicit flag overrides it; --kv-profile none ignores it
@@ -261,8 +259,9 @@ def test_tune_respects_its_budget_and_its_profile_becomes_the_default(tiny, caps
 
 
 def test_tune_without_channel_scales_and_sweep_with_them(tiny, capsys, tmp_path):
-    """--channel-scales off: no scales in the profile; sweep --scales-from runs every packkv point twice,
-    with and without the profile's scales, and the scales change what the cache reads."""
+    """--channel-scales off: no scales in the profile; on: scales calibrated on the same text, used by
+    every point tried and saved; sweep --scales-from runs every packkv point twice, with and without the
+    profile's scales, and the scales change what the cache reads."""
     folder, text = tiny
     grid = ["--rel-k", "0.1", "--rel-v", "0.2", "--granularities", "token-head", "--budget-ppl", "100"]
     plain = tmp_path / "plain.json"
@@ -270,7 +269,14 @@ def test_tune_without_channel_scales_and_sweep_with_them(tiny, capsys, tmp_path)
                        "--profile-out", plain)
     assert "channel_scales" not in json.loads(plain.read_text()) and not result["tried"][0]["channel_scales"]
     scaled = tmp_path / "scaled.json"
-    eval_json(capsys, tmp_path, "tune", *window_args(folder, text), *FAST, *grid, "--profile-out", scaled)
+    result = eval_json(capsys, tmp_path, "tune", *window_args(folder, text), *FAST, *grid, "--channel-scales", "on",
+                       "--profile-out", scaled)
+    k_scales = np.array(json.loads(scaled.read_text())["channel_scales"]["k"])
+    assert k_scales.shape == (CONFIG["num_hidden_layers"], CONFIG["num_key_value_heads"], 16)
+    assert result["tried"][0]["channel_scales"]
+    result = eval_json(capsys, tmp_path, "kl", *window_args(folder, text), *FAST, "--cache", "packkv",
+                       "--kv-profile", scaled)
+    assert result["channel_scales"]
     sweep = eval_json(capsys, tmp_path, "sweep", *window_args(folder, text), *FAST, "--pairs", "0.1:0.2",
                       "--granularities", "token-head", "--bits", "", "--scales-from", scaled)
     points = sweep["points"]
