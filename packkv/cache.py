@@ -270,8 +270,9 @@ class BlockCache(KVCache, ABC):
         self.decoded_k, self.decoded_v = xp.zeros(decoded, backend.dtype), xp.zeros(decoded, backend.dtype)
 
     @abstractmethod
-    def encode(self, k_blocks: np.ndarray, v_blocks: np.ndarray):
-        """[n, kv_heads, block, head_dim] fp16 host arrays -> (uint8 records, int64 offsets [n + 1])."""
+    def encode(self, k_blocks: np.ndarray, v_blocks: np.ndarray, params=None):
+        """[n, kv_heads, block, head_dim] fp16 host arrays -> (uint8 records, int64 offsets [n + 1]), with
+        `params` (encoding_groups' choice) or, when None, the kind's own."""
 
     @abstractmethod
     def decode(self, buffer, offsets):
@@ -351,17 +352,28 @@ class BlockCache(KVCache, ABC):
             owners += [(layer, b, self.n_blocks[b] + j) for layer in range(s.layers) for j in range(due[b])]
         k_all, v_all = xp.concatenate(k_blocks), xp.concatenate(v_blocks)
         self.refuse_nonfinite(k_all, v_all, owners)
-        offsets = self.write_records(k_all, v_all)
-        layer_index, row_index, block_index = (np.array(column) for column in zip(*owners))
-        self.block_offsets[layer_index, row_index, block_index] = xp.asarray(offsets[:-1])
-        if self.keep_decoded:
-            self.store_decoded(offsets, owners)
+        for group, params in self.encoding_groups(owners):   # one encoder call per group of parameters
+            group_owners = [owners[i] for i in group]
+            if len(group) == len(owners):
+                offsets = self.write_records(k_all, v_all, params)
+            else:
+                index = xp.asarray(np.array(group))
+                offsets = self.write_records(k_all[index], v_all[index], params)
+            layer_index, row_index, block_index = (np.array(column) for column in zip(*group_owners))
+            self.block_offsets[layer_index, row_index, block_index] = xp.asarray(offsets[:-1])
+            if self.keep_decoded:
+                self.store_decoded(offsets, group_owners)
         for b in np.flatnonzero(due):
             tokens = due[b] * block
             keep = window_len[b] - tokens
             for x in (self.window_k, self.window_v):
                 x[:, b, :, :keep] = x[:, b, :, tokens:tokens + keep].copy()
             self.n_blocks[b] += due[b]
+
+    def encoding_groups(self, owners) -> list:
+        """[(indices into owners, encoder parameters)]: blocks encoded together. Here one group, the kind's
+        parameters (None); a kind may encode some blocks with other parameters."""
+        return [(list(range(len(owners))), None)]
 
     def refuse_nonfinite(self, k_blocks, v_blocks, owners) -> None:
         """NaN or inf cannot be quantized: name the layer, sequence and token position instead."""
@@ -374,10 +386,11 @@ class BlockCache(KVCache, ABC):
                 raise PackkvError(f"cannot compress the KV cache: {name} of layer {layer}, sequence {b}, KV head "
                                   f"{head}, token position {j * self.block + t} is not finite (NaN or inf)")
 
-    def write_records(self, k_blocks, v_blocks) -> np.ndarray:
-        """Encode blocks [n, kv_heads, block, D] into the arena; the records' offsets [n + 1] (host int64,
-        records back to back). Here: encode on the host, copy in; a kind may encode on the device."""
-        buffer, offsets = self.encode(self.backend.to_numpy(k_blocks), self.backend.to_numpy(v_blocks))
+    def write_records(self, k_blocks, v_blocks, params=None) -> np.ndarray:
+        """Encode blocks [n, kv_heads, block, D] into the arena (with `params`, else the kind's own); the
+        records' offsets [n + 1] (host int64, records back to back). Here: encode on the host, copy in; a
+        kind may encode on the device."""
+        buffer, offsets = self.encode(self.backend.to_numpy(k_blocks), self.backend.to_numpy(v_blocks), params)
         return self.arena.append(buffer) + offsets
 
     def store_decoded(self, offsets, owners) -> None:
@@ -417,8 +430,13 @@ class PackkvCache(BlockCache):
     kind = "packkv"
 
     def __init__(self, shape: CacheShape, backend: Backend, params: codec.CodecParams = codec.CodecParams(),
-                 window: int = 128, max_new_tokens: int = 512, scales: "ChannelScales | None" = None):
+                 window: int = 128, max_new_tokens: int = 512, scales: "ChannelScales | None" = None,
+                 sink: tuple[float, float] | None = None):
         self.params = params
+        # (rel_k, rel_v) of every sequence's first block, whose first tokens draw much of the attention
+        # (attention sinks): tighter there costs one block's bytes and cuts the error attention reads most.
+        # The decoder does not need a record's bounds, so the format is the same.
+        self.sink_params = None if sink is None else replace(params, rel_k=sink[0], rel_v=sink[1])
         super().__init__(shape, backend, params.block, window, max_new_tokens, keep_decoded=not backend.is_gpu)
         self.scales = None if scales is None else scales.on(backend, shape)
 
@@ -455,15 +473,24 @@ class PackkvCache(BlockCache):
         # [n, Hkv, block, D] -> [Hkv, n * block, D]
         return tuple(x.transpose(1, 0, 2, 3).reshape(self.shape.kv_heads, -1, self.shape.head_dim) for x in (k, v))
 
-    def write_records(self, k_blocks, v_blocks) -> np.ndarray:
+    def encoding_groups(self, owners) -> list:
+        """The first blocks of sequences with the sink bounds, the others with the cache's."""
+        if self.sink_params is None:
+            return super().encoding_groups(owners)
+        first = [i for i, (_, _, j) in enumerate(owners) if j == 0]
+        rest = [i for i, (_, _, j) in enumerate(owners) if j != 0]
+        return [(g, p) for g, p in ((first, self.sink_params), (rest, self.params)) if g]
+
+    def write_records(self, k_blocks, v_blocks, params=None) -> np.ndarray:
         """On the GPU the Numba encoder (kernels/encoder.py, bit-identical to codec.py) writes the records
         straight into the arena in one launch; the arena doubles and the launch repeats if they do not fit."""
+        params = params or self.params
         if not self.backend.is_gpu:
-            return super().write_records(k_blocks, v_blocks)
+            return super().write_records(k_blocks, v_blocks, params)
         from packkv.kernels.encoder import ArenaFullError, encode_blocks_device
         while True:
             try:
-                offsets, used = encode_blocks_device(k_blocks, v_blocks, self.params, self.arena.writable,
+                offsets, used = encode_blocks_device(k_blocks, v_blocks, params, self.arena.writable,
                                                      self.arena.used)
                 break
             except ArenaFullError as full:
@@ -471,15 +498,16 @@ class PackkvCache(BlockCache):
         self.arena.used = used
         return offsets.get()
 
-    def encode(self, k_blocks, v_blocks):
-        buffer, offsets, _ = codec.encode_blocks(k_blocks, v_blocks, self.params)
+    def encode(self, k_blocks, v_blocks, params=None):
+        buffer, offsets, _ = codec.encode_blocks(k_blocks, v_blocks, params or self.params)
         return buffer, offsets
 
     def decode(self, buffer, offsets):
         return codec.decode_blocks(buffer, offsets, self.params, self.shape.kv_heads, self.shape.head_dim)
 
     def kind_params(self) -> dict:
-        return {**vars(self.params), "channel_scales": self.scales is not None}
+        sink = None if self.sink_params is None else [self.sink_params.rel_k, self.sink_params.rel_v]
+        return {**vars(self.params), "channel_scales": self.scales is not None, "sink": sink}
 
     def bytes_used(self) -> int:
         """The blocks, the window, and the channel scales (once per cache)."""

@@ -38,7 +38,7 @@ from packkv.cache import CacheShape, ChannelScales, DenseCache
 from packkv.errors import PackkvError
 from packkv.generate import PREFILL_CHUNK, Engine, SamplingParams, generate
 from packkv.options import (DEFAULT_WINDOW, add_cache_arguments, cache_params, profile_scales, read_profile,
-                            save_profile, weights_folder)
+                            save_profile, sink_bounds, weights_folder)
 from packkv.quant import QUANT_BITS, QUANT_GROUPS, QuantParams
 
 KIVI_SETTINGS = [(2, 32), (2, 64), (4, 32), (4, 64)]   # (bits, group): KIVI's common configurations
@@ -108,13 +108,15 @@ class CacheSpec:
         p = self.params.get("params")
         return {"cache": self.kind, **(vars(p) if p is not None else {}),
                 **({"window": self.params["window"]} if "window" in self.params else {}),
-                **({"channel_scales": self.params.get("scales") is not None} if self.kind == "packkv" else {})}
+                **({"channel_scales": self.params.get("scales") is not None,
+                    "sink": self.params.get("sink")} if self.kind == "packkv" else {})}
 
     def label(self) -> str:
         d = self.describe()
         if self.kind == "packkv":
             return (f"packkv k{d['rel_k']:g} v{d['rel_v']:g} {d['granularity']} {d['repack']}"
-                    + (" scaled" if d["channel_scales"] else ""))
+                    + (" scaled" if d["channel_scales"] else "")
+                    + (" sink {:g},{:g}".format(*d["sink"]) if d["sink"] else ""))
         if self.kind == "quant":
             return f"quant {d['bits']}-bit g{d['group']}"
         return self.kind
@@ -598,9 +600,11 @@ def sweep_specs(args) -> list[CacheSpec]:
             for repack in parse_list(args.repacks, str, "--repacks"):
                 for rel_k, rel_v in rel_pairs(args):
                     params = codec.CodecParams(rel_k, rel_v, granularity, repack, **base)
+                    sink = sink_bounds(args.kv_sink, None)
                     for scales in sweep_scales(args):
                         specs.append(CacheSpec("packkv", {"params": params, "window": window,
-                                                          **({"scales": scales} if scales else {})}))
+                                                          **({"scales": scales} if scales else {}),
+                                                          **({"sink": sink} if sink else {})}))
         for bits in parse_list(args.bits, int, "--bits", allow_empty=True):
             for group in parse_list(args.groups, int, "--groups"):
                 specs.append(CacheSpec("quant", {"params": QuantParams(bits, group), "window": window}))
@@ -666,7 +670,8 @@ def tune_command(args) -> dict:
     engine = load(args)
     windows = text_windows(engine, args)
     scales = calibrate_scales(engine, windows) if args.channel_scales == "on" else None
-    extra = {} if scales is None else {"scales": scales}
+    sink = sink_bounds(args.kv_sink, None)      # --kv-sink: the first blocks' bounds, tuned around, saved
+    extra = {**({} if scales is None else {"scales": scales}), **({"sink": sink} if sink else {})}
     dense, reference = score(engine, windows, DENSE, keep=True)
     tried = []
     bar = progress(desc="tune", unit="cache")
@@ -698,7 +703,8 @@ def tune_command(args) -> dict:
                                    "ppl", "ppl_increase_pct", "kl", "top1_agreement", "compression_ratio",
                                    "block_compression_ratio")}},
                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-               **({} if scales is None else {"channel_scales": scales_json(scales)})}
+               **({} if scales is None else {"channel_scales": scales_json(scales)}),
+               **({"sink": list(sink)} if sink else {})}
     path = save_profile(args.weights, profile, args.profile_out)
     print(f"tuned {CacheSpec('packkv', {'params': codec.CodecParams(**params), **extra}).label()}: "
           f"{best['block_compression_ratio']:.2f}x in the blocks, perplexity {best['ppl_increase_pct']:+.3f}% "

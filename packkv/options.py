@@ -34,6 +34,8 @@ def add_cache_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-pack", type=int, choices=codec.PACK_SIZES, help=f"tokens per pack (default {d.pack})")
     g.add_argument("--kv-block", type=int, help=f"tokens per compressed block (default {d.block})")
     g.add_argument("--kv-window", type=int, help=f"recent tokens kept in fp16 (default {DEFAULT_WINDOW})")
+    g.add_argument("--kv-sink", help="packkv: rel_k,rel_v of each sequence's first block (attention sinks), "
+                                     "e.g. 0.02,0.05; 'none' for the cache's bounds (default: the profile's, else none)")
     g.add_argument("--kv-scales", choices=["profile", "none"], default="profile",
                    help="packkv's channel scales: the tuned profile's, if it has them (default), or none")
     g.add_argument("--kv-profile", help="a tuned profile (JSON) for packkv's defaults, or 'none' (default: the "
@@ -67,7 +69,27 @@ def cache_params(args) -> dict:
     if taken or scales:
         shown = " ".join([f"{k}={v}" for k, v in taken.items()] + (["channel scales"] if scales else []))
         print(f"packkv: using the tuned profile {profile[0]} ({shown}); --kv-* flags override it", file=sys.stderr)
-    return {"params": params, "window": window, **({"scales": scales} if scales else {})}
+    sink = sink_bounds(getattr(args, "kv_sink", None), profile[1].get("sink") if profile else None)
+    return {"params": params, "window": window, **({"scales": scales} if scales else {}),
+            **({"sink": sink} if sink else {})}
+
+
+def sink_bounds(flag: str | None, from_profile) -> tuple[float, float] | None:
+    """(rel_k, rel_v) of the first block: --kv-sink 'rk,rv' or 'none', else the profile's [rk, rv]."""
+    if flag is None:
+        chosen = from_profile
+    elif flag == "none":
+        return None
+    else:
+        try:
+            chosen = [float(x) for x in flag.split(",")]
+        except ValueError:
+            raise PackkvError(f"--kv-sink: cannot read {flag!r} as rel_k,rel_v") from None
+    if chosen is None:
+        return None
+    if len(chosen) != 2 or not all(codec.MIN_REL <= r <= 1 for r in chosen):
+        raise PackkvError(f"--kv-sink: two bounds in [2**-12, 1] (rel_k,rel_v), not {chosen}")
+    return float(chosen[0]), float(chosen[1])
 
 
 def profile_scales(profile: dict) -> ChannelScales | None:

@@ -199,7 +199,7 @@ class QuantCache(BlockCache):
         self.params = params
         super().__init__(shape, backend, params.group, window, max_new_tokens)
 
-    def encode(self, k_blocks, v_blocks):
+    def encode(self, k_blocks, v_blocks, params=None):   # one parameter set: params is always None here
         return encode_blocks(k_blocks, v_blocks, self.params)
 
     def decode(self, buffer, offsets):

@@ -143,3 +143,39 @@ def test_channel_stats_by_hand():
     s = stats.scales()
     np.testing.assert_allclose(np.log(s.k).mean(axis=-1), 0, atol=1e-5)     # unit geometric mean per head
     np.testing.assert_allclose(s.k[0], unit_geometric_mean(q_rms ** -0.5), rtol=1e-5)
+
+
+# ---- the first block's own bounds (attention sinks) -------------------------------------------------
+
+def test_sink_bounds_encode_only_first_blocks_tighter():
+    """With sink bounds, every sequence's first block is encoded with them (smaller error, more bytes),
+    the other blocks exactly as without; the records decode with the same parameters (same format)."""
+    q, k, v = random_kv(4)
+    plain, sink = packkv(), packkv_sink((0.01, 0.02))
+    attend_through(plain, q, k, v)
+    attend_through(sink, q, k, v)
+    block = PARAMS.block
+    assert int(plain.n_blocks[0]) >= 2
+    # first block: tighter (decoded copies are in storage order: compare each channel's sorted values)
+    err = lambda cache, j: float(np.abs(np.sort(cache.decoded_k[0, 0, :, j * block:(j + 1) * block], axis=1)
+                                        - np.sort(k[0, :, j * block:(j + 1) * block], axis=1)).max())
+    assert err(sink, 0) < 0.5 * err(plain, 0)
+    n = int(plain.n_blocks[0])
+    np.testing.assert_array_equal(sink.decoded_k[:, :, :, block:n * block], plain.decoded_k[:, :, :, block:n * block])
+    assert sink.bytes_used() > plain.bytes_used()
+    assert sink.stats()["kv_params"]["sink"] == [0.01, 0.02]
+
+
+def packkv_sink(sink):
+    shape = CacheShape(LAYERS, KV_HEADS, D, 1, T)
+    return PackkvCache(shape, backend(), PARAMS, window=16, max_new_tokens=32, sink=sink)
+
+
+def test_sink_flag_and_profile():
+    from packkv.options import sink_bounds
+    assert sink_bounds("0.02,0.05", None) == (0.02, 0.05)
+    assert sink_bounds(None, [0.03, 0.06]) == (0.03, 0.06)
+    assert sink_bounds("none", [0.03, 0.06]) is None and sink_bounds(None, None) is None
+    for bad in ("0.02", "a,b", "0.02,2"):
+        with pytest.raises(PackkvError, match="--kv-sink"):
+            sink_bounds(bad, None)

@@ -270,13 +270,14 @@ def test_tune_without_channel_scales_and_sweep_with_them(tiny, capsys, tmp_path)
     assert "channel_scales" not in json.loads(plain.read_text()) and not result["tried"][0]["channel_scales"]
     scaled = tmp_path / "scaled.json"
     result = eval_json(capsys, tmp_path, "tune", *window_args(folder, text), *FAST, *grid, "--channel-scales", "on",
-                       "--profile-out", scaled)
+                       "--kv-sink", "0.02,0.05", "--profile-out", scaled)
+    assert json.loads(scaled.read_text())["sink"] == [0.02, 0.05] and result["tried"][0]["sink"] == [0.02, 0.05]
     k_scales = np.array(json.loads(scaled.read_text())["channel_scales"]["k"])
     assert k_scales.shape == (CONFIG["num_hidden_layers"], CONFIG["num_key_value_heads"], 16)
     assert result["tried"][0]["channel_scales"]
     result = eval_json(capsys, tmp_path, "kl", *window_args(folder, text), *FAST, "--cache", "packkv",
                        "--kv-profile", scaled)
-    assert result["channel_scales"]
+    assert result["channel_scales"] and result["sink"] == [0.02, 0.05]      # the profile's sink bounds
     sweep = eval_json(capsys, tmp_path, "sweep", *window_args(folder, text), *FAST, "--pairs", "0.1:0.2",
                       "--granularities", "token-head", "--bits", "", "--scales-from", scaled)
     points = sweep["points"]
