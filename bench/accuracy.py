@@ -18,6 +18,8 @@ Every number comes from a `python -m packkv.eval` run whose command is recorded 
                          token-head) with channel scales calibrated on brown.txt (a one-point tune with
                          no budget to meet: it calibrates the scales, scores the point, saves the profile),
                          then kl on kjv.txt, beside the same bounds without scales (the kl step);
+  kl-sink                the sink ablation: the +1% profile (from the tune step) with every sequence's
+                         first block (its attention-sink tokens) at bounds (0.02, 0.05), on kjv.txt;
 then bench/results/accuracy.json: the numbers against the targets, with the commands, and a Markdown
 table for the README on stdout. Intermediate JSON and the profiles go to --work; --reuse keeps what is
 there. Without --profile-out, `eval tune` saves the profile next to the weights, where eval and generate
@@ -49,6 +51,7 @@ PASSKEY = ["--lengths", "1024,2048,4096,8192", "--depths", "0.1,0.5,0.9"]
 # of 4c49daf), with scales; --budget-ppl 1000: one point, calibrated and saved whatever it scores.
 SCALES_POINT = ["--rel-k", "0.07", "--rel-v", "0.16", "--granularities", "token-head", "--budget-ppl", "1000",
                 "--channel-scales", "on"]
+SINK = "0.02,0.05"   # rel_k,rel_v of each sequence's first block in the sink ablation
 SWEEP_PAIRS = {   # (rel_k, rel_v) per granularity: along rel_v = 2 rel_k (the codec's default shape) and 4 rel_k
     "token-layer": "0.01:0.02,0.02:0.04,0.03:0.06,0.05:0.1,0.1:0.2,0.02:0.08,0.04:0.16",
     "token-head": "0.02:0.04,0.03:0.06,0.05:0.1,0.02:0.08,0.03:0.12,0.05:0.2",
@@ -68,6 +71,8 @@ def steps(work: Path, device: str) -> dict[str, list[list[str]]]:
                             "--profile-out", scaled, "--json", str(work / "tune-scales.json")]]
     plan["kl-scales"] = [["kl", "--text", EVALUATION, *WINDOWS, *common, "--cache", "packkv", "--kv-profile", scaled,
                           "--json", str(work / "kl-scales.json")]]
+    plan["kl-sink"] = [["kl", "--text", EVALUATION, *WINDOWS, *common, "--cache", "packkv", "--kv-profile",
+                        str(work / "profile.json"), "--kv-sink", SINK, "--json", str(work / "kl-sink.json")]]
     for suffix, (budget_ppl, budget_kl) in PROFILES.items():
         profile = str(work / f"profile{suffix}.json")
         packkv = ["--cache", "packkv", "--kv-profile", profile]
@@ -143,13 +148,14 @@ def summarize(r: dict) -> dict:
 def ablation(r: dict) -> dict:
     """The same bounds with and without channel scales, on the calibration and the evaluation text."""
     keys = ("ppl_increase_pct", "kl", "top1_agreement", "block_compression_ratio", "compression_ratio")
-    with_scales, without = r["kl-scales"][0], r["kl"][0]
+    with_scales, without, sink = r["kl-scales"][0], r["kl"][0], r["kl-sink"][0]
     return {"bounds": {k: with_scales[k] for k in ("rel_k", "rel_v", "granularity")},
             "without_scales": {"evaluation": {k: without[k] for k in keys},
                                "calibration": r["tune"][0]["profile"]["calibration"],
                                "same_bounds": all(without[k] == with_scales[k] for k in ("rel_k", "rel_v", "granularity"))},
             "with_scales": {"evaluation": {k: with_scales[k] for k in keys},
-                            "calibration": r["tune-scales"][0]["profile"]["calibration"]}}
+                            "calibration": r["tune-scales"][0]["profile"]["calibration"]},
+            "with_sink_bounds": {"sink": sink["sink"], "evaluation": {k: sink[k] for k in keys}}}
 
 
 def markdown(summary: dict, commands: dict) -> str:
@@ -195,13 +201,17 @@ def markdown(summary: dict, commands: dict) -> str:
             rows.append(f"| {label} | {at} | {x(c['packkv_ratio'])}x | {x(c['quant_ratio'])}x | "
                         f"{x(c['packkv_over_quant'])} {ok(s['sweep_targets'][f'packkv_over_quant_at_{prefix}{name}'])} |")
     a = s["channel_scales_ablation"]
-    rows += ["", "| channel scales, rel ({rel_k}, {rel_v}) {granularity} | brown.txt (calibration): perplexity, KL, blocks "
+    rows += ["", "| the +1% profile's bounds, rel ({rel_k}, {rel_v}) {granularity} | brown.txt (calibration): perplexity, KL, blocks "
              "| kjv.txt: perplexity, KL (top-1), blocks |".format(**a["bounds"]), "|---|---|---|"]
     for name in ("without_scales", "with_scales"):
         c, e = a[name]["calibration"], a[name]["evaluation"]
         rows.append(f"| {name.replace('_', ' ')} | {c['ppl_increase_pct']:+.2f}%, {c['kl']:.4f}, "
                     f"{c['block_compression_ratio']:.2f}x | {e['ppl_increase_pct']:+.2f}%, {e['kl']:.4f} "
                     f"({100 * e['top1_agreement']:.1f}%), {e['block_compression_ratio']:.2f}x |")
+    e = a["with_sink_bounds"]["evaluation"]
+    rows.append("| first block at ({}, {}), no scales | not measured | ".format(*a["with_sink_bounds"]["sink"])
+                + f"{e['ppl_increase_pct']:+.2f}%, {e['kl']:.4f} ({100 * e['top1_agreement']:.1f}%), "
+                f"{e['block_compression_ratio']:.2f}x |")
     rows += ["", "Commands:", "```"] + [line for lines in commands.values() for line in lines] + ["```"]
     return "\n".join(rows)
 
@@ -212,7 +222,7 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/packkv-accuracy", help="intermediate JSON and the tuned profile")
     ap.add_argument("--reuse", action="store_true", help="keep the results of steps already in --work")
     ap.add_argument("--steps", default="tune,kl,passkey,passkey-dense,sweep,tune-margin,kl-margin,passkey-margin,"
-                                        "tune-scales,kl-scales",
+                                        "tune-scales,kl-scales,kl-sink",
                     help="steps to run ('' to only summarize)")
     args = ap.parse_args()
     work = Path(args.work)
