@@ -44,14 +44,19 @@ __device__ __forceinline__ float block_sum(float v) {
     return partial[0];
 }
 
-extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
-                                    __half* __restrict__ out, int H, float eps) {
-    const float* row = x + (size_t)blockIdx.x * H;
+// out = fp16(w * (row * inv_rms)) for one row of H, by the whole CTA (the rms_norm kernel and the GEMVs
+// that fold the norm in share it, so both round exactly alike).
+__device__ void rms_norm_row(const float* __restrict__ row, const float* __restrict__ w, float eps, int H,
+                             __half* __restrict__ out) {
     float squares = 0.f;
     for (int i = threadIdx.x; i < H; i += blockDim.x) squares += row[i] * row[i];
     float inv_rms = 1.f / sqrtf(block_sum(squares) / H + eps);
-    for (int i = threadIdx.x; i < H; i += blockDim.x)
-        out[(size_t)blockIdx.x * H + i] = __float2half(w[i] * (row[i] * inv_rms));
+    for (int i = threadIdx.x; i < H; i += blockDim.x) out[i] = __float2half(w[i] * (row[i] * inv_rms));
+}
+
+extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
+                                    __half* __restrict__ out, int H, float eps) {
+    rms_norm_row(x + (size_t)blockIdx.x * H, w, eps, H, out + (size_t)blockIdx.x * H);
 }
 
 extern "C" __global__ void rope_split(const __half* __restrict__ qkv, const int* __restrict__ start,
@@ -153,11 +158,7 @@ __device__ __forceinline__ void dot_rows(const uint4* __restrict__ w_row, const 
 __device__ void rms_norm_rows_to_shared(const float* __restrict__ x, const float* __restrict__ norm_w, float eps,
                                         int rows, int in, __half* xs) {
     for (int r = 0; r < rows; ++r) {
-        const float* row = x + (size_t)r * in;
-        float squares = 0.f;
-        for (int i = threadIdx.x; i < in; i += blockDim.x) squares += row[i] * row[i];
-        const float inv_rms = 1.f / sqrtf(block_sum(squares) / in + eps);
-        for (int i = threadIdx.x; i < in; i += blockDim.x) xs[(size_t)r * in + i] = __float2half(norm_w[i] * (row[i] * inv_rms));
+        rms_norm_row(x + (size_t)r * in, norm_w, eps, in, xs + (size_t)r * in);
         __syncthreads();                                     // block_sum's scratch is reused by the next row
     }
 }
