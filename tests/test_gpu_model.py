@@ -82,6 +82,28 @@ def test_packkv_graph_replay_gives_the_eager_tokens(engines):
     assert runs[0].token_ids == runs[1].token_ids
 
 
+def test_packkv_sink_bounds_and_channel_scales_agree_on_gpu_and_cpu_and_in_the_graph(engines):
+    """The first block encoded with its own bounds (a second encoder group) and channel scales (elementwise
+    ops around attention, inside the captured graph): GPU eager, GPU graph and the CPU path pick the
+    same tokens, and the stats report both."""
+    from packkv.cache import ChannelScales
+    c = engines[0].config
+    shape = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+    rng = np.random.default_rng(0)
+    scales = ChannelScales(rng.uniform(0.5, 2.0, shape), rng.uniform(0.5, 2.0, shape))
+    prompt = ("The history of the city begins with a small settlement on the river. Over the centuries it "
+              "grew into a market town, then a centre of trade and learning. ") * 6
+    runs = []
+    for engine, use_graph in ((engines[0], False), (engines[1], False), (engines[1], True)):
+        ids = engine.prompt_ids(prompt, chat=False)
+        result = generate(engine, ids, 32, SamplingParams(), "packkv", show_progress=False, stop_at_eos=False,
+                          use_graph=use_graph, window=32, sink=(0.02, 0.05), scales=scales)
+        assert result.cache_stats["kv_params"]["sink"] == [0.02, 0.05]
+        assert result.cache_stats["kv_params"]["channel_scales"]
+        runs.append(result.token_ids)
+    assert runs[0] == runs[1] == runs[2]
+
+
 def test_packkv_graph_survives_the_arena_moving(engines):
     """The decode kernel reads the arena's address from device memory: the arena grows (and moves) while
     decoding, the graph is captured once, and the tokens equal eager decoding's."""
