@@ -1,6 +1,7 @@
-"""Launchers of the compressed-KV kernels (kernels/packkv_*.cu), loaded with cupy.RawModule.
+"""Launchers of the compressed-KV kernels (kernels/packkv_*.cu, quant_attention.cu), loaded with cupy.RawModule.
 
     compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v, window_len, params)
+    quant_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v, window_len, quant_params)
     decompress_blocks(arena, offsets, params, n_kv_heads, head_dim) -> (k, v)
     k_gemv(q, arena, block_offsets, n_blocks, params, n_kv_heads) -> scores
     v_gemv(p, arena, block_offsets, n_blocks, params, n_kv_heads, head_dim) -> out
@@ -12,7 +13,7 @@ uncompressed tokens window_k, window_v [B, Hkv, W_cap, D] with window_len int32 
 device and the grids depend only on shapes (max_blocks, W_cap), so a captured CUDA graph can replay with
 changing lengths. Every launcher checks shapes, dtypes, device, contiguity and what the kernels support,
 and raises ValueError saying what it refuses. NumPy twins: packkv.attention.compressed_attention_reference,
-k_gemv_reference, v_gemv_reference, decode_records.
+k_gemv_reference, v_gemv_reference, decode_records; packkv.quant.decode_attention_reference.
 """
 from __future__ import annotations
 
@@ -149,6 +150,59 @@ def _check_arena(fn, arena, block_offsets, n_blocks, B):
     return dev
 
 
+def _check_window(fn, window_k, window_v, window_len, B, D, dev):
+    """The fp16 window of a decode call, checked; returns its KV head count."""
+    _cupy_array(fn, "window_k", window_k, np.float16, 4, dev)
+    _cupy_array(fn, "window_v", window_v, np.float16, 4, dev)
+    _cupy_array(fn, "window_len", window_len, np.int32, 1, dev)
+    if window_k.shape != window_v.shape or window_k.shape[0] != B or window_k.shape[3] != D:
+        _fail(fn, f"window_k {window_k.shape} and window_v {window_v.shape} must both be [B={B}, Hkv, W_cap, D={D}]")
+    if window_len.shape != (B,):
+        _fail(fn, f"window_len must be [B={B}], got {window_len.shape}")
+    return window_k.shape[1]
+
+
+def _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits, dev):
+    """A decode call's out, workspace and arena address: checked when given, made when None."""
+    import cupy
+    need = attention_workspace_size(B, Hq, D, n_splits)
+    if workspace is None:
+        workspace = cupy.empty(need, np.float32)
+    else:
+        _cupy_array(fn, "workspace", workspace, np.float32, 1, dev)
+        if workspace.size < need:
+            _fail(fn, f"workspace holds {workspace.size} float32, {need} are needed "
+                      f"(attention_workspace_size({B}, {Hq}, {D}, {n_splits}))")
+    if out is None:
+        out = cupy.empty((B, Hq, D), np.float16)
+    else:
+        _cupy_array(fn, "out", out, np.float16, 3, dev)
+        if out.shape != (B, Hq, D):
+            _fail(fn, f"out must be [B, Hq, D] = {(B, Hq, D)}, got {out.shape}")
+    if arena_address is None:
+        arena_address = cupy.asarray([arena.data.ptr], dtype=np.uint64)
+    else:
+        _cupy_array(fn, "arena_address", arena_address, np.uint64, 1, dev)
+    return out, workspace, arena_address
+
+
+def _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out):
+    """pk_merge_window: the splits' states and the window, one softmax (both compressed caches)."""
+    B, Hq, D = q.shape
+    W_cap = window_k.shape[2]
+    shared = 4 * (W_cap + n_splits)                      # a weight per window token and per split
+    merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, 16, shared)
+    merge_fn((Hq, B), (MERGE_THREADS,), (q, window_k, window_v, window_len, workspace, np.int32(n_splits),
+                                         np.int32(Hkv), np.int32(Hq // Hkv), np.int32(W_cap), _qscale(D), out),
+             shared_mem=shared)
+    return out
+
+
+def _qscale(D: int) -> np.float32:
+    """Scores in the log2 domain (the kernels use exp2): log2(e) / sqrt(D)."""
+    return np.float32(math.log2(math.e) / math.sqrt(D))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Launch geometry
 # ---------------------------------------------------------------------------------------------------
@@ -158,11 +212,14 @@ def blocks_per_item(T: int) -> int:
 
 
 def default_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: int) -> int:
-    """Splits of each sequence's blocks: about two CTAs per SM in all, but at least four items (one per
-    warp) per split. Depends on shapes only (the table's capacity), never on the lengths."""
-    tiles = -(-group // 8)
-    items = -(-max(max_blocks, 1) // blocks_per_item(T))
-    wanted = -(-2 * multiprocessors() // (batch * kv_heads * tiles))
+    """Splits of each sequence's blocks for the packkv kernels (tiles of 8 query heads, items of
+    blocks_per_item(T) blocks). Depends on shapes only (the table's capacity), never on the lengths."""
+    return splits_over(batch * kv_heads * -(-group // 8), -(-max(max_blocks, 1) // blocks_per_item(T)))
+
+
+def splits_over(ctas_per_split: int, items: int) -> int:
+    """About two CTAs per SM in all, but at least four items (one per warp) per split."""
+    wanted = -(-2 * multiprocessors() // ctas_per_split)
     return max(1, min(wanted, -(-items // WARPS)))
 
 
@@ -217,7 +274,6 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     arena's address, which the kernel reads (a cache keeps one, so that a captured graph survives the
     arena moving); made from `arena` when None.
     """
-    import cupy
     fn = "compressed_decode_attention"
     _check_params(fn, params)
     _cupy_array(fn, "q", q, np.float16, 3)
@@ -226,14 +282,7 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     dev = _check_arena(fn, arena, block_offsets, n_blocks, B)
     if q.device.id != dev:
         _fail(fn, f"q is on GPU {q.device.id}, arena on GPU {dev}")
-    _cupy_array(fn, "window_k", window_k, np.float16, 4, dev)
-    _cupy_array(fn, "window_v", window_v, np.float16, 4, dev)
-    _cupy_array(fn, "window_len", window_len, np.int32, 1, dev)
-    if window_k.shape != window_v.shape or window_k.shape[0] != B or window_k.shape[3] != D:
-        _fail(fn, f"window_k {window_k.shape} and window_v {window_v.shape} must both be [B={B}, Hkv, W_cap, D={D}]")
-    Hkv, W_cap = window_k.shape[1], window_k.shape[2]
-    if window_len.shape != (B,):
-        _fail(fn, f"window_len must be [B={B}], got {window_len.shape}")
+    Hkv = _check_window(fn, window_k, window_v, window_len, B, D, dev)
     _kv_heads(fn, Hq, Hkv)
     G, T, P = Hq // Hkv, params.block, params.pack
     max_blocks = block_offsets.shape[1]
@@ -241,36 +290,54 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     slot = int(slot_bytes or default_slot_bytes(T, D, P, 0))
     if slot % 16 or slot < 256:
         _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
-    need = attention_workspace_size(B, Hq, D, n_splits)
-    if workspace is None:
-        workspace = cupy.empty(need, np.float32)
-    else:
-        _cupy_array(fn, "workspace", workspace, np.float32, 1, dev)
-        if workspace.size < need:
-            _fail(fn, f"workspace holds {workspace.size} float32, {need} are needed "
-                      f"(attention_workspace_size({B}, {Hq}, {D}, {n_splits}))")
-    if out is None:
-        out = cupy.empty((B, Hq, D), np.float16)
-    else:
-        _cupy_array(fn, "out", out, np.float16, 3, dev)
-        if out.shape != (B, Hq, D):
-            _fail(fn, f"out must be [B, Hq, D] = {(B, Hq, D)}, got {out.shape}")
-    if arena_address is None:
-        arena_address = cupy.asarray([arena.data.ptr], dtype=np.uint64)
-    else:
-        _cupy_array(fn, "arena_address", arena_address, np.uint64, 1, dev)
+    out, workspace, arena_address = _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits, dev)
     shared = _shared_bytes(slot, D, 0)
     split_fn = _function("packkv_attention.cu", f"pk_attention_splits<{D}, {P}>", D, P, shared)
-    merge_shared = 4 * (W_cap + n_splits)                 # a weight per window token and per split
-    merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, P, merge_shared)
-    qscale = np.float32(math.log2(math.e) / math.sqrt(D))
     tl = np.int32(params.granularity == "token-layer")
     split_fn((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
              (q, arena_address, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T), tl,
-              np.int32(n_splits), np.int32(slot), qscale, workspace), shared_mem=shared)
-    merge_fn((Hq, B), (MERGE_THREADS,), (q, window_k, window_v, window_len, workspace, np.int32(n_splits), np.int32(Hkv),
-                               np.int32(G), np.int32(W_cap), qscale, out), shared_mem=merge_shared)
-    return out
+              np.int32(n_splits), np.int32(slot), _qscale(D), workspace), shared_mem=shared)
+    return _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out)
+
+
+QUANT_HEAD_DIMS = (64, 128)   # D / 32 channels per lane, their codes in one 16-bit load
+
+
+def quant_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v, window_len, params,
+                           out=None, workspace=None, n_splits: int | None = None, arena_address=None):
+    """compressed_decode_attention's twin for the `quant` cache: the same arguments, with records of
+    packkv.quant's layout (params: its QuantParams) at the offsets. The splits (kernels/quant_attention.cu)
+    write packkv's per-split softmax states and pk_merge_window merges them with the window, so the
+    workspace is attention_workspace_size(B, Hq, D, n_splits) float32 here too."""
+    from packkv.quant import QuantParams, check_shape
+    fn = "quant_decode_attention"
+    if not isinstance(params, QuantParams):
+        _fail(fn, f"params must be a packkv.quant.QuantParams, got {type(params).__name__}")
+    _cupy_array(fn, "q", q, np.float16, 3)
+    B, Hq, D = q.shape
+    if D not in QUANT_HEAD_DIMS:
+        _fail(fn, f"head_dim {D} is not supported (one of {QUANT_HEAD_DIMS})")
+    dev = _check_arena(fn, arena, block_offsets, n_blocks, B)
+    if q.device.id != dev:
+        _fail(fn, f"q is on GPU {q.device.id}, arena on GPU {dev}")
+    Hkv = _check_window(fn, window_k, window_v, window_len, B, D, dev)
+    _kv_heads(fn, Hq, Hkv)
+    try:
+        check_shape(params, Hkv, D)
+    except Exception as exc:       # PackkvError: the group does not tile a token's channels
+        _fail(fn, str(exc))
+    G, max_blocks = Hq // Hkv, block_offsets.shape[1]
+    GT = min(8, 1 << (G - 1).bit_length())                # query heads per CTA: G rounded up to 1, 2, 4 or 8
+    tiles = -(-G // GT)
+    n_splits = int(n_splits or splits_over(B * Hkv * tiles, max_blocks))
+    out, workspace, arena_address = _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits, dev)
+    name = f"qt_attention_splits<{D}, {params.bits}, {GT}, {params.group}>"
+    split_fn = _module("quant_attention.cu", (name,)).get_function(name)
+    shared = 4 * (GT * D + WARPS * GT * (D + params.group))   # q tile; per warp q * k scale and the weights
+    split_fn((n_splits, Hkv * tiles, B), (WARPS * 32,),
+             (q, arena_address, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G),
+              np.int32(n_splits), _qscale(D), workspace), shared_mem=shared)
+    return _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out)
 
 
 def k_gemv(q, arena, block_offsets, n_blocks, params, n_kv_heads: int, out=None, n_splits: int | None = None,

@@ -271,8 +271,8 @@ class BlockCache(KVCache, ABC):
 
     @abstractmethod
     def encode(self, k_blocks: np.ndarray, v_blocks: np.ndarray, params=None):
-        """[n, kv_heads, block, head_dim] fp16 host arrays -> (uint8 records, int64 offsets [n + 1]), with
-        `params` (encoding_groups' choice) or, when None, the kind's own."""
+        """[n, kv_heads, block, head_dim] fp16 arrays of the backend -> (uint8 records of the backend,
+        int64 host offsets [n + 1]), with `params` (encoding_groups' choice) or, when None, the kind's own."""
 
     @abstractmethod
     def decode(self, buffer, offsets):
@@ -294,6 +294,8 @@ class BlockCache(KVCache, ABC):
             raise ValueError(f"append: {T} tokens in one step, the cache was made for at most {self.max_new_tokens}")
         append_at(self.backend, k, v, self.window_k[layer], self.window_v[layer], self.window_len,
                   self.window_starts)
+        if layer == 0 and self.backend.is_gpu:     # the window lengths the decode kernels see, on the device
+            self.window_ends = self.window_starts + np.int32(self.pending)
 
     def attend(self, layer: int, q):
         xp, T = self.backend.xp, self.pending
@@ -388,9 +390,9 @@ class BlockCache(KVCache, ABC):
 
     def write_records(self, k_blocks, v_blocks, params=None) -> np.ndarray:
         """Encode blocks [n, kv_heads, block, D] into the arena (with `params`, else the kind's own); the
-        records' offsets [n + 1] (host int64, records back to back). Here: encode on the host, copy in; a
-        kind may encode on the device."""
-        buffer, offsets = self.encode(self.backend.to_numpy(k_blocks), self.backend.to_numpy(v_blocks), params)
+        records' offsets [n + 1] (host int64, records back to back). Here: `encode` where the blocks are,
+        then one copy into the arena; a kind may write into the arena directly."""
+        buffer, offsets = self.encode(k_blocks, v_blocks, params)
         return self.arena.append(buffer) + offsets
 
     def store_decoded(self, offsets, owners) -> None:
@@ -448,8 +450,6 @@ class PackkvCache(BlockCache):
         if self.scales is not None:     # the cache holds K and V divided by the channel scales
             k, v = self.scales.to_cached(layer, k, v)
         super().append(layer, k, v)
-        if layer == 0 and self.backend.is_gpu:     # the window lengths the kernel sees, on the device
-            self.window_ends = self.window_starts + np.int32(self.pending)
 
     def attend(self, layer: int, q):
         if self.scales is None:

@@ -84,17 +84,28 @@ class CodecParams:
 # 1. Token-wise quantization
 # ----------------------------------------------------------------------------------------------------
 
-def round_up_to_fp16(s: np.ndarray) -> np.ndarray:
+def fp16_neighbor(h, up: bool, xp=np):
+    """The next fp16 after h (fp16 array) toward +inf (up) or -inf, by its bits: nextafter, which CuPy
+    lacks for fp16. +-0 steps to +-2**-24; inf steps down to 65504."""
+    bits = h.view(np.uint16).astype(np.int32)
+    positive = bits < 0x8000
+    zero = (bits & 0x7FFF) == 0
+    away_from_zero = positive if up else ~positive
+    stepped = xp.where(away_from_zero, bits + 1, bits - 1)
+    stepped = xp.where(zero, 0x0001 if up else 0x8001, stepped)
+    return stepped.astype(np.uint16).view(np.float16)
+
+
+def round_up_to_fp16(s, xp=np):
     """The smallest fp16 >= s (s float32, >= 0), clamped to [2**-24, 65504]: the step we store.
 
     Rounding up (never to nearest) keeps the stored step exactly the one used to quantize and the
     number of levels at most 1/rel + 1. The GPU encoder does the same with __float2half_ru.
     """
-    s = np.minimum(np.asarray(s, dtype=np.float32), np.float32(FP16_MAX))
+    s = xp.minimum(xp.asarray(s, dtype=np.float32), np.float32(FP16_MAX))
     h = s.astype(np.float16)
-    with np.errstate(over="ignore"):  # nextafter(65504) is inf, but never selected: s <= 65504
-        h = np.where(h.astype(np.float32) < s, np.nextafter(h, np.float16(np.inf)), h)
-    return np.maximum(h, np.float16(FP16_TINY)).astype(np.float16)
+    h = xp.where(h.astype(np.float32) < s, fp16_neighbor(h, True, xp), h)
+    return xp.maximum(h, np.float16(FP16_TINY)).astype(np.float16)
 
 
 def check_finite(x: np.ndarray, what: str) -> None:

@@ -104,6 +104,23 @@ def test_packkv_sink_bounds_and_channel_scales_agree_on_gpu_and_cpu_and_in_the_g
     assert runs[0] == runs[1] == runs[2]
 
 
+def test_quant_cache_on_gpu_agrees_with_cpu_and_in_the_graph(engines):
+    """The quant baseline: records encoded on the device, decode attention in its kernel inside the captured
+    graph; CPU, GPU eager and GPU graph pick the same greedy tokens over blocks compressed at prefill
+    and during decode (4 bits, groups of 32, window 32)."""
+    from packkv.quant import QuantParams
+    prompt = ("The history of the city begins with a small settlement on the river. Over the centuries it "
+              "grew into a market town, then a centre of trade and learning. ") * 6
+    runs = []
+    for engine, use_graph in ((engines[0], False), (engines[1], False), (engines[1], True)):
+        ids = engine.prompt_ids(prompt, chat=False)
+        result = generate(engine, ids, 48, SamplingParams(), "quant", show_progress=False, stop_at_eos=False,
+                          use_graph=use_graph, window=32, params=QuantParams(4, 32))
+        assert result.cache_stats["compression_ratio"] > 2
+        runs.append(result.token_ids)
+    assert runs[0] == runs[1] == runs[2]
+
+
 def test_packkv_graph_survives_the_arena_moving(engines):
     """The decode kernel reads the arena's address from device memory: the arena grows (and moves) while
     decoding, the graph is captured once, and the tokens equal eager decoding's."""

@@ -7,8 +7,8 @@ from packkv.attention import causal_attention, causal_mask
 from packkv.backend import get_backend
 from packkv.cache import CacheShape, DenseCache, make_cache
 from packkv.errors import PackkvError
-from packkv.quant import (QuantCache, QuantParams, byte_breakdown, decode_blocks, dequantize_groups, encode_blocks,
-                          pack_bits, quantize_groups, record_bytes, unpack_bits)
+from packkv.quant import (QuantCache, QuantParams, byte_breakdown, decode_attention_reference, decode_blocks,
+                          dequantize_groups, encode_blocks, pack_bits, quantize_groups, record_bytes, unpack_bits)
 
 CPU = get_backend("cpu")
 LAYERS, KV_HEADS, HEAD_DIM, GROUP = 2, 2, 32, 3
@@ -130,6 +130,24 @@ def test_cache_attends_over_decoded_groups_and_the_window():
                                  v_all[layer, :, split:].astype(np.float16).astype(np.float32)], axis=1)
         want = causal_attention(np, q[layer], keys[None], values[None], causal_mask(np, [90], 1, 90))
         np.testing.assert_allclose(out[layer], want, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_twin_equals_the_cache_reference_path():
+    """decode_attention_reference, the GPU kernel's twin, reads the arena and the offset table as the
+    kernel does; it must give what the cache's own attention gives for a decode step."""
+    cache = quant_cache(bits=2)
+    rng = np.random.default_rng(5)
+    run_steps(cache, rng, [100, 1, 1])
+    assert int(cache.n_blocks[0]) >= 2
+    k, v = (rng.standard_normal((1, KV_HEADS, 1, HEAD_DIM)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((1, KV_HEADS * GROUP, 1, HEAD_DIM)).astype(np.float32)
+    for layer in range(LAYERS):
+        cache.append(layer, k, v)
+        want = cache.attend(layer, q)[:, :, 0]
+        got = decode_attention_reference(q[:, :, 0], cache.arena.data, cache.block_offsets[layer], cache.n_blocks,
+                                         cache.window_k[layer], cache.window_v[layer], cache.window_len + 1,
+                                         cache.params)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_cache_counts_every_byte():
