@@ -217,9 +217,10 @@ def default_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: in
     return splits_over(batch * kv_heads * -(-group // 8), -(-max(max_blocks, 1) // blocks_per_item(T)))
 
 
-def splits_over(ctas_per_split: int, items: int) -> int:
-    """About two CTAs per SM in all, but at least four items (one per warp) per split."""
-    wanted = -(-2 * multiprocessors() // ctas_per_split)
+def splits_over(ctas_per_split: int, items: int, ctas_per_sm: int = 2) -> int:
+    """About ctas_per_sm CTAs per SM in all (the packkv kernels fit two), but at least four items (one
+    per warp) per split."""
+    wanted = -(-ctas_per_sm * multiprocessors() // ctas_per_split)
     return max(1, min(wanted, -(-items // WARPS)))
 
 
@@ -301,6 +302,7 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
 
 
 QUANT_HEAD_DIMS = (64, 128)   # D / 32 channels per lane, their codes in one 16-bit load
+QUANT_CTAS_PER_SM = 8         # small CTAs (12-37 KB of shared memory): enough warps to hide the loads
 
 
 def quant_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v, window_len, params,
@@ -329,7 +331,7 @@ def quant_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v
     G, max_blocks = Hq // Hkv, block_offsets.shape[1]
     GT = min(8, 1 << (G - 1).bit_length())                # query heads per CTA: G rounded up to 1, 2, 4 or 8
     tiles = -(-G // GT)
-    n_splits = int(n_splits or splits_over(B * Hkv * tiles, max_blocks))
+    n_splits = int(n_splits or splits_over(B * Hkv * tiles, max_blocks, QUANT_CTAS_PER_SM))
     out, workspace, arena_address = _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits, dev)
     name = f"qt_attention_splits<{D}, {params.bits}, {GT}, {params.group}>"
     split_fn = _module("quant_attention.cu", (name,)).get_function(name)
