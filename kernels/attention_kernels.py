@@ -162,23 +162,34 @@ def _check_window(fn, window_k, window_v, window_len, B, D, dev):
     return window_k.shape[1]
 
 
+def _out_array(fn, out, shape, dtype, dev, names: str = "[B, Hq, D]"):
+    """The launcher's output: checked when given, made when None."""
+    import cupy
+    if out is None:
+        return cupy.empty(shape, dtype)
+    _cupy_array(fn, "out", out, dtype, len(shape), dev)
+    if out.shape != shape:
+        _fail(fn, f"out must be {names} = {shape}, got {out.shape}")
+    return out
+
+
+def _workspace_array(fn, workspace, need: int, formula: str, dev):
+    """A float32 workspace of at least `need` elements: checked when given, made when None."""
+    import cupy
+    if workspace is None:
+        return cupy.empty(need, np.float32)
+    _cupy_array(fn, "workspace", workspace, np.float32, 1, dev)
+    if workspace.size < need:
+        _fail(fn, f"workspace holds {workspace.size} float32, {need} are needed ({formula})")
+    return workspace
+
+
 def _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits, dev):
     """A decode call's out, workspace and arena address: checked when given, made when None."""
     import cupy
-    need = attention_workspace_size(B, Hq, D, n_splits)
-    if workspace is None:
-        workspace = cupy.empty(need, np.float32)
-    else:
-        _cupy_array(fn, "workspace", workspace, np.float32, 1, dev)
-        if workspace.size < need:
-            _fail(fn, f"workspace holds {workspace.size} float32, {need} are needed "
-                      f"(attention_workspace_size({B}, {Hq}, {D}, {n_splits}))")
-    if out is None:
-        out = cupy.empty((B, Hq, D), np.float16)
-    else:
-        _cupy_array(fn, "out", out, np.float16, 3, dev)
-        if out.shape != (B, Hq, D):
-            _fail(fn, f"out must be [B, Hq, D] = {(B, Hq, D)}, got {out.shape}")
+    workspace = _workspace_array(fn, workspace, attention_workspace_size(B, Hq, D, n_splits),
+                                 f"attention_workspace_size({B}, {Hq}, {D}, {n_splits})", dev)
+    out = _out_array(fn, out, (B, Hq, D), np.float16, dev)
     if arena_address is None:
         arena_address = cupy.asarray([arena.data.ptr], dtype=np.uint64)
     else:
@@ -347,7 +358,6 @@ def k_gemv(q, arena, block_offsets, n_blocks, params, n_kv_heads: int, out=None,
     """K-GEMV (the paper's decompress-GEMV on K): scores fp32 [B, Hq, max_blocks * block] = q . K_hat^T over
     each sequence's compressed blocks, storage order, no 1/sqrt(D); 0 past n_blocks[b] * block.
     q fp16 [B, Hq, D]; n_kv_heads: the records' KV heads (Hq a multiple of it)."""
-    import cupy
     fn = "k_gemv"
     _check_params(fn, params)
     _cupy_array(fn, "q", q, np.float16, 3)
@@ -357,13 +367,7 @@ def k_gemv(q, arena, block_offsets, n_blocks, params, n_kv_heads: int, out=None,
     Hkv = _kv_heads(fn, Hq, n_kv_heads)
     G, T, P = Hq // Hkv, params.block, params.pack
     max_blocks = block_offsets.shape[1]
-    shape = (B, Hq, max_blocks * T)
-    if out is None:
-        out = cupy.empty(shape, np.float32)
-    else:
-        _cupy_array(fn, "out", out, np.float32, 3, dev)
-        if out.shape != shape:
-            _fail(fn, f"out must be [B, Hq, max_blocks * block] = {shape}, got {out.shape}")
+    out = _out_array(fn, out, (B, Hq, max_blocks * T), np.float32, dev, "[B, Hq, max_blocks * block]")
     n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
     slot = int(slot_bytes or default_slot_bytes(T, D, P, 1))
     shared = _shared_bytes(slot, D, 1)
@@ -395,19 +399,8 @@ def v_gemv(p, arena, block_offsets, n_blocks, params, n_kv_heads: int, head_dim:
     if n_tok != max_blocks * T:
         _fail(fn, f"p must be [B, Hq, max_blocks * block] = {(B, Hq, max_blocks * T)}, got {p.shape}")
     n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
-    need = B * Hq * n_splits * D
-    if workspace is None:
-        workspace = cupy.empty(need, np.float32)
-    else:
-        _cupy_array(fn, "workspace", workspace, np.float32, 1, dev)
-        if workspace.size < need:
-            _fail(fn, f"workspace holds {workspace.size} float32, {need} are needed (B * Hq * n_splits * D)")
-    if out is None:
-        out = cupy.empty((B, Hq, D), np.float32)
-    else:
-        _cupy_array(fn, "out", out, np.float32, 3, dev)
-        if out.shape != (B, Hq, D):
-            _fail(fn, f"out must be [B, Hq, D] = {(B, Hq, D)}, got {out.shape}")
+    workspace = _workspace_array(fn, workspace, B * Hq * n_splits * D, "B * Hq * n_splits * D", dev)
+    out = _out_array(fn, out, (B, Hq, D), np.float32, dev)
     slot = int(slot_bytes or default_slot_bytes(T, D, P, 2))
     shared = _shared_bytes(slot, D, 2)
     kernel = _function("packkv_gemv.cu", f"pk_v_gemv<{D}, {P}>", D, P, shared)

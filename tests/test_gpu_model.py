@@ -82,6 +82,17 @@ def test_packkv_graph_replay_gives_the_eager_tokens(engines):
     assert runs[0].token_ids == runs[1].token_ids
 
 
+HISTORY = ("The history of the city begins with a small settlement on the river. Over the centuries it "
+           "grew into a market town, then a centre of trade and learning. ") * 6
+
+
+def cpu_gpu_and_graph_runs(engines, cache_kind, max_tokens, **cache_params):
+    """Greedy generations of HISTORY on the CPU path, GPU eager and GPU graph-replayed, in that order."""
+    return [generate(engine, engine.prompt_ids(HISTORY, chat=False), max_tokens, SamplingParams(), cache_kind,
+                     show_progress=False, stop_at_eos=False, use_graph=use_graph, **cache_params)
+            for engine, use_graph in ((engines[0], False), (engines[1], False), (engines[1], True))]
+
+
 def test_packkv_sink_bounds_and_channel_scales_agree_on_gpu_and_cpu_and_in_the_graph(engines):
     """The first block encoded with its own bounds (a second encoder group) and channel scales (elementwise
     ops around attention, inside the captured graph): GPU eager, GPU graph and the CPU path pick the
@@ -91,17 +102,11 @@ def test_packkv_sink_bounds_and_channel_scales_agree_on_gpu_and_cpu_and_in_the_g
     shape = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
     rng = np.random.default_rng(0)
     scales = ChannelScales(rng.uniform(0.5, 2.0, shape), rng.uniform(0.5, 2.0, shape))
-    prompt = ("The history of the city begins with a small settlement on the river. Over the centuries it "
-              "grew into a market town, then a centre of trade and learning. ") * 6
-    runs = []
-    for engine, use_graph in ((engines[0], False), (engines[1], False), (engines[1], True)):
-        ids = engine.prompt_ids(prompt, chat=False)
-        result = generate(engine, ids, 32, SamplingParams(), "packkv", show_progress=False, stop_at_eos=False,
-                          use_graph=use_graph, window=32, sink=(0.02, 0.05), scales=scales)
-        assert result.cache_stats["kv_params"]["sink"] == [0.02, 0.05]
-        assert result.cache_stats["kv_params"]["channel_scales"]
-        runs.append(result.token_ids)
-    assert runs[0] == runs[1] == runs[2]
+    runs = cpu_gpu_and_graph_runs(engines, "packkv", 32, window=32, sink=(0.02, 0.05), scales=scales)
+    for run in runs:
+        assert run.cache_stats["kv_params"]["sink"] == [0.02, 0.05]
+        assert run.cache_stats["kv_params"]["channel_scales"]
+    assert runs[0].token_ids == runs[1].token_ids == runs[2].token_ids
 
 
 def test_quant_cache_on_gpu_agrees_with_cpu_and_in_the_graph(engines):
@@ -109,16 +114,9 @@ def test_quant_cache_on_gpu_agrees_with_cpu_and_in_the_graph(engines):
     graph; CPU, GPU eager and GPU graph pick the same greedy tokens over blocks compressed at prefill
     and during decode (4 bits, groups of 32, window 32)."""
     from packkv.quant import QuantParams
-    prompt = ("The history of the city begins with a small settlement on the river. Over the centuries it "
-              "grew into a market town, then a centre of trade and learning. ") * 6
-    runs = []
-    for engine, use_graph in ((engines[0], False), (engines[1], False), (engines[1], True)):
-        ids = engine.prompt_ids(prompt, chat=False)
-        result = generate(engine, ids, 48, SamplingParams(), "quant", show_progress=False, stop_at_eos=False,
-                          use_graph=use_graph, window=32, params=QuantParams(4, 32))
-        assert result.cache_stats["compression_ratio"] > 2
-        runs.append(result.token_ids)
-    assert runs[0] == runs[1] == runs[2]
+    runs = cpu_gpu_and_graph_runs(engines, "quant", 48, window=32, params=QuantParams(4, 32))
+    assert all(run.cache_stats["compression_ratio"] > 2 for run in runs)
+    assert runs[0].token_ids == runs[1].token_ids == runs[2].token_ids
 
 
 def test_packkv_graph_survives_the_arena_moving(engines):
