@@ -229,9 +229,10 @@ def default_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: in
 
 
 def splits_over(ctas_per_split: int, items: int, ctas_per_sm: int = 2) -> int:
-    """About ctas_per_sm CTAs per SM in all (the packkv kernels fit two), but at least four items (one
-    per warp) per split."""
-    wanted = -(-ctas_per_sm * multiprocessors() // ctas_per_split)
+    """At most ctas_per_sm CTAs per SM in all (the packkv kernels fit two), so that the grid is one wave
+    (rounding up left a second, mostly idle wave: 320 CTAs on 264 slots for 8 sequences x 8 KV heads),
+    and at least four items (one per warp) per split."""
+    wanted = ctas_per_sm * multiprocessors() // ctas_per_split
     return max(1, min(wanted, -(-items // WARPS)))
 
 
