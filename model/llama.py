@@ -114,7 +114,8 @@ class Llama:
         otherwise."""
         if self.decode_rows(x):
             return self.ops.linear_rows(self.backend.xp.ascontiguousarray(x), weight, bias, residual=residual)
-        y = x @ weight.T
+        # one 2-D matmul: a [B, T, in] operand would broadcast into B matmuls that each read all the weights
+        y = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
         y = y if bias is None else (y + bias).astype(y.dtype)
         if residual is None:
             return y
