@@ -52,9 +52,14 @@ block order) takes one block (one record) at a time:
 5. write: every 32-bit word of the record is assembled by one thread (headers, steps, bit streams,
    payload words found by binary search over the packs' byte offsets) and stored coalesced.
 
-Speed (bench/results/encoder.json, H100, git 45a263c: before the incremental greedy costs, which are
-not measured yet): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V)
-in 0.36 s with the greedy (47 GB/s), 0.13 s with sort or none (134 GB/s).
+Speed (bench/results/encoder.json, H100, `python3 bench/encoder.py --reps 3 --breakdown`, git 5ba9b04, with
+the incremental greedy costs): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V) in 0.41 s
+with the greedy (42.3 GB/s; 4.96% of the prefill's matmul-bound time), 0.12 s with none or sort (142.6 and
+140.6 GB/s). The breakdown: quantize 37 ms, repack 276 ms, pack statistics 13, look-back 10, write 69;
+with full cost evaluations only the greedy took 447 ms, so the incremental costs saved ~10%, not the
+~2x their instruction count promised: the repack phase is bound by its per-pick barriers and serial
+picks (45 per 64-token block), not by the cost arithmetic. (Session 1 measured 0.36 s, 47 GB/s, on
+another H100 before this change; the machines here are shared, so only same-run ratios are firm.)
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set before numba.cuda is imported) the same
 kernel runs on the CPU; warp shuffles, which the simulator lacks, go through a per-warp barrier there.
