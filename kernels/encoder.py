@@ -57,8 +57,8 @@ the incremental greedy costs): Llama-3.1-8B 128K-token prefill (65536 blocks, 16
 with the greedy (42.3 GB/s; 4.96% of the prefill's matmul-bound time), 0.12 s with none or sort (142.6 and
 140.6 GB/s). The breakdown: quantize 37 ms, repack 276 ms, pack statistics 13, look-back 10, write 69;
 with full cost evaluations only the greedy took 447 ms, so the incremental costs saved ~10%, not the
-~2x their instruction count promised: the repack phase is bound by its per-pick barriers and serial
-picks (45 per 64-token block), not by the cost arithmetic. (Session 1 measured 0.36 s, 47 GB/s, on
+~2x their instruction count promised, which points at the per-pick barriers and the serial picks (45
+per 64-token block) rather than the cost arithmetic (an inference, not yet profiled). (Session 1 measured 0.36 s, 47 GB/s, on
 another H100 before this change; the machines here are shared, so only same-run ratios are firm.)
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set before numba.cuda is imported) the same
