@@ -1,0 +1,140 @@
+"""Where a decode step's time goes: the graph's GPU time against the whole step, and each kernel's time.
+
+    python bench/step_profile.py --model smollm2 --context 8000 --caches dense packkv quant
+    ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \\
+        python bench/step_profile.py --model smollm2 --context 8000 --caches packkv --kernels  > ncu.csv
+    python bench/step_profile.py --ncu-csv ncu.csv --out step_profile.json   (merges the kernel table)
+
+Per cache kind, after a prefill of --context tokens (SmolLM2: a real prompt; a random-weight shape:
+random K/V), three times per decode step, each the mean over --steps steps:
+  step_us      a whole decode step as generate runs it: token upload, graph replay, sync, greedy
+               sampling on the host side, the cache's bookkeeping (and the encoder when a block is due);
+  graph_us     graph replays alone, back to back (the GPU time of one step, launch gaps included);
+  host_us      step_us - graph_us: what the host adds per token.
+With --kernels, one eager decode step per cache kind runs between cudaProfilerStart/Stop, so that Nsight
+Compute times each kernel alone (serialised: the sum is not the graph's time, but the shares are the
+kernels'). --ncu-csv folds such a CSV into per-kernel totals per step.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_TEXT, RESULTS, header, print_table, write_json  # noqa: E402
+
+
+def prefilled_cache(engine, real: bool, text: Path, context: int, kind: str, steps: int):
+    from generate import fill_random, prompt_of_length
+    from packkv.generate import prefill
+    cache = engine.new_cache(kind, batch=1, tokens=context + 2 * steps + 4)
+    if real:
+        prefill(engine, prompt_of_length(engine, text, context), cache, show_progress=False)
+    else:
+        fill_random(engine, cache, context)
+    return cache
+
+
+def time_steps(engine, cache, steps: int) -> dict:
+    from packkv.generate import GraphDecoder, SamplingParams, Sampler, make_decoder
+    decoder, sampler = make_decoder(engine, cache), Sampler(SamplingParams(), engine.backend)
+    ids = [sampler(decoder.step([1])[0, -1])]
+    engine.backend.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        ids = [sampler(decoder.step(ids)[0, -1])]
+    engine.backend.synchronize()
+    step_us = (time.perf_counter() - start) / steps * 1e6
+    out = {"step_us": step_us, "tok_s": 1e6 / step_us}
+    if isinstance(decoder, GraphDecoder):
+        decoder.graph.launch(decoder.stream)       # the same step again: replays read, never commit
+        decoder.stream.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            decoder.graph.launch(decoder.stream)
+        decoder.stream.synchronize()
+        out["graph_us"] = (time.perf_counter() - start) / steps * 1e6
+        out["host_us"] = step_us - out["graph_us"]
+    return out
+
+
+def profile_one_step(engine, cache) -> None:
+    """One eager decode step inside the profiler's window (Nsight Compute's --profile-from-start off)."""
+    import cupy
+    engine.backend.synchronize()
+    cupy.cuda.runtime.profilerStart()
+    engine.model.forward_step(cupy.asarray([[1]], dtype=np.int32), cache)
+    engine.backend.synchronize()
+    cupy.cuda.runtime.profilerStop()
+
+
+def fold_ncu_csv(text: str) -> list[dict]:
+    """Nsight Compute's --csv rows (one per kernel launch and metric) -> per kernel name: launches, total
+    and mean microseconds, largest first. The launches of all profiled steps are summed."""
+    lines = text[text.find('"ID"'):]
+    totals, counts = defaultdict(float), defaultdict(int)
+    for row in csv.DictReader(io.StringIO(lines)):
+        if row.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        name = row["Kernel Name"].split("(")[0].split("<")[0]
+        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(row["Metric Unit"], 1e-3)
+        totals[name] += float(row["Metric Value"].replace(",", "")) * scale
+        counts[name] += 1
+    rows = [{"kernel": k, "launches": counts[k], "total_us": totals[k], "mean_us": totals[k] / counts[k]}
+            for k in totals]
+    return sorted(rows, key=lambda r: -r["total_us"])
+
+
+def main() -> None:
+    from generate import PRESETS
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", choices=["smollm2", *PRESETS])
+    ap.add_argument("--weights")
+    ap.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    ap.add_argument("--context", type=int, default=8000)
+    ap.add_argument("--caches", nargs="+", default=["dense", "packkv", "quant"])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--kernels", action="store_true", help="one eager step per cache inside the profiler window")
+    ap.add_argument("--ncu-csv", type=Path, help="fold this Nsight Compute CSV into --out and exit")
+    ap.add_argument("--out", default="step_profile.json")
+    args = ap.parse_args()
+
+    path = RESULTS / args.out
+    if args.ncu_csv:
+        payload = json.loads(path.read_text())
+        payload["kernels"] = fold_ncu_csv(args.ncu_csv.read_text())
+        payload["kernels_note"] = "Nsight Compute, serialised launches, one eager decode step per cache kind listed"
+        print_table(payload["kernels"], ["kernel", "launches", "total_us", "mean_us"])
+        write_json(args.out, payload)
+        return
+
+    from packkv.generate import Engine
+    real = args.model == "smollm2"
+    engine = Engine(args.weights, device="gpu", max_context=None if real else args.context + 2 * args.steps + 4,
+                    random_weights=None if real else args.model)
+    records = []
+    for kind in args.caches:
+        cache = prefilled_cache(engine, real, args.text, args.context, kind, args.steps)
+        if args.kernels:
+            profile_one_step(engine, cache)
+            continue
+        time_steps(engine, cache, 8)                         # warm-up: compile, capture
+        records.append({"cache": kind, "context": args.context, **time_steps(engine, cache, args.steps)})
+        print(f"  {kind}: {records[-1]}", file=sys.stderr, flush=True)
+    if args.kernels:
+        return
+    print_table(records, ["cache", "context", "tok_s", "step_us", "graph_us", "host_us"])
+    write_json(args.out, {**header(engine.backend.device_name), "model": "smollm2-135m" if real else args.model,
+                          "kv_data": "real" if real else "random", "steps": args.steps, "records": records})
+
+
+if __name__ == "__main__":
+    main()
