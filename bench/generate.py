@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_TEXT, RESULTS, header, print_table, write_json  # noqa: E402
 
-from packkv.generate import Engine, SamplingParams, Sampler, make_decoder, prefill  # noqa: E402
+from packkv.generate import Engine, SamplingParams, Sampler, decode_steps, make_decoder, prefill  # noqa: E402
 from packkv.weights.random import PRESETS  # noqa: E402
 
 WORKSPACE_BYTES = 2 << 30    # set aside for activations, logits and kernel workspaces in capacity estimates
@@ -68,18 +68,18 @@ def random_kv_decode(engine, context, batch, cache_kind, steps) -> tuple[float, 
 
 
 def timed_decode(engine, cache, ids: list[int], steps: int) -> tuple[float, dict]:
-    """Greedy decode tok/s over `steps` steps (sampling on the host included); the first step, which
-    captures the CUDA graph (or warms up), is not timed: a generation pays it once."""
-    decoder, sampler = make_decoder(engine, cache), Sampler(SamplingParams(), engine.backend)
-    logits = decoder.step(ids)
-    ids = [sampler(logits[b, -1]) for b in range(len(ids))]
+    """Greedy decode tok/s over `steps` steps, as generate runs them (packkv.generate.decode_steps: on a
+    captured graph, pipelined one step ahead of the host); the first step, which captures the CUDA graph
+    (or warms up), is not timed: a generation pays it once."""
+    tokens = decode_steps(make_decoder(engine, cache), Sampler(SamplingParams(), engine.backend), ids)
+    next(tokens)
     engine.backend.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        logits = decoder.step(ids)
-        ids = [sampler(logits[b, -1]) for b in range(len(ids))]
-    engine.backend.synchronize()
-    return len(ids) * steps / (time.perf_counter() - start), cache.stats()
+        ids = next(tokens)
+    elapsed = time.perf_counter() - start
+    tokens.close()
+    return len(ids) * steps / elapsed, cache.stats()
 
 
 def transformers_decode_tok_s(folder, ids: list[int], steps: int, cache: str) -> float | None:

@@ -7,10 +7,10 @@
 
 Per cache kind, after a prefill of --context tokens (SmolLM2: a real prompt; a random-weight shape:
 random K/V), three times per decode step, each the mean over --steps steps:
-  step_us      a whole decode step as generate runs it: token upload, graph replay, sync, greedy
-               sampling on the host side, the cache's bookkeeping (and the encoder when a block is due);
+  step_us      a whole decode step as generate runs it (greedy: packkv.generate.decode_steps, pipelined
+               one step ahead of the host on a graph), the cache's bookkeeping and the encoder included;
   graph_us     graph replays alone, back to back (the GPU time of one step, launch gaps included);
-  host_us      step_us - graph_us: what the host adds per token.
+  host_us      step_us - graph_us: what the host adds per token (0 when the pipeline hides it).
 With --kernels, one eager decode step per cache kind runs between cudaProfilerStart/Stop, so that Nsight
 Compute times each kernel alone (serialised: the sum is not the graph's time, but the shares are the
 kernels'). --ncu-csv folds such a CSV into per-kernel totals per step.
@@ -44,15 +44,16 @@ def prefilled_cache(engine, real: bool, text: Path, context: int, kind: str, ste
 
 
 def time_steps(engine, cache, steps: int) -> dict:
-    from packkv.generate import GraphDecoder, SamplingParams, Sampler, make_decoder
-    decoder, sampler = make_decoder(engine, cache), Sampler(SamplingParams(), engine.backend)
-    ids = [sampler(decoder.step([1])[0, -1])]
+    from packkv.generate import GraphDecoder, SamplingParams, Sampler, decode_steps, make_decoder
+    decoder = make_decoder(engine, cache)
+    tokens = decode_steps(decoder, Sampler(SamplingParams(), engine.backend), [1])
+    next(tokens)
     engine.backend.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        ids = [sampler(decoder.step(ids)[0, -1])]
-    engine.backend.synchronize()
+        next(tokens)
     step_us = (time.perf_counter() - start) / steps * 1e6
+    tokens.close()
     out = {"step_us": step_us, "tok_s": 1e6 / step_us}
     if isinstance(decoder, GraphDecoder):
         decoder.graph.launch(decoder.stream)       # the same step again: replays read, never commit

@@ -25,6 +25,14 @@
 //                  in flight, multiplies them with the same 8 inputs of every row (L1-resident: every warp
 //                  reads the same x) in fp32, and the warp reduces by shuffles. Bytes per call: 2 * out * in
 //                  (W, read once) + rows * (2 * in (x, L1/L2) + 2 * out (y)).
+//   argmax_rows    logits fp32 [rows, n] (row stride ld) -> ids int32 [rows]: the first index of each row's
+//                  largest value, NaN above everything (NumPy's argmax). Greedy sampling on the device: a
+//                  captured decode step writes the next step's input token itself, so steps chain
+//                  without the host. One CTA of 1024 threads per row; each thread scans a strided slice
+//                  (ascending indices: its first best is its smallest), then warp shuffles and one warp
+//                  over the warps' bests. Bytes: 4n read per row.
+//   add_one        counters int32 [n] += 1: a pipelined decode advances the cache's device lengths in
+//                  stream order, behind the step that used them.
 // Measured: see bench/results/generate.json (these are launch-bound at batch 1; each runs in a few us).
 
 #include <cuda_fp16.h>
@@ -201,4 +209,47 @@ extern "C" __global__ void linear_rows(const void* __restrict__ x_in, const floa
             y[(size_t)r * out + o] = __float2half(v);
         }
     }
+}
+
+// (value, index) a beats (value, index) b: NaN first, then larger, then the smaller index; index -1 is
+// "nothing seen" and loses to everything.
+__device__ __forceinline__ bool argmax_beats(float a, int ia, float b, int ib) {
+    if (ib < 0) return ia >= 0;
+    if (ia < 0) return false;
+    bool nan_a = a != a, nan_b = b != b;
+    if (nan_a != nan_b) return nan_a;
+    if (!nan_a && a != b) return a > b;
+    return ia < ib;
+}
+
+extern "C" __global__ void argmax_rows(const float* __restrict__ x, long long ld, int n, int* __restrict__ ids) {
+    __shared__ float best_value[32];
+    __shared__ int best_index[32];
+    const float* row = x + (size_t)blockIdx.x * ld;
+    float best = 0.f;
+    int index = -1;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        if (argmax_beats(row[i], i, best, index)) { best = row[i]; index = i; }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = (blockDim.x + 31) / 32;
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffff, best, o);
+        int other_index = __shfl_xor_sync(0xffffffff, index, o);
+        if (argmax_beats(other, other_index, best, index)) { best = other; index = other_index; }
+    }
+    if (lane == 0) { best_value[warp] = best; best_index[warp] = index; }
+    __syncthreads();
+    if (warp != 0) return;
+    best = lane < n_warps ? best_value[lane] : 0.f;
+    index = lane < n_warps ? best_index[lane] : -1;
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffff, best, o);
+        int other_index = __shfl_xor_sync(0xffffffff, index, o);
+        if (argmax_beats(other, other_index, best, index)) { best = other; index = other_index; }
+    }
+    if (lane == 0) ids[blockIdx.x] = index < 0 ? 0 : index;
+}
+
+extern "C" __global__ void add_one(int* __restrict__ counters, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) counters[i] += 1;
 }

@@ -1,5 +1,5 @@
-"""Launchers of kernels/model_ops.cu: RMSNorm, RoPE with the q/k/v split, SiLU*up, and K/V append at
-per-sequence offsets read from device memory. Each checks what it is given and says what it refuses."""
+"""Launchers of kernels/model_ops.cu: RMSNorm, RoPE with the q/k/v split, SiLU*up, K/V append at
+per-sequence offsets read from device memory, the decode GEMVs, greedy argmax and device counters. Each checks what it is given and says what it refuses."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -135,3 +135,23 @@ def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False, norm_
                             null if residual is None else residual, np.int32(swiglu), np.int32(rows),
                             np.int32(in_features), np.int32(out_features)), shared_mem=shared)
     return residual if y is None else y
+
+
+def argmax_rows(logits, out) -> None:
+    """logits fp32 [rows, n] (rows may be strided, elements contiguous) -> out int32 [rows] (C-contiguous),
+    the first index of each row's largest value (NaN counts as largest, as in NumPy)."""
+    import cupy
+    if not isinstance(logits, cupy.ndarray) or logits.dtype != np.float32 or logits.ndim != 2 or logits.strides[1] != 4:
+        raise ValueError(f"argmax_rows: logits must be fp32 [rows, n] on the GPU with contiguous rows, got "
+                         f"{getattr(logits, 'dtype', type(logits).__name__)} {getattr(logits, 'shape', '')}")
+    _require(out, "out", np.int32, 1)
+    if out.shape[0] != logits.shape[0] or logits.shape[1] < 1:
+        raise ValueError(f"argmax_rows: out {out.shape} must hold one id per row of logits {logits.shape}")
+    _kernel("argmax_rows")((logits.shape[0],), (1024,), (logits, np.int64(logits.strides[0] // 4),
+                                                        np.int32(logits.shape[1]), out))
+
+
+def add_one(counters) -> None:
+    """counters int32 [n] += 1 on the current stream."""
+    _require(counters, "counters", np.int32, 1)
+    _kernel("add_one")(_blocks(counters.size), (THREADS,), (counters, np.int32(counters.size)))

@@ -105,10 +105,32 @@ class KVCache(ABC):
     def bytes_reserved(self) -> int:
         """Every byte set aside, used or not."""
 
-    def advance(self, new_tokens: int) -> None:
+    def advance(self, new_tokens: int, counted_on_device: bool = False) -> None:
+        """Commit this step's tokens. counted_on_device: the device's counters (device_counters) were
+        already advanced in stream order, by a pipelined decode, and must not be uploaded over."""
         self.lengths += new_tokens
         self.pending = 0
+        if not counted_on_device:
+            self.upload_counters()
+
+    def upload_counters(self) -> None:
+        """Set the device mirrors of the host bookkeeping (lengths) from the host's values."""
         set_device_array(self.starts, self.lengths)
+
+    def device_counters(self) -> list:
+        """The device arrays that grow by exactly one per committed decode token (while no block is
+        compressed): a pipelined decode adds one to them on the device instead of uploading them."""
+        return [self.starts]
+
+    def compresses_after(self, new_tokens: int) -> bool:
+        """Whether committing `new_tokens` more tokens would reorganise the cache (compress blocks): then
+        no later step may already be in flight, since the device state it reads changes."""
+        return False
+
+    def may_run_ahead(self) -> bool:
+        """Whether a pipelined decode may launch the next step before committing the current one: the
+        current one's commit leaves the device counters to the increments, and both tokens fit."""
+        return not self.compresses_after(1) and int(self.lengths.max()) + 2 <= self.shape.max_context
 
     def fp16_bytes(self) -> int:
         """What the committed tokens take as plain fp16 K and V: the yardstick of compression."""
@@ -328,18 +350,31 @@ class BlockCache(KVCache, ABC):
 
     # ---- once per step --------------------------------------------------------------------------
 
-    def advance(self, new_tokens: int) -> None:
+    def advance(self, new_tokens: int, counted_on_device: bool = False) -> None:
         window_len = self.window_len + new_tokens
-        due = np.maximum(window_len - self.window, 0) // self.block   # full blocks past the window
+        due = self.blocks_due(new_tokens)
         if due.any():
             start = time.perf_counter()
             self.compress(due, window_len)   # may refuse (NaN, inf): then the step is not committed
             self.compress_seconds += time.perf_counter() - start
             self.compress_events += 1
-        super().advance(new_tokens)
         self.window_len[...] = window_len - due * self.block
+        super().advance(new_tokens, counted_on_device and not due.any())   # compressing moved the windows
+
+    def blocks_due(self, new_tokens: int) -> np.ndarray:
+        """Per sequence, the full blocks that committing `new_tokens` more tokens pushes past the window."""
+        return np.maximum(self.window_len + new_tokens - self.window, 0) // self.block
+
+    def compresses_after(self, new_tokens: int) -> bool:
+        return bool(self.blocks_due(new_tokens).any())
+
+    def upload_counters(self) -> None:
+        super().upload_counters()
         set_device_array(self.window_starts, self.window_len)
         set_device_array(self.device_n_blocks, self.n_blocks)
+
+    def device_counters(self) -> list:
+        return [self.starts, self.window_starts]
 
     def compress(self, due: np.ndarray, window_len: np.ndarray) -> None:
         """Encode the oldest due[b] blocks of every sequence's window, all layers in one encoder call,

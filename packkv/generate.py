@@ -17,6 +17,7 @@ from tqdm import tqdm
 from packkv.backend import Backend, get_backend
 from packkv.cache import CacheShape, KVCache, make_cache
 from packkv.errors import PackkvError
+from packkv.kernels import model_ops
 from packkv.model import Llama, LlamaConfig
 from packkv.options import add_cache_arguments, cache_params
 from packkv.weights import Tokenizer, load_checkpoint
@@ -49,6 +50,10 @@ class Sampler:
     def __init__(self, params: SamplingParams, backend: Backend):
         self.params, self.backend = params, backend
         self.rng = np.random.default_rng(params.seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0
 
     def __call__(self, logits) -> int:
         """logits: fp32 [vocab] on the device -> the next token id."""
@@ -138,8 +143,12 @@ class EagerDecoder:
 class GraphDecoder:
     """One decode step captured once as a CUDA graph and replayed: the whole model (about ten kernels
     per layer) costs one launch of host time. What changes between steps lives in device memory the
-    graph reads: the input token ids (copied into a static buffer) and the cache's lengths. The graph is
-    captured again only when a buffer it baked in has moved (cache.layout_version changes)."""
+    graph reads: the input token ids (a static buffer) and the cache's lengths. The graph is captured
+    again only when a buffer it baked in has moved (cache.layout_version changes).
+
+    The graph ends with the greedy choice (argmax of the last logits) written into its own input buffer,
+    so greedy steps chain on the device: greedy_steps runs one step ahead of the host, which reads each
+    step's tokens (and commits them to the cache) while the next step already runs."""
 
     def __init__(self, engine: Engine, cache: KVCache):
         import cupy
@@ -159,18 +168,67 @@ class GraphDecoder:
             self.stream.synchronize()
             self.stream.begin_capture()
             self.logits = model.forward_step(self.tokens, self.cache)
+            model_ops.argmax_rows(self.logits[:, -1], out=self.tokens.reshape(-1))   # the next greedy input
             self.graph = self.stream.end_capture()
         self.layout_version = self.cache.layout_version
+
+    def launch(self) -> None:
+        """Enqueue one step on the decoder's stream (captured again first if the cache's buffers moved)."""
+        if self.layout_version != self.cache.layout_version:
+            self.capture()
+        # Host uploads (token ids, the cache's counters) go through the default stream, and a copy from
+        # pageable memory may still be in flight when the call returns: the step waits for them.
+        self.stream.wait_event(self.cupy.cuda.get_current_stream().record())
+        self.graph.launch(self.stream)
 
     def step(self, token_ids):
         self.cache.check_room(1)
         self.tokens.set(np.asarray(token_ids, dtype=np.int32).reshape(-1, 1))
-        if self.layout_version != self.cache.layout_version:
-            self.capture()
-        self.graph.launch(self.stream)
+        self.launch()
         self.stream.synchronize()
         self.cache.advance(1)
         return self.logits
+
+    def greedy_steps(self, token_ids):
+        """Greedy decoding from token_ids (one per sequence), pipelined: yields each step's chosen ids,
+        committed to the cache. Step n + 1 is enqueued before step n's ids are read (its input is
+        already on the device, and the cache's device counters advance in stream order behind each
+        step), unless committing step n compresses blocks: that changes what step n + 1 reads, so the
+        pipeline drains first. Closing the generator waits for a step still in flight, which is not
+        committed (its device counters are reset from the host's)."""
+        import cupyx
+        cache, stream = self.cache, self.stream
+        self.tokens.set(np.asarray(token_ids, dtype=np.int32).reshape(-1, 1))
+        chosen = cupyx.empty_pinned((2, cache.shape.batch), dtype=np.int32)   # a slot per step in flight
+        in_flight, launched = [], 0
+
+        def enqueue():
+            nonlocal launched
+            self.launch()
+            with stream:
+                for counter in cache.device_counters():
+                    model_ops.add_one(counter)
+            slot = launched % 2
+            self.tokens.reshape(-1).get(stream=stream, out=chosen[slot], blocking=False)
+            in_flight.append((slot, stream.record()))
+            launched += 1
+
+        try:
+            while True:
+                if not in_flight:
+                    cache.check_room(1)
+                    enqueue()
+                if cache.may_run_ahead():
+                    enqueue()
+                slot, done = in_flight.pop(0)
+                done.synchronize()
+                ids = chosen[slot].tolist()
+                cache.advance(1, counted_on_device=True)
+                yield ids
+        finally:
+            stream.synchronize()
+            if in_flight:
+                cache.upload_counters()
 
 
 def make_decoder(engine: Engine, cache: KVCache, use_graph: bool = True):
@@ -178,6 +236,19 @@ def make_decoder(engine: Engine, cache: KVCache, use_graph: bool = True):
     if use_graph and engine.backend.is_gpu and cache.graph_capturable and cache.shape.batch <= MAX_ROWS:
         return GraphDecoder(engine, cache)
     return EagerDecoder(engine, cache)
+
+
+def decode_steps(decoder, sampler: Sampler, token_ids: list[int]):
+    """The ids every following step chooses (one per sequence), from the last ids of the prompts on:
+    greedy on a captured graph runs pipelined on the device, anything else steps and samples in turn.
+    Close the generator (or let it be collected) when done."""
+    if isinstance(decoder, GraphDecoder) and sampler.greedy:
+        yield from decoder.greedy_steps(token_ids)
+        return
+    while True:
+        logits = decoder.step(token_ids)
+        token_ids = [sampler(logits[b, -1]) for b in range(len(token_ids))]
+        yield token_ids
 
 
 # ---- generation -------------------------------------------------------------------------------------
@@ -251,7 +322,7 @@ def generate_batch(engine: Engine, prompts: list[list[int]], max_tokens: int, sa
         next_ids.append(sampler(prefill(engine, ids, cache.row(b), show_progress)[0, -1]))
         result.prefill_seconds = time.perf_counter() - start
 
-    decoder = make_decoder(engine, cache, use_graph)
+    steps = decode_steps(make_decoder(engine, cache, use_graph), sampler, next_ids)
     start = time.perf_counter()
     running = set(range(len(prompts)))
     while True:
@@ -270,8 +341,8 @@ def generate_batch(engine: Engine, prompts: list[list[int]], max_tokens: int, sa
                 running.discard(b)
         if not running or int(cache.lengths.max()) >= cache.shape.max_context:
             break
-        logits = decoder.step(next_ids)
-        next_ids = [sampler(logits[b, -1]) for b in range(len(prompts))]
+        next_ids = next(steps)
+    steps.close()
     backend.synchronize()
     decode_seconds = time.perf_counter() - start
     stats = cache.stats()

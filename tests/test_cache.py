@@ -177,3 +177,34 @@ def test_too_many_tokens_in_one_step_is_refused():
     (T, k, v, q), = random_steps(np.random.default_rng(8), [65])
     with pytest.raises(ValueError, match="at most 64"):
         cache.append(0, k[0], v[0])
+
+
+def test_pipelined_commits_leave_the_counters_to_the_device_until_a_block_compresses():
+    """A pipelined decode advances the device counters itself (one per step, in stream order): a commit
+    counted on the device uploads nothing, except when it compresses blocks (the windows moved: all
+    device state is set from the host), and the pipeline may only run ahead when no compress is due and
+    two more tokens fit."""
+    cache = packkv(window=8, max_context=60)
+    rng = np.random.default_rng(5)
+    for T, k, v, q in random_steps(rng, [30]):
+        run(cache, [(T, k, v, q)])
+    assert int(cache.n_blocks[0]) == 0 and int(cache.window_len[0]) == 30
+    for counter in cache.device_counters():
+        counter[...] = 1000                         # what the device would hold: must not be uploaded over
+    for T, k, v, q in random_steps(rng, [1] * 9):
+        assert not cache.compresses_after(1) and cache.may_run_ahead()
+        for layer in range(LAYERS):
+            cache.append(layer, k[layer], v[layer])
+        cache.advance(T, counted_on_device=True)
+    assert int(cache.window_len[0]) == 39 and cache.starts[0] == 1000 and cache.window_starts[0] == 1000
+    assert cache.compresses_after(1) and not cache.may_run_ahead()   # the 40th token completes a block
+    for T, k, v, q in random_steps(rng, [1]):
+        for layer in range(LAYERS):
+            cache.append(layer, k[layer], v[layer])
+        cache.advance(T, counted_on_device=True)
+    assert int(cache.n_blocks[0]) == 1
+    assert (cache.starts[0], cache.window_starts[0], cache.device_n_blocks[0]) == (40, 40 - PARAMS.block, 1)
+    cache.lengths[0] = 58
+    assert cache.may_run_ahead()                    # tokens 59 and 60 fit a context of 60
+    cache.lengths[0] = 59
+    assert not cache.compresses_after(1) and not cache.may_run_ahead()   # 61 would not

@@ -82,6 +82,35 @@ def test_packkv_graph_replay_gives_the_eager_tokens(engines):
     assert runs[0].token_ids == runs[1].token_ids
 
 
+@pytest.mark.parametrize("kind", ["dense", "packkv", "quant"])
+def test_pipelined_greedy_steps_match_step_by_step_and_leave_the_counters_committed(engines, kind):
+    """greedy_steps (one step ahead of the host, device-side argmax and counters) against the graph
+    stepped one token at a time with host argmax, across compress events (window 16, block 64); closing
+    it mid-run waits for the step in flight and resets the device counters to the committed lengths."""
+    from packkv.generate import GraphDecoder, prefill
+    _, engine = engines
+    ids = engine.prompt_ids(HISTORY, chat=False)
+    runs = []
+    for pipelined in (True, False):
+        cache = engine.new_cache(kind, batch=1, tokens=len(ids) + 150, **({} if kind == "dense" else {"window": 16}))
+        first = int(prefill(engine, ids, cache, show_progress=False)[0, -1].argmax())
+        decoder, tokens = GraphDecoder(engine, cache), [first]
+        if pipelined:
+            steps = decoder.greedy_steps([first])
+            tokens += [next(steps)[0] for _ in range(100)]
+            steps.close()
+        else:
+            for _ in range(100):
+                tokens.append(int(decoder.step([tokens[-1]])[0, -1].argmax()))
+        runs.append(tokens)
+        assert int(cache.lengths[0]) == len(ids) + 100 and int(cache.starts.get()[0]) == len(ids) + 100
+        if kind != "dense":
+            assert cache.compress_events >= 2
+            assert int(cache.window_starts.get()[0]) == int(cache.window_len[0])
+            assert int(cache.device_n_blocks.get()[0]) == int(cache.n_blocks[0])
+    assert runs[0] == runs[1]
+
+
 HISTORY = ("The history of the city begins with a small settlement on the river. Over the centuries it "
            "grew into a market town, then a centre of trade and learning. ") * 6
 

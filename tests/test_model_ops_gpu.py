@@ -195,3 +195,31 @@ def test_linear_rows_refuses_too_many_rows(gpu):
     from packkv.kernels import model_ops
     with pytest.raises(ValueError, match="1..8 rows"):
         model_ops.linear_rows(cupy.zeros((9, 64), np.float16), cupy.zeros((4, 64), np.float16))
+
+
+def test_argmax_rows_is_numpys_argmax(gpu):
+    """Ties go to the first index, NaN beats everything, an all -inf row gives 0; strided rows."""
+    import cupy
+    from packkv.kernels import model_ops
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((6, 3, 5000)).astype(np.float32)
+    logits[1, 2, [7, 4000]] = 50.0                      # a tie
+    logits[2, 2, :] = -np.inf
+    logits[3, 2, [9, 99]] = np.nan
+    logits[4, 2, :] = 1.0                               # all equal
+    logits[5, 2, 4999] = 80.0                           # the last element
+    ids = cupy.full(6, -7, dtype=np.int32)
+    model_ops.argmax_rows(cupy.asarray(logits)[:, 2], out=ids)
+    np.testing.assert_array_equal(ids.get(), np.argmax(logits[:, 2], axis=-1))
+    with pytest.raises(ValueError, match="one id per row"):
+        model_ops.argmax_rows(cupy.asarray(logits)[:, 2], out=cupy.zeros(5, dtype=np.int32))
+    with pytest.raises(ValueError, match="fp32"):
+        model_ops.argmax_rows(cupy.asarray(logits).astype(np.float16)[:, 2], out=ids)
+
+
+def test_add_one(gpu):
+    import cupy
+    from packkv.kernels import model_ops
+    counters = cupy.asarray(np.arange(300, dtype=np.int32))
+    model_ops.add_one(counters)
+    np.testing.assert_array_equal(counters.get(), np.arange(300) + 1)
