@@ -34,6 +34,9 @@
 //   add_one        counters int32 [n] += 1: a pipelined decode advances the cache's device lengths in
 //                  stream order, behind the step that used them.
 // Measured: see bench/results/generate.json (these are launch-bound at batch 1; each runs in a few us).
+// Tried and dropped: linear_rows with each lane loading 4 chunks of its row (and of the up row) before
+// using any, the first batch before the folded norm: 8B shape at 4K lost 154.5 -> 123.6 tok/s (batch 1)
+// and 503 -> 314 (batch 8) side by side (H100), and SmolLM2's step did not gain (graph 1124 vs 1126 us).
 
 #include <cuda_fp16.h>
 
