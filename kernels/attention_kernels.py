@@ -29,7 +29,7 @@ from packkv.codec import CodecParams
 
 KERNEL_DIR = Path(__file__).resolve().parent
 WARPS = 4                     # PK_WARPS in packkv_common.cuh
-MERGE_THREADS = 256           # PK_MERGE_THREADS in packkv_attention.cu
+MERGE_THREADS = 1024          # PK_MERGE_THREADS in packkv_attention.cu
 WARP_EXTRA = 2176 + 1024 + 384 + 64 + 16   # PK_WARP_EXTRA: weights, token table, meta, zero section, mbarriers
 WORK_PER_TILE = {0: 32 * 28, 1: 32 * 12, 2: 32 * 20}   # PK_WORK_PER_TILE(mode): q fragments, offsets, o
 SMEM_PER_SM = 233472          # H100: 228 KB of shared memory per SM, 1 KB of it reserved per CTA

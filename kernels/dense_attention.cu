@@ -16,7 +16,7 @@
 //   4. thread -> (g, d) pairs accumulate acc = acc * rescale + sum_j p_j V[j, d]
 //      in registers (G * D / 128 per thread).
 // Every K and V byte of the span is read once per step for all G heads. The partial state (m, l, acc) of
-// each (b, kv head, split, g) goes to a workspace; dense_attention_merge (grid (B, Hq), 256 threads)
+// each (b, kv head, split, g) goes to a workspace; dense_attention_merge (grid (B, Hq), 1024 threads)
 // combines the splits with log-sum-exp weights, all splits at once (a chain of pairwise merges over
 // ~180 splits cost more than the splits themselves).
 // Bytes per step: 2 * length * Hkv * D * 2 (K and V, fp16) + the partials (splits * Hq * (D + 2) * 4).
@@ -30,7 +30,7 @@
 #endif
 #define TILE 32
 #define THREADS 128
-#define MERGE_THREADS 256
+#define MERGE_THREADS 1024
 #define MAX_ACC 16            // G * D / THREADS registers per thread: G * D <= 2048
 
 // The online-softmax state of one query head: max score m and sum l of exp(s - m); the caller keeps

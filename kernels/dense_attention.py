@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-TILE, THREADS, MERGE_THREADS, MAX_ACC = 32, 128, 256, 16
+TILE, THREADS, MERGE_THREADS, MAX_ACC = 32, 128, 1024, 16
 
 
 @lru_cache(maxsize=None)

@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(128, PK_MINB) pk_attention_splits(
 // (Measured before: one thread per channel walking the splits in a chain of dependent merges took
 // 50 us per layer for 9/3/64 at 8K tokens with ~170 splits; see bench/results/generate.json for now.)
 // ---------------------------------------------------------------------------------------------------
-#define PK_MERGE_THREADS 256
+#define PK_MERGE_THREADS 1024
 
 __device__ __forceinline__ float pk_block_reduce(float v, bool is_max, float* scratch) {
 #pragma unroll
