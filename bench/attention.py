@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, header, print_table, write_json  # noqa: E402
+from common import RESULTS, copy_gbps, header, print_table, write_json  # noqa: E402
 
 from packkv import codec  # noqa: E402
 from packkv.codec import CodecParams  # noqa: E402
@@ -187,22 +187,6 @@ def torch_graph_time_us(torch, calls, min_ms: float = 60.0) -> float:
         graph.replay()
     end.record(); end.synchronize()
     return start.elapsed_time(end) * 1e3 / (reps * len(calls))
-
-
-def copy_gbps(cupy) -> float:
-    n = 1 << 30
-    src, dst = cupy.ones(n, np.uint8), cupy.empty(n, np.uint8)
-    dst[...] = src
-    cupy.cuda.Device().synchronize()
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    start.record()
-    for _ in range(10):
-        dst[...] = src
-    end.record(); end.synchronize()
-    t = cupy.cuda.get_elapsed_time(start, end) / 1e3 / 10
-    del src, dst
-    cupy.get_default_memory_pool().free_all_blocks()
-    return 2 * n / t / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------

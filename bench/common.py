@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "brown.txt"
 
@@ -48,3 +50,20 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 def _fmt(x) -> str:
     return f"{x:.1f}" if isinstance(x, float) else str(x)
+
+
+def copy_gbps(cupy) -> float:
+    """Device-to-device copy bandwidth of a 1 GiB buffer, bytes read + bytes written per second (GB/s)."""
+    n = 1 << 30
+    src, dst = cupy.ones(n, np.uint8), cupy.empty(n, np.uint8)
+    dst[...] = src
+    cupy.cuda.Device().synchronize()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(10):
+        dst[...] = src
+    end.record(); end.synchronize()
+    t = cupy.cuda.get_elapsed_time(start, end) / 1e3 / 10
+    del src, dst
+    cupy.get_default_memory_pool().free_all_blocks()
+    return 2 * n / t / 1e9

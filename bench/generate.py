@@ -8,7 +8,8 @@ real shape (`--model llama-3.1-8b`, llama-2-7b, tinyllama-1.1b) has its caches f
 of the given length instead of a prefill (labelled kv_data "random"), then decodes. Decode tok/s counts
 the tokens of all sequences of the batch over the decode time, compression and host sampling included;
 every engine is warmed up first, and the first decode step (the CUDA graph's capture) is not timed. Transformers (fp16, sdpa, dynamic and static cache) runs beside SmolLM2 at batch 1 when
-torch imports. `capacity`: the longest context (batch 1) and the largest batch (at --capacity-context)
+torch imports. copy_gbps: a device-to-device copy in the same run; each record's weights_bound_fraction
+puts its tok/s against a step that only streams the weights at that bandwidth. `capacity`: the longest context (batch 1) and the largest batch (at --capacity-context)
 each cache kind holds in the GPU memory left beside the weights, from the bytes per token it reported.
 Writes bench/results/<out>.json and a plot.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_TEXT, RESULTS, header, print_table, write_json  # noqa: E402
+from common import DEFAULT_TEXT, RESULTS, copy_gbps, header, print_table, write_json  # noqa: E402
 
 from packkv.generate import Engine, SamplingParams, Sampler, decode_steps, make_decoder, prefill  # noqa: E402
 from packkv.weights.random import PRESETS  # noqa: E402
@@ -187,9 +188,18 @@ def main() -> None:
                         records.append({"model": model_name, "engine": "transformers", "cache": hf_cache,
                                         "context": context, "batch": 1, "decode_tok_s": tok_s, "kv_data": "real"})
     print_table(records, ["model", "engine", "cache", "context", "batch", "decode_tok_s", "compression_ratio"])
+    import cupy
+    copy = copy_gbps(cupy)
+    weights_bound = copy * 1e9 / engine.model.weight_bytes()   # steps/s if a step only read the weights
+    for r in records:
+        if r["engine"] == "packkv":
+            r["weights_bound_fraction"] = r["decode_tok_s"] / (r["batch"] * weights_bound)
     payload = {**header(engine.backend.device_name), "steps": args.steps, "records": records,
                "capacity": capacity(engine, records, model_name, args.capacity_context),
-               "weight_bytes": engine.model.weight_bytes()}
+               "weight_bytes": engine.model.weight_bytes(), "copy_gbps": copy,
+               "weights_bound_steps_s": weights_bound,
+               "weights_bound_note": "weights_bound_fraction = decode tok/s / (batch x copy_gbps / weight_bytes): "
+                                     "the share of the speed a step that only streamed the weights would reach"}
     print_table(payload["capacity"], ["model", "cache", "batch", "max_context", "max_tokens_in_memory"])
     write_json(args.out, payload)
     plot(records, RESULTS / Path(args.out).with_suffix(".png").name, f"{model_name}, {engine.backend.device_name}")
