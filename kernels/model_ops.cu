@@ -14,6 +14,8 @@
 //   rope_split     qkv fp16 [B*T, (Hq + 2 Hkv) * D] -> q [B, Hq, T, D], k, v [B, Hkv, T, D], fp16;
 //                  q and k rotated by RoPE ("rotate half" pairs (i, i + D/2)) at position start[b] + t,
 //                  angles from fp32 cos/sin tables [positions, D/2]. One thread per (row, head, pair).
+//                  Or k and v written into the cache's fp16 slots instead (at per-sequence offsets read
+//                  on the device): RoPE and the K/V append in one launch.
 //   silu_mul       gate_up fp16 [rows, 2I] -> act fp16 [rows, I] = silu(gate) * up, in fp32.
 //   append_kv      k, v fp16 [B, Hkv, T, D] -> written into cache layer slices [B, Hkv, capacity, D] at token
 //                  offset start[b] (device int32): one launch appends K and V of every sequence.
@@ -70,10 +72,15 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
     rms_norm_row(x + (size_t)blockIdx.x * H, w, eps, H, out + (size_t)blockIdx.x * H);
 }
 
+// K and V rows of rope_split go to k/v [B, Hkv, T, D], or, when cache_k is given, straight into the
+// cache's layer slices [B, Hkv, capacity, D] (batch stride in halves) at token write_start[b] + t: the
+// decode step's K/V append then costs no launch of its own.
 extern "C" __global__ void rope_split(const __half* __restrict__ qkv, const int* __restrict__ start,
                                       const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                                       __half* __restrict__ q, __half* __restrict__ k, __half* __restrict__ v,
-                                      int B, int T, int Hq, int Hkv, int D) {
+                                      int B, int T, int Hq, int Hkv, int D,
+                                      __half* __restrict__ cache_k, __half* __restrict__ cache_v,
+                                      const int* __restrict__ write_start, long long batch_stride, int capacity) {
     int half_d = D / 2, heads = Hq + 2 * Hkv;
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)B * T * heads * half_d) return;
@@ -86,13 +93,19 @@ extern "C" __global__ void rope_split(const __half* __restrict__ qkv, const int*
     __half* dst;
     if (head < Hq) {
         dst = q + (((size_t)b * Hq + head) * T + t) * D;
-    } else if (head < Hq + Hkv) {
-        dst = k + (((size_t)b * Hkv + head - Hq) * T + t) * D;
-    } else {                                               // V is not rotated
-        dst = v + (((size_t)b * Hkv + head - Hq - Hkv) * T + t) * D;
-        dst[i] = src[i];
-        dst[i + half_d] = src[i + half_d];
-        return;
+    } else {
+        const int kv_head = (head - Hq) % Hkv;
+        const bool is_k = head < Hq + Hkv;
+        if (cache_k)
+            dst = (is_k ? cache_k : cache_v) + (size_t)b * batch_stride +
+                  ((size_t)kv_head * capacity + write_start[b] + t) * D;
+        else
+            dst = (is_k ? k : v) + (((size_t)b * Hkv + kv_head) * T + t) * D;
+        if (!is_k) {                                       // V is not rotated
+            dst[i] = src[i];
+            dst[i + half_d] = src[i + half_d];
+            return;
+        }
     }
     int pos = start[b] + t;
     float c = cos_table[(size_t)pos * half_d + i], s = sin_table[(size_t)pos * half_d + i];

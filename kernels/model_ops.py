@@ -55,20 +55,48 @@ def rope_split(qkv, start, cos_table, sin_table, q_heads: int, kv_heads: int, he
     """qkv fp16 [B, T, (q_heads + 2 kv_heads) * head_dim], start int32 [B] (position of each sequence's
     first new token) -> q [B, q_heads, T, D], k, v [B, kv_heads, T, D] fp16, q and k rotated."""
     import cupy
+    B, T = _check_rope(qkv, start, q_heads, kv_heads, head_dim)
+    q = cupy.empty((B, q_heads, T, head_dim), np.float16)
+    k = cupy.empty((B, kv_heads, T, head_dim), np.float16)
+    v = cupy.empty((B, kv_heads, T, head_dim), np.float16)
+    _launch_rope(qkv, start, cos_table, sin_table, q, k, v, kv_heads, (np.uintp(0), np.uintp(0), np.uintp(0), 0, 0))
+    return q, k, v
+
+
+def rope_split_into_cache(qkv, start, cos_table, sin_table, q_heads: int, kv_heads: int, head_dim: int,
+                          cache_k, cache_v, write_start):
+    """rope_split, with k (rotated) and v written into cache_k, cache_v [B, kv_heads, capacity, D] (fp16
+    layer slices, contiguous per sequence) at token offsets write_start int32 [B] instead of returned:
+    RoPE and the decode step's K/V append in one launch. Returns q."""
+    import cupy
+    B, T = _check_rope(qkv, start, q_heads, kv_heads, head_dim)
+    _require(write_start, "write_start", np.int32, 1)
+    capacity = _check_cache_slices(cache_k, cache_v, B, kv_heads, head_dim, write_start)
+    q = cupy.empty((B, q_heads, T, head_dim), np.float16)
+    null = np.uintp(0)
+    _launch_rope(qkv, start, cos_table, sin_table, q, null, null, kv_heads,
+                 (cache_k, cache_v, write_start, cache_k.strides[0] // 2, capacity))
+    return q
+
+
+def _check_rope(qkv, start, q_heads: int, kv_heads: int, head_dim: int) -> tuple[int, int]:
     _require(qkv, "qkv", np.float16, 3)
     _require(start, "start", np.int32, 1)
     B, T, width = qkv.shape
     if width != (q_heads + 2 * kv_heads) * head_dim or start.shape[0] != B or head_dim % 2:
         raise ValueError(f"rope_split: qkv {qkv.shape} does not hold {q_heads} + 2 x {kv_heads} heads of "
                          f"{head_dim}, or start {start.shape} is not [{B}]")
-    q = cupy.empty((B, q_heads, T, head_dim), np.float16)
-    k = cupy.empty((B, kv_heads, T, head_dim), np.float16)
-    v = cupy.empty((B, kv_heads, T, head_dim), np.float16)
+    return B, T
+
+
+def _launch_rope(qkv, start, cos_table, sin_table, q, k, v, kv_heads: int, cache_args) -> None:
+    B, q_heads, T, head_dim = q.shape
+    cache_k, cache_v, write_start, batch_stride, capacity = cache_args
     n = B * T * (q_heads + 2 * kv_heads) * head_dim // 2
     _kernel("rope_split")(_blocks(n), (THREADS,), (qkv, start, cos_table, sin_table, q, k, v, np.int32(B),
                                                    np.int32(T), np.int32(q_heads), np.int32(kv_heads),
-                                                   np.int32(head_dim)))
-    return q, k, v
+                                                   np.int32(head_dim), cache_k, cache_v, write_start,
+                                                   np.int64(batch_stride), np.int32(capacity)))
 
 
 def silu_mul(gate_up):
@@ -90,14 +118,24 @@ def append_kv(k, v, cache_k, cache_v, start) -> None:
     _require(v, "v", np.float16, 4)
     _require(start, "start", np.int32, 1)
     B, H, T, D = k.shape
-    if v.shape != k.shape or cache_k.shape[:2] != (B, H) or cache_k.shape[3] != D or cache_v.shape != cache_k.shape:
-        raise ValueError(f"append_kv: k {k.shape}, v {v.shape} do not fit caches {cache_k.shape}, {cache_v.shape}")
-    if cache_k.dtype != np.float16 or cache_k.strides[1:] != (cache_k.shape[2] * D * 2, D * 2, 2):
-        raise ValueError("append_kv: cache slices must be fp16 with contiguous [Hkv, capacity, D] per sequence")
+    if v.shape != k.shape:
+        raise ValueError(f"append_kv: k {k.shape} and v {v.shape} differ")
+    capacity = _check_cache_slices(cache_k, cache_v, B, H, D, start)
     batch_stride = cache_k.strides[0] // 2
     _kernel("append_kv")(_blocks(k.size), (THREADS,), (k, v, cache_k, cache_v, start, np.int32(B), np.int32(H),
                                                        np.int32(T), np.int32(D), np.int64(batch_stride),
-                                                       np.int32(cache_k.shape[2])))
+                                                       np.int32(capacity)))
+
+
+def _check_cache_slices(cache_k, cache_v, B: int, H: int, D: int, start) -> int:
+    """The capacity (tokens) of fp16 cache slices [B, H, capacity, D], contiguous per sequence."""
+    if cache_k.shape[:2] != (B, H) or cache_k.shape[3] != D or cache_v.shape != cache_k.shape or start.shape[0] != B:
+        raise ValueError(f"K/V of [{B}, {H}, T, {D}] do not fit caches {cache_k.shape}, {cache_v.shape} "
+                         f"(with {start.shape[0]} offsets)")
+    if cache_k.dtype != np.float16 or cache_v.dtype != np.float16 or cache_k.strides != cache_v.strides or \
+            cache_k.strides[1:] != (cache_k.shape[2] * D * 2, D * 2, 2):
+        raise ValueError("cache slices must be fp16 with contiguous [Hkv, capacity, D] per sequence")
+    return cache_k.shape[2]
 
 
 def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False, norm_weight=None, eps: float = 0.0):

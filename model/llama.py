@@ -173,12 +173,25 @@ class Llama:
         v = heads(qkv[..., q_end + kv_width:], cfg.num_key_value_heads)
         return q, k, v
 
+    def rope_and_append(self, i, qkv, cache: KVCache):
+        """q rotated; k rotated and v appended to layer i of the cache. On the GPU, where the cache offers
+        fp16 slots for them (append_target), one kernel rotates and writes them there directly."""
+        if self.ops:
+            target = cache.append_target(i, qkv.shape[1])
+            if target is not None:
+                cfg = self.config
+                return self.ops.rope_split_into_cache(qkv, cache.starts, self.rope_cos, self.rope_sin,
+                                                      cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                      cfg.head_dim, *target)
+        q, k, v = self.split_heads_rope(qkv, cache)
+        cache.append(i, k, v)
+        return q
+
     def attention(self, i, layer: LayerWeights, x, cache: KVCache):
         """x += attention(rms_norm(x)): the output projection adds into the residual stream."""
         cfg = self.config
         B, T, _ = x.shape
-        q, k, v = self.split_heads_rope(self.norm_linear(x, layer.attn_norm, layer.wqkv, layer.bqkv), cache)
-        cache.append(i, k, v)
+        q = self.rope_and_append(i, self.norm_linear(x, layer.attn_norm, layer.wqkv, layer.bqkv), cache)
         out = cache.attend(i, q)                                  # [B, heads, T, D]
         out = out.transpose(0, 2, 1, 3).reshape(B, T, cfg.num_attention_heads * cfg.head_dim)
         self.linear(out, layer.wo, layer.bo, residual=x)

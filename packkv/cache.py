@@ -81,13 +81,29 @@ class KVCache(ABC):
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise ValueError(f"append(layer {layer}): k {tuple(k.shape)} and v {tuple(v.shape)} must both be "
                              f"[batch, kv_heads, T, head_dim] = {expected}")
-        if not 0 <= layer < s.layers:
-            raise ValueError(f"append: layer {layer} is outside 0..{s.layers - 1}")
+        return self.count_pending(layer, k.shape[2])
+
+    def count_pending(self, layer: int, T: int) -> int:
+        """Note T new tokens of `layer` (every layer appends as many as layer 0 did)."""
+        if not 0 <= layer < self.shape.layers:
+            raise ValueError(f"append: layer {layer} is outside 0..{self.shape.layers - 1}")
         if layer == 0:
-            self.pending = k.shape[2]
-        elif k.shape[2] != self.pending:
-            raise ValueError(f"append(layer {layer}): {k.shape[2]} tokens, but layer 0 appended {self.pending}")
-        return k.shape[2]
+            self.pending = T
+        elif T != self.pending:
+            raise ValueError(f"append(layer {layer}): {T} tokens, but layer 0 appended {self.pending}")
+        return T
+
+    def append_target(self, layer: int, T: int):
+        """Instead of append: where a kernel may write this step's T tokens of k and v itself (the model's
+        RoPE kernel does, saving the append's launch): (k slices, v slices [B, kv_heads, capacity,
+        head_dim] fp16, device int32 token offset per sequence), the tokens counted as appended; or None
+        (nothing counted) when the kind must see k and v: then call append."""
+        return None
+
+    def kv_stored_as_given(self) -> bool:
+        """Whether append stores k and v unchanged, in fp16 slots on the GPU that a kernel could fill
+        itself (not so for a subclass whose own append must see them)."""
+        return False
 
     @abstractmethod
     def append(self, layer: int, k, v) -> None:
@@ -164,6 +180,15 @@ class DenseCache(KVCache):
     def append(self, layer: int, k, v) -> None:
         self.check_append(layer, k, v)
         append_at(self.backend, k, v, self.k[layer], self.v[layer], self.lengths, self.starts)
+
+    def append_target(self, layer: int, T: int):
+        if not self.kv_stored_as_given():
+            return None
+        self.count_pending(layer, T)
+        return self.k[layer], self.v[layer], self.starts
+
+    def kv_stored_as_given(self) -> bool:
+        return self.backend.is_gpu and type(self).append is DenseCache.append
 
     def attend(self, layer: int, q):
         if self.backend.is_gpu and self.pending == 1:      # decode: the flash-decoding kernel
@@ -312,12 +337,24 @@ class BlockCache(KVCache, ABC):
 
     def append(self, layer: int, k, v) -> None:
         T = self.check_append(layer, k, v)
-        if T > self.max_new_tokens:
-            raise ValueError(f"append: {T} tokens in one step, the cache was made for at most {self.max_new_tokens}")
+        self.count_window_tokens(layer, T)
         append_at(self.backend, k, v, self.window_k[layer], self.window_v[layer], self.window_len,
                   self.window_starts)
+
+    def append_target(self, layer: int, T: int):
+        if not self.kv_stored_as_given():
+            return None
+        self.count_window_tokens(layer, self.count_pending(layer, T))
+        return self.window_k[layer], self.window_v[layer], self.window_starts
+
+    def kv_stored_as_given(self) -> bool:
+        return self.backend.is_gpu and type(self).append is BlockCache.append
+
+    def count_window_tokens(self, layer: int, T: int) -> None:
+        if T > self.max_new_tokens:
+            raise ValueError(f"append: {T} tokens in one step, the cache was made for at most {self.max_new_tokens}")
         if layer == 0 and self.backend.is_gpu:     # the window lengths the decode kernels see, on the device
-            self.window_ends = self.window_starts + np.int32(self.pending)
+            self.window_ends = self.window_starts + np.int32(T)
 
     def attend(self, layer: int, q):
         xp, T = self.backend.xp, self.pending
@@ -485,6 +522,9 @@ class PackkvCache(BlockCache):
         if self.scales is not None:     # the cache holds K and V divided by the channel scales
             k, v = self.scales.to_cached(layer, k, v)
         super().append(layer, k, v)
+
+    def kv_stored_as_given(self) -> bool:
+        return self.backend.is_gpu and self.scales is None and type(self).append is PackkvCache.append
 
     def attend(self, layer: int, q):
         if self.scales is None:
