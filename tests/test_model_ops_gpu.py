@@ -77,6 +77,30 @@ def test_append_kv_writes_at_each_sequence_offset(gpu):
     np.testing.assert_array_equal(cv.get(), want_v)
 
 
+def test_rope_split_into_cache_equals_rope_split_then_append(gpu):
+    """RoPE at each sequence's position (start) and k, v written at another offset per sequence
+    (write_start: a block cache's window), into a layer slice whose batch stride spans the layers."""
+    import cupy
+    from packkv.kernels import model_ops
+    rng = np.random.default_rng(6)
+    B, T, Hq, Hkv, D, capacity = 3, 2, 6, 2, 32, 40
+    qkv = cupy.asarray(rng.standard_normal((B, T, (Hq + 2 * Hkv) * D)).astype(np.float16))
+    start, write_start = cupy.asarray(np.array([0, 9, 70], np.int32)), cupy.asarray(np.array([0, 5, 38], np.int32))
+    angles = np.arange(128)[:, None] / 10.0 ** (np.arange(D // 2)[None, :] / 8)
+    cos, sin = cupy.asarray(np.cos(angles).astype(np.float32)), cupy.asarray(np.sin(angles).astype(np.float32))
+    want_k = cupy.asarray(rng.standard_normal((B, 2, Hkv, capacity, D)).astype(np.float16))  # [B, layers, ...]
+    want_v, got_k = want_k * 2, want_k.copy()
+    got_v = want_v.copy()
+    q, k, v = model_ops.rope_split(qkv, start, cos, sin, Hq, Hkv, D)
+    model_ops.append_kv(k, v, want_k[:, 1], want_v[:, 1], write_start)
+    got_q = model_ops.rope_split_into_cache(qkv, start, cos, sin, Hq, Hkv, D, got_k[:, 1], got_v[:, 1], write_start)
+    np.testing.assert_array_equal(got_q.get(), q.get())
+    np.testing.assert_array_equal(got_k.get(), want_k.get())
+    np.testing.assert_array_equal(got_v.get(), want_v.get())
+    with pytest.raises(ValueError, match="do not fit"):
+        model_ops.rope_split_into_cache(qkv, start, cos, sin, Hq, Hkv, D, got_k[:2, 1], got_v[:2, 1], write_start)
+
+
 @pytest.mark.parametrize("group, head_dim", [(1, 64), (3, 64), (4, 128), (8, 128), (2, 256)])
 @pytest.mark.parametrize("splits", [None, 1, 7, 500])
 def test_dense_decode_attention_matches_reference(gpu, group, head_dim, splits):
