@@ -3,7 +3,7 @@
     python bench/attention.py [--contexts 1024 4096 16384 32768 65536 131072] [--data .stage/bench]
 
 Shapes: Llama-3.1-8B attention (32 query heads, 8 KV heads, head_dim 128) and SmolLM2-135M (9/3/64), one
-sequence. KV data: 'real' = SmolLM2 K/V of Brown-corpus text (a dump in .stage/kv; for the 8B shape two
+sequence. KV data: 'real' = SmolLM2 K/V of Brown-corpus text (bench/dump_kv.py's dump in .stage/kv; for the 8B shape two
 SmolLM2 heads are concatenated to head_dim 128 and 8 such heads stacked), 'random' = Gaussian with
 SmolLM2's per-channel standard deviations. The NumPy encoder is slow, so 32 distinct blocks per dataset
 are encoded (default codec params: rel_k 0.1, rel_v 0.2, token-layer, greedy, pack 16, block 64) and their
@@ -35,13 +35,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, copy_gbps, header, print_table, write_json  # noqa: E402
+from common import RESULTS, copy_gbps, header, print_table, real_heads, write_json  # noqa: E402
 
 from packkv import codec  # noqa: E402
 from packkv.codec import CodecParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_KV = ROOT / ".stage" / "kv" / "smollm2_brown1024.npz"
 SHAPES = {"llama-3.1-8b (32/8/128)": (32, 8, 128), "smollm2-135m (9/3/64)": (9, 3, 64)}
 N_DISTINCT = 32
 PARAMS = CodecParams(rel_k=0.1, rel_v=0.2, granularity="token-layer", repack="greedy", pack=16, block=64)
@@ -51,12 +50,6 @@ SWEEP_BYTES = 200e6          # bytes swept per timed graph (L2 is 50 MB on H100)
 # ---------------------------------------------------------------------------------------------------
 # Data: 32 distinct encoded blocks per (shape, kv_data)
 # ---------------------------------------------------------------------------------------------------
-
-def real_heads():
-    data = np.load(REAL_KV)
-    k, v = data["k"].astype(np.float32), data["v"].astype(np.float32)     # [layers, 3, tokens, 64]
-    return k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])       # [12, tokens, 64]
-
 
 def make_kv(shape_name: str, kind: str, rng) -> tuple[np.ndarray, np.ndarray, str]:
     """fp16 K, V [32 blocks, Hkv, 64, D] and a note on where they come from."""

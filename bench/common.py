@@ -13,6 +13,7 @@ import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TEXT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "brown.txt"
+REAL_KV = Path(__file__).resolve().parents[1] / ".stage" / "kv" / "smollm2_brown1024.npz"   # bench/dump_kv.py
 
 
 def git_revision() -> str:
@@ -67,3 +68,12 @@ def copy_gbps(cupy) -> float:
     del src, dst
     cupy.get_default_memory_pool().free_all_blocks()
     return 2 * n / t / 1e9
+
+
+def real_heads(path: Path = REAL_KV):
+    """SmolLM2's K and V heads from bench/dump_kv.py's dump: float32 [layers * 3, tokens, 64] each."""
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: make it with `python bench/dump_kv.py` (CPU, about a minute)")
+    data = np.load(path)
+    k, v = data["k"].astype(np.float32), data["v"].astype(np.float32)     # [layers, 3, tokens, 64]
+    return k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])

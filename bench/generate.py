@@ -4,8 +4,10 @@
     python bench/generate.py --model llama-3.1-8b --contexts 1024 32768 131072 --batches 1 8
 
 SmolLM2 runs with its real weights on a real prompt (prefill, then decode). A random-weight model of a
-real shape (`--model llama-3.1-8b`, llama-2-7b, tinyllama-1.1b) has its caches filled with random K/V
-of the given length instead of a prefill (labelled kv_data "random"), then decodes. Decode tok/s counts
+real shape (`--model llama-3.1-8b`, llama-2-7b, tinyllama-1.1b) has its caches filled with K/V of the
+given length instead of a prefill, then decodes: Gaussian (kv_data "random", the default) or, with
+--kv-data real, SmolLM2's real K/V of Brown text tiled to the shape ("real-tiled"; bench/dump_kv.py
+makes the dump), which compresses and decodes like real KV rather than like noise. Decode tok/s counts
 the tokens of all sequences of the batch over the decode time, compression and host sampling included;
 every engine is warmed up first, and the first decode step (the CUDA graph's capture) is not timed. Transformers (fp16, sdpa, dynamic and static cache) runs beside SmolLM2 at batch 1 when
 torch imports. copy_gbps: a device-to-device copy in the same run; each record's weights_bound_fraction
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_TEXT, RESULTS, copy_gbps, header, print_table, write_json  # noqa: E402
+from common import DEFAULT_TEXT, RESULTS, copy_gbps, header, print_table, real_heads, write_json  # noqa: E402
 
 from packkv.generate import Engine, SamplingParams, Sampler, decode_steps, make_decoder, prefill  # noqa: E402
 from packkv.weights.random import PRESETS  # noqa: E402
@@ -62,9 +64,33 @@ def fill_random(engine, cache, context: int, chunk: int = 512) -> None:
         cache.advance(T)
 
 
-def random_kv_decode(engine, context, batch, cache_kind, steps) -> tuple[float, dict]:
+def fill_real(engine, cache, context: int, chunk: int = 512) -> None:
+    """Append `context` tokens of real-valued K/V to every sequence: SmolLM2's post-RoPE K and V of Brown
+    text (bench/dump_kv.py), a KV head of the shape made of dump heads concatenated along head_dim
+    (heads i, i + 5, ... of the dump), a different mix per layer and head, tiled along the tokens."""
+    xp, s = engine.backend.xp, cache.shape
+    heads_k, heads_v = real_heads()
+    n_heads, n = heads_k.shape[:2]
+
+    def mixed(heads, layer):          # [kv_heads, n, head_dim] fp16, on the device
+        def one(i):
+            return np.concatenate([heads[(i + 5 * r) % n_heads] for r in range(-(-s.head_dim // heads.shape[2]))],
+                                  axis=-1)[:, :s.head_dim]
+        return xp.asarray(np.stack([one(layer * s.kv_heads + h) for h in range(s.kv_heads)]).astype(np.float16))
+
+    streams = [(mixed(heads_k, layer), mixed(heads_v, layer)) for layer in range(s.layers)]
+    for start in range(0, context, chunk):
+        T = min(chunk, context - start)
+        index = xp.asarray((start + np.arange(T)) % n)
+        for layer, (k, v) in enumerate(streams):
+            cache.append(layer, xp.broadcast_to(k[:, index][None], (s.batch, s.kv_heads, T, s.head_dim)),
+                         xp.broadcast_to(v[:, index][None], (s.batch, s.kv_heads, T, s.head_dim)))
+        cache.advance(T)
+
+
+def synthetic_kv_decode(engine, context, batch, cache_kind, steps, kv_data: str) -> tuple[float, dict]:
     cache = engine.new_cache(cache_kind, batch=batch, tokens=context + steps + 2)
-    fill_random(engine, cache, context)
+    (fill_real if kv_data == "real" else fill_random)(engine, cache, context)
     return timed_decode(engine, cache, [1] * batch, steps)
 
 
@@ -155,6 +181,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1])
     ap.add_argument("--caches", nargs="+", default=["dense", "packkv", "quant"])
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per measurement")
+    ap.add_argument("--kv-data", choices=["random", "real"], default="random",
+                    help="random-weight shapes: the prefilled K/V, Gaussian or SmolLM2's real K/V tiled (bench/dump_kv.py)")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--capacity-context", type=int, default=8192)
     ap.add_argument("--out", default="generate.json")
@@ -166,7 +194,7 @@ def main() -> None:
                     random_weights=None if real else args.model)
     model_name = "smollm2-135m" if real else args.model
     measure = ((lambda c, b, kind: real_prompt_decode(engine, args.text, c, b, kind, args.steps)) if real else
-               (lambda c, b, kind: random_kv_decode(engine, c, b, kind, args.steps)))
+               (lambda c, b, kind: synthetic_kv_decode(engine, c, b, kind, args.steps, args.kv_data)))
     for kind in args.caches:                             # warm-up: kernels compiled, encoders built
         measure(min(args.contexts), 1, kind)
     records = []
@@ -175,7 +203,8 @@ def main() -> None:
             for kind in args.caches:
                 tok_s, stats = measure(context, batch, kind)
                 records.append({"model": model_name, "engine": "packkv", "cache": kind, "context": context,
-                                "batch": batch, "decode_tok_s": tok_s, "kv_data": "real" if real else "random",
+                                "batch": batch, "decode_tok_s": tok_s,
+                                "kv_data": "real" if real else "random" if args.kv_data == "random" else "real-tiled",
                                 "kv_bytes_used": stats["kv_bytes_used"], "compression_ratio": stats["compression_ratio"],
                                 "compress_seconds": stats.get("compress_seconds")})
                 print(f"  {kind:7s} context {context:6d} batch {batch:2d}: {tok_s:8.1f} tok/s", file=sys.stderr,
