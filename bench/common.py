@@ -34,11 +34,12 @@ def header(device: str) -> dict:
             "host_python": platform.python_version()}
 
 
-def write_json(name: str, payload: dict) -> Path:
+def write_json(name: str, payload: dict, quiet: bool = False) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / name
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    if not quiet:
+        print(f"wrote {path}", file=sys.stderr)
     return path
 
 
