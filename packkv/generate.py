@@ -194,13 +194,13 @@ class GraphDecoder:
         committed to the cache. Step n + 1 is enqueued before step n's ids are read (its input is
         already on the device, and the cache's device counters advance in stream order behind each
         step), unless committing step n compresses blocks: that changes what step n + 1 reads, so the
-        pipeline drains first. Closing the generator waits for a step still in flight, which is not
-        committed (its device counters are reset from the host's)."""
+        pipeline drains first. Closing the generator (or an error in a commit) waits for a step still in
+        flight; steps not committed leave no trace (the device counters are reset from the host's)."""
         import cupyx
         cache, stream = self.cache, self.stream
         self.tokens.set(np.asarray(token_ids, dtype=np.int32).reshape(-1, 1))
         chosen = cupyx.empty_pinned((2, cache.shape.batch), dtype=np.int32)   # a slot per step in flight
-        in_flight, launched = [], 0
+        in_flight, launched, committed = [], 0, 0
 
         def enqueue():
             nonlocal launched
@@ -223,11 +223,12 @@ class GraphDecoder:
                 slot, done = in_flight.pop(0)
                 done.synchronize()
                 ids = chosen[slot].tolist()
-                cache.advance(1, counted_on_device=True)
+                cache.advance(1, counted_on_device=True)   # may refuse (NaN, inf in a block): not committed
+                committed += 1
                 yield ids
         finally:
             stream.synchronize()
-            if in_flight:
+            if launched != committed:   # steps counted on the device but not committed: the host's counts
                 cache.upload_counters()
 
 
