@@ -6,7 +6,8 @@ Random weights of the shape (made on the device), a prompt of random token ids, 
 decoding as generate runs it (packkv.generate.decode_steps: the captured graph, pipelined) of --tokens
 tokens. Every --every tokens one sample:
   used       device memory in use by everything (cudaMemGetInfo: total - free): the CUDA context, CuPy's
-             pools (the decode graph's own included), the encoder's Numba scratch, library workspaces;
+             pools (the decode graph's own included), the encoder's Numba scratch, library workspaces,
+             less the free blocks CuPy's default pool caches for reuse;
   reserved   the cache's bytes_reserved (its arena grows by doubling), and bytes_used;
   workspace  used - weights - reserved.
 The claim under test: workspace stays fixed, so used never exceeds weights + reserved + the workspace of
@@ -34,10 +35,13 @@ from packkv.weights.random import PRESETS  # noqa: E402
 
 
 def device_used_bytes(engine) -> int | None:
+    """Device memory held by the process (cudaMemGetInfo), less the blocks CuPy's default pool keeps free
+    for reuse (a grown arena's old buffer goes back there, not to the driver)."""
     if not engine.backend.is_gpu:
         return None
-    free, total = engine.backend.xp.cuda.runtime.memGetInfo()
-    return int(total - free)
+    xp = engine.backend.xp
+    free, total = xp.cuda.runtime.memGetInfo()
+    return int(total - free) - int(xp.get_default_memory_pool().free_bytes())
 
 
 def sample(engine, cache, tokens: int, seconds: float) -> dict:

@@ -75,10 +75,17 @@ def module_names(file: str, D: int = 0, P: int = 0) -> tuple[str, ...]:
 
 
 def _function(file: str, name: str, D: int = 0, P: int = 0, shared: int = 0):
+    """The kernel, opted in to `shared` bytes of dynamic shared memory where its static shared memory
+    and those bytes together pass the default 48 KiB."""
     fn = _module(file, module_names(file, D, P)).get_function(name)
-    if shared > 48 * 1024:
+    if shared and shared + _static_shared_bytes(file, name, D, P) > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = shared
     return fn
+
+
+@lru_cache(maxsize=None)
+def _static_shared_bytes(file: str, name: str, D: int, P: int) -> int:
+    return int(_module(file, module_names(file, D, P)).get_function(name).shared_size_bytes)
 
 
 def precompile(head_dim: int, pack: int) -> None:

@@ -27,8 +27,9 @@ class Backend:
         return array.get() if self.is_gpu else np.asarray(array)
 
     def synchronize(self) -> None:
+        """Wait for all work on the device (every stream: the decode graph runs on its own)."""
         if self.is_gpu:
-            self.xp.cuda.get_current_stream().synchronize()
+            self.xp.cuda.Device().synchronize()
 
     def peak_memory_bytes(self) -> int | None:
         """Bytes CuPy's memory pool holds on the device (None on the CPU). The pool keeps freed

@@ -174,11 +174,12 @@ class GraphDecoder:
 
     def launch(self) -> None:
         """Enqueue one step on the decoder's stream (captured again first if the cache's buffers moved)."""
+        # Host uploads (token ids, the cache's counters) go through the default stream, and a copy from
+        # pageable memory may still be in flight when the call returns: the step (and a capture's warm-up
+        # step) waits for them.
+        self.stream.wait_event(self.cupy.cuda.get_current_stream().record())
         if self.layout_version != self.cache.layout_version:
             self.capture()
-        # Host uploads (token ids, the cache's counters) go through the default stream, and a copy from
-        # pageable memory may still be in flight when the call returns: the step waits for them.
-        self.stream.wait_event(self.cupy.cuda.get_current_stream().record())
         self.graph.launch(self.stream)
 
     def step(self, token_ids):
@@ -204,6 +205,7 @@ class GraphDecoder:
 
         def enqueue():
             nonlocal launched
+            launched += 1                 # first: whatever fails below, the step may have been counted
             self.launch()
             with stream:
                 for counter in cache.device_counters():
@@ -211,7 +213,6 @@ class GraphDecoder:
             slot = launched % 2
             self.tokens.reshape(-1).get(stream=stream, out=chosen[slot], blocking=False)
             in_flight.append((slot, stream.record()))
-            launched += 1
 
         try:
             while True:
