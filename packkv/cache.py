@@ -505,12 +505,15 @@ class PackkvCache(BlockCache):
 
     def __init__(self, shape: CacheShape, backend: Backend, params: codec.CodecParams = codec.CodecParams(),
                  window: int = 128, max_new_tokens: int = 512, scales: "ChannelScales | None" = None,
-                 sink: tuple[float, float] | None = None):
+                 sink: tuple[float, float] | None = None, layer_scales: "LayerScales | None" = None):
         self.params = params
         # (rel_k, rel_v) of every sequence's first block, whose first tokens draw much of the attention
         # (attention sinks): tighter there costs one block's bytes and cuts the error attention reads most.
         # The decoder does not need a record's bounds, so the format is the same.
         self.sink_params = None if sink is None else replace(params, rel_k=sink[0], rel_v=sink[1])
+        # Per-layer bounds: the cache's (rel_k, rel_v) times each layer's multipliers (the other blocks).
+        self.layer_scales = layer_scales
+        self.layer_params = None if layer_scales is None else layer_scales.params(params, shape.layers)
         super().__init__(shape, backend, params.block, window, max_new_tokens, keep_decoded=not backend.is_gpu)
         self.scales = None if scales is None else scales.on(backend, shape)
 
@@ -549,12 +552,18 @@ class PackkvCache(BlockCache):
         return tuple(x.transpose(1, 0, 2, 3).reshape(self.shape.kv_heads, -1, self.shape.head_dim) for x in (k, v))
 
     def encoding_groups(self, owners) -> list:
-        """The first blocks of sequences with the sink bounds, the others with the cache's."""
-        if self.sink_params is None:
+        """The first blocks of sequences with the sink bounds, the others with their layer's bounds (the
+        cache's, without layer scales): one group, and one encoder call, per distinct parameters."""
+        if self.sink_params is None and self.layer_params is None:
             return super().encoding_groups(owners)
-        first = [i for i, (_, _, j) in enumerate(owners) if j == 0]
-        rest = [i for i, (_, _, j) in enumerate(owners) if j != 0]
-        return [(g, p) for g, p in ((first, self.sink_params), (rest, self.params)) if g]
+        groups: dict = {}
+        for i, (layer, _, j) in enumerate(owners):
+            if j == 0 and self.sink_params is not None:
+                params = self.sink_params
+            else:
+                params = self.params if self.layer_params is None else self.layer_params[layer]
+            groups.setdefault(params, []).append(i)
+        return [(g, p) for p, g in groups.items()]
 
     def write_records(self, k_blocks, v_blocks, params=None) -> np.ndarray:
         """On the GPU the Numba encoder (kernels/encoder.py, bit-identical to codec.py) writes the records
@@ -582,11 +591,42 @@ class PackkvCache(BlockCache):
 
     def kind_params(self) -> dict:
         sink = None if self.sink_params is None else [self.sink_params.rel_k, self.sink_params.rel_v]
-        return {**vars(self.params), "channel_scales": self.scales is not None, "sink": sink}
+        layers = None if self.layer_scales is None else self.layer_scales.as_json()
+        return {**vars(self.params), "channel_scales": self.scales is not None, "sink": sink, "layer_scales": layers}
 
     def bytes_used(self) -> int:
         """The blocks, the window, and the channel scales (once per cache)."""
         return super().bytes_used() + (0 if self.scales is None else self.scales.nbytes)
+
+
+class LayerScales:
+    """Per-layer multipliers of packkv's bounds, k and v [layers]: layer l's blocks (but a sequence's first
+    block, when sink bounds are set) are encoded at rel_k * k[l], rel_v * v[l], clipped to [2**-12, 1].
+    `python -m packkv.eval layers` measures each layer's sensitivity on a calibration text and gives
+    sensitive layers tighter bounds and robust ones looser (geometric mean 1: about the same bytes), saved
+    in the tuned profile. Only the encoder's parameters change, per group of blocks; records carry their
+    steps, so the format, the decoder and the attention kernels are the same."""
+
+    def __init__(self, k, v):
+        self.k, self.v = (np.asarray(x, dtype=np.float64) for x in (k, v))
+        if self.k.shape != self.v.shape or self.k.ndim != 1:
+            raise PackkvError(f"layer scales must be two [layers] lists, got shapes {self.k.shape} and {self.v.shape}")
+        if not all(np.isfinite(s).all() and (s > 0).all() for s in (self.k, self.v)):
+            raise PackkvError("layer scales must be finite and positive")
+
+    def params(self, base: codec.CodecParams, layers: int) -> list:
+        """Each layer's CodecParams: base's bounds times the layer's multipliers."""
+        if len(self.k) != layers:
+            raise PackkvError(f"the layer scales are for {len(self.k)} layers, the model has {layers} (a profile "
+                              f"of another model? --kv-layer-scales none or --kv-profile none ignores them)")
+
+        def bound(rel, m):
+            return float(min(max(rel * m, codec.MIN_REL), 1.0))
+        return [replace(base, rel_k=bound(base.rel_k, mk), rel_v=bound(base.rel_v, mv))
+                for mk, mv in zip(self.k, self.v)]
+
+    def as_json(self) -> dict:
+        return {"k": self.k.tolist(), "v": self.v.tolist()}
 
 
 class ChannelScales:

@@ -6,6 +6,7 @@
     compression  bits per element of real KV under packkv's codec, every byte counted
     sweep        compression ratio against perplexity increase and KL: packkv's bounds and the quant baseline
     tune         packkv's parameters of highest compression within a perplexity budget, saved as a profile
+    layers       each layer's KL when it alone is compressed; per-layer bounds from it, saved as a profile
 
 How a text is scored (ppl, kl, sweep, tune). The text's first --windows x --ctx tokens make --windows
 windows of --ctx tokens; each runs through a fresh cache. Its first --prefill tokens go in as a prompt (in
@@ -34,11 +35,11 @@ import numpy as np
 from tqdm import tqdm
 
 from packkv import codec
-from packkv.cache import CacheShape, ChannelScales, DenseCache
+from packkv.cache import CacheShape, ChannelScales, DenseCache, LayerScales
 from packkv.errors import PackkvError
 from packkv.generate import PREFILL_CHUNK, Engine, SamplingParams, generate
-from packkv.options import (DEFAULT_WINDOW, add_cache_arguments, cache_params, profile_scales, read_profile,
-                            save_profile, sink_bounds, weights_folder)
+from packkv.options import (DEFAULT_WINDOW, add_cache_arguments, cache_params, profile_layer_scales, profile_scales,
+                            read_profile, save_profile, sink_bounds, weights_folder)
 from packkv.quant import QUANT_BITS, QUANT_GROUPS, QuantParams
 
 KIVI_SETTINGS = [(2, 32), (2, 64), (4, 32), (4, 64)]   # (bits, group): KIVI's common configurations
@@ -109,14 +110,17 @@ class CacheSpec:
         return {"cache": self.kind, **(vars(p) if p is not None else {}),
                 **({"window": self.params["window"]} if "window" in self.params else {}),
                 **({"channel_scales": self.params.get("scales") is not None,
-                    "sink": self.params.get("sink")} if self.kind == "packkv" else {})}
+                    "sink": self.params.get("sink"),
+                    "layer_scales": None if self.params.get("layer_scales") is None
+                    else self.params["layer_scales"].as_json()} if self.kind == "packkv" else {})}
 
     def label(self) -> str:
         d = self.describe()
         if self.kind == "packkv":
             return (f"packkv k{d['rel_k']:g} v{d['rel_v']:g} {d['granularity']} {d['repack']}"
                     + (" scaled" if d["channel_scales"] else "")
-                    + (" sink {:g},{:g}".format(*d["sink"]) if d["sink"] else ""))
+                    + (" sink {:g},{:g}".format(*d["sink"]) if d["sink"] else "")
+                    + (" per-layer" if d["layer_scales"] else ""))
         if self.kind == "quant":
             return f"quant {d['bits']}-bit g{d['group']}"
         return self.kind
@@ -671,7 +675,13 @@ def tune_command(args) -> dict:
     windows = text_windows(engine, args)
     scales = calibrate_scales(engine, windows) if args.channel_scales == "on" else None
     sink = sink_bounds(args.kv_sink, None)      # --kv-sink: the first blocks' bounds, tuned around, saved
-    extra = {**({} if scales is None else {"scales": scales}), **({"sink": sink} if sink else {})}
+    layers = None       # --layer-scales-from: per-layer multipliers (`eval layers`), tuned around, saved
+    if args.layer_scales_from:
+        layers = profile_layer_scales(read_profile(Path(args.layer_scales_from)))
+        if layers is None:
+            raise PackkvError(f"--layer-scales-from {args.layer_scales_from}: the profile has no layer_scales")
+    extra = {**({} if scales is None else {"scales": scales}), **({"sink": sink} if sink else {}),
+             **({"layer_scales": layers} if layers else {})}
     dense, reference = score(engine, windows, DENSE, keep=True)
     tried = []
     bar = progress(desc="tune", unit="cache")
@@ -704,13 +714,96 @@ def tune_command(args) -> dict:
                                    "block_compression_ratio")}},
                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                **({} if scales is None else {"channel_scales": scales_json(scales)}),
-               **({"sink": list(sink)} if sink else {})}
+               **({"sink": list(sink)} if sink else {}),
+               **({"layer_scales": layers.as_json()} if layers else {})}
     path = save_profile(args.weights, profile, args.profile_out)
     print(f"tuned {CacheSpec('packkv', {'params': codec.CodecParams(**params), **extra}).label()}: "
           f"{best['block_compression_ratio']:.2f}x in the blocks, perplexity {best['ppl_increase_pct']:+.3f}% "
           f"(budget +{args.budget_ppl}%), KL {best['kl']:.4f}; saved {path}")
     return {**run_header(args, engine), "profile_path": str(path), "profile": profile, "dense": dense,
             "tried": tried}
+
+
+# ---- per-layer bounds ------------------------------------------------------------------------------
+
+def layer_multipliers(sensitivity: np.ndarray, power: float, clip: float, floor: float = 0.01) -> np.ndarray:
+    """Per-layer multipliers of one bound (K's or V's) from each layer's measured KL when it alone is
+    compressed at that bound: m_l = (s_l / geometric mean)^-power, clipped to [1/clip, clip] and kept at a
+    geometric mean of 1 (bits go about as -log2(bound), so about the same bytes). If KL_l grew as
+    a_l * bound^2, power 0.5 would equalise the layers' marginal KL per bit (the rate-distortion optimum);
+    on SmolLM2 it overshoots (a loosened layer's KL grows faster), 0.35 did better. Layers below `floor`
+    times the largest count as that."""
+    s = np.asarray(sensitivity, dtype=np.float64)
+    if s.ndim != 1 or not np.isfinite(s).all() or s.max() <= 0:
+        raise PackkvError("layer sensitivities must be finite, one per layer, and not all zero")
+    if not (power >= 0 and clip >= 1):
+        raise PackkvError(f"--power must be >= 0 and --clip >= 1, not {power} and {clip}")
+    s = np.maximum(s, floor * s.max())
+    m = (s / np.exp(np.log(s).mean())) ** -power
+    for _ in range(100):       # clipping moves the mean; renormalise until both hold
+        m = np.clip(m / np.exp(np.log(m).mean()), 1 / clip, clip)
+    return m
+
+
+def layers_command(args) -> dict:
+    """Each layer's sensitivity at the base bounds: the KL to dense when that layer's K (then V) alone is
+    compressed at them and every other layer at the tight --rel-floor (the first blocks at --kv-sink, if
+    set), minus the KL with every layer at the floor. Per-layer multipliers from it (layer_multipliers),
+    then the base bounds with and without them; saves a profile with the multipliers."""
+    if not codec.MIN_REL <= args.rel_floor <= 1:
+        raise PackkvError(f"--rel-floor must be in [2**-12, 1], not {args.rel_floor}")
+    spec = CacheSpec.from_args(argparse.Namespace(**{**vars(args), "cache": "packkv", "kv_layer_scales": "none"}))
+    params = spec.params["params"]
+    check_window_args(args)
+    engine = load(args)
+    L = engine.config.num_hidden_layers
+    windows = text_windows(engine, args)
+    dense, reference = score(engine, windows, DENSE, keep=True)
+    tight_k, tight_v = args.rel_floor / params.rel_k, args.rel_floor / params.rel_v
+
+    def kl_with(k_mult, v_mult) -> dict:
+        result, _ = score(engine, windows, CacheSpec("packkv", {**spec.params, "layer_scales": LayerScales(k_mult, v_mult)}),
+                          reference)
+        return result
+
+    floor = kl_with([tight_k] * L, [tight_v] * L)["kl"]
+    kl_k, kl_v = np.zeros(L), np.zeros(L)
+    bar = progress(total=2 * L, desc="layers", unit="cache")
+    for layer in range(L):
+        for out, k_mult, v_mult in ((kl_k, 1.0, tight_v), (kl_v, tight_k, 1.0)):
+            ks, vs = [tight_k] * L, [tight_v] * L
+            ks[layer], vs[layer] = k_mult, v_mult
+            out[layer] = kl_with(ks, vs)["kl"]
+            bar.update()
+    bar.close()
+    sens_k, sens_v = np.maximum(kl_k - floor, 0), np.maximum(kl_v - floor, 0)
+    layers = LayerScales(layer_multipliers(sens_k, args.power, args.clip), layer_multipliers(sens_v, args.power, args.clip))
+    results = {}
+    for name, extra in (("uniform", {}), ("per_layer", {"layer_scales": layers})):
+        result, _ = score(engine, windows, CacheSpec("packkv", {**spec.params, **extra}), reference)
+        results[name] = {**result, "ppl_increase_pct": ppl_increase_pct(result["ppl"], dense["ppl"])}
+    best = results["per_layer"]
+    sink = spec.params.get("sink")
+    profile = {"model": args.model, "params": {key: getattr(params, key) for key in PROFILE_PARAMS},
+               "layer_scales": layers.as_json(),
+               "layer_sensitivity": {"k": sens_k.tolist(), "v": sens_v.tolist(), "floor_kl": floor,
+                                     "rel_floor": args.rel_floor, "power": args.power, "clip": args.clip},
+               "calibration": {"text": str(args.text), **windows.describe(), "window": spec.params["window"],
+                               "dense_ppl": dense["ppl"], **{k: best[k] for k in (
+                                   "ppl", "ppl_increase_pct", "kl", "top1_agreement", "compression_ratio",
+                                   "block_compression_ratio")}},
+               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+               **({"sink": list(sink)} if sink else {})}
+    path = save_profile(args.weights, profile, args.profile_out)
+    for name, r in results.items():
+        print(f"{name}: {r['block_compression_ratio']:.2f}x in the blocks, perplexity {r['ppl_increase_pct']:+.3f}%, "
+              f"KL {r['kl']:.4f}, top-1 {100 * r['top1_agreement']:.2f}%")
+    print(f"saved {path}")
+    return {**run_header(args, engine), "profile_path": str(path), "profile": profile, "dense": dense,
+            "results": results, "kl_k": kl_k.tolist(), "kl_v": kl_v.tolist()}
+
+
+PROFILE_PARAMS = ("rel_k", "rel_v", "granularity", "repack", "pack", "block")
 
 
 def compression_command(args) -> dict:
@@ -802,13 +895,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-scales", choices=["on", "off"], default="off",
                    help="calibrate per-channel K and V scales on the calibration text first and tune with them "
                         "(saved in the profile; off by default: on SmolLM2 they trade KL for ratio, no clear win)")
+    p.add_argument("--layer-scales-from", help="a profile with per-layer multipliers (`eval layers`): tune the "
+                                               "base bounds with them, and save them in the profile")
+    p.add_argument("--profile-out", help="save the profile here (default: next to the weights, else the cache "
+                                         "folder, where generate and eval find it)")
+    p = sub.add_parser("layers", help="per-layer bounds from each layer's measured sensitivity, saved as a profile")
+    add_common(p, "calibration text (not the one you evaluate on)")
+    add_windows(p, windows=1)
+    p.add_argument("--rel-floor", type=float, default=0.001, help="the bound of the layers not under test")
+    p.add_argument("--power", type=float, default=0.35, help="multiplier = (sensitivity / geometric mean)^-power")
+    p.add_argument("--clip", type=float, default=4.0, help="multipliers within [1/clip, clip]")
     p.add_argument("--profile-out", help="save the profile here (default: next to the weights, else the cache "
                                          "folder, where generate and eval find it)")
     return ap
 
 
 COMMANDS = {"ppl": ppl_command, "kl": kl_command, "passkey": passkey_command, "compression": compression_command,
-            "sweep": sweep_command, "tune": tune_command}
+            "sweep": sweep_command, "tune": tune_command, "layers": layers_command}
 
 
 def main(argv=None) -> int:

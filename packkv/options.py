@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from packkv import codec
-from packkv.cache import CACHE_KINDS, ChannelScales
+from packkv.cache import CACHE_KINDS, ChannelScales, LayerScales
 from packkv.errors import PackkvError
 from packkv.quant import QUANT_BITS, QUANT_GROUPS, QuantParams
 
@@ -38,6 +38,9 @@ def add_cache_arguments(ap: argparse.ArgumentParser) -> None:
                                      "e.g. 0.02,0.05; 'none' for the cache's bounds (default: the profile's, else none)")
     g.add_argument("--kv-scales", choices=["profile", "none"], default="profile",
                    help="packkv's channel scales: the tuned profile's, if it has them (default), or none")
+    g.add_argument("--kv-layer-scales", choices=["profile", "none"], default="profile",
+                   help="packkv's per-layer bound multipliers (`eval layers`): the tuned profile's, if it has "
+                        "them (default), or none (every layer at --kv-rel-k/--kv-rel-v)")
     g.add_argument("--kv-profile", help="a tuned profile (JSON) for packkv's defaults, or 'none' (default: the "
                                         "profile `python -m packkv.eval tune` saved for the model, if any)")
     g.add_argument("--quant-bits", type=int, default=2, help=f"bits per element of the quant baseline {QUANT_BITS}")
@@ -66,12 +69,15 @@ def cache_params(args) -> dict:
     except (TypeError, ValueError) as exc:
         raise PackkvError(f"invalid KV compression parameters: {exc}") from exc
     scales = profile_scales(profile[1]) if profile and getattr(args, "kv_scales", "profile") == "profile" else None
-    if taken or scales:
-        shown = " ".join([f"{k}={v}" for k, v in taken.items()] + (["channel scales"] if scales else []))
+    layers = (profile_layer_scales(profile[1])
+              if profile and getattr(args, "kv_layer_scales", "profile") == "profile" else None)
+    if taken or scales or layers:
+        shown = " ".join([f"{k}={v}" for k, v in taken.items()] + (["channel scales"] if scales else [])
+                         + (["layer scales"] if layers else []))
         print(f"packkv: using the tuned profile {profile[0]} ({shown}); --kv-* flags override it", file=sys.stderr)
     sink = sink_bounds(getattr(args, "kv_sink", None), profile[1].get("sink") if profile else None)
     return {"params": params, "window": window, **({"scales": scales} if scales else {}),
-            **({"sink": sink} if sink else {})}
+            **({"sink": sink} if sink else {}), **({"layer_scales": layers} if layers else {})}
 
 
 def sink_bounds(flag: str | None, from_profile) -> tuple[float, float] | None:
@@ -101,6 +107,17 @@ def profile_scales(profile: dict) -> ChannelScales | None:
         return ChannelScales(saved["k"], saved["v"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PackkvError(f"the profile's channel_scales cannot be read: {exc}") from exc
+
+
+def profile_layer_scales(profile: dict) -> LayerScales | None:
+    """The per-layer bound multipliers a profile holds ({"k": [...], "v": [...]}, one per layer), if any."""
+    saved = profile.get("layer_scales")
+    if saved is None:
+        return None
+    try:
+        return LayerScales(saved["k"], saved["v"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackkvError(f"the profile's layer_scales cannot be read: {exc}") from exc
 
 
 # ---- tuned profiles ---------------------------------------------------------------------------------

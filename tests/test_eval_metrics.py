@@ -351,3 +351,34 @@ def test_quant_cache_runs_the_tiny_model(tiny):
     for t in range(5):
         logits = engine.model.forward(np.asarray([[t]]), cache)
     assert np.isfinite(logits).all() and int(cache.n_blocks[0]) == 3
+
+
+def test_layers_saves_per_layer_bounds_that_kl_and_tune_use(tiny, capsys, tmp_path):
+    """`eval layers` measures each layer's K and V alone against dense, saves multipliers (one per layer,
+    geometric mean 1) with the base bounds; kl with that profile reports them and differs from
+    --kv-layer-scales none, which is the uniform run; tune --layer-scales-from keeps them."""
+    folder, text = tiny
+    profile = tmp_path / "layers.json"
+    result = eval_json(capsys, tmp_path, "layers", *window_args(folder, text), *FAST, "--kv-rel-k", "0.1",
+                       "--kv-rel-v", "0.3", "--kv-granularity", "token-head", "--kv-sink", "0.02,0.05",
+                       "--profile-out", profile)
+    saved = json.loads(profile.read_text())
+    layers = CONFIG["num_hidden_layers"]
+    assert len(saved["layer_scales"]["k"]) == len(saved["layer_scales"]["v"]) == layers
+    assert np.exp(np.log(saved["layer_scales"]["k"]).mean()) == pytest.approx(1, abs=1e-6)
+    assert (saved["params"]["rel_k"], saved["params"]["rel_v"], saved["sink"]) == (0.1, 0.3, [0.02, 0.05])
+    assert all(kl >= saved["layer_sensitivity"]["floor_kl"] - 1e-12 for kl in result["kl_k"] + result["kl_v"])
+    with_layers = eval_json(capsys, tmp_path, "kl", *window_args(folder, text), *FAST, "--cache", "packkv",
+                            "--kv-profile", profile)
+    assert with_layers["layer_scales"] == saved["layer_scales"] and with_layers["sink"] == [0.02, 0.05]
+    assert with_layers["kl"] == pytest.approx(result["results"]["per_layer"]["kl"])
+    uniform = eval_json(capsys, tmp_path, "kl", *window_args(folder, text), *FAST, "--cache", "packkv",
+                        "--kv-profile", profile, "--kv-layer-scales", "none")
+    assert uniform["layer_scales"] is None and uniform["kl"] == pytest.approx(result["results"]["uniform"]["kl"])
+    assert uniform["kl"] != with_layers["kl"]
+    tuned = tmp_path / "tuned.json"
+    out = eval_json(capsys, tmp_path, "tune", *window_args(folder, text), *FAST, "--rel-k", "0.1", "--rel-v", "0.3",
+                    "--granularities", "token-head", "--budget-ppl", "100", "--layer-scales-from", profile,
+                    "--profile-out", tuned)
+    assert json.loads(tuned.read_text())["layer_scales"] == saved["layer_scales"]
+    assert out["tried"][0]["layer_scales"] == saved["layer_scales"]
