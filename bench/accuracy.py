@@ -28,6 +28,14 @@ Every number comes from a `python -m packkv.eval` run whose command is recorded 
                          that profile on kjv.txt (and passkey) with tighter sink bounds (0.01, 0.03), and on
                          kjv.txt with the best token-head bounds the same tune passed on brown.txt, (0.1, 0.3):
                          what its numbers there depend on (measured there, not tuned there);
+  layers, tune-layers, kl-layers, kl-layers-uniform, passkey-layers
+                         per-layer bounds: `eval layers` on brown.txt measures each layer's K and V alone
+                         (the others nearly exact) at the sink-tuned bounds (0.07, 0.2, token-layer, first
+                         block at (0.01, 0.03)) and saves per-layer multipliers; `tune --layer-scales-from`
+                         tunes the base bounds with them on brown.txt (budget +1%, KL 0.01: half the KL
+                         target, a margin for the move to kjv.txt); then kl on kjv.txt with that profile and
+                         with the same bounds uniform over the layers (--kv-layer-scales none), and passkey.
+                         These steps also update accuracy.json's per_layer_bounds alone (--section layers);
 then bench/results/accuracy.json: the numbers against the targets, with the commands, and a Markdown
 table for the README on stdout. Intermediate JSON and the profiles go to --work; --reuse keeps what is
 there. Without --profile-out, `eval tune` saves the profile next to the weights, where eval and generate
@@ -68,6 +76,10 @@ SINK_VARIANTS = {"-tight": (["--kv-sink", "0.01,0.03"], True),
 # themselves; half of them (a margin for the move to another text); the targets with the sink bounds.
 PROFILES = {"": (BUDGET_PPL, BUDGET_KL, TUNE_GRID), "-margin": (BUDGET_PPL / 2, BUDGET_KL / 2, TUNE_GRID),
             "-with-sink": (BUDGET_PPL, BUDGET_KL, [*SINK_GRID, "--kv-sink", SINK])}
+# Per-layer bounds: measured around the sink-tuned profile's bounds with the tighter first block, then tuned.
+LAYERS_BASE = ["--kv-rel-k", "0.07", "--kv-rel-v", "0.2", "--kv-granularity", "token-layer", "--kv-sink", "0.01,0.03"]
+LAYERS_GRID = ["--rel-k", "0.04,0.05,0.06,0.07,0.08", "--rel-v", "0.16,0.2,0.24,0.3,0.36", "--granularities",
+               "token-layer", "--kv-sink", "0.01,0.03", "--budget-ppl", "1.0", "--budget-kl", "0.01"]
 SWEEP_PAIRS = {   # (rel_k, rel_v) per granularity: along rel_v = 2 rel_k (the codec's default shape) and 4 rel_k
     "token-layer": "0.01:0.02,0.02:0.04,0.03:0.06,0.05:0.1,0.1:0.2,0.02:0.08,0.04:0.16",
     "token-head": "0.02:0.04,0.03:0.06,0.05:0.1,0.02:0.08,0.03:0.12,0.05:0.2",
@@ -96,6 +108,18 @@ def steps(work: Path, device: str) -> dict[str, list[list[str]]]:
         if passkey:
             plan[f"passkey-with-sink{suffix}"] = [["passkey", *PASSKEY, *common, *packkv, "--json",
                                                    str(work / f"passkey-packkv-with-sink{suffix}.json")]]
+    measured_layers, tuned_layers = str(work / "profile-layers.json"), str(work / "profile-layers-tuned.json")
+    plan["layers"] = [["layers", "--text", CALIBRATION, "--ctx", "2048", "--windows", "1", "--prefill", "512", *common,
+                       "--kv-profile", "none", *LAYERS_BASE, "--profile-out", measured_layers, "--json",
+                       str(work / "layers.json")]]
+    plan["tune-layers"] = [["tune", "--text", CALIBRATION, *CALIBRATION_WINDOWS, *common, *LAYERS_GRID,
+                            "--layer-scales-from", measured_layers, "--profile-out", tuned_layers, "--json",
+                            str(work / "tune-layers.json")]]
+    for suffix, flags in (("", []), ("-uniform", ["--kv-layer-scales", "none"])):
+        plan[f"kl-layers{suffix}"] = [["kl", "--text", EVALUATION, *WINDOWS, *common, "--cache", "packkv",
+                                       "--kv-profile", tuned_layers, *flags, "--json", str(work / f"kl-layers{suffix}.json")]]
+    plan["passkey-layers"] = [["passkey", *PASSKEY, *common, "--cache", "packkv", "--kv-profile", tuned_layers,
+                               "--json", str(work / "passkey-packkv-layers.json")]]
     for suffix, (budget_ppl, budget_kl, grid) in PROFILES.items():
         profile = str(work / f"profile{suffix}.json")
         packkv = ["--cache", "packkv", "--kv-profile", profile]
@@ -167,7 +191,8 @@ def summarize(r: dict) -> dict:
                          for suffix, (b_ppl, b_kl, _) in PROFILES.items()},
             "passkey_dense": r["passkey-dense"][0]["by_length"],
             "comparison": sweep["comparison"], "comparison_kl": sweep["comparison_kl"], "sweep_targets": over_quant,
-            "channel_scales_ablation": ablation(r), "sink_tuned_variants": sink_variants(r)}
+            "channel_scales_ablation": ablation(r), "sink_tuned_variants": sink_variants(r),
+            "per_layer_bounds": layer_section(r, r["passkey-dense"][0]["by_length"])}
 
 
 def sink_variants(r: dict) -> list[dict]:
@@ -190,6 +215,55 @@ def ablation(r: dict) -> dict:
             "with_scales": {"evaluation": {k: with_scales[k] for k in keys},
                             "calibration": r["tune-scales"][0]["profile"]["calibration"]},
             "with_sink_bounds": {"sink": sink["sink"], "evaluation": {k: sink[k] for k in keys}}}
+
+
+LAYER_STEPS = ("layers", "tune-layers", "kl-layers", "kl-layers-uniform", "passkey-layers")
+
+
+def layer_section(r: dict, dense_passkey: dict | None) -> dict:
+    """Per-layer bounds: the measured sensitivities and multipliers, the tune on the calibration text, and
+    kjv.txt with the tuned profile and with its bounds uniform over the layers; what of it has run."""
+    keys = ("rel_k", "rel_v", "granularity", "sink", "ppl_increase_pct", "kl", "top1_agreement",
+            "block_compression_ratio", "compression_ratio")
+    out = {}
+    if "layers" in r:
+        layers = r["layers"][0]
+        out["measured"] = {"sensitivity": layers["profile"]["layer_sensitivity"],
+                           "layer_scales": layers["profile"]["layer_scales"],
+                           "calibration": {name: {k: res[k] for k in keys} for name, res in layers["results"].items()}}
+    if "tune-layers" in r:
+        tune = r["tune-layers"][0]
+        out["tuned_profile"] = {"params": tune["profile"]["params"], "calibration": tune["profile"]["calibration"],
+                                "calibration_tried": [{k: t[k] for k in ("rel_k", "rel_v", "ppl_increase_pct", "kl",
+                                                                          "block_compression_ratio", "within_budget")}
+                                                      for t in tune["tried"]]}
+    for step in ("kl-layers", "kl-layers-uniform"):
+        if step in r:
+            out[step.replace("-", "_")] = {k: r[step][0][k] for k in keys}
+    if "kl-layers" in r:
+        kl = r["kl-layers"][0]
+        passkey = r["passkey-layers"][0]["by_length"] if "passkey-layers" in r else None
+        out["targets"] = {
+            "compressed_blocks_ratio": check(kl["block_compression_ratio"], ">=", TARGET_RATIO),
+            "ppl_increase_pct": check(kl["ppl_increase_pct"], "<=", BUDGET_PPL),
+            "kl": check(kl["kl"], "<", BUDGET_KL),
+            "passkey_equal_to_dense": {"target": "packkv >= dense at every length", "measured": passkey,
+                                       "met": passkey is not None and dense_passkey is not None and all(
+                                           passkey[n] >= a for n, a in dense_passkey.items())}}
+    return out
+
+
+def update_layer_section(plan: dict) -> None:
+    """accuracy.json's per_layer_bounds (and its commands) from the layer steps' outputs, the rest kept."""
+    r = {name: [json.loads(output(c).read_text()) for c in plan[name]] for name in LAYER_STEPS
+         if all(output(c).is_file() for c in plan[name])}
+    path = RESULTS / "accuracy.json"
+    saved = json.loads(path.read_text())
+    when = header(None)
+    saved["per_layer_bounds"] = {"git": when["git"], "date": when["date"], **layer_section(r, saved.get("passkey_dense"))}
+    saved["commands"].update({name: [x["command"] for x in rs] for name, rs in r.items()})
+    path.write_text(json.dumps(saved, indent=2) + "\n")
+    print(json.dumps(saved["per_layer_bounds"], indent=2))
 
 
 def markdown(summary: dict, commands: dict) -> str:
@@ -270,6 +344,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "gpu"])
     ap.add_argument("--work", default="/tmp/packkv-accuracy", help="intermediate JSON and the tuned profile")
     ap.add_argument("--reuse", action="store_true", help="keep the results of steps already in --work")
+    ap.add_argument("--section", choices=["all", "layers"], default="all",
+                    help="layers: after the steps, update only accuracy.json's per_layer_bounds from the layer steps")
     ap.add_argument("--steps", default="tune,kl,passkey,passkey-dense,sweep,tune-margin,kl-margin,passkey-margin,"
                                         "tune-scales,kl-scales,kl-sink,tune-with-sink,kl-with-sink,passkey-with-sink,"
                                         "kl-with-sink-tight,passkey-with-sink-tight,kl-with-sink-token-head",
@@ -282,6 +358,9 @@ def main() -> int:
         for command in plan[name]:
             if not (args.reuse and output(command).is_file()):
                 run_step(command)
+    if args.section == "layers":
+        update_layer_section(plan)
+        return 0
     missing = [str(output(c)) for cmds in plan.values() for c in cmds if not output(c).is_file()]
     if missing:
         print(f"not summarized yet: missing {', '.join(missing)}", file=sys.stderr)
