@@ -80,6 +80,13 @@ PROFILES = {"": (BUDGET_PPL, BUDGET_KL, TUNE_GRID), "-margin": (BUDGET_PPL / 2, 
 LAYERS_BASE = ["--kv-rel-k", "0.07", "--kv-rel-v", "0.2", "--kv-granularity", "token-layer", "--kv-sink", "0.01,0.03"]
 LAYERS_GRID = ["--rel-k", "0.04,0.05,0.06,0.07,0.08", "--rel-v", "0.16,0.2,0.24,0.3,0.36", "--granularities",
                "token-layer", "--kv-sink", "0.01,0.03", "--budget-ppl", "1.0", "--budget-kl", "0.01"]
+# kl on kjv.txt by step suffix: (which profile, flags). The tuned profile; its bounds uniform over the layers;
+# the measured profile (the multipliers at the bounds they were measured at, 0.07, 0.2: uniform, the
+# sink_tuned_variants' -tight row); the same at (0.06, 0.24), the best KL at >= 6x on brown.txt in a scratch
+# screen of (0.07, 0.2), (0.06, 0.24), (0.08, 0.17) with these multipliers (2 windows of brown.txt).
+LAYER_VARIANTS = {"": ("tuned", []), "-uniform": ("tuned", ["--kv-layer-scales", "none"]),
+                  "-measured": ("measured", []),
+                  "-measured-0.06-0.24": ("measured", ["--kv-rel-k", "0.06", "--kv-rel-v", "0.24"])}
 SWEEP_PAIRS = {   # (rel_k, rel_v) per granularity: along rel_v = 2 rel_k (the codec's default shape) and 4 rel_k
     "token-layer": "0.01:0.02,0.02:0.04,0.03:0.06,0.05:0.1,0.1:0.2,0.02:0.08,0.04:0.16",
     "token-head": "0.02:0.04,0.03:0.06,0.05:0.1,0.02:0.08,0.03:0.12,0.05:0.2",
@@ -115,11 +122,15 @@ def steps(work: Path, device: str) -> dict[str, list[list[str]]]:
     plan["tune-layers"] = [["tune", "--text", CALIBRATION, *CALIBRATION_WINDOWS, *common, *LAYERS_GRID,
                             "--layer-scales-from", measured_layers, "--profile-out", tuned_layers, "--json",
                             str(work / "tune-layers.json")]]
-    for suffix, flags in (("", []), ("-uniform", ["--kv-layer-scales", "none"])):
+    for suffix, (profile, flags) in LAYER_VARIANTS.items():
+        profile = {"tuned": tuned_layers, "measured": measured_layers}[profile]
         plan[f"kl-layers{suffix}"] = [["kl", "--text", EVALUATION, *WINDOWS, *common, "--cache", "packkv",
-                                       "--kv-profile", tuned_layers, *flags, "--json", str(work / f"kl-layers{suffix}.json")]]
+                                       "--kv-profile", profile, *flags, "--json", str(work / f"kl-layers{suffix}.json")]]
     plan["passkey-layers"] = [["passkey", *PASSKEY, *common, "--cache", "packkv", "--kv-profile", tuned_layers,
                                "--json", str(work / "passkey-packkv-layers.json")]]
+    plan["passkey-layers-measured-0.06-0.24"] = [["passkey", *PASSKEY, *common, "--cache", "packkv", "--kv-profile",
+                                                  measured_layers, *LAYER_VARIANTS["-measured-0.06-0.24"][1], "--json",
+                                                  str(work / "passkey-packkv-layers-measured-0.06-0.24.json")]]
     for suffix, (budget_ppl, budget_kl, grid) in PROFILES.items():
         profile = str(work / f"profile{suffix}.json")
         packkv = ["--cache", "packkv", "--kv-profile", profile]
@@ -217,7 +228,8 @@ def ablation(r: dict) -> dict:
             "with_sink_bounds": {"sink": sink["sink"], "evaluation": {k: sink[k] for k in keys}}}
 
 
-LAYER_STEPS = ("layers", "tune-layers", "kl-layers", "kl-layers-uniform", "passkey-layers")
+LAYER_STEPS = ("layers", "tune-layers", *(f"kl-layers{suffix}" for suffix in LAYER_VARIANTS), "passkey-layers",
+               "passkey-layers-measured-0.06-0.24")
 
 
 def layer_section(r: dict, dense_passkey: dict | None) -> dict:
@@ -237,9 +249,14 @@ def layer_section(r: dict, dense_passkey: dict | None) -> dict:
                                 "calibration_tried": [{k: t[k] for k in ("rel_k", "rel_v", "ppl_increase_pct", "kl",
                                                                           "block_compression_ratio", "within_budget")}
                                                       for t in tune["tried"]]}
-    for step in ("kl-layers", "kl-layers-uniform"):
+    out["on_kjv"] = {}
+    for suffix, (profile, flags) in LAYER_VARIANTS.items():
+        step = f"kl-layers{suffix}"
         if step in r:
-            out[step.replace("-", "_")] = {k: r[step][0][k] for k in keys}
+            passkey = r.get(step.replace("kl-", "passkey-"))
+            out["on_kjv"][step] = {"profile": profile, "flags": flags, **{k: r[step][0][k] for k in keys},
+                                   "layer_scales": r[step][0]["layer_scales"] is not None,
+                                   "passkey": passkey[0]["by_length"] if passkey else None}
     if "kl-layers" in r:
         kl = r["kl-layers"][0]
         passkey = r["passkey-layers"][0]["by_length"] if "passkey-layers" in r else None
