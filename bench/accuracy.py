@@ -365,7 +365,8 @@ def main() -> int:
                     help="layers: after the steps, update only accuracy.json's per_layer_bounds from the layer steps")
     ap.add_argument("--steps", default="tune,kl,passkey,passkey-dense,sweep,tune-margin,kl-margin,passkey-margin,"
                                         "tune-scales,kl-scales,kl-sink,tune-with-sink,kl-with-sink,passkey-with-sink,"
-                                        "kl-with-sink-tight,passkey-with-sink-tight,kl-with-sink-token-head",
+                                        "kl-with-sink-tight,passkey-with-sink-tight,kl-with-sink-token-head,"
+                                        + ",".join(LAYER_STEPS),
                     help="steps to run ('' to only summarize)")
     args = ap.parse_args()
     work = Path(args.work)
