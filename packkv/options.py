@@ -100,24 +100,23 @@ def sink_bounds(flag: str | None, from_profile) -> tuple[float, float] | None:
 
 def profile_scales(profile: dict) -> ChannelScales | None:
     """The channel scales a profile holds ({"k": [[[...]]], "v": ...}, [layers][kv_heads][head_dim]), if any."""
-    saved = profile.get("channel_scales")
-    if saved is None:
-        return None
-    try:
-        return ChannelScales(saved["k"], saved["v"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PackkvError(f"the profile's channel_scales cannot be read: {exc}") from exc
+    return _profile_kv_pair(profile, "channel_scales", ChannelScales)
 
 
 def profile_layer_scales(profile: dict) -> LayerScales | None:
     """The per-layer bound multipliers a profile holds ({"k": [...], "v": [...]}, one per layer), if any."""
-    saved = profile.get("layer_scales")
+    return _profile_kv_pair(profile, "layer_scales", LayerScales)
+
+
+def _profile_kv_pair(profile: dict, key: str, kind):
+    """kind(saved["k"], saved["v"]) of the profile's entry `key`, None without one, a clear error if unreadable."""
+    saved = profile.get(key)
     if saved is None:
         return None
     try:
-        return LayerScales(saved["k"], saved["v"])
+        return kind(saved["k"], saved["v"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise PackkvError(f"the profile's layer_scales cannot be read: {exc}") from exc
+        raise PackkvError(f"the profile's {key} cannot be read: {exc}") from exc
 
 
 # ---- tuned profiles ---------------------------------------------------------------------------------
