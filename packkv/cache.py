@@ -95,15 +95,22 @@ class KVCache(ABC):
 
     def append_target(self, layer: int, T: int):
         """Instead of append: where a kernel may write this step's T tokens of k and v itself (the model's
-        RoPE kernel does, saving the append's launch): (k slices, v slices [B, kv_heads, capacity,
-        head_dim] fp16, device int32 token offset per sequence), the tokens counted as appended; or None
-        (nothing counted) when the kind must see k and v: then call append."""
-        return None
+        RoPE kernel does, saving the append's launch): fp16_slots(layer), the tokens counted as appended;
+        or None (nothing counted) when the kind must see k and v: then call append."""
+        if not self.kv_stored_as_given():
+            return None
+        self.count_pending(layer, T)
+        return self.fp16_slots(layer)
 
     def kv_stored_as_given(self) -> bool:
-        """Whether append stores k and v unchanged, in fp16 slots on the GPU that a kernel could fill
+        """Whether append stores k and v unchanged, in fp16_slots on the GPU that a kernel could fill
         itself (not so for a subclass whose own append must see them)."""
         return False
+
+    def fp16_slots(self, layer: int):
+        """(k slices, v slices [B, kv_heads, capacity, head_dim] fp16, device int32 token offset per
+        sequence) where append writes layer `layer`'s new tokens (kinds whose kv_stored_as_given)."""
+        raise NotImplementedError(f"the {type(self).__name__} cache has no fp16 slots")
 
     @abstractmethod
     def append(self, layer: int, k, v) -> None:
@@ -181,14 +188,11 @@ class DenseCache(KVCache):
         self.check_append(layer, k, v)
         append_at(self.backend, k, v, self.k[layer], self.v[layer], self.lengths, self.starts)
 
-    def append_target(self, layer: int, T: int):
-        if not self.kv_stored_as_given():
-            return None
-        self.count_pending(layer, T)
-        return self.k[layer], self.v[layer], self.starts
-
     def kv_stored_as_given(self) -> bool:
         return self.backend.is_gpu and type(self).append is DenseCache.append
+
+    def fp16_slots(self, layer: int):
+        return self.k[layer], self.v[layer], self.starts
 
     def attend(self, layer: int, q):
         if self.backend.is_gpu and self.pending == 1:      # decode: the flash-decoding kernel
@@ -336,25 +340,23 @@ class BlockCache(KVCache, ABC):
     # ---- the per-layer calls --------------------------------------------------------------------
 
     def append(self, layer: int, k, v) -> None:
-        T = self.check_append(layer, k, v)
-        self.count_window_tokens(layer, T)
+        self.check_append(layer, k, v)
         append_at(self.backend, k, v, self.window_k[layer], self.window_v[layer], self.window_len,
                   self.window_starts)
 
-    def append_target(self, layer: int, T: int):
-        if not self.kv_stored_as_given():
-            return None
-        self.count_window_tokens(layer, self.count_pending(layer, T))
-        return self.window_k[layer], self.window_v[layer], self.window_starts
+    def count_pending(self, layer: int, T: int) -> int:
+        if T > self.max_new_tokens:
+            raise ValueError(f"append: {T} tokens in one step, the cache was made for at most {self.max_new_tokens}")
+        super().count_pending(layer, T)
+        if layer == 0 and self.backend.is_gpu:     # the window lengths the decode kernels see, on the device
+            self.window_ends = self.window_starts + np.int32(T)
+        return T
 
     def kv_stored_as_given(self) -> bool:
         return self.backend.is_gpu and type(self).append is BlockCache.append
 
-    def count_window_tokens(self, layer: int, T: int) -> None:
-        if T > self.max_new_tokens:
-            raise ValueError(f"append: {T} tokens in one step, the cache was made for at most {self.max_new_tokens}")
-        if layer == 0 and self.backend.is_gpu:     # the window lengths the decode kernels see, on the device
-            self.window_ends = self.window_starts + np.int32(T)
+    def fp16_slots(self, layer: int):
+        return self.window_k[layer], self.window_v[layer], self.window_starts
 
     def attend(self, layer: int, q):
         xp, T = self.backend.xp, self.pending
