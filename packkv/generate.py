@@ -172,12 +172,13 @@ class GraphDecoder:
             self.graph = self.stream.end_capture()
         self.layout_version = self.cache.layout_version
 
-    def launch(self) -> None:
-        """Enqueue one step on the decoder's stream (captured again first if the cache's buffers moved)."""
-        # Host uploads (token ids, the cache's counters) go through the default stream, and a copy from
-        # pageable memory may still be in flight when the call returns: the step (and a capture's warm-up
-        # step) waits for them.
-        self.stream.wait_event(self.cupy.cuda.get_current_stream().record())
+    def launch(self, after_host_writes: bool = True) -> None:
+        """Enqueue one step on the decoder's stream (captured again first if the cache's buffers moved).
+        after_host_writes: the host may have uploaded since the last step (token ids, the cache's
+        counters, a compress event): they go through the default stream, and a copy from pageable memory
+        may still be in flight when the call returns, so the step (and a capture's warm-up) waits for them."""
+        if after_host_writes:
+            self.stream.wait_event(self.cupy.cuda.get_current_stream().record())
         if self.layout_version != self.cache.layout_version:
             self.capture()
         self.graph.launch(self.stream)
@@ -203,10 +204,10 @@ class GraphDecoder:
         chosen = cupyx.empty_pinned((2, cache.shape.batch), dtype=np.int32)   # a slot per step in flight
         in_flight, launched, committed = [], 0, 0
 
-        def enqueue():
+        def enqueue(after_host_writes: bool):
             nonlocal launched
             launched += 1                 # first: whatever fails below, the step may have been counted
-            self.launch()
+            self.launch(after_host_writes)
             with stream:
                 for counter in cache.device_counters():
                     model_ops.add_one(counter)
@@ -216,11 +217,11 @@ class GraphDecoder:
 
         try:
             while True:
-                if not in_flight:
+                if not in_flight:         # the start, or drained for a commit that uploaded
                     cache.check_room(1)
-                    enqueue()
-                if cache.may_run_ahead():
-                    enqueue()
+                    enqueue(after_host_writes=True)
+                if cache.may_run_ahead():   # nothing uploaded since the step in flight was enqueued
+                    enqueue(after_host_writes=False)
                 slot, done = in_flight.pop(0)
                 done.synchronize()
                 ids = chosen[slot].tolist()
