@@ -9,6 +9,7 @@ import numpy as np
 
 THREADS = 256
 MAX_ROWS = 8        # linear_rows handles up to this many rows (sequences of a decode step)
+NULL = np.uintp(0)  # a null device pointer argument
 
 
 @lru_cache(maxsize=None)
@@ -59,7 +60,7 @@ def rope_split(qkv, start, cos_table, sin_table, q_heads: int, kv_heads: int, he
     q = cupy.empty((B, q_heads, T, head_dim), np.float16)
     k = cupy.empty((B, kv_heads, T, head_dim), np.float16)
     v = cupy.empty((B, kv_heads, T, head_dim), np.float16)
-    _launch_rope(qkv, start, cos_table, sin_table, q, k, v, kv_heads, (np.uintp(0), np.uintp(0), np.uintp(0), 0, 0))
+    _launch_rope(qkv, start, cos_table, sin_table, q, kv_heads, k=k, v=v)
     return q, k, v
 
 
@@ -73,9 +74,8 @@ def rope_split_into_cache(qkv, start, cos_table, sin_table, q_heads: int, kv_hea
     _require(write_start, "write_start", np.int32, 1)
     capacity = _check_cache_slices(cache_k, cache_v, B, kv_heads, head_dim, write_start)
     q = cupy.empty((B, q_heads, T, head_dim), np.float16)
-    null = np.uintp(0)
-    _launch_rope(qkv, start, cos_table, sin_table, q, null, null, kv_heads,
-                 (cache_k, cache_v, write_start, cache_k.strides[0] // 2, capacity))
+    _launch_rope(qkv, start, cos_table, sin_table, q, kv_heads, cache_k=cache_k, cache_v=cache_v,
+                 write_start=write_start, batch_stride=cache_k.strides[0] // 2, capacity=capacity)
     return q
 
 
@@ -89,9 +89,10 @@ def _check_rope(qkv, start, q_heads: int, kv_heads: int, head_dim: int) -> tuple
     return B, T
 
 
-def _launch_rope(qkv, start, cos_table, sin_table, q, k, v, kv_heads: int, cache_args) -> None:
+def _launch_rope(qkv, start, cos_table, sin_table, q, kv_heads: int, k=NULL, v=NULL, cache_k=NULL, cache_v=NULL,
+                 write_start=NULL, batch_stride: int = 0, capacity: int = 0) -> None:
+    """rope_split's one kernel: k and v to their own arrays, or (cache_k given) into the cache's slots."""
     B, q_heads, T, head_dim = q.shape
-    cache_k, cache_v, write_start, batch_stride, capacity = cache_args
     n = B * T * (q_heads + 2 * kv_heads) * head_dim // 2
     _kernel("rope_split")(_blocks(n), (THREADS,), (qkv, start, cos_table, sin_table, q, k, v, np.int32(B),
                                                    np.int32(T), np.int32(q_heads), np.int32(kv_heads),
@@ -165,12 +166,11 @@ def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False, norm_
         raise ValueError(f"linear_rows: residual must be C-contiguous fp32 {x.shape[:-1] + (out_features,)}, got "
                          f"{residual.dtype} {residual.shape}")
     warps = THREADS // 32
-    null = np.uintp(0)
     shared = 0 if norm_weight is None else rows * in_features * 2       # the normalised rows, fp16
     _kernel("linear_rows")(((out_features + warps - 1) // warps,), (THREADS,),
-                           (x, null if norm_weight is None else norm_weight, np.float32(eps), weight,
-                            null if bias is None else bias, null if y is None else y,
-                            null if residual is None else residual, np.int32(swiglu), np.int32(rows),
+                           (x, NULL if norm_weight is None else norm_weight, np.float32(eps), weight,
+                            NULL if bias is None else bias, NULL if y is None else y,
+                            NULL if residual is None else residual, np.int32(swiglu), np.int32(rows),
                             np.int32(in_features), np.int32(out_features)), shared_mem=shared)
     return residual if y is None else y
 
