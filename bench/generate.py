@@ -51,23 +51,30 @@ def real_prompt_decode(engine, text, context, batch, cache_kind, steps) -> tuple
     return timed_decode(engine, cache, [sampler(logits) for logits in first], steps)
 
 
-def fill_random(engine, cache, context: int, chunk: int = 512) -> None:
-    """Append `context` tokens of random K/V (N(0, 1), fp16) to every sequence, as a prefill would."""
-    xp, s = engine.backend.xp, cache.shape
-    rng = xp.random.default_rng(0)
+def fill(cache, context: int, kv_of, chunk: int = 512) -> None:
+    """Append `context` tokens to every sequence in chunks, as a prefill would: kv_of(layer, start, T)
+    gives each layer's k, v [batch, kv_heads, T, head_dim] for tokens start .. start + T."""
     for start in range(0, context, chunk):
         T = min(chunk, context - start)
-        for layer in range(s.layers):
-            k = rng.standard_normal((s.batch, s.kv_heads, T, s.head_dim), dtype=np.float32).astype(np.float16)
-            v = rng.standard_normal((s.batch, s.kv_heads, T, s.head_dim), dtype=np.float32).astype(np.float16)
-            cache.append(layer, k, v)
+        for layer in range(cache.shape.layers):
+            cache.append(layer, *kv_of(layer, start, T))
         cache.advance(T)
 
 
-def fill_real(engine, cache, context: int, chunk: int = 512) -> None:
-    """Append `context` tokens of real-valued K/V to every sequence: SmolLM2's post-RoPE K and V of Brown
-    text (bench/dump_kv.py), a KV head of the shape made of dump heads concatenated along head_dim
-    (heads i, i + 5, ... of the dump), a different mix per layer and head, tiled along the tokens."""
+def fill_random(engine, cache, context: int) -> None:
+    """Random K/V (N(0, 1), fp16)."""
+    xp, s = engine.backend.xp, cache.shape
+    rng = xp.random.default_rng(0)
+
+    def gaussian(T):
+        return rng.standard_normal((s.batch, s.kv_heads, T, s.head_dim), dtype=np.float32).astype(np.float16)
+    fill(cache, context, lambda layer, start, T: (gaussian(T), gaussian(T)))
+
+
+def fill_real(engine, cache, context: int) -> None:
+    """Real-valued K/V: SmolLM2's post-RoPE K and V of Brown text (bench/dump_kv.py), a KV head of the
+    shape made of dump heads concatenated along head_dim (heads i, i + 5, ... of the dump), a different
+    mix per layer and head, tiled along the tokens."""
     xp, s = engine.backend.xp, cache.shape
     heads_k, heads_v = real_heads()
     n_heads, n = heads_k.shape[:2]
@@ -79,13 +86,11 @@ def fill_real(engine, cache, context: int, chunk: int = 512) -> None:
         return xp.asarray(np.stack([one(layer * s.kv_heads + h) for h in range(s.kv_heads)]).astype(np.float16))
 
     streams = [(mixed(heads_k, layer), mixed(heads_v, layer)) for layer in range(s.layers)]
-    for start in range(0, context, chunk):
-        T = min(chunk, context - start)
+
+    def tiled(layer, start, T):
         index = xp.asarray((start + np.arange(T)) % n)
-        for layer, (k, v) in enumerate(streams):
-            cache.append(layer, xp.broadcast_to(k[:, index][None], (s.batch, s.kv_heads, T, s.head_dim)),
-                         xp.broadcast_to(v[:, index][None], (s.batch, s.kv_heads, T, s.head_dim)))
-        cache.advance(T)
+        return tuple(xp.broadcast_to(x[:, index][None], (s.batch, s.kv_heads, T, s.head_dim)) for x in streams[layer])
+    fill(cache, context, tiled)
 
 
 def synthetic_kv_decode(engine, context, batch, cache_kind, steps, kv_data: str) -> tuple[float, dict]:
@@ -94,11 +99,12 @@ def synthetic_kv_decode(engine, context, batch, cache_kind, steps, kv_data: str)
     return timed_decode(engine, cache, [1] * batch, steps)
 
 
-def timed_decode(engine, cache, ids: list[int], steps: int) -> tuple[float, dict]:
+def timed_decode(engine, cache, ids: list[int], steps: int, decoder=None) -> tuple[float, dict]:
     """Greedy decode tok/s over `steps` steps, as generate runs them (packkv.generate.decode_steps: on a
-    captured graph, pipelined one step ahead of the host); the first step, which captures the CUDA graph
-    (or warms up), is not timed: a generation pays it once."""
-    tokens = decode_steps(make_decoder(engine, cache), Sampler(SamplingParams(), engine.backend), ids)
+    captured graph, pipelined one step ahead of the host), with `decoder` or make_decoder's; the first
+    step, which captures the CUDA graph (or warms up), is not timed: a generation pays it once."""
+    decoder = decoder or make_decoder(engine, cache)
+    tokens = decode_steps(decoder, Sampler(SamplingParams(), engine.backend), ids)
     next(tokens)
     engine.backend.synchronize()
     start = time.perf_counter()

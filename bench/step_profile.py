@@ -44,26 +44,20 @@ def prefilled_cache(engine, real: bool, text: Path, context: int, kind: str, ste
 
 
 def time_steps(engine, cache, steps: int) -> dict:
-    from packkv.generate import GraphDecoder, SamplingParams, Sampler, decode_steps, make_decoder
+    from generate import timed_decode
+    from packkv.generate import GraphDecoder, make_decoder
     decoder = make_decoder(engine, cache)
-    tokens = decode_steps(decoder, Sampler(SamplingParams(), engine.backend), [1])
-    next(tokens)
-    engine.backend.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        next(tokens)
-    step_us = (time.perf_counter() - start) / steps * 1e6
-    tokens.close()
-    out = {"step_us": step_us, "tok_s": 1e6 / step_us}
+    tok_s, _ = timed_decode(engine, cache, [1], steps, decoder)
+    out = {"step_us": 1e6 / tok_s, "tok_s": tok_s}
     if isinstance(decoder, GraphDecoder):
-        decoder.graph.launch(decoder.stream)       # the same step again: replays read, never commit
+        decoder.launch()                            # the same step again: replays read, never commit
         decoder.stream.synchronize()
         start = time.perf_counter()
         for _ in range(steps):
             decoder.graph.launch(decoder.stream)
         decoder.stream.synchronize()
         out["graph_us"] = (time.perf_counter() - start) / steps * 1e6
-        out["host_us"] = step_us - out["graph_us"]
+        out["host_us"] = out["step_us"] - out["graph_us"]
     return out
 
 
