@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, copy_gbps, header, print_table, real_heads, write_json  # noqa: E402
+from common import RESULTS, copy_gbps, graph_time_us, header, print_table, real_heads, write_json  # noqa: E402
 
 from packkv import codec  # noqa: E402
 from packkv.codec import CodecParams  # noqa: E402
@@ -117,43 +117,6 @@ def dataset(shape_name: str, kind: str, folder: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------------
-
-def graph_time_us(cupy, calls, min_ms: float = 60.0) -> tuple[float, bool]:
-    """Per-call time of `calls` (a list of no-argument launches), replayed as one captured CUDA graph."""
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        for c in calls:          # warm-up (compiles, allocator)
-            c()
-        stream.synchronize()
-        try:
-            stream.begin_capture()
-            for c in calls:
-                c()
-            graph = stream.end_capture()
-            run, used_graph = (lambda: graph.launch(stream)), True
-        except Exception as exc:   # capture not possible: time the launches themselves
-            print(f"  (no graph: {exc})", file=sys.stderr)
-            try:
-                stream.end_capture()
-            except Exception:
-                pass
-            run, used_graph = (lambda: [c() for c in calls]), False
-        run()
-        stream.synchronize()
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        run()
-        end.record(stream)
-        end.synchronize()
-        once = cupy.cuda.get_elapsed_time(start, end)
-        reps = max(3, min(200, int(min_ms / max(once, 1e-3))))
-        start.record(stream)
-        for _ in range(reps):
-            run()
-        end.record(stream)
-        end.synchronize()
-        return cupy.cuda.get_elapsed_time(start, end) * 1e3 / (reps * len(calls)), used_graph
-
 
 def torch_graph_time_us(torch, calls, min_ms: float = 60.0) -> float:
     for c in calls:

@@ -71,6 +71,43 @@ def copy_gbps(cupy) -> float:
     return 2 * n / t / 1e9
 
 
+def graph_time_us(cupy, calls, min_ms: float = 60.0) -> tuple[float, bool]:
+    """Per-call time of `calls` (a list of no-argument launches), replayed as one captured CUDA graph."""
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for c in calls:          # warm-up (compiles, allocator)
+            c()
+        stream.synchronize()
+        try:
+            stream.begin_capture()
+            for c in calls:
+                c()
+            graph = stream.end_capture()
+            run, used_graph = (lambda: graph.launch(stream)), True
+        except Exception as exc:   # capture not possible: time the launches themselves
+            print(f"  (no graph: {exc})", file=sys.stderr)
+            try:
+                stream.end_capture()
+            except Exception:
+                pass
+            run, used_graph = (lambda: [c() for c in calls]), False
+        run()
+        stream.synchronize()
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        run()
+        end.record(stream)
+        end.synchronize()
+        once = cupy.cuda.get_elapsed_time(start, end)
+        reps = max(3, min(200, int(min_ms / max(once, 1e-3))))
+        start.record(stream)
+        for _ in range(reps):
+            run()
+        end.record(stream)
+        end.synchronize()
+        return cupy.cuda.get_elapsed_time(start, end) * 1e3 / (reps * len(calls)), used_graph
+
+
 def real_heads(path: Path = REAL_KV):
     """SmolLM2's K and V heads from bench/dump_kv.py's dump: float32 [layers * 3, tokens, 64] each."""
     if not path.is_file():

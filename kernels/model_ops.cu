@@ -27,6 +27,17 @@
 //                  in flight, multiplies them with the same 8 inputs of every row (L1-resident: every warp
 //                  reads the same x) in fp32, and the warp reduces by shuffles. Bytes per call: 2 * out * in
 //                  (W, read once) + rows * (2 * in (x, L1/L2) + 2 * out (y)).
+//   linear_rows_mma the same contract on tensor cores, rows <= 16: at 8 rows the warp-per-feature kernel
+//                  spends ~100 instructions per 16 weight bytes (a fp32 FMA per weight and row) and is
+//                  issue-bound, while one mma.m16n8k16 multiplies a 16 x 16 weight tile by 8 rows. A CTA
+//                  of 8 warps owns 16 output features (and their 16 up rows with swiglu); warp w walks the
+//                  32-input steps w, w + 8, ... (split-K), two steps' loads in flight, and the CTA adds
+//                  the 8 warps' partial tiles in shared memory. Lane (g, t) = (lane / 4, lane % 4) loads
+//                  16 bytes of W rows o0 + g and o0 + g + 8 and of x rows g (and g + 8) at the same 8
+//                  inputs, 32s + 8t .. +7: mma's k-slots (2t, 2t+1 | 2t+8, 2t+9) then carry inputs
+//                  8t + (0, 1 | 2, 3) in the first mma and 8t + (4, 5 | 6, 7) in the second; A and B
+//                  use the same order and a dot product ignores it, so no shuffle is needed. Bytes: as
+//                  linear_rows. Measured: bench/results/linear.json.
 //   argmax_rows    logits fp32 [rows, n] (row stride ld) -> ids int32 [rows]: the first index of each row's
 //                  largest value, NaN above everything (NumPy's argmax). Greedy sampling on the device: a
 //                  captured decode step writes the next step's input token itself, so steps chain
@@ -187,11 +198,27 @@ __device__ void rms_norm_rows_to_shared(const float* __restrict__ x, const float
     }
 }
 
-// One warp per output feature o < out. Three epilogues, so that no activation makes an extra trip:
-//   plain:    y[r, o] = W[o] . x[r] (+ bias[o])                                  (fp16)
-//   residual: residual[r, o] += W[o] . x[r] (+ bias[o])                          (fp32, in place; y unused)
-//   swiglu:   y[r, o] = silu(g) * u, g = W[o] . x[r] (+ bias[o]), u = W[out + o] . x[r] (+ bias[out + o])
-//             (W holds gate then up, [2 out, in]: the warp reads both rows, so SiLU * up costs no launch)
+// The three epilogues of both GEMV kernels, so that no activation makes an extra trip, for row r and
+// output feature o of the dot products v = W[o] . x[r] and (swiglu) u = W[out + o] . x[r]:
+//   plain:    y[r, o] = v (+ bias[o])                                            (fp16)
+//   residual: residual[r, o] += v (+ bias[o])                                    (fp32, in place; y unused)
+//   swiglu:   y[r, o] = silu(g) * up, g = v (+ bias[o]), up = u (+ bias[out + o])
+//             (W holds gate then up, [2 out, in]: the kernel reads both rows, so SiLU * up costs no launch)
+__device__ __forceinline__ void store_output(float v, float u, int r, int o, int out, int swiglu,
+                                             const float* __restrict__ bias, __half* __restrict__ y,
+                                             float* __restrict__ residual) {
+    if (bias) v += bias[o];
+    if (swiglu) {
+        if (bias) u += bias[out + o];
+        y[(size_t)r * out + o] = __float2half(v / (1.f + expf(-v)) * u);
+    } else if (residual) {
+        residual[(size_t)r * out + o] += v;
+    } else {
+        y[(size_t)r * out + o] = __float2half(v);
+    }
+}
+
+// One warp per output feature o < out.
 extern "C" __global__ void linear_rows(const void* __restrict__ x_in, const float* __restrict__ norm_w, float eps,
                                        const __half* __restrict__ W, const float* __restrict__ bias,
                                        __half* __restrict__ y, float* __restrict__ residual, int swiglu, int rows,
@@ -215,16 +242,107 @@ extern "C" __global__ void linear_rows(const void* __restrict__ x_in, const floa
     #pragma unroll
     for (int r = 0; r < MAX_ROWS; ++r) {
         if (r >= rows) break;
-        float v = bias ? acc[r] + bias[o] : acc[r];
-        if (swiglu) {
-            float u = bias ? up[r] + bias[out + o] : up[r];
-            y[(size_t)r * out + o] = __float2half(v / (1.f + expf(-v)) * u);
-        } else if (residual) {
-            residual[(size_t)r * out + o] += v;
-        } else {
-            y[(size_t)r * out + o] = __float2half(v);
-        }
+        store_output(acc[r], up[r], r, o, out, swiglu, bias, y, residual);
     }
+}
+
+#define MMA_ROWS 16          // x rows: two 8-column n-tiles
+#define MMA_WARPS 8          // warps per CTA, splitting the inputs
+
+__device__ __forceinline__ void mma_16x8x16(float c[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                            unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// acc += W rows (g, g + 8) . x row n over one lane's 8 inputs, as two k16 mma (see the header).
+__device__ __forceinline__ void mma_32_inputs(float acc[4], uint4 w_g, uint4 w_g8, uint4 x_n) {
+    mma_16x8x16(acc, w_g.x, w_g8.x, w_g.y, w_g8.y, x_n.x, x_n.y);
+    mma_16x8x16(acc, w_g.z, w_g8.z, w_g.w, w_g8.w, x_n.z, x_n.w);
+}
+
+// One 32-input step's loads for one lane: W rows o0 + g, o0 + g + 8 (gate) and out + ... (up), x rows g
+// and g + 8; zeros past the ends, so the tails need no other branch.
+struct MmaStep {
+    uint4 w[2][2], x[2];     // w[gate | up][row g | g + 8], x[row g | g + 8]
+};
+
+__device__ __forceinline__ MmaStep load_step(const uint4* __restrict__ W, const uint4* __restrict__ x, int chunk,
+                                             int chunks, int o0, int g, int rows, int out, int swiglu) {
+    MmaStep s;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    const bool in_range = chunk < chunks;
+    #pragma unroll
+    for (int part = 0; part < 2; ++part)
+        #pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            int o = o0 + g + 8 * half;
+            bool ok = in_range && o < out && (part == 0 || swiglu);
+            s.w[part][half] = ok ? __ldg(W + (size_t)(o + part * out) * chunks + chunk) : zero;
+        }
+    #pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        int r = g + 8 * half;
+        s.x[half] = in_range && r < rows ? x[(size_t)r * chunks + chunk] : zero;
+    }
+    return s;
+}
+
+__device__ __forceinline__ void mma_step(float acc[2][2][4], const MmaStep& s, int rows, int swiglu) {
+    #pragma unroll
+    for (int part = 0; part < 2; ++part) {
+        if (part == 1 && !swiglu) break;
+        mma_32_inputs(acc[part][0], s.w[part][0], s.w[part][1], s.x[0]);
+        if (rows > 8) mma_32_inputs(acc[part][1], s.w[part][0], s.w[part][1], s.x[1]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
+linear_rows_mma(const void* __restrict__ x_in, const float* __restrict__ norm_w, float eps,
+                const __half* __restrict__ W, const float* __restrict__ bias, __half* __restrict__ y,
+                float* __restrict__ residual, int swiglu, int rows, int in, int out) {
+    extern __shared__ __half x_normed[];                     // [rows, in] when norm_w
+    __shared__ float partial[2][MMA_WARPS][16][MMA_ROWS];    // [gate | up][warp][feature][row]
+    const __half* x = (const __half*)x_in;
+    if (norm_w) {
+        rms_norm_rows_to_shared((const float*)x_in, norm_w, eps, rows, in, x_normed);
+        x = x_normed;
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int o0 = blockIdx.x * 16, chunks = in / 8, steps = (chunks + 3) / 4;
+    const uint4* Wc = (const uint4*)W;
+    const uint4* xc = (const uint4*)x;
+    float acc[2][2][4] = {};                                 // [gate | up][n-tile][mma C fragment]
+    // Phase 1: this warp's share of the inputs, two steps' loads issued before either is multiplied.
+    int s = warp;
+    for (; s + MMA_WARPS < steps; s += 2 * MMA_WARPS) {
+        MmaStep a = load_step(Wc, xc, 4 * s + t, chunks, o0, g, rows, out, swiglu);
+        MmaStep b = load_step(Wc, xc, 4 * (s + MMA_WARPS) + t, chunks, o0, g, rows, out, swiglu);
+        mma_step(acc, a, rows, swiglu);
+        mma_step(acc, b, rows, swiglu);
+    }
+    if (s < steps) mma_step(acc, load_step(Wc, xc, 4 * s + t, chunks, o0, g, rows, out, swiglu), rows, swiglu);
+    // Phase 2: the C fragments (feature g | g + 8, rows 2t, 2t + 1 of each n-tile) into shared memory.
+    #pragma unroll
+    for (int part = 0; part < 2; ++part)
+        #pragma unroll
+        for (int tile = 0; tile < 2; ++tile)
+            #pragma unroll
+            for (int i = 0; i < 4; ++i)
+                partial[part][warp][g + 8 * (i / 2)][8 * tile + 2 * t + i % 2] = acc[part][tile][i];
+    __syncthreads();
+    // Phase 3: thread (row r, feature f) adds the warps' partials; 16 consecutive features per row store.
+    const int f = threadIdx.x % 16, r = threadIdx.x / 16, o = o0 + f;
+    if (r >= rows || o >= out) return;
+    float v = 0.f, u = 0.f;
+    #pragma unroll
+    for (int w = 0; w < MMA_WARPS; ++w) {
+        v += partial[0][w][f][r];
+        u += partial[1][w][f][r];
+    }
+    store_output(v, u, r, o, out, swiglu, bias, y, residual);
 }
 
 // (value, index) a beats (value, index) b: NaN first, then larger, then the smaller index; index -1 is

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 
 THREADS = 256
-MAX_ROWS = 8        # linear_rows handles up to this many rows (sequences of a decode step)
+MAX_ROWS = 16       # linear_rows handles up to this many rows (sequences of a decode step)
+WARP_KERNEL_MAX_ROWS = 8   # the warp-per-feature GEMV's limit (model_ops.cu's MAX_ROWS)
+MMA_MIN_ROWS = 2    # from this many rows on, linear_rows runs on tensor cores (bench/linear.py measures)
 NULL = np.uintp(0)  # a null device pointer argument
 
 
@@ -139,12 +141,15 @@ def _check_cache_slices(cache_k, cache_v, B: int, H: int, D: int, start) -> int:
     return cache_k.shape[2]
 
 
-def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False, norm_weight=None, eps: float = 0.0):
+def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False, norm_weight=None, eps: float = 0.0,
+                kernel: str = "auto"):
     """y = x . weight^T (+ bias) for x fp16 [..., in] with at most MAX_ROWS rows, weight fp16 [out, in]
     (in a multiple of 8), bias fp32 [out] or None -> fp16 [..., out]. Fused variants:
     norm_weight fp32 [in]: x is the fp32 residual stream and the product takes rms_norm(x, norm_weight, eps);
     residual fp32 [..., out]: residual += y in fp32, in place (returns residual; y is never rounded);
-    swiglu: weight holds gate then up rows [2 I, in] -> silu(gate) * up, fp16 [..., I]."""
+    swiglu: weight holds gate then up rows [2 I, in] -> silu(gate) * up, fp16 [..., I].
+    kernel: "warp" (a warp per output feature, CUDA cores, up to 8 rows), "mma" (tensor cores), or "auto"
+    (mma from MMA_MIN_ROWS rows on)."""
     import cupy
     _require(weight, "weight", np.float16, 2)
     out_features, in_features = weight.shape
@@ -165,13 +170,22 @@ def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False, norm_
                                  or not residual.flags.c_contiguous):
         raise ValueError(f"linear_rows: residual must be C-contiguous fp32 {x.shape[:-1] + (out_features,)}, got "
                          f"{residual.dtype} {residual.shape}")
-    warps = THREADS // 32
+    if kernel == "auto":
+        kernel = "mma" if rows >= MMA_MIN_ROWS else "warp"
+    if kernel not in ("warp", "mma") or (kernel == "warp" and rows > WARP_KERNEL_MAX_ROWS):
+        raise ValueError(f"linear_rows: kernel must be 'auto', 'mma' or 'warp' (up to {WARP_KERNEL_MAX_ROWS} rows), "
+                         f"got {kernel!r} for {rows} rows")
+    # a warp per output feature, or a CTA per 16 features (linear_rows_mma)
+    name, features_per_cta = ("linear_rows", THREADS // 32) if kernel == "warp" else ("linear_rows_mma", 16)
     shared = 0 if norm_weight is None else rows * in_features * 2       # the normalised rows, fp16
-    _kernel("linear_rows")(((out_features + warps - 1) // warps,), (THREADS,),
-                           (x, NULL if norm_weight is None else norm_weight, np.float32(eps), weight,
-                            NULL if bias is None else bias, NULL if y is None else y,
-                            NULL if residual is None else residual, np.int32(swiglu), np.int32(rows),
-                            np.int32(in_features), np.int32(out_features)), shared_mem=shared)
+    function = _kernel(name)
+    if shared > 48 * 1024:
+        function.max_dynamic_shared_size_bytes = shared
+    function(((out_features + features_per_cta - 1) // features_per_cta,), (THREADS,),
+             (x, NULL if norm_weight is None else norm_weight, np.float32(eps), weight,
+              NULL if bias is None else bias, NULL if y is None else y,
+              NULL if residual is None else residual, np.int32(swiglu), np.int32(rows),
+              np.int32(in_features), np.int32(out_features)), shared_mem=shared)
     return residual if y is None else y
 
 

@@ -149,9 +149,12 @@ def test_gpu_forward_matches_cpu_on_a_tiny_model(models):
     assert np.abs(outs[1] - outs[0]).max() < 0.02 * scale
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
-@pytest.mark.parametrize("in_features, out_features", [(576, 1536), (64, 5), (4096, 96), (200, 33)])
-def test_linear_rows_matches_matmul(gpu, rows, in_features, out_features):
+KERNEL_ROWS = [("warp", 1), ("warp", 3), ("warp", 8), ("mma", 1), ("mma", 3), ("mma", 8), ("mma", 11), ("mma", 16)]
+
+
+@pytest.mark.parametrize("kernel, rows", KERNEL_ROWS)
+@pytest.mark.parametrize("in_features, out_features", [(576, 1536), (64, 5), (4096, 96), (200, 33), (4104, 40)])
+def test_linear_rows_matches_matmul(gpu, kernel, rows, in_features, out_features):
     import cupy
     from packkv.kernels import model_ops
     rng = np.random.default_rng(rows * in_features)
@@ -159,12 +162,12 @@ def test_linear_rows_matches_matmul(gpu, rows, in_features, out_features):
     w = (rng.standard_normal((out_features, in_features)) / np.sqrt(in_features)).astype(np.float16)
     bias = rng.standard_normal(out_features).astype(np.float32)
     want = x.astype(np.float32) @ w.astype(np.float32).T + bias
-    got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), cupy.asarray(bias)).get()
+    got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), cupy.asarray(bias), kernel=kernel).get()
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=5e-3, atol=5e-3)
 
 
-@pytest.mark.parametrize("rows", [1, 5])
-def test_linear_rows_adds_into_the_residual_stream(gpu, rows):
+@pytest.mark.parametrize("kernel, rows", [("warp", 1), ("warp", 5), ("mma", 5), ("mma", 13)])
+def test_linear_rows_adds_into_the_residual_stream(gpu, kernel, rows):
     import cupy
     from packkv.kernels import model_ops
     rng = np.random.default_rng(rows)
@@ -173,52 +176,56 @@ def test_linear_rows_adds_into_the_residual_stream(gpu, rows):
     residual = rng.standard_normal((rows, 1, 96)).astype(np.float32)
     want = residual + x.astype(np.float32) @ w.astype(np.float32).T
     on_gpu = cupy.asarray(residual)
-    got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), residual=on_gpu)
+    got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), residual=on_gpu, kernel=kernel)
     assert got is on_gpu
     np.testing.assert_allclose(on_gpu.get(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_rows_swiglu_is_silu_of_gate_times_up(gpu, bias):
+@pytest.mark.parametrize("kernel, rows", [("warp", 3), ("mma", 3), ("mma", 16)])
+def test_linear_rows_swiglu_is_silu_of_gate_times_up(gpu, bias, kernel, rows):
     import cupy
     from packkv.kernels import model_ops
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((3, 576)).astype(np.float16)
+    x = rng.standard_normal((rows, 576)).astype(np.float16)
     w = (rng.standard_normal((2 * 160, 576)) / np.sqrt(576)).astype(np.float16)
     b = rng.standard_normal(2 * 160).astype(np.float32) if bias else None
     gate_up = x.astype(np.float32) @ w.astype(np.float32).T + (b if bias else 0)
     gate, up = gate_up[:, :160], gate_up[:, 160:]
     want = gate / (1 + np.exp(-gate)) * up
     got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), None if b is None else cupy.asarray(b),
-                                swiglu=True).get()
+                                swiglu=True, kernel=kernel).get()
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=5e-3, atol=5e-3)
 
 
-@pytest.mark.parametrize("rows", [1, 4])
-def test_linear_rows_normalises_its_input_like_rms_norm(models, rows):
+@pytest.mark.parametrize("kernel, rows, hidden", [("warp", 1, 96), ("warp", 4, 96), ("mma", 4, 96), ("mma", 16, 96),
+                                                  ("mma", 16, 2048)])   # 64 KB of normalised rows: opt-in
+def test_linear_rows_normalises_its_input_like_rms_norm(models, kernel, rows, hidden):
     cpu_model, _ = models
     import cupy
     from packkv.kernels import model_ops
     rng = np.random.default_rng(rows)
-    x = (rng.standard_normal((rows, 1, 96)) * 3).astype(np.float32)
-    norm_w = cpu_model.layers[0].attn_norm
-    w = (rng.standard_normal((2 * 40, 96)) / 10).astype(np.float16)
+    x = (rng.standard_normal((rows, 1, hidden)) * 3).astype(np.float32)
+    norm_w = (1 + rng.standard_normal(hidden) / 4).astype(np.float32)
+    w = (rng.standard_normal((2 * 40, hidden)) / np.sqrt(hidden)).astype(np.float16)
     h = cpu_model.rms_norm(x, norm_w).astype(np.float16).astype(np.float32)
     want = h @ w.astype(np.float32).T
     got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), norm_weight=cupy.asarray(norm_w),
-                                eps=CONFIG.rms_norm_eps).get()
+                                eps=CONFIG.rms_norm_eps, kernel=kernel).get()
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=5e-3, atol=5e-3)
     gate, up = want[..., :40], want[..., 40:]
     got = model_ops.linear_rows(cupy.asarray(x), cupy.asarray(w), norm_weight=cupy.asarray(norm_w),
-                                eps=CONFIG.rms_norm_eps, swiglu=True).get()
+                                eps=CONFIG.rms_norm_eps, swiglu=True, kernel=kernel).get()
     np.testing.assert_allclose(got.astype(np.float32), gate / (1 + np.exp(-gate)) * up, rtol=5e-3, atol=5e-3)
 
 
 def test_linear_rows_refuses_too_many_rows(gpu):
     import cupy
     from packkv.kernels import model_ops
-    with pytest.raises(ValueError, match="1..8 rows"):
-        model_ops.linear_rows(cupy.zeros((9, 64), np.float16), cupy.zeros((4, 64), np.float16))
+    with pytest.raises(ValueError, match="1..16 rows"):
+        model_ops.linear_rows(cupy.zeros((17, 64), np.float16), cupy.zeros((4, 64), np.float16))
+    with pytest.raises(ValueError, match="up to 8 rows"):
+        model_ops.linear_rows(cupy.zeros((9, 64), np.float16), cupy.zeros((4, 64), np.float16), kernel="warp")
 
 
 def test_argmax_rows_is_numpys_argmax(gpu):
