@@ -2,13 +2,18 @@
 
 API (what packkv/cache.py calls):
 
-    offsets, new_used = encode_blocks_device(k, v, params, arena, used)
+    offsets, new_used = encode_blocks_device(k, v, params, arena, used, rel_k=None, rel_v=None)
 
 k, v: fp16 device arrays [n_blocks, n_kv_heads, block, head_dim] (CuPy or any CUDA-array-interface
 array; C-contiguous; head_dim a multiple of 4), all layers and sequences that are due, in the order their
 records should land. arena: a 1-D uint8 device array; used: the arena's used bytes (a multiple of 16).
+rel_k, rel_v: optional per-block bounds (host sequences of n_blocks numbers in [2**-12, 1]) that replace
+params' (e.g. per-layer and attention-sink bounds), so that blocks of any bounds share one launch.
 Records are bump-allocated from `used` on, in block order, byte-identical to
-`packkv.codec.encode_blocks(k, v, params)`'s buffer. Returns offsets, an int64 device array (CuPy when
+`packkv.codec.encode_blocks(k, v, params)`'s buffer (with per-block bounds: record b is
+`codec.encode_block` of block b with its own rel_k[b], rel_v[b]; records do not store bounds). The lane
+width of the level matrix (and with it the plan's shared memory) follows the tightest block's bounds;
+`max_record_bytes(params, H, D, bounds)` likewise. Returns offsets, an int64 device array (CuPy when
 CuPy is there) [n_blocks + 1] of absolute arena offsets (offsets[0] == used, record b at
 arena[offsets[b]:offsets[b+1]], offsets[-1] == new_used), and new_used (a Python int). The call
 synchronizes once (it reads back 32 bytes: the end offset and error flags). NaN/inf input raises the
@@ -25,7 +30,7 @@ block order) takes one block (one record) at a time:
    (16 loads in flight per lane), reduce min/max, compute step/offset (fp32, no FMA, integer round-up to
    fp16, fp32 magic-number rint), and write the integer levels to a level matrix LV (shared memory when
    it fits, else per-CTA global scratch), token-major, 8 (or 4) levels per int64 word (SWAR lanes of 8
-   bits when rel >= ~1/126, else 16); NaN/inf is detected here and reported after the launch;
+   bits when every block's rel >= ~1/126, else 16); NaN/inf is detected here and reported after the launch;
 2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, int64 dots,
    float64 cosine, lowest index on ties), then pack-1 picks of the candidate with the least
    cost[t] = sum_c width(max(hi,q)-min(lo,q)), by (cost << 32 | position) keys reduced with warp
@@ -453,7 +458,9 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
         return ssum, ssq
 
     @cuda.jit(device=True)
-    def ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, rel_k, rel_v, tid):
+    def ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, bounds, tid):
+        rel_k = bounds[2 * b]      # this block's (rel_k, rel_v), float32
+        rel_v = bounds[2 * b + 1]
         n_blocks = meta[iN]
         H = meta[iH]
         T = meta[iT]
@@ -1477,7 +1484,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
     # ------------------------------------------------------------------------------------------
     # the kernel: a persistent loop over tiles (blocks, in order)
     # ------------------------------------------------------------------------------------------
-    def encode_kernel(K64, V64, arena32, meta, work, offsets, g64, g32, glv, rel_k, rel_v):
+    def encode_kernel(K64, V64, arena32, meta, work, offsets, g64, g32, glv, bounds):
         sh64 = cuda.shared.array(0, nb_int64)
         sh32 = cuda.shared.array(0, nb_int32)
         shf = cuda.shared.array(0, nb_float64)
@@ -1515,7 +1522,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
             b = sh64[mi0 + 0]
             if b >= n_blocks:
                 break
-            ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, rel_k, rel_v, tid)
+            ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, bounds, tid)
             cuda.syncthreads()
             bad = sh64[mi0 + 1]
             if bad == 0 and (mode & 8) == 0:
@@ -1574,18 +1581,44 @@ def level_bound(rel: float) -> int:
     return max(3, int(math.floor(1.0 / r * (1 + 1e-6) + 0.01)) + 1)
 
 
-def lane_bits(params: codec.CodecParams) -> int:
-    """8-bit SWAR lanes when every level is <= 127 (rel >= ~1/126, e.g. the defaults), else 16-bit."""
-    return 8 if max(level_bound(params.rel_k), level_bound(params.rel_v)) <= 127 else 16
+def block_bounds(params: codec.CodecParams, n_blocks: int, rel_k=None, rel_v=None) -> np.ndarray:
+    """Each block's (rel_k, rel_v) as float32 [n_blocks, 2], what the kernel quantizes with: the given
+    per-block bounds (host sequences of n_blocks numbers), else params' bound for every block. Each must
+    be in [2**-12, 1], as CodecParams requires."""
+    columns = []
+    for name, given, default in (("rel_k", rel_k, params.rel_k), ("rel_v", rel_v, params.rel_v)):
+        rel = np.full(n_blocks, default, np.float64) if given is None else np.asarray(given, np.float64)
+        if rel.shape != (n_blocks,):
+            raise ValueError(f"{name} must hold one bound per block ({n_blocks}), got shape {rel.shape}")
+        outside = rel[~((rel >= codec.MIN_REL) & (rel <= 1.0))]
+        if outside.size:
+            raise ValueError(f"{name} must be in [2**-12, 1] (a relative error bound) for every block, "
+                             f"got {outside[0]!r}")
+        columns.append(rel.astype(np.float32))
+    return np.stack(columns, axis=1)
 
 
-def max_record_bytes(params: codec.CodecParams, n_kv_heads: int, head_dim: int) -> int:
+def _largest_level(params: codec.CodecParams, bounds: np.ndarray | None) -> int:
+    """The largest level any block may hold: the tightest bound's (params' bounds without per-block ones)."""
+    tightest = (params.rel_k, params.rel_v) if bounds is None or not len(bounds) else bounds.min(axis=0)
+    return max(level_bound(rel) for rel in tightest)
+
+
+def lane_bits(params: codec.CodecParams, bounds: np.ndarray | None = None) -> int:
+    """8-bit SWAR lanes when every level is <= 127 (rel >= ~1/126, e.g. the defaults), else 16-bit. With
+    per-block bounds (block_bounds), the tightest block decides."""
+    return 8 if _largest_level(params, bounds) <= 127 else 16
+
+
+def max_record_bytes(params: codec.CodecParams, n_kv_heads: int, head_dim: int,
+                     bounds: np.ndarray | None = None) -> int:
     """An upper bound on one record's length for these params (to size an arena so that encoding a
-    batch of n blocks never overflows: reserve n * max_record_bytes)."""
+    batch of n blocks never overflows: reserve n * max_record_bytes). With per-block bounds
+    (block_bounds), the bound of the tightest block, which holds for all."""
     H, T, D, P = n_kv_heads, params.block, head_dim, params.pack
     n_units = 1 if params.granularity == "token-layer" else H
     R = T // P
-    wmax = max(level_bound(params.rel_k), level_bound(params.rel_v)).bit_length()
+    wmax = _largest_level(params, bounds).bit_length()
     tok = 8 + 4 * T + T * 32 // 8 + 3
     sec = 4 + -(-R * D * (5 + 16) // 8) + 3 + P * R * D * wmax // 8 + 3
     total = 12 + 4 * (n_units + 2 * H) + n_units * tok + 2 * H * sec
@@ -1602,13 +1635,14 @@ def _pow2ceil(x: int) -> int:
 
 
 class _Plan:
-    """Dimensions, work split and memory layout of one (params, H, D, threads) configuration."""
+    """Dimensions, work split and memory layout of one (params, H, D, threads, lane width E) configuration
+    (params' bounds play no part: each block's come with the launch)."""
 
-    def __init__(self, params: codec.CodecParams, H: int, D: int, threads: int, smem_limit: int,
+    def __init__(self, params: codec.CodecParams, H: int, D: int, threads: int, E: int, smem_limit: int,
                  force_global: bool = False):
         self.params, self.H, self.D, self.NT = params, H, D, threads
         T, P = params.block, params.pack
-        self.E = E = lane_bits(params)
+        self.E = E
         LPW = 64 // E
         layer = params.granularity == "token-layer"
         n_units = 1 if layer else H
@@ -1714,7 +1748,9 @@ def _stream():
 
 
 class BlockEncoder:
-    """Compiles (once) and runs the encoder for one (params, n_kv_heads, head_dim) configuration."""
+    """Compiles (once per lane width) and runs the encoder for one (params, n_kv_heads, head_dim)
+    configuration. Each call's lane width follows its tightest block bound (8-bit lanes at the default
+    bounds, 16-bit below rel ~1/126); `plan` and `kernel` are those of the latest call."""
 
     def __init__(self, params: codec.CodecParams, n_kv_heads: int, head_dim: int, threads: int = 512,
                  force_global: bool = False, max_ctas: int | None = None, chunks_per_lane: int = 8):
@@ -1729,19 +1765,29 @@ class BlockEncoder:
             raise ValueError(f"threads must be a multiple of 32 in [32, 1024], got {threads}")
         self.params, self.H, self.D, self.NT = params, n_kv_heads, head_dim, threads
         self.info = _device_info()
-        self.plan = _Plan(params, n_kv_heads, head_dim, threads, self.info["smem_block"], force_global)
-        p = self.plan
-        self.qch = chunks_per_lane
-        self.kernel = get_kernel(p.E, threads, p.lv_shared, p.pack_shared, chunks_per_lane)
-        per_sm = max(1, min(2048 // threads, self.info["smem_sm"] // (p.shared_bytes + 1024)))
-        self.max_ctas = max_ctas or self.info["sms"] * per_sm
+        self.smem_limit, self.force_global = self.info["smem_block"], force_global
+        self.qch, self.ctas_asked = chunks_per_lane, max_ctas
+        self._plans: dict = {}
         self._scratch = None
-        self._fallback = False
+        self._use_lanes(lane_bits(params))
+
+    def _use_lanes(self, E: int) -> None:
+        """Make the plan (kept per lane width) and kernel with E-bit lanes the current ones."""
+        if E not in self._plans:
+            self._plans[E] = _Plan(self.params, self.H, self.D, self.NT, E, self.smem_limit, self.force_global)
+        self.plan = p = self._plans[E]
+        self.kernel = get_kernel(p.E, self.NT, p.lv_shared, p.pack_shared, self.qch)
+        per_sm = max(1, min(2048 // self.NT, self.info["smem_sm"] // (p.shared_bytes + 1024)))
+        self.max_ctas = self.ctas_asked or self.info["sms"] * per_sm
 
     # -- the one call ------------------------------------------------------------------------------
-    def encode(self, k, v, arena, used: int, _phase_mode: int = 0):
+    def encode(self, k, v, arena, used: int, rel_k=None, rel_v=None, _phase_mode: int = 0):
         """Compress k, v [n_blocks, n_kv_heads, block, head_dim] (fp16, on the device) into arena
         (uint8, on the device) from byte `used` (a multiple of 16) on.
+
+        rel_k, rel_v: optional per-block bounds (host sequences of n_blocks numbers in [2**-12, 1]) in
+        place of params' for every block. Record b is then codec's record of block b encoded with its
+        own bounds (records do not store their bounds: the format and decoders are the same).
 
         Returns (offsets, new_used): offsets is an int64 device array [n_blocks + 1], record b at
         arena[offsets[b]:offsets[b+1]] (offsets[0] == used, offsets[-1] == new_used), the same bytes
@@ -1749,7 +1795,7 @@ class BlockEncoder:
         Raises ValueError naming block, head and token for NaN/inf input, ArenaFullError when the
         records do not fit; in both cases nothing is committed (bytes past `used` may have changed).
         """
-        p, params = self.plan, self.params
+        params = self.params
         dk, dv = _as_device(k, "k"), _as_device(v, "v")
         for name, x in (("k", dk), ("v", dv)):
             if x.dtype != np.float16:
@@ -1766,6 +1812,7 @@ class BlockEncoder:
         if used % 16 or not (0 <= used <= da.shape[0]):
             raise ValueError(f"used must be a multiple of 16 within the arena ({da.shape[0]} bytes), got {used}")
         n = int(dk.shape[0])
+        bounds = block_bounds(params, n, rel_k, rel_v)
         stream = _stream()
         offsets = cuda.device_array(n + 1, dtype=np.int64, stream=stream)
         if n == 0:
@@ -1773,6 +1820,8 @@ class BlockEncoder:
             return _like_cupy(offsets), used
         if not (dk.is_c_contiguous() and dv.is_c_contiguous()):
             raise ValueError("k and v must be C-contiguous")
+        self._use_lanes(lane_bits(params, bounds))
+        p = self.plan
         k64, v64 = dk.reshape(-1).view(np.int64), dv.reshape(-1).view(np.int64)
         cap = da.shape[0] // 4 * 4
         arena32 = da[:cap].view(np.uint32)
@@ -1782,21 +1831,21 @@ class BlockEncoder:
         work_host[W_NAN] = NO_NAN
         work = cuda.to_device(work_host, stream=stream)
         meta = cuda.to_device(p.meta(n, used, cap, _phase_mode), stream=stream)
-        args = (k64, v64, arena32, meta, work, offsets, *scratch, np.float32(params.rel_k), np.float32(params.rel_v))
+        block_rel = cuda.to_device(bounds.reshape(-1), stream=stream)   # (rel_k, rel_v) of block b at 2b, 2b + 1
         try:
-            self._launch(grid, stream, args)
+            self._launch(grid, stream, (k64, v64, arena32, meta, work, offsets, *scratch, block_rel))
         except Exception as exc:   # the >48 KiB shared-memory opt-in refused: level matrix to global scratch
-            if SIMULATOR or p.shared_bytes <= 48 * 1024 or self._fallback:
+            if SIMULATOR or p.shared_bytes <= 48 * 1024:
                 raise
             import warnings
             warnings.warn(f"packkv GPU encoder: launch with {p.shared_bytes} bytes of shared memory failed "
                           f"({type(exc).__name__}: {exc}); using global scratch for the level matrix")
-            self._fallback = True
-            self.plan = p = _Plan(params, self.H, self.D, self.NT, 48 * 1024, force_global=True)
-            self.kernel = get_kernel(p.E, self.NT, p.lv_shared, p.pack_shared, self.qch)
-            meta = cuda.to_device(p.meta(n, used, cap), stream=stream)
+            self.smem_limit, self.force_global, self._plans = 48 * 1024, True, {}
+            self._use_lanes(p.E)
+            p = self.plan
+            meta = cuda.to_device(p.meta(n, used, cap, _phase_mode), stream=stream)
             scratch = self._scratch_views(grid, stream)
-            self._launch(grid, stream, (k64, v64, arena32, meta, work, offsets, *scratch) + args[9:])
+            self._launch(grid, stream, (k64, v64, arena32, meta, work, offsets, *scratch, block_rel))
         flags = work[:4].copy_to_host(stream=stream)
         if not SIMULATOR:
             stream.synchronize()
@@ -1843,12 +1892,14 @@ def _set_max_dynamic_shared(kernel, launch_config) -> None:
 _ENCODERS: dict = {}
 
 
-def encode_blocks_device(k, v, params: codec.CodecParams, arena, used: int, **options):
+def encode_blocks_device(k, v, params: codec.CodecParams, arena, used: int, rel_k=None, rel_v=None,
+                         **options):
     """Compress blocks k, v [n_blocks, n_kv_heads, block, head_dim] (fp16, device) into arena (uint8,
-    device) from byte `used`: returns (offsets int64 device [n_blocks + 1], new_used). See
+    device) from byte `used`, each block with params' bounds or its own (rel_k, rel_v: host sequences
+    of n_blocks bounds): returns (offsets int64 device [n_blocks + 1], new_used). See
     BlockEncoder.encode; encoders (compiled kernels) are cached per (params, shape, options)."""
     H, D = int(k.shape[-3]), int(k.shape[-1])
     key = (params, H, D, tuple(sorted(options.items())))
     if key not in _ENCODERS:
         _ENCODERS[key] = BlockEncoder(params, H, D, **options)
-    return _ENCODERS[key].encode(k, v, arena, used)
+    return _ENCODERS[key].encode(k, v, arena, used, rel_k, rel_v)

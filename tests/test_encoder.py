@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,17 @@ def make_blocks(kinds, H, T, D, seed):
     k = np.stack([make_block(kk, (H, T, D), rng) for kk, _ in kinds])
     v = np.stack([make_block(kv, (H, T, D), rng) for _, kv in kinds])
     return k, v
+
+
+def reference_records(k, v, params, block_rel=None):
+    """codec's records of the blocks back to back and their offsets: encode_blocks, or with per-block
+    bounds block_rel [(rel_k, rel_v)] each block encoded alone with its own."""
+    if block_rel is None:
+        buffer, offsets, _ = codec.encode_blocks(k, v, params)
+        return buffer, offsets
+    records = [codec.encode_block(k[b], v[b], replace(params, rel_k=rk, rel_v=rv))[0]
+               for b, (rk, rv) in enumerate(block_rel)]
+    return np.concatenate(records), np.cumsum([0] + [r.size for r in records])
 
 
 def mixed_kinds(n, seed):
@@ -69,8 +81,9 @@ def _worker(cases):
             (k if name == "k" else v)[tuple(where)] = np.float16(np.inf if where[-1] % 2 else np.nan)
         used = case.get("used", 48)
         out = {"id": case["id"]}
+        block_rel = case.get("block_rel")
         try:
-            ref, ref_offsets, _ = codec.encode_blocks(k, v, params)
+            ref, ref_offsets = reference_records(k, v, params, block_rel)
         except ValueError as exc:
             ref, out["ref_error"] = None, str(exc)
         size = case.get("arena", used + (ref.size if ref is not None else 0) + 64)
@@ -79,9 +92,10 @@ def _worker(cases):
         enc = encoder.BlockEncoder(params, case["H"], case["D"], threads=case.get("threads", 64),
                                    force_global=case.get("force_global", False),
                                    chunks_per_lane=case.get("chunks_per_lane", 8))
-        out["E"], out["lv_shared"] = enc.plan.E, enc.plan.lv_shared
+        rel_k, rel_v = (None, None) if block_rel is None else zip(*block_rel)
         try:
-            offsets, new_used = enc.encode(k, v, arena, used)
+            offsets, new_used = enc.encode(k, v, arena, used, rel_k, rel_v)
+            out["E"], out["lv_shared"] = enc.plan.E, enc.plan.lv_shared
             got = arena.copy_to_host()
             out["identical"] = bool(ref is not None and new_used - used == ref.size
                                     and np.array_equal(got[used:new_used], ref)
@@ -165,6 +179,23 @@ def _greedy_cases():
     return cases
 
 
+def _block_bound_cases():
+    """Blocks of one launch with bounds of their own (per-layer and sink bounds in the cache): 8-bit
+    lanes when every block's bounds allow them (whatever params say), 16-bit lanes for all blocks as
+    soon as one block's bound is below ~1/126."""
+    loose = [(0.1, 0.2), (0.3, 0.05), (1.0, 1.0), (0.02, 0.5)]
+    return [
+        dict(id="greedy_e8", params=_params(rel_k=2.0 ** -12, pack=8, block=16), H=2, D=8,
+             kinds=mixed_kinds(4, 40), seed=40, block_rel=loose),
+        dict(id="greedy_e16", params=_params(pack=8, block=16), H=2, D=8, kinds=mixed_kinds(3, 41), seed=41,
+             block_rel=[(0.1, 0.2), (2.0 ** -12, 0.003), (0.5, 0.2)]),
+        dict(id="token_head_sort", params=_params(granularity="token-head", repack="sort", pack=8, block=16),
+             H=3, D=4, kinds=mixed_kinds(4, 42), seed=42, block_rel=loose[::-1]),
+        dict(id="global_none", params=_params(repack="none", pack=8, block=8), H=1, D=12,
+             kinds=mixed_kinds(3, 43), seed=43, force_global=True, block_rel=[(0.25, 0.01), (0.1, 0.2), (0.2, 0.1)]),
+    ]
+
+
 def _refusal_cases():
     base = dict(params=_params(pack=8, block=16), H=2, D=8, kinds=mixed_kinds(3, 9), seed=11)
     return [dict(base, id="nan_v", poison=[("v", [2, 0, 3, 4]), ("v", [1, 1, 9, 1])]),
@@ -176,6 +207,7 @@ SIM_JOBS = {f"test_simulated_encoder_is_byte_identical[{r}-{g}]": (_identical_ca
             for g in codec.GRANULARITIES for r in codec.REPACK_METHODS}
 SIM_JOBS["test_simulated_lane_widths_placements_and_odd_shapes"] = (_lane_cases, ())
 SIM_JOBS["test_simulated_greedy_picks_and_ties"] = (_greedy_cases, ())
+SIM_JOBS["test_simulated_per_block_bounds"] = (_block_bound_cases, ())
 SIM_JOBS["test_simulated_refusals"] = (_refusal_cases, ())
 
 
@@ -222,6 +254,17 @@ def test_simulated_greedy_picks_and_ties(simulated, request):
         assert r.get("identical"), r
 
 
+def test_simulated_per_block_bounds(simulated, request):
+    """One launch, each block with its own (rel_k, rel_v): every record is byte-identical to codec's
+    record of that block with its own bounds; the lane width follows the tightest block."""
+    results = simulated(request.node.name)
+    assert results["greedy_e8"]["E"] == 8 and results["greedy_e16"]["E"] == 16
+    assert not results["global_none"]["lv_shared"]
+    for r in results.values():
+        assert r.get("identical"), r
+        assert r["prefix_untouched"], r
+
+
 def test_simulated_refusals(simulated, request):
     """NaN/inf: a ValueError naming the first bad (array, block, head, token), as the codec names it,
     and nothing committed; a too-small arena: ArenaFullError with the size it needs."""
@@ -247,6 +290,21 @@ def test_level_bound_and_lane_choice():
             x = make_block(kind, (2, 64, 16), rng)
             levels, _, _ = codec.quantize_tokens(x.astype(np.float32), rel)
             assert levels.max() <= level_bound(rel), (rel, kind)
+
+
+def test_block_bounds_and_the_tightest_block():
+    """Per-block bounds become float32 (rel_k, rel_v) pairs, checked like CodecParams; the lane width
+    and the record size bound follow the tightest block, not params."""
+    from packkv.kernels.encoder import block_bounds, lane_bits, max_record_bytes
+    params, tight = CodecParams(), CodecParams(rel_k=2.0 ** -12)
+    assert block_bounds(params, 2).tolist() == [[np.float32(0.1), np.float32(0.2)]] * 2
+    bounds = block_bounds(params, 3, rel_k=[0.1, 2.0 ** -12, 1.0])
+    assert bounds.dtype == np.float32 and bounds[:, 1].tolist() == [np.float32(0.2)] * 3
+    assert lane_bits(params, bounds) == 16 and lane_bits(tight, block_bounds(params, 3)) == 8
+    assert max_record_bytes(params, 3, 8, bounds) == max_record_bytes(tight, 3, 8)
+    for bad in ([0.1, 0.2], [0.1, 2.0, 0.1], [0.1, np.nan, 0.1], [0.1, 1e-5, 0.1]):
+        with pytest.raises(ValueError, match="rel_v"):
+            block_bounds(params, 3, rel_v=bad)
 
 
 def test_max_record_bytes_bounds_real_records():
