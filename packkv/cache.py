@@ -428,17 +428,11 @@ class BlockCache(KVCache, ABC):
             owners += [(layer, b, self.n_blocks[b] + j) for layer in range(s.layers) for j in range(due[b])]
         k_all, v_all = xp.concatenate(k_blocks), xp.concatenate(v_blocks)
         self.refuse_nonfinite(k_all, v_all, owners)
-        for group, params in self.encoding_groups(owners):   # one encoder call per group of parameters
-            group_owners = [owners[i] for i in group]
-            if len(group) == len(owners):
-                offsets = self.write_records(k_all, v_all, params)
-            else:
-                index = xp.asarray(np.array(group))
-                offsets = self.write_records(k_all[index], v_all[index], params)
-            layer_index, row_index, block_index = (np.array(column) for column in zip(*group_owners))
-            self.block_offsets[layer_index, row_index, block_index] = xp.asarray(offsets[:-1])
-            if self.keep_decoded:
-                self.store_decoded(offsets, group_owners)
+        offsets = self.write_records(k_all, v_all, owners)
+        layer_index, row_index, block_index = (np.array(column) for column in zip(*owners))
+        self.block_offsets[layer_index, row_index, block_index] = xp.asarray(offsets[:-1])
+        if self.keep_decoded:
+            self.store_decoded(offsets, owners)
         for b in np.flatnonzero(due):
             tokens = due[b] * block
             keep = window_len[b] - tokens
@@ -451,6 +445,20 @@ class BlockCache(KVCache, ABC):
         parameters (None); a kind may encode some blocks with other parameters."""
         return [(list(range(len(owners))), None)]
 
+    def encode_grouped(self, k_blocks, v_blocks, owners):
+        """encode's output for blocks [n, kv_heads, block, D] (block i of owners[i]): one `encode` call per
+        group of encoding_groups, the records then back to back in block order."""
+        groups = self.encoding_groups(owners)
+        if len(groups) == 1:
+            return self.encode(k_blocks, v_blocks, groups[0][1])
+        records = [None] * len(owners)
+        for group, params in groups:
+            index = self.backend.xp.asarray(np.array(group))
+            buffer, offsets = self.encode(k_blocks[index], v_blocks[index], params)
+            for i, start, end in zip(group, offsets[:-1], offsets[1:]):
+                records[i] = buffer[start:end]
+        return self.backend.xp.concatenate(records), np.cumsum([0] + [r.size for r in records])
+
     def refuse_nonfinite(self, k_blocks, v_blocks, owners) -> None:
         """NaN or inf cannot be quantized: name the layer, sequence and token position instead."""
         xp = self.backend.xp
@@ -462,11 +470,11 @@ class BlockCache(KVCache, ABC):
                 raise PackkvError(f"cannot compress the KV cache: {name} of layer {layer}, sequence {b}, KV head "
                                   f"{head}, token position {j * self.block + t} is not finite (NaN or inf)")
 
-    def write_records(self, k_blocks, v_blocks, params=None) -> np.ndarray:
-        """Encode blocks [n, kv_heads, block, D] into the arena (with `params`, else the kind's own); the
-        records' offsets [n + 1] (host int64, records back to back). Here: `encode` where the blocks are,
+    def write_records(self, k_blocks, v_blocks, owners) -> np.ndarray:
+        """Encode blocks [n, kv_heads, block, D] (block i of owners[i]) into the arena, records back to back
+        in block order; their offsets [n + 1] (host int64). Here: `encode_grouped` where the blocks are,
         then one copy into the arena; a kind may write into the arena directly."""
-        buffer, offsets = self.encode(k_blocks, v_blocks, params)
+        buffer, offsets = self.encode_grouped(k_blocks, v_blocks, owners)
         return self.arena.append(buffer) + offsets
 
     def store_decoded(self, offsets, owners) -> None:
@@ -518,6 +526,7 @@ class PackkvCache(BlockCache):
         self.layer_params = None if layer_scales is None else layer_scales.params(params, shape.layers)
         super().__init__(shape, backend, params.block, window, max_new_tokens, keep_decoded=not backend.is_gpu)
         self.scales = None if scales is None else scales.on(backend, shape)
+        self.attention_workspace = None      # (query heads, the decode kernel's zeroed workspace), on first use
 
     @property
     def graph_capturable(self) -> bool:
@@ -541,10 +550,17 @@ class PackkvCache(BlockCache):
         """Attention over what the cache holds (K and V divided by the channel scales, if any)."""
         if not (self.backend.is_gpu and self.pending == 1):
             return super().attend(layer, q)
-        from packkv.kernels.attention_kernels import compressed_decode_attention
+        from packkv.kernels.attention_kernels import attention_workspace, compressed_decode_attention
+        if self.attention_workspace is None or self.attention_workspace[0] != q.shape[1]:
+            # zeroed once and kept: the kernel leaves its counters at zero (a fresh one per call would add
+            # a memset to every layer of a captured step)
+            s = self.shape
+            self.attention_workspace = (q.shape[1], attention_workspace(s.batch, q.shape[1], s.kv_heads, s.head_dim,
+                                                                        self.max_blocks, self.params))
         out = compressed_decode_attention(q[:, :, 0], self.arena.data, self.block_offsets[layer],
                                           self.device_n_blocks, self.window_k[layer], self.window_v[layer],
-                                          self.window_ends, self.params, arena_address=self.arena.address)
+                                          self.window_ends, self.params, workspace=self.attention_workspace[1],
+                                          arena_address=self.arena.address)
         return out[:, :, None]
 
     def decompress(self, offsets):
@@ -553,31 +569,38 @@ class PackkvCache(BlockCache):
         # [n, Hkv, block, D] -> [Hkv, n * block, D]
         return tuple(x.transpose(1, 0, 2, 3).reshape(self.shape.kv_heads, -1, self.shape.head_dim) for x in (k, v))
 
-    def encoding_groups(self, owners) -> list:
-        """The first blocks of sequences with the sink bounds, the others with their layer's bounds (the
-        cache's, without layer scales): one group, and one encoder call, per distinct parameters."""
-        if self.sink_params is None and self.layer_params is None:
-            return super().encoding_groups(owners)
-        groups: dict = {}
-        for i, (layer, _, j) in enumerate(owners):
-            if j == 0 and self.sink_params is not None:
-                params = self.sink_params
-            else:
-                params = self.params if self.layer_params is None else self.layer_params[layer]
-            groups.setdefault(params, []).append(i)
-        return [(g, p) for p, g in groups.items()]
+    def block_bounds(self, owners) -> tuple[np.ndarray, np.ndarray]:
+        """rel_k, rel_v [n] (float64) of the blocks owners[i] = (layer, sequence, block index): a sequence's
+        first block at the sink bounds (if set), the others at their layer's (layer scales), else the cache's."""
+        layer, _, block_index = np.array(owners, dtype=np.int64).reshape(-1, 3).T
+        per_layer = self.layer_params or [self.params] * self.shape.layers
+        rel_k = np.array([p.rel_k for p in per_layer])[layer]
+        rel_v = np.array([p.rel_v for p in per_layer])[layer]
+        if self.sink_params is not None:
+            first = block_index == 0
+            rel_k[first], rel_v[first] = self.sink_params.rel_k, self.sink_params.rel_v
+        return rel_k, rel_v
 
-    def write_records(self, k_blocks, v_blocks, params=None) -> np.ndarray:
+    def encoding_groups(self, owners) -> list:
+        """One group, and one codec call, per distinct block_bounds (the CPU path; the GPU encoder takes
+        every block's bounds in one launch)."""
+        pairs, group_of = np.unique(np.stack(self.block_bounds(owners), axis=1), axis=0, return_inverse=True)
+        group_of = group_of.reshape(-1)
+        return [(np.flatnonzero(group_of == g).tolist(), replace(self.params, rel_k=float(rk), rel_v=float(rv)))
+                for g, (rk, rv) in enumerate(pairs)]
+
+    def write_records(self, k_blocks, v_blocks, owners) -> np.ndarray:
         """On the GPU the Numba encoder (kernels/encoder.py, bit-identical to codec.py) writes the records
-        straight into the arena in one launch; the arena doubles and the launch repeats if they do not fit."""
-        params = params or self.params
+        straight into the arena in one launch, each block with its own bounds (block_bounds); the arena
+        doubles and the launch repeats if they do not fit."""
         if not self.backend.is_gpu:
-            return super().write_records(k_blocks, v_blocks, params)
+            return super().write_records(k_blocks, v_blocks, owners)
         from packkv.kernels.encoder import ArenaFullError, encode_blocks_device
+        rel_k, rel_v = self.block_bounds(owners)
         while True:
             try:
-                offsets, used = encode_blocks_device(k_blocks, v_blocks, params, self.arena.writable,
-                                                     self.arena.used)
+                offsets, used = encode_blocks_device(k_blocks, v_blocks, self.params, self.arena.writable,
+                                                     self.arena.used, rel_k=rel_k, rel_v=rel_v)
                 break
             except ArenaFullError as full:
                 self.arena.ensure(full.needed)
