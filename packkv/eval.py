@@ -655,11 +655,20 @@ def tune_command(args) -> dict:
     """The highest block compression ratio within the budget, found along the pass/fail boundary of the
     rel_k x rel_v grid (a staircase walk from (smallest rel_k, largest rel_v): the error grows with either
     bound, so each step either passes and moves to the next rel_k, or fails and moves to the next
-    smaller rel_v), per granularity: at most len(rel_k) + len(rel_v) evaluations each."""
+    smaller rel_v), per granularity: at most len(rel_k) + len(rel_v) evaluations each.
+
+    With --min-ratio R the objective turns round: the lowest KL among the points whose block compression
+    ratio is at least R (and whose perplexity increase, and KL if --budget-kl, stay within budget). The
+    walk follows the ratio's boundary instead (the ratio grows with either bound: a point at R or more
+    moves to the next smaller rel_v, one below R to the next rel_k), so for each rel_k it reaches the
+    smallest rel_v that still gives R, where that rel_k's KL is lowest; the same number of evaluations."""
     if not args.budget_ppl > 0:
         raise PackkvError(f"--budget-ppl must be > 0 (percent), not {args.budget_ppl}")
     if args.budget_kl is not None and not args.budget_kl > 0:
         raise PackkvError(f"--budget-kl must be > 0 (nats), not {args.budget_kl}")
+    floor = args.min_ratio
+    if floor is not None and not floor > 0:
+        raise PackkvError(f"--min-ratio must be > 0 (a compression ratio), not {floor}")
     rel_k = sorted(parse_list(args.rel_k, float, "--rel-k"))
     rel_v = sorted(parse_list(args.rel_v, float, "--rel-v"))
     granularities = parse_list(args.granularities, str, "--granularities")
@@ -696,18 +705,31 @@ def tune_command(args) -> dict:
                                        and (args.budget_kl is None or result["kl"] <= args.budget_kl))
             tried.append(result)
             bar.update()
-            bar.set_postfix_str(f"{spec.label()}: {result['ppl_increase_pct']:+.2f}%")
-            i, j = (i + 1, j) if result["within_budget"] else (i, j - 1)
+            bar.set_postfix_str(f"{spec.label()}: {result['ppl_increase_pct']:+.2f}%, KL {result['kl']:.4f}, "
+                                f"{result['block_compression_ratio']:.2f}x")
+            if floor is None:
+                i, j = (i + 1, j) if result["within_budget"] else (i, j - 1)
+            else:
+                result["meets_ratio"] = result["block_compression_ratio"] >= floor
+                i, j = (i, j - 1) if result["meets_ratio"] else (i + 1, j)
     bar.close()
-    passing = [r for r in tried if r["within_budget"]]
-    if not passing:
-        closest = min(tried, key=lambda r: r["ppl_increase_pct"])
-        raise PackkvError(f"tune: no parameters tried stay within the budget (the tightest gave "
-                          f"{closest['ppl_increase_pct']:+.2f}%, KL {closest['kl']:.4f}); add smaller --rel-k/--rel-v")
-    best = max(passing, key=lambda r: r["block_compression_ratio"])
+    if floor is None:
+        passing = [r for r in tried if r["within_budget"]]
+        if not passing:
+            closest = min(tried, key=lambda r: r["ppl_increase_pct"])
+            raise PackkvError(f"tune: no parameters tried stay within the budget (the tightest gave "
+                              f"{closest['ppl_increase_pct']:+.2f}%, KL {closest['kl']:.4f}); add smaller --rel-k/--rel-v")
+        best = max(passing, key=lambda r: r["block_compression_ratio"])
+    else:
+        passing = [r for r in tried if r["within_budget"] and r["meets_ratio"]]
+        if not passing:
+            raise PackkvError(f"tune: no parameters tried reach --min-ratio {floor:g} within the budget (best ratio "
+                              f"{max(r['block_compression_ratio'] for r in tried):.2f}x; "
+                              f"{sum(r['within_budget'] for r in tried)} of {len(tried)} within the budget)")
+        best = min(passing, key=lambda r: r["kl"])
     params = {key: best[key] for key in ("rel_k", "rel_v", "granularity", "repack", "pack", "block")}
     profile = {"model": args.model, "params": params, "budget_ppl_pct": args.budget_ppl,
-               "budget_kl": args.budget_kl,
+               "budget_kl": args.budget_kl, **({} if floor is None else {"min_ratio": floor}),
                "calibration": {"text": str(args.text), **windows.describe(), "window": window,
                                "dense_ppl": dense["ppl"], **{k: best[k] for k in (
                                    "ppl", "ppl_increase_pct", "kl", "top1_agreement", "compression_ratio",
@@ -892,6 +914,8 @@ def parser() -> argparse.ArgumentParser:
     add_grid(p, "0.015,0.02,0.03,0.04,0.05,0.07,0.1", "0.05,0.08,0.12,0.16,0.2,0.3,0.4", "token-layer,token-head")
     p.add_argument("--budget-ppl", type=float, required=True, help="largest perplexity increase allowed, percent")
     p.add_argument("--budget-kl", type=float, help="also the largest mean KL to the dense cache allowed, nats")
+    p.add_argument("--min-ratio", type=float, help="instead of the highest ratio within the budget: the lowest KL "
+                                                   "among the points whose block compression ratio is at least this")
     p.add_argument("--channel-scales", choices=["on", "off"], default="off",
                    help="calibrate per-channel K and V scales on the calibration text first and tune with them "
                         "(saved in the profile; off by default: on SmolLM2 they trade KL for ratio, no clear win)")

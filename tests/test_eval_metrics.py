@@ -305,6 +305,38 @@ def test_tune_falls_back_on_the_cache_folder(tiny, capsys, tmp_path, monkeypatch
     assert saved in capsys.readouterr().err
 
 
+def test_tune_with_a_ratio_floor_picks_the_lowest_kl_at_that_ratio(tiny, capsys, tmp_path):
+    """--min-ratio R: the walk follows the ratio's boundary (a point at R or more moves to a smaller rel_v,
+    one below R to a larger rel_k) and the profile is the lowest KL among the points at R or more within
+    the budget; with no such point, one line and exit code 2."""
+    folder, text = tiny
+    rel_k, rel_v = [0.02, 0.1, 0.4], [0.02, 0.1, 0.4]
+    grid = ["--rel-k", ",".join(map(str, rel_k)), "--rel-v", ",".join(map(str, rel_v)), "--granularities",
+            "token-layer", "--budget-ppl", "1000"]
+    profile_path = tmp_path / "floor.json"
+    # the floor: the median of the ratios a plain sweep of the grid gives, so some points meet it and some do not
+    sweep = eval_json(capsys, tmp_path, "sweep", *window_args(folder, text), *FAST, *grid[:-2], "--bits", "")
+    ratios = {(p["rel_k"], p["rel_v"]): p["block_compression_ratio"] for p in sweep["points"]}
+    floor = float(np.median(list(ratios.values())))
+    result = eval_json(capsys, tmp_path, "tune", *window_args(folder, text), *FAST, *grid, "--min-ratio", floor,
+                       "--profile-out", profile_path)
+    tried = result["tried"]
+    assert 2 <= len(tried) <= 6
+    i, j = 0, len(rel_v) - 1                                     # the walk, replayed from the sweep's ratios
+    for t in tried:
+        assert (t["rel_k"], t["rel_v"]) == (rel_k[i], rel_v[j])
+        assert t["block_compression_ratio"] == pytest.approx(ratios[(rel_k[i], rel_v[j])])
+        assert t["meets_ratio"] == (t["block_compression_ratio"] >= floor)
+        i, j = (i, j - 1) if t["meets_ratio"] else (i + 1, j)
+    best = min((t for t in tried if t["meets_ratio"]), key=lambda t: t["kl"])
+    profile = json.loads(profile_path.read_text())
+    assert (profile["params"]["rel_k"], profile["params"]["rel_v"]) == (best["rel_k"], best["rel_v"])
+    assert profile["min_ratio"] == floor and profile["calibration"]["kl"] == best["kl"]
+    code, captured = run(capsys, "tune", *window_args(folder, text), *FAST, *grid, "--min-ratio", "1000",
+                         "--device", "cpu", "--profile-out", tmp_path / "none.json")
+    assert code == 2 and captured.err.strip().splitlines()[-1].startswith("error: tune: no parameters tried reach")
+
+
 def test_tune_says_when_nothing_fits(tiny, capsys):
     folder, text = tiny
     code, captured = run(capsys, "tune", *window_args(folder, text), *FAST, "--rel-k", "0.5", "--rel-v", "0.5",
@@ -326,6 +358,7 @@ def test_tune_says_when_nothing_fits(tiny, capsys):
     (["sweep", "--rel-k", "0.1,x"], ["--rel-k", "cannot read"]),
     (["sweep", "--pairs", "0.1:0.2,0.3"], ["--pairs", "cannot read"]),
     (["tune", "--budget-ppl", "0"], ["--budget-ppl must be > 0"]),
+    (["tune", "--budget-ppl", "1", "--min-ratio", "0"], ["--min-ratio must be > 0"]),
     (["passkey", "--lengths", "1024"], ["longer than the model's context of 512"]),
     (["passkey", "--depths", "1.5"], ["--depths must be in [0, 1]"]),
     (["passkey", "--lengths", "100"], ["passkey length 100 is too short"]),
