@@ -18,8 +18,8 @@ SCALES = LayerScales([0.1, 1.0, 3.0], [0.5, 2.0, 0.05])
 SINK = (2.0 ** -10, 0.003)
 
 
-def bounded_cache(backend):
-    return PackkvCache(CacheShape(LAYERS, KV_HEADS, HEAD_DIM, BATCH, 400), backend, PARAMS, window=8,
+def bounded_cache(backend, params=PARAMS):
+    return PackkvCache(CacheShape(LAYERS, KV_HEADS, HEAD_DIM, BATCH, 400), backend, params, window=8,
                        max_new_tokens=128, layer_scales=SCALES, sink=SINK)
 
 

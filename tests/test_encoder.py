@@ -5,12 +5,13 @@ simulator must be switched on (NUMBA_ENABLE_CUDASIM=1) before anything imports n
 tests of the same session may already have imported it for real. The shapes are tiny (the simulator
 runs one Python thread per CUDA thread); every granularity, repack method and pack size is covered,
 on random and adversarial blocks (constant tokens, zeros, fp16 extremes and subnormals, outliers,
-arbitrary fp16 bit patterns), both lane widths (8-bit levels for rel >= ~1/126, 16-bit below), the
+arbitrary fp16 bit patterns), both lane widths (8-bit levels for rel >= ~1/126, 16-bit below), blocks
+of one launch with bounds of their own (and the packkv cache's compress events encoded that way), the
 global-scratch placement, NaN/inf refusals and a full arena.
 
 GPU (`-m gpu`): the compiled kernel on real shapes (SmolLM2 3 KV heads x 64, Llama-3.1-8B 8 x 128),
 both granularities, all repack methods and pack sizes, block 128, many blocks at once (the look-back
-across concurrent CTAs), NaN/inf and a full arena.
+across concurrent CTAs), per-block bounds, NaN/inf and a full arena.
 """
 from __future__ import annotations
 
@@ -66,48 +67,75 @@ def _worker(cases):
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
     import warnings
     warnings.filterwarnings("ignore", category=RuntimeWarning)  # int64 SWAR words wrap in numpy scalars
-    from numba import cuda
     from packkv.kernels import encoder
     assert encoder.SIMULATOR
-    results = []
-    for case in cases:
-        params = CodecParams(**case["params"])
-        k, v = make_blocks([tuple(x) for x in case["kinds"]], case["H"], params.block, case["D"], case["seed"])
-        if case.get("repeat"):   # every token a copy of one of `repeat` tokens: ties everywhere
-            rng = np.random.default_rng(case["seed"])
-            pick = rng.integers(0, case["repeat"], size=params.block)
-            k, v = k[:, :, pick].copy(), v[:, :, pick].copy()
-        for name, where in case.get("poison", []):   # (array, [block, head, token, channel]) -> NaN / inf
-            (k if name == "k" else v)[tuple(where)] = np.float16(np.inf if where[-1] % 2 else np.nan)
-        used = case.get("used", 48)
-        out = {"id": case["id"]}
-        block_rel = case.get("block_rel")
-        try:
-            ref, ref_offsets = reference_records(k, v, params, block_rel)
-        except ValueError as exc:
-            ref, out["ref_error"] = None, str(exc)
-        size = case.get("arena", used + (ref.size if ref is not None else 0) + 64)
-        host = np.full(size, 0xA5, dtype=np.uint8)
-        arena = cuda.to_device(host)
-        enc = encoder.BlockEncoder(params, case["H"], case["D"], threads=case.get("threads", 64),
-                                   force_global=case.get("force_global", False),
-                                   chunks_per_lane=case.get("chunks_per_lane", 8))
-        rel_k, rel_v = (None, None) if block_rel is None else zip(*block_rel)
-        try:
-            offsets, new_used = enc.encode(k, v, arena, used, rel_k, rel_v)
-            out["E"], out["lv_shared"] = enc.plan.E, enc.plan.lv_shared
-            got = arena.copy_to_host()
-            out["identical"] = bool(ref is not None and new_used - used == ref.size
-                                    and np.array_equal(got[used:new_used], ref)
-                                    and np.array_equal(offsets.copy_to_host(), used + ref_offsets))
-            out["prefix_untouched"] = bool((got[:used] == 0xA5).all())
-            out["bytes"] = int(new_used - used)
-        except ValueError as exc:
-            out["error"], out["error_type"] = str(exc), type(exc).__name__
-            out["needed"] = getattr(exc, "needed", None)
-            out["ref_bytes"] = None if ref is None else int(ref.size)
-        results.append(out)
-    print(json.dumps(results))
+    print(json.dumps([(_simulate_cache if case.get("cache") else _simulate_blocks)(case, encoder) for case in cases]))
+
+
+def _simulate_blocks(case, encoder):
+    """Blocks of the case's kinds through BlockEncoder and codec: are the bytes the same?"""
+    from numba import cuda
+    params = CodecParams(**case["params"])
+    k, v = make_blocks([tuple(x) for x in case["kinds"]], case["H"], params.block, case["D"], case["seed"])
+    if case.get("repeat"):   # every token a copy of one of `repeat` tokens: ties everywhere
+        rng = np.random.default_rng(case["seed"])
+        pick = rng.integers(0, case["repeat"], size=params.block)
+        k, v = k[:, :, pick].copy(), v[:, :, pick].copy()
+    for name, where in case.get("poison", []):   # (array, [block, head, token, channel]) -> NaN / inf
+        (k if name == "k" else v)[tuple(where)] = np.float16(np.inf if where[-1] % 2 else np.nan)
+    used = case.get("used", 48)
+    out = {"id": case["id"]}
+    block_rel = case.get("block_rel")
+    try:
+        ref, ref_offsets = reference_records(k, v, params, block_rel)
+    except ValueError as exc:
+        ref, out["ref_error"] = None, str(exc)
+    size = case.get("arena", used + (ref.size if ref is not None else 0) + 64)
+    host = np.full(size, 0xA5, dtype=np.uint8)
+    arena = cuda.to_device(host)
+    enc = encoder.BlockEncoder(params, case["H"], case["D"], threads=case.get("threads", 64),
+                               force_global=case.get("force_global", False),
+                               chunks_per_lane=case.get("chunks_per_lane", 8))
+    rel_k, rel_v = (None, None) if block_rel is None else zip(*block_rel)
+    try:
+        offsets, new_used = enc.encode(k, v, arena, used, rel_k, rel_v)
+        out["E"], out["lv_shared"] = enc.plan.E, enc.plan.lv_shared
+        got = arena.copy_to_host()
+        out["identical"] = bool(ref is not None and new_used - used == ref.size
+                                and np.array_equal(got[used:new_used], ref)
+                                and np.array_equal(offsets.copy_to_host(), used + ref_offsets))
+        out["prefix_untouched"] = bool((got[:used] == 0xA5).all())
+        out["bytes"] = int(new_used - used)
+    except ValueError as exc:
+        out["error"], out["error_type"] = str(exc), type(exc).__name__
+        out["needed"] = getattr(exc, "needed", None)
+        out["ref_bytes"] = None if ref is None else int(ref.size)
+    return out
+
+
+def _simulate_cache(case, encoder):
+    """A CPU packkv cache with layer and sink bounds (test_cache_bounds) fed the case's steps; every
+    compress event's blocks encoded again as the cache's GPU path does (one call with the cache's
+    block_bounds): is the arena byte for byte the grouped CPU path's?"""
+    from numba import cuda
+    sys.path.insert(0, str(HERE))
+    import test_cache_bounds as bounded
+    cache = bounded.bounded_cache(bounded.CPU, CodecParams(**case["params"]))
+    events, write_grouped = [], cache.write_records
+
+    def spy(k, v, owners):
+        events.append((k, v, owners))
+        return write_grouped(k, v, owners)
+
+    cache.write_records = spy
+    bounded.feed(cache, bounded.random_steps(case["seed"], case["steps"]))
+    arena, used, lanes = cuda.to_device(np.zeros(cache.arena.used + 64, np.uint8)), 0, []
+    for k, v, owners in events:
+        rel_k, rel_v = cache.block_bounds(owners)
+        lanes.append(encoder.lane_bits(cache.params, encoder.block_bounds(cache.params, len(k), rel_k, rel_v)))
+        _, used = encoder.encode_blocks_device(k, v, cache.params, arena, used, rel_k, rel_v, threads=64)
+    same = used == cache.arena.used and np.array_equal(arena.copy_to_host()[:used], cache.arena.data[:used])
+    return {"id": case["id"], "identical": bool(same), "events": len(events), "lanes": lanes}
 
 
 def _start(cases):
@@ -196,6 +224,11 @@ def _block_bound_cases():
     ]
 
 
+def _cache_cases():
+    """The cache's prefill (sink and layer bounds: 16-bit lanes) and one decode event (layer bounds: 8-bit)."""
+    return [dict(id="cache", cache=True, params=_params(repack="sort", block=16, pack=8), seed=3, steps=[40, 20])]
+
+
 def _refusal_cases():
     base = dict(params=_params(pack=8, block=16), H=2, D=8, kinds=mixed_kinds(3, 9), seed=11)
     return [dict(base, id="nan_v", poison=[("v", [2, 0, 3, 4]), ("v", [1, 1, 9, 1])]),
@@ -208,6 +241,7 @@ SIM_JOBS = {f"test_simulated_encoder_is_byte_identical[{r}-{g}]": (_identical_ca
 SIM_JOBS["test_simulated_lane_widths_placements_and_odd_shapes"] = (_lane_cases, ())
 SIM_JOBS["test_simulated_greedy_picks_and_ties"] = (_greedy_cases, ())
 SIM_JOBS["test_simulated_per_block_bounds"] = (_block_bound_cases, ())
+SIM_JOBS["test_simulated_cache_events_in_one_call"] = (_cache_cases, ())
 SIM_JOBS["test_simulated_refusals"] = (_refusal_cases, ())
 
 
@@ -263,6 +297,13 @@ def test_simulated_per_block_bounds(simulated, request):
     for r in results.values():
         assert r.get("identical"), r
         assert r["prefix_untouched"], r
+
+
+def test_simulated_cache_events_in_one_call(simulated, request):
+    """What the packkv cache's GPU path does, one encoder call per compress event with each block's
+    bounds (PackkvCache.block_bounds), writes the arena its grouped CPU path writes."""
+    r = simulated(request.node.name)["cache"]
+    assert r["identical"] and r["events"] == 2 and r["lanes"] == [16, 8], r
 
 
 def test_simulated_refusals(simulated, request):
@@ -321,13 +362,15 @@ def test_max_record_bytes_bounds_real_records():
 # GPU: the compiled kernel on real shapes
 # ----------------------------------------------------------------------------------------------------
 
-def _gpu_encode(k, v, params, used=48, extra=64, arena_size=None, **options):
+def _gpu_encode(k, v, params, used=48, extra=64, arena_size=None, block_rel=None, **options):
     import cupy
     from packkv.kernels.encoder import encode_blocks_device
-    ref, ref_offsets, _ = codec.encode_blocks(k, v, params)
+    ref, ref_offsets = reference_records(k, v, params, block_rel)
     size = arena_size or used + ref.size + extra
     arena = cupy.full(size, 0xA5, dtype=cupy.uint8)
-    offsets, new_used = encode_blocks_device(cupy.asarray(k), cupy.asarray(v), params, arena, used, **options)
+    rel_k, rel_v = (None, None) if block_rel is None else zip(*block_rel)
+    offsets, new_used = encode_blocks_device(cupy.asarray(k), cupy.asarray(v), params, arena, used, rel_k, rel_v,
+                                             **options)
     got = cupy.asnumpy(arena)
     return ref, ref_offsets, got, cupy.asnumpy(cupy.asarray(offsets)), new_used
 
@@ -373,6 +416,20 @@ def test_gpu_block_128_and_fine_levels(gpu):
     _assert_identical(*make_blocks(mixed_kinds(4, 1), 8, 128, 128, seed=1), CodecParams(block=128))
     _assert_identical(*make_blocks(mixed_kinds(4, 2), 3, 64, 64, seed=2),
                       CodecParams(rel_k=2.0 ** -12, granularity="token-head"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sink", [None, (2.0 ** -10, 0.003)])
+@pytest.mark.parametrize("granularity", codec.GRANULARITIES)
+def test_gpu_per_block_bounds(gpu, granularity, sink):
+    """The 8B shape, 48 blocks of 8 layers' bounds (layer scales) in one launch, the first blocks at the
+    sink's (16-bit lanes for all): each record is codec's of its block with its own bounds."""
+    params = CodecParams(granularity=granularity)
+    rng = np.random.default_rng(9)
+    layer_rel = [(float(rk), float(rv)) for rk, rv in rng.uniform(0.02, 0.5, size=(8, 2))]
+    block_rel = [sink if sink is not None and b % 6 == 0 else layer_rel[b % 8] for b in range(48)]
+    k, v = make_blocks(mixed_kinds(48, 9), 8, params.block, 128, seed=9)
+    _assert_identical(k, v, params, block_rel=block_rel)
 
 
 @pytest.mark.gpu
