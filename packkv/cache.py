@@ -629,8 +629,8 @@ class LayerScales:
     block, when sink bounds are set) are encoded at rel_k * k[l], rel_v * v[l], clipped to [2**-12, 1].
     `python -m packkv.eval layers` measures each layer's sensitivity on a calibration text and gives
     sensitive layers tighter bounds and robust ones looser (geometric mean 1: about the same bytes), saved
-    in the tuned profile. Only the encoder's parameters change, per group of blocks; records carry their
-    steps, so the format, the decoder and the attention kernels are the same."""
+    in the tuned profile. Only the encoder's bounds change, per block (PackkvCache.block_bounds); records
+    carry their steps, so the format, the decoder and the attention kernels are the same."""
 
     def __init__(self, k, v):
         self.k, self.v = (np.asarray(x, dtype=np.float64) for x in (k, v))
