@@ -171,7 +171,7 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
     wv = cupy.asarray(rng.standard_normal((1, Hkv, 64, D)).astype(np.float16))
     wl = cupy.asarray(np.array([1], np.int32))
     n_splits = ak.default_splits(1, Hkv, G, n, T)
-    ws = cupy.zeros(max(ak.attention_workspace_size(1, Hq, D, n_splits), Hq * n_splits * D), np.float32)
+    ws = cupy.empty(max(ak.attention_workspace_size(1, Hq, D, n_splits), Hq * n_splits * D), np.float32)
     out = cupy.empty((1, Hq, D), np.float16)
     scores = cupy.empty((1, Hq, n * T), np.float32)
     p = cupy.asarray((rng.random((1, Hq, n * T)) / (n * T)).astype(np.float16))

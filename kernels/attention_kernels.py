@@ -181,10 +181,10 @@ def _out_array(fn, out, shape, dtype, dev, names: str = "[B, Hq, D]"):
 
 
 def _workspace_array(fn, workspace, need: int, formula: str, dev):
-    """A float32 workspace of at least `need` elements: checked when given, made (zeroed) when None."""
+    """A float32 workspace of at least `need` elements: checked when given, made when None."""
     import cupy
     if workspace is None:
-        return cupy.zeros(need, np.float32)
+        return cupy.empty(need, np.float32)
     _cupy_array(fn, "workspace", workspace, np.float32, 1, dev)
     if workspace.size < need:
         _fail(fn, f"workspace holds {workspace.size} float32, {need} are needed ({formula})")
@@ -256,36 +256,23 @@ def default_slot_bytes(T: int, D: int, P: int, mode: int) -> int:
     return int(max(256, min(cap, -(-blocks_per_item(T) * block // 256) * 256)))
 
 
-def _shared_bytes(slot: int, D: int, mode: int, window_cap: int = 0, n_splits: int = 1) -> int:
-    """Dynamic shared memory of a split kernel: the warps' staging and work areas, or (reused at the end)
-    the CTA's merge of its states (the fused kernel's: the warps' and its window share's, the window's
-    scores, then the last CTA's weights of every split)."""
-    staging = WARPS * (2 * slot + WARP_EXTRA + (D // 16) * WORK_PER_TILE[mode])
-    states = WARPS + (mode == 0)
-    merge = 4 * (states * 8 * (D + 2) + 8 * -(-window_cap // n_splits) if mode == 0 else states * 8 * (D + 2))
-    last_split = 4 * (4 + 8 * n_splits + 8) if mode == 0 else 0
-    return max(staging, merge, last_split)
+def _shared_bytes(slot: int, D: int, mode: int) -> int:
+    return max(WARPS * (2 * slot + WARP_EXTRA + (D // 16) * WORK_PER_TILE[mode]), WARPS * 8 * D * 4 + WARPS * 8 * 2 * 4)
 
 
 def attention_workspace_size(batch: int, n_heads: int, head_dim: int, n_splits: int) -> int:
     """float32 elements of the workspace of compressed_decode_attention: one (o[D], m, l) per query head
-    and split, then a uint32 counter per (sequence, head tile of up to 8) of each KV head, at most one per
-    query head, by which the splits find their last one."""
-    return _split_states_size(batch, n_heads, head_dim, n_splits) + batch * n_heads
-
-
-def _split_states_size(batch: int, n_heads: int, head_dim: int, n_splits: int) -> int:
+    and split."""
     return batch * n_heads * n_splits * (head_dim + 2)
 
 
 def attention_workspace(batch: int, n_heads: int, n_kv_heads: int, head_dim: int, max_blocks: int, params,
                         n_splits: int | None = None):
-    """A zeroed float32 workspace for compressed_decode_attention with these shapes (allocate it once,
-    outside a CUDA graph capture, and pass it on every call: the kernel leaves its counters at zero again);
-    n_splits as the launcher will use it (default)."""
+    """A float32 workspace for compressed_decode_attention with these shapes (allocate it once, outside a
+    CUDA graph capture, and pass it on every call); n_splits as the launcher will use it (default)."""
     import cupy
     n_splits = int(n_splits or default_splits(batch, n_kv_heads, n_heads // n_kv_heads, max_blocks, params.block))
-    return cupy.zeros(attention_workspace_size(batch, n_heads, head_dim, n_splits), np.float32)
+    return cupy.empty(attention_workspace_size(batch, n_heads, head_dim, n_splits), np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -301,9 +288,8 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     window_k, window_v fp16 [B, Hkv, W_cap, D]; window_len int32 [B] (the new token's own K/V are already
     in the window); params: the CodecParams the records were written with. Returns out fp16 [B, Hq, D] =
     softmax(q K^T / sqrt(D)) V over blocks 0..n_blocks[b]-1 then window tokens 0..window_len[b]-1 (zeros
-    when both are empty). workspace: float32 [>= attention_workspace_size(B, Hq, D, n_splits)], zeroed before
-    its first use (attention_workspace), for the per-split softmax states and the counters by which the
-    last split of each head tile finds itself and merges (allocated per call when None). n_splits (default from shapes) and slot_bytes are
+    when both are empty). workspace: float32 [>= attention_workspace_size(B, Hq, D, n_splits)] for the
+    per-split softmax states (allocated when None). n_splits (default from shapes) and slot_bytes are
     tuning knobs; neither depends on the lengths. arena_address: uint64 [1] on the device holding the
     arena's address, which the kernel reads (a cache keeps one, so that a captured graph survives the
     arena moving); made from `arena` when None.
@@ -319,22 +305,19 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     Hkv = _check_window(fn, window_k, window_v, window_len, B, D, dev)
     _kv_heads(fn, Hq, Hkv)
     G, T, P = Hq // Hkv, params.block, params.pack
-    max_blocks, window_cap = block_offsets.shape[1], window_k.shape[2]
+    max_blocks = block_offsets.shape[1]
     n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
     slot = int(slot_bytes or default_slot_bytes(T, D, P, 0))
     if slot % 16 or slot < 256:
         _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
     out, workspace, arena_address = _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits, dev)
-    shared = _shared_bytes(slot, D, 0, window_cap, n_splits)
+    shared = _shared_bytes(slot, D, 0)
     split_fn = _function("packkv_attention.cu", f"pk_attention_splits<{D}, {P}>", D, P, shared)
     tl = np.int32(params.granularity == "token-layer")
-    counters = workspace[_split_states_size(B, Hq, D, n_splits):]
-    # one launch: the splits attend to the blocks and to the window, the last split of each head tile merges
     split_fn((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
              (q, arena_address, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T), tl,
-              np.int32(n_splits), np.int32(slot), _qscale(D), workspace, window_k, window_v, window_len,
-              np.int32(window_cap), counters, out), shared_mem=shared)
-    return out
+              np.int32(n_splits), np.int32(slot), _qscale(D), workspace), shared_mem=shared)
+    return _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out)
 
 
 QUANT_HEAD_DIMS = (64, 128)   # D / 32 channels per lane, their codes in one 16-bit load

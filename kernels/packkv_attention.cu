@@ -58,89 +58,21 @@ Attempts discarded:
     real / 308 us random, slower than o in shared memory (5.8K instructions).
   - __launch_bounds__(128, 3) for 12 warps per SM: spills, 292 us. 66 splits instead of 33: 252 us.
   - per-lane 16-byte cp.async staging: 10% of the time in issuing copies; replaced by bulk copies (TMA).
+  - one launch (each split CTA attends to its share of the window as a fifth state; the last split of a
+    head tile, found by a counter, merges the states; 14cb4c2): no gain side by side with dense
+    (bench/results/*_onelaunch.json: SmolLM2 8K packkv 726.5 vs dense 948.7 tok/s, before 721.0 vs 935.1;
+    8B real K/V 128K 93.7 vs 64.1, 1.46x as before): the merge kernel's launch was not the cost.
 */
 #include "packkv_split.cuh"
-
-// ---------------------------------------------------------------------------------------------------
-// The last split CTA of a (sequence, KV head, head tile) merges the tile's split states, which already
-// hold the window (each split attended to its share of it): per head, a warp takes the max M over the
-// splits, the weights exp2(m - M) (shared memory) and L (shuffles); then a thread per (head, channel
-// pair) sums weight * o over the splits and writes out = o / L in fp16 (0 when nothing was attended).
-// The states were written by other CTAs of this launch: loads bypass L1 (__ldcg).
-// ---------------------------------------------------------------------------------------------------
-template <int D>
-__device__ void pk_merge_splits(const float* ws, int n_splits, int b, int head0, int heads, int Hq,
-                                u16* __restrict__ out, float* weight /* [8][n_splits] */, float* inv_l /* [8] */) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int hh = warp; hh < heads; hh += PK_WARPS) {
-    const float* st = ws + (size_t(b) * Hq + head0 + hh) * size_t(n_splits) * (D + 2);
-    float M = PK_NEG_INF;
-    for (int s = lane; s < n_splits; s += 32) M = fmaxf(M, __ldcg(st + size_t(s) * (D + 2) + D));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(PK_FULL, M, o));
-    float L = 0.f;
-    for (int s = lane; s < n_splits; s += 32) {
-      const float m = __ldcg(st + size_t(s) * (D + 2) + D);
-      const float w = m == PK_NEG_INF ? 0.f : pk_exp2(m - M);
-      weight[hh * n_splits + s] = w;
-      L += w * __ldcg(st + size_t(s) * (D + 2) + D + 1);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) L += __shfl_xor_sync(PK_FULL, L, o);
-    if (lane == 0) inv_l[hh] = L > 0.f ? 1.f / L : 0.f;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < heads * (D / 2); i += blockDim.x) {
-    const int hh = i / (D / 2), pair = i % (D / 2);
-    const float* st = ws + (size_t(b) * Hq + head0 + hh) * size_t(n_splits) * (D + 2);
-    float2 o = make_float2(0.f, 0.f);
-    for (int s = 0; s < n_splits; ++s) {
-      const float w = weight[hh * n_splits + s];
-      if (w > 0.f) {
-        const float2 x = __ldcg(reinterpret_cast<const float2*>(st + size_t(s) * (D + 2)) + pair);
-        o.x += w * x.x;
-        o.y += w * x.y;
-      }
-    }
-    u16* dst = out + (size_t(b) * Hq + head0 + hh) * D + 2 * pair;
-    dst[0] = pk_float2h(o.x * inv_l[hh]);
-    dst[1] = pk_float2h(o.y * inv_l[hh]);
-  }
-}
-
-// Whether this CTA is the last of its (sequence, KV head, head tile) to finish: its states are made
-// visible device-wide first, and the last one resets the counter for the next launch (a graph replays).
-__device__ bool pk_last_split(u32* counters, int n_splits, u32* flag) {
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    u32* counter = counters + size_t(blockIdx.z) * gridDim.y + blockIdx.y;
-    const bool last = atomicAdd(counter, 1u) + 1u == u32(n_splits);
-    if (last) *counter = 0u;
-    *flag = last;
-  }
-  __syncthreads();
-  const bool last = *flag != 0u;
-  if (last) __threadfence();
-  return last;
-}
 
 template <int D, int P>
 __global__ void __launch_bounds__(128, PK_MINB) pk_attention_splits(
     const u16* __restrict__ q, const u8* const* __restrict__ arena_at, const i64* __restrict__ block_offsets,
     const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits,
-    int slot_bytes, float qscale, float* ws, const u16* __restrict__ window_k, const u16* __restrict__ window_v,
-    const int* __restrict__ window_len, int window_cap, u32* counters, u16* __restrict__ out) {
+    int slot_bytes, float qscale, float* __restrict__ ws) {
   // The arena's address is read from device memory: a captured graph replays after the arena moved.
   pk_split_body<D, P, 0>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G, T, token_layer,
-                         n_splits, slot_bytes, qscale, ws, PkWindow{window_k, window_v, window_len, window_cap});
-  extern __shared__ __align__(16) u8 smem[];
-  u32* flag = reinterpret_cast<u32*>(smem);
-  if (!pk_last_split(counters, n_splits, flag)) return;
-  const int nt = blockIdx.y % ((G + 7) >> 3), kvh = blockIdx.y / ((G + 7) >> 3);
-  float* weight = reinterpret_cast<float*>(smem) + 4;
-  pk_merge_splits<D>(ws, n_splits, blockIdx.z, kvh * G + nt * 8, min(8, G - nt * 8), Hkv * G, out, weight,
-                     weight + 8 * n_splits);
+                         n_splits, slot_bytes, qscale, ws);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -256,12 +188,14 @@ __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
 
 #ifndef __CUDACC_RTC__
 // nvcc compile check (tests/test_kernels_compile.py); at run time nvrtc instantiates what is launched.
-#define PK_SPLITS_ARGS const u16*, const u8* const*, const i64*, const int*, int, int, int, int, int, int, int, \
-    float, float*, const u16*, const u16*, const int*, int, u32*, u16*
-template __global__ void pk_attention_splits<64, 16>(PK_SPLITS_ARGS);
-template __global__ void pk_attention_splits<128, 16>(PK_SPLITS_ARGS);
-template __global__ void pk_attention_splits<128, 8>(PK_SPLITS_ARGS);
-template __global__ void pk_attention_splits<128, 32>(PK_SPLITS_ARGS);
+template __global__ void pk_attention_splits<64, 16>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
+                                                     int, int, int, float, float*);
+template __global__ void pk_attention_splits<128, 16>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
+                                                      int, int, int, float, float*);
+template __global__ void pk_attention_splits<128, 8>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
+                                                     int, int, int, float, float*);
+template __global__ void pk_attention_splits<128, 32>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
+                                                      int, int, int, float, float*);
 template __global__ void pk_merge_window<64>(const u16*, const u16*, const u16*, const int*, const float*, int, int,
                                              int, int, float, u16*);
 template __global__ void pk_merge_window<128>(const u16*, const u16*, const u16*, const int*, const float*, int, int,

@@ -109,71 +109,13 @@ __device__ __forceinline__ u32 pk_row_contrib(u32 tot, int gib) {
 
 template <bool B> struct PkBool { static constexpr bool value = B; };
 
-// The fused kernel's fp16 window (window_k/_v [B, Hkv, cap, D], len[b] tokens): each split CTA attends to
-// the window tokens split, split + n_splits, ... itself, so no second kernel has to.
-struct PkWindow {
-  const u16* k;
-  const u16* v;
-  const int* len;
-  int cap;
-};
-
-// The softmax state (o[8][D], m, l per head of the tile) of this split's window tokens, by the CTA:
-// scores a thread per (head, token), then max/weights/sum a thread per head (a split holds ~W/n_splits
-// tokens), then o a thread per (head, channel). sc: 8 * ceil(cap / n_splits) floats of scratch.
-template <int D>
-__device__ void pk_window_state(const PkWindow& win, const u16* __restrict__ q_tile, int heads, int b, int kvh,
-                                int Hkv, int split, int n_splits, float qscale, float* o, float* ml, float* sc) {
-  int W = win.len[b];
-  W = W < 0 ? 0 : (W > win.cap ? win.cap : W);
-  const int nw = split < W ? (W - split + n_splits - 1) / n_splits : 0;
-  const size_t base = (size_t(b) * Hkv + kvh) * size_t(win.cap) * D;
-  for (int i = threadIdx.x; i < heads * nw; i += blockDim.x) {
-    const int hh = i / nw, t = split + (i % nw) * n_splits;
-    const uint4* k = reinterpret_cast<const uint4*>(win.k + base + size_t(t) * D);
-    const uint4* qh = reinterpret_cast<const uint4*>(q_tile + size_t(hh) * D);
-    float s = 0.f;
-#pragma unroll 4
-    for (int c = 0; c < D / 8; ++c) {
-      const uint4 x = k[c], y = qh[c];
-      const u32 kx[4] = {x.x, x.y, x.z, x.w}, qx[4] = {y.x, y.y, y.z, y.w};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float2 kf = pk_h2f(kx[j]), qf = pk_h2f(qx[j]);
-        s += kf.x * qf.x + kf.y * qf.y;
-      }
-    }
-    sc[hh * nw + i % nw] = s * qscale;
-  }
-  __syncthreads();
-  if (threadIdx.x < 8) {
-    const int hh = threadIdx.x;
-    float m = PK_NEG_INF, l = 0.f;
-    if (hh < heads) {
-      for (int j = 0; j < nw; ++j) m = fmaxf(m, sc[hh * nw + j]);
-      for (int j = 0; j < nw; ++j) l += sc[hh * nw + j] = pk_exp2(sc[hh * nw + j] - m);
-    }
-    ml[2 * hh] = m;
-    ml[2 * hh + 1] = l;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < 8 * D; i += blockDim.x) {
-    const int hh = i / D, d = i % D;
-    float acc = 0.f;
-    if (hh < heads)
-      for (int j = 0; j < nw; ++j)
-        acc += sc[hh * nw + j] * pk_h2float(win.v[base + size_t(split + j * n_splits) * D + d]);
-    o[hh * D + d] = acc;
-  }
-}
-
 // MODE 0: fused decode attention -> per-split softmax states; 1: K-GEMV scores; 2: V-GEMV partial sums.
 template <int D, int P, int MODE>
 __device__ __forceinline__ void pk_split_body(
     const u16* __restrict__ q, const void* __restrict__ pw, int p_half,
     const u8* __restrict__ arena, const i64* __restrict__ block_offsets, const int* __restrict__ n_blocks,
     int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits, int slot_bytes, float qscale,
-    float* __restrict__ out, const PkWindow win = PkWindow{}) {
+    float* __restrict__ out) {
   constexpr int KT = D / 16;
   extern __shared__ __align__(16) u8 smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
@@ -594,10 +536,8 @@ __device__ __forceinline__ void pk_split_body(
     }
     if (lane == 0) { pk_mbar_inval(ws.bar); pk_mbar_inval(ws.bar + 1); }
     __syncthreads();   // every warp is done with its slots: reuse shared memory
-    // states: the 4 warps', and in the fused kernel (MODE 0) this split's share of the window
-    constexpr int STATES = MODE == 0 ? PK_WARPS + 1 : PK_WARPS;
-    float* mo = reinterpret_cast<float*>(smem);             // [STATES][8 heads][D]
-    float* mml = mo + STATES * 8 * D;                       // [STATES][8 heads][2]: m, l
+    float* mo = reinterpret_cast<float*>(smem);             // [WARPS][8 heads][D]
+    float* mml = mo + PK_WARPS * 8 * D;                     // [WARPS][8 heads][2]: m, l
     float4 ofin[KT];   // this warp's o: read before the merge area (which overlaps it) is written
 #pragma unroll
     for (int mt = 0; mt < KT; ++mt) ofin[mt] = ws.obuf[mt * 32 + lane];
@@ -614,9 +554,6 @@ __device__ __forceinline__ void pk_split_body(
       mml[(warp * 8 + 2 * tq) * 2] = m0; mml[(warp * 8 + 2 * tq) * 2 + 1] = l0;
       mml[(warp * 8 + 2 * tq + 1) * 2] = m1; mml[(warp * 8 + 2 * tq + 1) * 2 + 1] = l1;
     }
-    if constexpr (MODE == 0)
-      pk_window_state<D>(win, q + (size_t(b) * Hq + size_t(kvh) * G + nt * 8) * D, min(8, G - nt * 8), b, kvh, Hkv,
-                         split, n_splits, qscale, mo + PK_WARPS * 8 * D, mml + PK_WARPS * 8 * 2, mml + STATES * 8 * 2);
     __syncthreads();
     const int stride = MODE == 0 ? D + 2 : D;
     for (int idx = threadIdx.x; idx < 8 * D; idx += blockDim.x) {
@@ -626,11 +563,11 @@ __device__ __forceinline__ void pk_split_body(
       if constexpr (MODE == 0) {
         float ms = PK_NEG_INF;
 #pragma unroll
-        for (int w = 0; w < STATES; ++w) ms = fmaxf(ms, mml[(w * 8 + hh) * 2]);
+        for (int w = 0; w < PK_WARPS; ++w) ms = fmaxf(ms, mml[(w * 8 + hh) * 2]);
         float oa = 0.f, la = 0.f;
         if (ms != PK_NEG_INF) {
 #pragma unroll
-          for (int w = 0; w < STATES; ++w) {
+          for (int w = 0; w < PK_WARPS; ++w) {
             const float mw = mml[(w * 8 + hh) * 2];
             if (mw == PK_NEG_INF) continue;
             const float f = pk_exp2(mw - ms);

@@ -526,7 +526,7 @@ class PackkvCache(BlockCache):
         self.layer_params = None if layer_scales is None else layer_scales.params(params, shape.layers)
         super().__init__(shape, backend, params.block, window, max_new_tokens, keep_decoded=not backend.is_gpu)
         self.scales = None if scales is None else scales.on(backend, shape)
-        self.attention_workspace = None      # (query heads, the decode kernel's zeroed workspace), on first use
+        self.attention_workspace = None      # (query heads, the decode kernel's workspace), on first use
 
     @property
     def graph_capturable(self) -> bool:
@@ -552,8 +552,7 @@ class PackkvCache(BlockCache):
             return super().attend(layer, q)
         from packkv.kernels.attention_kernels import attention_workspace, compressed_decode_attention
         if self.attention_workspace is None or self.attention_workspace[0] != q.shape[1]:
-            # zeroed once and kept: the kernel leaves its counters at zero (a fresh one per call would add
-            # a memset to every layer of a captured step)
+            # made once and kept: not an allocation in every layer of every step
             s = self.shape
             self.attention_workspace = (q.shape[1], attention_workspace(s.batch, q.shape[1], s.kv_heads, s.head_dim,
                                                                         self.max_blocks, self.params))
