@@ -1,6 +1,7 @@
 """packkv's per-layer bounds (LayerScales): each layer's blocks are encoded at the cache's bounds times
-that layer's multipliers (the first blocks at the sink bounds, if set), in one encoder call per distinct
-parameters; the multipliers come from measured per-layer sensitivities (eval.layer_multipliers)."""
+that layer's multipliers (the first blocks at the sink bounds, if set): on the CPU one codec call per
+distinct pair, on the GPU one encoder call per compress event with a bound per block; the multipliers come
+from measured per-layer sensitivities (eval.layer_multipliers)."""
 import numpy as np
 import pytest
 
