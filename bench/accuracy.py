@@ -334,6 +334,32 @@ def floor_section(r: dict, dense_passkey: dict | None) -> dict:
     return out
 
 
+def floor_markdown(section: dict, dense_passkey: dict) -> str:
+    """The README's table of the ratio-floor variants: calibration, then kjv.txt against the targets."""
+    rows = ["| tune --min-ratio 6 on brown.txt, then kjv.txt | block, fp16 window | rel_k, rel_v (per-layer) | "
+            "brown.txt: perplexity, KL, blocks | kjv.txt: blocks (>= 6x) | perplexity (<= +1%) | KL (top-1) (< 0.02) | "
+            "passkey " + "/".join(f"{int(n) // 1024}K" for n in dense_passkey) + " (dense " +
+            "/".join(f"{a:.0f}" for a in dense_passkey.values()) + "%) |", "|---|---|---|---|---|---|---|---|"]
+    labels = {"b128": "first grid", "b128-fine": "fine grid", "b64": "first grid, block 64"}
+    for name, v in section.items():
+        if name not in labels or "tuned_profile" not in v:
+            continue
+        t, c = v["tuned_profile"]["params"], v["tuned_profile"]["calibration"]
+        row = (f"| {labels[name]} | {t['block']}, {c['window']} | {t['rel_k']:g}, {t['rel_v']:g} | "
+               f"{c['ppl_increase_pct']:+.2f}%, {c['kl']:.4f}, {c['block_compression_ratio']:.2f}x |")
+        if "on_kjv" in v:
+            e, ok = v["on_kjv"], {k: "yes" if x["met"] else "**no**" for k, x in v["targets"].items()}
+            passkey = ("not measured" if e["passkey"] is None else
+                       "/".join(f"{a:.0f}" for a in e["passkey"].values()) + f"% {ok['passkey_equal_to_dense']}")
+            row += (f" {e['block_compression_ratio']:.2f}x {ok['compressed_blocks_ratio']} | "
+                    f"{e['ppl_increase_pct']:+.2f}% {ok['ppl_increase_pct']} | {e['kl']:.4f} "
+                    f"({100 * e['top1_agreement']:.1f}%) {ok['kl']} | {passkey} |")
+        else:
+            row += " not measured | | | |"
+        rows.append(row)
+    return "\n".join(rows)
+
+
 SECTIONS = {"layers": ("per_layer_bounds", LAYER_STEPS, layer_section),
             "floor": ("ratio_floor", FLOOR_STEPS, floor_section)}
 
@@ -350,6 +376,8 @@ def update_section(plan: dict, section: str) -> None:
     saved["commands"].update({name: [x["command"] for x in rs] for name, rs in r.items()})
     path.write_text(json.dumps(saved, indent=2) + "\n")
     print(json.dumps(saved[key], indent=2))
+    if section == "floor":
+        print(floor_markdown(saved[key], saved["passkey_dense"]))
 
 
 def markdown(summary: dict, commands: dict) -> str:
