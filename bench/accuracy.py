@@ -228,7 +228,8 @@ def summarize(r: dict) -> dict:
             "passkey_dense": r["passkey-dense"][0]["by_length"],
             "comparison": sweep["comparison"], "comparison_kl": sweep["comparison_kl"], "sweep_targets": over_quant,
             "channel_scales_ablation": ablation(r), "sink_tuned_variants": sink_variants(r),
-            "per_layer_bounds": layer_section(r, r["passkey-dense"][0]["by_length"])}
+            "per_layer_bounds": layer_section(r, r["passkey-dense"][0]["by_length"]),
+            "ratio_floor": floor_section(r, r["passkey-dense"][0]["by_length"])}
 
 
 def sink_variants(r: dict) -> list[dict]:
