@@ -286,14 +286,19 @@ def layer_section(r: dict, dense_passkey: dict | None) -> dict:
     if "kl-layers" in r:
         kl = r["kl-layers"][0]
         passkey = r["passkey-layers"][0]["by_length"] if "passkey-layers" in r else None
-        out["targets"] = {
-            "compressed_blocks_ratio": check(kl["block_compression_ratio"], ">=", TARGET_RATIO),
-            "ppl_increase_pct": check(kl["ppl_increase_pct"], "<=", BUDGET_PPL),
-            "kl": check(kl["kl"], "<", BUDGET_KL),
-            "passkey_equal_to_dense": {"target": "packkv >= dense at every length", "measured": passkey,
-                                       "met": passkey is not None and dense_passkey is not None and all(
-                                           passkey[n] >= a for n, a in dense_passkey.items())}}
+        out["targets"] = issue_targets(kl, passkey, dense_passkey)
     return out
+
+
+def issue_targets(kl: dict, passkey: dict | None, dense_passkey: dict | None) -> dict:
+    """Issue 6's numbers for one evaluated profile: its kl run and passkey accuracies against dense."""
+    return {
+        "compressed_blocks_ratio": check(kl["block_compression_ratio"], ">=", TARGET_RATIO),
+        "ppl_increase_pct": check(kl["ppl_increase_pct"], "<=", BUDGET_PPL),
+        "kl": check(kl["kl"], "<", BUDGET_KL),
+        "passkey_equal_to_dense": {"target": "packkv >= dense at every length", "measured": passkey,
+                                   "met": passkey is not None and dense_passkey is not None and all(
+                                       passkey[n] >= a for n, a in dense_passkey.items())}}
 
 
 FLOOR_STEPS = tuple(f"{step}-floor{suffix}" for suffix in FLOOR_VARIANTS
@@ -323,13 +328,7 @@ def floor_section(r: dict, dense_passkey: dict | None) -> dict:
             v["on_kjv"] = {**{k: kl[k] for k in keys}, "dense_ppl": kl["dense_ppl"], "ppl": kl["ppl"],
                            "passkey": passkey,
                            "compression_ratio_at_8k_tokens": sum(at_8k) / len(at_8k) if at_8k else None}
-            v["targets"] = {
-                "compressed_blocks_ratio": check(kl["block_compression_ratio"], ">=", TARGET_RATIO),
-                "ppl_increase_pct": check(kl["ppl_increase_pct"], "<=", BUDGET_PPL),
-                "kl": check(kl["kl"], "<", BUDGET_KL),
-                "passkey_equal_to_dense": {"target": "packkv >= dense at every length", "measured": passkey,
-                                           "met": passkey is not None and dense_passkey is not None and all(
-                                               passkey[n] >= a for n, a in dense_passkey.items())}}
+            v["targets"] = issue_targets(kl, passkey, dense_passkey)
         if v:
             out[name] = v
     return out
