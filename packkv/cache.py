@@ -226,6 +226,10 @@ class ByteArena:
     load a word past a record's end."""
 
     SLACK = 16
+    # Sizes are rounded up to what the device really sets aside, so that capacity (and bytes_reserved)
+    # is memory held, not memory asked for: CuPy's pool hands out multiples of 512 bytes, and the driver
+    # maps large allocations in 2 MiB pages (an unrounded 2.8 GB arena held 611 KB more than it said).
+    SMALL_GRANULE, LARGE_GRANULE = 512, 2 << 20
 
     def __init__(self, xp, capacity: int):
         self.xp, self.used = xp, 0
@@ -237,7 +241,13 @@ class ByteArena:
     def _data_address(self) -> int:
         return int(self.data.data.ptr) if hasattr(self.data.data, "ptr") else int(self.data.ctypes.data)
 
+    @classmethod
+    def allocation_size(cls, nbytes: int) -> int:
+        granule = cls.LARGE_GRANULE if nbytes >= cls.LARGE_GRANULE else cls.SMALL_GRANULE
+        return -(-nbytes // granule) * granule
+
     def _allocate(self, nbytes: int):
+        nbytes = self.allocation_size(nbytes)
         try:
             return self.xp.zeros(nbytes, dtype=np.uint8)
         except (MemoryError, _gpu_oom_type()) as exc:

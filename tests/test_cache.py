@@ -125,6 +125,16 @@ def test_arena_grows_and_keeps_records():
         np.testing.assert_array_equal(v_hat, cache.decoded_v[1, 0, :, j * 32:(j + 1) * 32])
 
 
+def test_arena_capacity_is_what_the_allocator_holds():
+    arena_type = type(packkv().arena)
+    assert arena_type.allocation_size(4097) == 4608                       # CuPy's pool: 512-byte units
+    assert arena_type.allocation_size(3 << 20) == 4 << 20                # the driver: 2 MiB pages
+    assert arena_type.allocation_size((4 << 20) + 1) == 6 << 20
+    arena = arena_type(np, 5000)
+    arena.append(np.zeros(6000, dtype=np.uint8))                          # doubles, then rounds
+    assert arena.capacity == 10240 and arena.used == 6000
+
+
 def test_batched_sequences_equal_each_alone():
     rng = np.random.default_rng(5)
     prompts = [rng.standard_normal((2, LAYERS, KV_HEADS, n, HEAD_DIM)).astype(np.float32) for n in (37, 61)]
