@@ -11,6 +11,7 @@ random K/V), three times per decode step, each the mean over --steps steps:
                one step ahead of the host on a graph), the cache's bookkeeping and the encoder included;
   graph_us     graph replays alone, back to back (the GPU time of one step, launch gaps included);
   host_us      step_us - graph_us: what the host adds per token (0 when the pipeline hides it).
+--pdl both times each cache kind with graphs captured without, then with programmatic dependent launches.
 With --kernels, one eager decode step per cache kind runs between cudaProfilerStart/Stop, so that Nsight
 Compute times each kernel alone (serialised: the sum is not the graph's time, but the shares are the
 kernels'). --ncu-csv folds such a CSV into per-kernel totals per step.
@@ -97,6 +98,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8000)
     ap.add_argument("--caches", nargs="+", default=["dense", "packkv", "quant"])
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--pdl", choices=["on", "off", "both"], default="on",
+                    help="graphs captured with programmatic dependent launches (kernels/launch.py), without, or "
+                         "both side by side (each cache kind timed without, then with)")
     ap.add_argument("--kernels", action="store_true", help="one eager step per cache inside the profiler window")
     ap.add_argument("--ncu-csv", type=Path, help="fold this Nsight Compute CSV into --out and exit")
     ap.add_argument("--out", default="step_profile.json")
@@ -112,6 +116,7 @@ def main() -> None:
         return
 
     from packkv.generate import Engine
+    from packkv.kernels import launch
     real = args.model == "smollm2"
     engine = Engine(args.weights, device="gpu", max_context=None if real else args.context + 2 * args.steps + 4,
                     random_weights=None if real else args.model)
@@ -121,12 +126,15 @@ def main() -> None:
         if args.kernels:
             profile_one_step(engine, cache)
             continue
-        time_steps(engine, cache, 8)                         # warm-up: compile, capture
-        records.append({"cache": kind, "context": args.context, **time_steps(engine, cache, args.steps)})
-        print(f"  {kind}: {records[-1]}", file=sys.stderr, flush=True)
+        for pdl in {"on": [True], "off": [False], "both": [False, True]}[args.pdl]:
+            launch.PDL = pdl                                  # read when make_decoder captures the graph
+            time_steps(engine, cache, 8)                     # warm-up: compile, capture
+            records.append({"cache": kind, "context": args.context, "pdl": pdl,
+                            **time_steps(engine, cache, args.steps)})
+            print(f"  {kind}: {records[-1]}", file=sys.stderr, flush=True)
     if args.kernels:
         return
-    print_table(records, ["cache", "context", "tok_s", "step_us", "graph_us", "host_us"])
+    print_table(records, ["cache", "context", "pdl", "tok_s", "step_us", "graph_us", "host_us"])
     write_json(args.out, {**header(engine.backend.device_name), "model": "smollm2-135m" if real else args.model,
                           "kv_data": "real" if real else "random", "steps": args.steps, "records": records})
 

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from packkv.codec import CodecParams
+from packkv.kernels.launch import kernel_source, launch
 
-KERNEL_DIR = Path(__file__).resolve().parent
 WARPS = 4                     # PK_WARPS in packkv_common.cuh
 MERGE_THREADS = 1024          # PK_MERGE_THREADS in packkv_attention.cu
 WARP_EXTRA = 2176 + 1024 + 384 + 64 + 16   # PK_WARP_EXTRA: weights, token table, meta, zero section, mbarriers
@@ -39,19 +37,6 @@ MAX_HEAD_DIM = 256
 # ---------------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------------
-
-def kernel_source(name: str) -> str:
-    """A .cu file with its local #include "x.cuh" inlined (nvrtc gets one string, no include path)."""
-    seen: set[str] = set()
-
-    def expand(file: str) -> str:
-        if file in seen:
-            return ""
-        seen.add(file)
-        text = re.sub(r"^#pragma once\s*$", "", (KERNEL_DIR / file).read_text(), flags=re.M)
-        return re.sub(r'^#include "([^"]+)"\s*$', lambda m: expand(m.group(1)), text, flags=re.M)
-
-    return expand(name)
 
 
 def _module(file: str, names: tuple[str, ...]):
@@ -210,9 +195,9 @@ def _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, o
     W_cap = window_k.shape[2]
     shared = 4 * (W_cap + n_splits)                      # a weight per window token and per split
     merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, 16, shared)
-    merge_fn((Hq, B), (MERGE_THREADS,), (q, window_k, window_v, window_len, workspace, np.int32(n_splits),
-                                         np.int32(Hkv), np.int32(Hq // Hkv), np.int32(W_cap), _qscale(D), out),
-             shared_mem=shared)
+    launch(merge_fn, (Hq, B), (MERGE_THREADS,), (q, window_k, window_v, window_len, workspace, np.int32(n_splits),
+                                                 np.int32(Hkv), np.int32(Hq // Hkv), np.int32(W_cap), _qscale(D), out),
+           shared_mem=shared)
     return out
 
 
@@ -314,9 +299,9 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     shared = _shared_bytes(slot, D, 0)
     split_fn = _function("packkv_attention.cu", f"pk_attention_splits<{D}, {P}>", D, P, shared)
     tl = np.int32(params.granularity == "token-layer")
-    split_fn((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
-             (q, arena_address, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T), tl,
-              np.int32(n_splits), np.int32(slot), _qscale(D), workspace), shared_mem=shared)
+    launch(split_fn, (n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
+           (q, arena_address, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T), tl,
+            np.int32(n_splits), np.int32(slot), _qscale(D), workspace), shared_mem=shared)
     return _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out)
 
 
@@ -355,9 +340,9 @@ def quant_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v
     name = f"qt_attention_splits<{D}, {params.bits}, {GT}, {params.group}>"
     split_fn = _module("quant_attention.cu", (name,)).get_function(name)
     shared = 4 * (GT * D + WARPS * GT * (D + params.group))   # q tile; per warp q * k scale and the weights
-    split_fn((n_splits, Hkv * tiles, B), (WARPS * 32,),
-             (q, arena_address, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G),
-              np.int32(n_splits), _qscale(D), workspace), shared_mem=shared)
+    launch(split_fn, (n_splits, Hkv * tiles, B), (WARPS * 32,),
+           (q, arena_address, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G),
+            np.int32(n_splits), _qscale(D), workspace), shared_mem=shared)
     return _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out)
 
 

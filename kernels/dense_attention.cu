@@ -24,6 +24,7 @@
 
 #include <cuda_fp16.h>
 #include <math_constants.h>
+#include "launch.cuh"
 
 #ifndef HEAD_DIM
 #define HEAD_DIM 128          // the launcher compiles one module per head_dim (-DHEAD_DIM=...)
@@ -67,6 +68,7 @@ dense_attention_split(const __half* __restrict__ q, const __half* __restrict__ k
                       const int* __restrict__ start, int extra, int Hkv, int G, int capacity,
                       long long batch_stride, float scale, float* __restrict__ partial_acc,
                       float* __restrict__ partial_ml) {
+    wait_for_previous_kernel();
     constexpr int D = HEAD_DIM;                              // compile-time: the channel loops unroll
     constexpr int PREFETCH = (TILE * D / 8 + THREADS - 1) / THREADS;   // 16-byte chunks of a K tile per thread
     extern __shared__ float smem[];
@@ -194,6 +196,7 @@ dense_attention_split(const __half* __restrict__ q, const __half* __restrict__ k
 extern "C" __global__ void __launch_bounds__(MERGE_THREADS)
 dense_attention_merge(const float* __restrict__ partial_acc, const float* __restrict__ partial_ml, int splits,
                       int G, int D, __half* __restrict__ out) {
+    wait_for_previous_kernel();
     // One CTA per (sequence, query head). The splits are folded in parallel, never as a chain: the largest
     // max M (block reduction), each split's weight exp(m_s - M) into shared memory and the total L, then a
     // thread per (channel pair, slice of the splits) sums weight * acc with independent loads, and the

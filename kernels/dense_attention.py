@@ -3,9 +3,10 @@ the sequences' lengths read from device memory (graph-capturable)."""
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
+
+from packkv.kernels.launch import kernel_source, launch
 
 TILE, THREADS, MERGE_THREADS, MAX_ACC = 32, 128, 1024, 16
 
@@ -13,7 +14,7 @@ TILE, THREADS, MERGE_THREADS, MAX_ACC = 32, 128, 1024, 16
 @lru_cache(maxsize=None)
 def _kernels(head_dim: int):
     import cupy
-    module = cupy.RawModule(code=(Path(__file__).parent / "dense_attention.cu").read_text(),
+    module = cupy.RawModule(code=kernel_source("dense_attention.cu"),
                             options=("-std=c++17", f"-DHEAD_DIM={head_dim}"))
     return module.get_function("dense_attention_split"), module.get_function("dense_attention_merge")
 
@@ -60,10 +61,10 @@ def dense_decode_attention(q, k_cache, v_cache, starts, extra: int = 1, splits: 
     out = cupy.empty((B, Hq, D), np.float16)
     split_kernel, merge_kernel = _kernels(D)
     shared = (G * D + G * TILE + 3 * G) * 4 + 2 * TILE * (D + 2) * 2      # K and V tiles
-    split_kernel((splits, Hkv, B), (THREADS,),
+    launch(split_kernel, (splits, Hkv, B), (THREADS,),
                  (q, k_cache, v_cache, starts, np.int32(extra), np.int32(Hkv), np.int32(G),
                   np.int32(capacity), np.int64(k_cache.strides[0] // 2), np.float32(1 / np.sqrt(D)),
                   partial_acc, partial_ml), shared_mem=shared)
-    merge_kernel((B, Hq), (MERGE_THREADS,), (partial_acc, partial_ml, np.int32(splits), np.int32(G), np.int32(D), out),
+    launch(merge_kernel, (B, Hq), (MERGE_THREADS,), (partial_acc, partial_ml, np.int32(splits), np.int32(G), np.int32(D), out),
                  shared_mem=splits * 4)
     return out

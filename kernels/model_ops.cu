@@ -52,6 +52,7 @@
 // and 503 -> 314 (batch 8) side by side (H100), and SmolLM2's step did not gain (graph 1124 vs 1126 us).
 
 #include <cuda_fp16.h>
+#include "launch.cuh"
 
 __device__ __forceinline__ float block_sum(float v) {
     __shared__ float partial[32];
@@ -80,6 +81,7 @@ __device__ void rms_norm_row(const float* __restrict__ row, const float* __restr
 
 extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __restrict__ w,
                                     __half* __restrict__ out, int H, float eps) {
+    wait_for_previous_kernel();
     rms_norm_row(x + (size_t)blockIdx.x * H, w, eps, H, out + (size_t)blockIdx.x * H);
 }
 
@@ -92,6 +94,7 @@ extern "C" __global__ void rope_split(const __half* __restrict__ qkv, const int*
                                       int B, int T, int Hq, int Hkv, int D,
                                       __half* __restrict__ cache_k, __half* __restrict__ cache_v,
                                       const int* __restrict__ write_start, long long batch_stride, int capacity) {
+    wait_for_previous_kernel();
     int half_d = D / 2, heads = Hq + 2 * Hkv;
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)B * T * heads * half_d) return;
@@ -126,6 +129,7 @@ extern "C" __global__ void rope_split(const __half* __restrict__ qkv, const int*
 
 extern "C" __global__ void silu_mul(const __half* __restrict__ gate_up, __half* __restrict__ act,
                                     int rows, int I) {
+    wait_for_previous_kernel();
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)rows * I) return;
     int row = idx / I, j = idx % I;
@@ -138,6 +142,7 @@ extern "C" __global__ void append_kv(const __half* __restrict__ k, const __half*
                                      __half* __restrict__ cache_k, __half* __restrict__ cache_v,
                                      const int* __restrict__ start, int B, int Hkv, int T, int D,
                                      long long batch_stride, int capacity) {
+    wait_for_previous_kernel();
     long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)B * Hkv * T * D) return;
     int d = idx % D;
@@ -218,11 +223,23 @@ __device__ __forceinline__ void store_output(float v, float u, int r, int o, int
     }
 }
 
+// The weights are constants, not a previous kernel's output: a GEMV starts pulling its first weight
+// bytes into L2 before wait_for_previous_kernel(), overlapping the previous kernel's tail.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
+}
+
 // One warp per output feature o < out.
 extern "C" __global__ void linear_rows(const void* __restrict__ x_in, const float* __restrict__ norm_w, float eps,
                                        const __half* __restrict__ W, const float* __restrict__ bias,
                                        __half* __restrict__ y, float* __restrict__ residual, int swiglu, int rows,
                                        int in, int out) {
+    {
+        const int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32, chunks = in / 8;
+        for (int part = 0; part <= swiglu && o < out; ++part)
+            for (int c = lane; c < chunks && c < 64; c += 32) prefetch_l2((const uint4*)(W + (size_t)(o + part * out) * in) + c);
+    }
+    wait_for_previous_kernel();
     extern __shared__ __half x_normed[];                     // [rows, in] when norm_w
     const __half* x = (const __half*)x_in;
     if (norm_w) {
@@ -303,6 +320,13 @@ extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
 linear_rows_mma(const void* __restrict__ x_in, const float* __restrict__ norm_w, float eps,
                 const __half* __restrict__ W, const float* __restrict__ bias, __half* __restrict__ y,
                 float* __restrict__ residual, int swiglu, int rows, int in, int out) {
+    {   // this lane's first step of weights (rows o0 + lane / 4, + 8), as the loop below loads them
+        const int o = blockIdx.x * 16 + (threadIdx.x % 32) / 4, chunk = 4 * (threadIdx.x / 32) + threadIdx.x % 4;
+        for (int part = 0; part <= swiglu && chunk < in / 8; ++part)
+            for (int half = 0; half < 2; ++half)
+                if (o + 8 * half < out) prefetch_l2((const uint4*)(W + (size_t)(o + 8 * half + part * out) * in) + chunk);
+    }
+    wait_for_previous_kernel();
     extern __shared__ __half x_normed[];                     // [rows, in] when norm_w
     __shared__ float partial[2][MMA_WARPS][16][MMA_ROWS];    // [gate | up][warp][feature][row]
     const __half* x = (const __half*)x_in;
@@ -357,6 +381,7 @@ __device__ __forceinline__ bool argmax_beats(float a, int ia, float b, int ib) {
 }
 
 extern "C" __global__ void argmax_rows(const float* __restrict__ x, long long ld, int n, int* __restrict__ ids) {
+    wait_for_previous_kernel();
     __shared__ float best_value[32];
     __shared__ int best_index[32];
     const float* row = x + (size_t)blockIdx.x * ld;
@@ -384,6 +409,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ x, long long ld
 }
 
 extern "C" __global__ void add_one(int* __restrict__ counters, int n) {
+    wait_for_previous_kernel();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) counters[i] += 1;
 }

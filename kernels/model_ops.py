@@ -3,9 +3,10 @@ per-sequence offsets read from device memory, the decode GEMVs, greedy argmax an
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
+
+from packkv.kernels.launch import kernel_source, launch
 
 THREADS = 256
 MAX_ROWS = 16       # linear_rows handles up to this many rows (sequences of a decode step)
@@ -17,8 +18,7 @@ NULL = np.uintp(0)  # a null device pointer argument
 @lru_cache(maxsize=None)
 def _module():
     import cupy
-    source = (Path(__file__).parent / "model_ops.cu").read_text()
-    return cupy.RawModule(code=source, options=("-std=c++17",))
+    return cupy.RawModule(code=kernel_source("model_ops.cu"), options=("-std=c++17",))
 
 
 def _kernel(name: str):
@@ -50,7 +50,7 @@ def rms_norm(x, weight, eps: float, out=None):
     out = cupy.empty(x.shape, np.float16) if out is None else out
     rows, hidden = x.size // weight.shape[0], weight.shape[0]
     threads = min(1024, -(-hidden // 128) * 32)    # ~4 elements per thread: few loads in each thread's chain
-    _kernel("rms_norm")((rows,), (threads,), (x, weight, out, np.int32(hidden), np.float32(eps)))
+    launch(_kernel("rms_norm"), (rows,), (threads,), (x, weight, out, np.int32(hidden), np.float32(eps)))
     return out
 
 
@@ -96,7 +96,7 @@ def _launch_rope(qkv, start, cos_table, sin_table, q, kv_heads: int, k=NULL, v=N
     """rope_split's one kernel: k and v to their own arrays, or (cache_k given) into the cache's slots."""
     B, q_heads, T, head_dim = q.shape
     n = B * T * (q_heads + 2 * kv_heads) * head_dim // 2
-    _kernel("rope_split")(_blocks(n), (THREADS,), (qkv, start, cos_table, sin_table, q, k, v, np.int32(B),
+    launch(_kernel("rope_split"), _blocks(n), (THREADS,), (qkv, start, cos_table, sin_table, q, k, v, np.int32(B),
                                                    np.int32(T), np.int32(q_heads), np.int32(kv_heads),
                                                    np.int32(head_dim), cache_k, cache_v, write_start,
                                                    np.int64(batch_stride), np.int32(capacity)))
@@ -110,7 +110,7 @@ def silu_mul(gate_up):
     inner = gate_up.shape[-1] // 2
     act = cupy.empty(gate_up.shape[:-1] + (inner,), np.float16)
     rows = act.size // inner
-    _kernel("silu_mul")(_blocks(act.size), (THREADS,), (gate_up, act, np.int32(rows), np.int32(inner)))
+    launch(_kernel("silu_mul"), _blocks(act.size), (THREADS,), (gate_up, act, np.int32(rows), np.int32(inner)))
     return act
 
 
@@ -125,7 +125,7 @@ def append_kv(k, v, cache_k, cache_v, start) -> None:
         raise ValueError(f"append_kv: k {k.shape} and v {v.shape} differ")
     capacity = _check_cache_slices(cache_k, cache_v, B, H, D, start)
     batch_stride = cache_k.strides[0] // 2
-    _kernel("append_kv")(_blocks(k.size), (THREADS,), (k, v, cache_k, cache_v, start, np.int32(B), np.int32(H),
+    launch(_kernel("append_kv"), _blocks(k.size), (THREADS,), (k, v, cache_k, cache_v, start, np.int32(B), np.int32(H),
                                                        np.int32(T), np.int32(D), np.int64(batch_stride),
                                                        np.int32(capacity)))
 
@@ -181,7 +181,7 @@ def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False, norm_
     function = _kernel(name)
     if shared > 48 * 1024:
         function.max_dynamic_shared_size_bytes = shared
-    function(((out_features + features_per_cta - 1) // features_per_cta,), (THREADS,),
+    launch(function, ((out_features + features_per_cta - 1) // features_per_cta,), (THREADS,),
              (x, NULL if norm_weight is None else norm_weight, np.float32(eps), weight,
               NULL if bias is None else bias, NULL if y is None else y,
               NULL if residual is None else residual, np.int32(swiglu), np.int32(rows),
@@ -199,11 +199,11 @@ def argmax_rows(logits, out) -> None:
     _require(out, "out", np.int32, 1)
     if out.shape[0] != logits.shape[0] or logits.shape[1] < 1:
         raise ValueError(f"argmax_rows: out {out.shape} must hold one id per row of logits {logits.shape}")
-    _kernel("argmax_rows")((logits.shape[0],), (1024,), (logits, np.int64(logits.strides[0] // 4),
+    launch(_kernel("argmax_rows"), (logits.shape[0],), (1024,), (logits, np.int64(logits.strides[0] // 4),
                                                         np.int32(logits.shape[1]), out))
 
 
 def add_one(counters) -> None:
     """counters int32 [n] += 1 on the current stream."""
     _require(counters, "counters", np.int32, 1)
-    _kernel("add_one")(_blocks(counters.size), (THREADS,), (counters, np.int32(counters.size)))
+    launch(_kernel("add_one"), _blocks(counters.size), (THREADS,), (counters, np.int32(counters.size)))

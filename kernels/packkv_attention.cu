@@ -64,12 +64,14 @@ Attempts discarded:
     8B real K/V 128K 93.7 vs 64.1, 1.46x as before): the merge kernel's launch was not the cost.
 */
 #include "packkv_split.cuh"
+#include "launch.cuh"
 
 template <int D, int P>
 __global__ void __launch_bounds__(128, PK_MINB) pk_attention_splits(
     const u16* __restrict__ q, const u8* const* __restrict__ arena_at, const i64* __restrict__ block_offsets,
     const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits,
     int slot_bytes, float qscale, float* __restrict__ ws) {
+  wait_for_previous_kernel();
   // The arena's address is read from device memory: a captured graph replays after the arena moved.
   pk_split_body<D, P, 0>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G, T, token_layer,
                          n_splits, slot_bytes, qscale, ws);
@@ -109,6 +111,7 @@ __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
     const u16* __restrict__ q, const u16* __restrict__ wk, const u16* __restrict__ wv,
     const int* __restrict__ window_len, const float* __restrict__ ws, int n_splits, int Hkv, int G, int W_cap,
     float qscale, u16* __restrict__ out) {
+  wait_for_previous_kernel();
   constexpr int PAIRS = D / 2, SLICES = PK_MERGE_THREADS / PAIRS;
   extern __shared__ float weight[];                     // [W_cap] window tokens, then [n_splits] splits
   float* split_weight = weight + W_cap;

@@ -31,6 +31,7 @@ coalesced loads; tuned only in its grid: about 8 CTAs per SM (splits_over) inste
 128K from 35.2 to 53.3 tok/s (2 CTAs per SM left the loads' latency exposed with 8 warps per SM).
 */
 #include "packkv_common.cuh"
+#include "launch.cuh"
 
 #define QT_WARPS 4
 #define QT_NEG_INF (-__int_as_float(0x7f800000))
@@ -69,6 +70,7 @@ __global__ void __launch_bounds__(QT_WARPS * 32) qt_attention_splits(
     const u16* __restrict__ q, const u8* const* __restrict__ arena_at, const i64* __restrict__ block_offsets,
     const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int n_splits, float qscale,
     float* __restrict__ ws) {
+  wait_for_previous_kernel();
   constexpr int TPL = TB / 32, DPL = D / 32, MASK = (1 << BITS) - 1;
   static_assert(TPL * BITS <= 16 && DPL * BITS <= 16, "a lane's codes must fit one 16-bit load");
   extern __shared__ float smem[];

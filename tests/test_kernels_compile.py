@@ -22,10 +22,29 @@ def test_nvcc_compiles(source, tmp_path):
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 def test_inlined_nvrtc_source_compiles(tmp_path):
     """What the launchers hand nvrtc: one string per file, local includes inlined, no include path."""
-    from packkv.kernels.attention_kernels import kernel_source
+    from packkv.kernels.launch import kernel_source
     src = tmp_path / "inlined.cu"
     src.write_text(kernel_source("packkv_gemv.cu"))
     assert "#include" not in src.read_text()
     result = subprocess.run([NVCC, "-arch=sm_90", "-std=c++17", "-c", str(src), "-o", str(tmp_path / "k.o")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_kernel_params_are_the_c_values_and_refuse_python_numbers():
+    import ctypes
+
+    import numpy as np
+
+    from packkv.kernels.launch import kernel_params
+
+    class DeviceArray:                     # what launch reads of a CuPy array: its device address
+        class data:
+            ptr = 0x7f0000001000
+    values = kernel_params((DeviceArray(), np.int32(-3), np.int64(1 << 40), np.uintp(0), np.float32(0.5)))
+    assert [type(v) for v in values] == [ctypes.c_uint64, ctypes.c_int32, ctypes.c_int64, ctypes.c_uint64,
+                                         ctypes.c_float]
+    assert [v.value for v in values] == [0x7f0000001000, -3, 1 << 40, 0, 0.5]
+    for wrong in (3, 0.5, np.float64(0.5), np.zeros(2)):
+        with pytest.raises(TypeError, match="kernel argument 0"):
+            kernel_params((wrong,))

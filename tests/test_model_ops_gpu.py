@@ -254,3 +254,39 @@ def test_add_one(gpu):
     counters = cupy.asarray(np.arange(300, dtype=np.int32))
     model_ops.add_one(counters)
     np.testing.assert_array_equal(counters.get(), np.arange(300) + 1)
+
+
+@pytest.mark.parametrize("kernel", ["warp", "mma"])
+@pytest.mark.parametrize("pdl", [True, False])
+def test_a_captured_chain_of_dependent_kernels_equals_eager_launches(gpu, kernel, pdl, monkeypatch):
+    """Each kernel reads what the previous one wrote (the residual stream, normalised; its product):
+    captured as programmatic dependent launches (launch.py), a kernel that read too early would
+    see a stale stream and the chain would diverge from the eager one."""
+    import cupy
+    from packkv.kernels import launch
+    from packkv.kernels.model_ops import linear_rows
+    monkeypatch.setattr(launch, "PDL", pdl)
+    rng = np.random.default_rng(11)
+    hidden, rows, steps = 576, 2, 24
+    weights = [cupy.asarray(rng.standard_normal((hidden, hidden)) * 0.05, dtype=np.float16) for _ in range(steps)]
+    norm = cupy.asarray(rng.uniform(0.5, 1.5, hidden), dtype=np.float32)
+    start = cupy.asarray(rng.standard_normal((rows, hidden)), dtype=np.float32)
+
+    def chain(x):                              # the model's pattern: h = W1 rms_norm(x); x += W2 h
+        for w1, w2 in zip(weights[::2], weights[1::2]):
+            h = linear_rows(x, w1, None, norm_weight=norm, eps=1e-5, kernel=kernel)
+            linear_rows(h, w2, None, residual=x, kernel=kernel)
+        return x
+
+    eager = chain(start.copy()).get()
+    x = start.copy()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        chain(x)
+        graph = stream.end_capture()
+        for _ in range(2):                     # the second replay starts from the first's result
+            x[...] = start
+            graph.launch(stream)
+        stream.synchronize()
+    np.testing.assert_array_equal(x.get(), eager)
