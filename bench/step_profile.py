@@ -34,9 +34,10 @@ from common import DEFAULT_TEXT, RESULTS, header, print_table, write_json  # noq
 
 
 def prefilled_cache(engine, real: bool, text: Path, context: int, kind: str, steps: int):
+    """`steps`: the decode steps it must hold past the context."""
     from generate import fill_random, prompt_of_length
     from packkv.generate import prefill
-    cache = engine.new_cache(kind, batch=1, tokens=context + 2 * steps + 4)
+    cache = engine.new_cache(kind, batch=1, tokens=context + steps)
     if real:
         prefill(engine, prompt_of_length(engine, text, context), cache, show_progress=False)
     else:
@@ -118,15 +119,17 @@ def main() -> None:
     from packkv.generate import Engine
     from packkv.kernels import launch
     real = args.model == "smollm2"
-    engine = Engine(args.weights, device="gpu", max_context=None if real else args.context + 2 * args.steps + 4,
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.pdl]
+    steps_held = len(modes) * (args.steps + 12) + 4         # per mode: 8 warm-up and the timed steps, +2 each
+    engine = Engine(args.weights, device="gpu", max_context=None if real else args.context + steps_held,
                     random_weights=None if real else args.model)
     records = []
     for kind in args.caches:
-        cache = prefilled_cache(engine, real, args.text, args.context, kind, args.steps)
+        cache = prefilled_cache(engine, real, args.text, args.context, kind, steps_held)
         if args.kernels:
             profile_one_step(engine, cache)
             continue
-        for pdl in {"on": [True], "off": [False], "both": [False, True]}[args.pdl]:
+        for pdl in modes:
             launch.PDL = pdl                                  # read when make_decoder captures the graph
             time_steps(engine, cache, 8)                     # warm-up: compile, capture
             records.append({"cache": kind, "context": args.context, "pdl": pdl,

@@ -114,6 +114,9 @@ class Engine:
 
     def new_cache(self, kind: str, batch: int, tokens: int, **params) -> KVCache:
         c: LlamaConfig = self.config
+        if tokens > self.max_context:     # the RoPE tables (and the model's training) end there
+            raise PackkvError(f"a cache of {tokens} tokens is longer than the context of {self.max_context} "
+                              f"tokens (raise --max-context, up to the model's {c.max_position_embeddings})")
         shape = CacheShape(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, batch, tokens)
         return make_cache(kind, shape, self.backend, **params)
 

@@ -52,3 +52,17 @@ def test_cli_decodes_random_weights(tmp_path, capsys):
                  "--prompt-tokens", "6", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("token ids: ") and len(out.split()) == 2 + 4
+
+
+def test_a_cache_longer_than_the_context_is_refused(tmp_path):
+    """Positions past the context have no RoPE angles: a cache that could hold them is refused."""
+    from packkv.generate import Engine
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps({"model_type": "llama", "vocab_size": 50, "hidden_size": 32,
+                                       "intermediate_size": 40, "num_hidden_layers": 1,
+                                       "num_attention_heads": 4, "num_key_value_heads": 2,
+                                       "max_position_embeddings": 64}))
+    engine = Engine(None, device="cpu", max_context=48, random_weights=str(config_path))
+    assert engine.new_cache("dense", batch=1, tokens=48).shape.max_context == 48
+    with pytest.raises(PackkvError, match="cache of 49 tokens is longer than the context of 48"):
+        engine.new_cache("packkv", batch=1, tokens=49)
