@@ -4,8 +4,9 @@
 // dependent launches (sm_90): a kernel's CTAs may be scheduled while the previous kernel in the stream
 // is still finishing, instead of after it has drained (measured on an H100, a chain of small GEMV-like
 // kernels in a graph: ~2.1 -> ~1.2 us per kernel). So a kernel must wait here before it reads anything an
-// earlier kernel wrote, and before it writes anything at all (a write could race the previous kernel's
-// reads). Once through, it lets the next kernel be scheduled: that one only runs up to its own wait, and
+// earlier kernel wrote, and before it writes any global memory (a write could race the previous kernel's
+// reads); before the wait it may read what no kernel of the step writes (weights) and use its shared
+// memory. Once through, it lets the next kernel be scheduled: that one only runs up to its own wait, and
 // since this kernel passed its wait the one before it has finished, so every earlier kernel's writes
 // are visible to every later one. Outside such a launch both instructions return at once.
 #pragma once

@@ -47,6 +47,8 @@
 //   add_one        counters int32 [n] += 1: a pipelined decode advances the cache's device lengths in
 //                  stream order, behind the step that used them.
 // Measured: see bench/results/generate.json (these are launch-bound at batch 1; each runs in a few us).
+// Every kernel opens with wait_for_previous_kernel() (launch.cuh): in a captured decode step they are
+// programmatic dependent launches (kernels/launch.py).
 // Tried and dropped: linear_rows with each lane loading 4 chunks of its row (and of the up row) before
 // using any, the first batch before the folded norm: 8B shape at 4K lost 154.5 -> 123.6 tok/s (batch 1)
 // and 503 -> 314 (batch 8) side by side (H100), and SmolLM2's step did not gain (graph 1124 vs 1126 us).
@@ -225,8 +227,8 @@ __device__ __forceinline__ void store_output(float v, float u, int r, int o, int
 
 // The weights are constants, not a previous kernel's output: a GEMV starts pulling its first weight
 // bytes into L2 before wait_for_previous_kernel(), overlapping the previous kernel's tail.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
+__device__ __forceinline__ void prefetch_weights(const __half* W, int row, int in, int chunk) {
+    asm volatile("prefetch.global.L2 [%0];" :: "l"((const uint4*)(W + (size_t)row * in) + chunk));
 }
 
 // One warp per output feature o < out.
@@ -234,10 +236,10 @@ extern "C" __global__ void linear_rows(const void* __restrict__ x_in, const floa
                                        const __half* __restrict__ W, const float* __restrict__ bias,
                                        __half* __restrict__ y, float* __restrict__ residual, int swiglu, int rows,
                                        int in, int out) {
-    {
-        const int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32, chunks = in / 8;
+    {   // this lane's first two chunks of its feature's row (and up row), as dot_rows loads them
+        const int o = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
         for (int part = 0; part <= swiglu && o < out; ++part)
-            for (int c = lane; c < chunks && c < 64; c += 32) prefetch_l2((const uint4*)(W + (size_t)(o + part * out) * in) + c);
+            for (int c = lane; c < in / 8 && c < 64; c += 32) prefetch_weights(W, o + part * out, in, c);
     }
     wait_for_previous_kernel();
     extern __shared__ __half x_normed[];                     // [rows, in] when norm_w
@@ -324,7 +326,7 @@ linear_rows_mma(const void* __restrict__ x_in, const float* __restrict__ norm_w,
         const int o = blockIdx.x * 16 + (threadIdx.x % 32) / 4, chunk = 4 * (threadIdx.x / 32) + threadIdx.x % 4;
         for (int part = 0; part <= swiglu && chunk < in / 8; ++part)
             for (int half = 0; half < 2; ++half)
-                if (o + 8 * half < out) prefetch_l2((const uint4*)(W + (size_t)(o + 8 * half + part * out) * in) + chunk);
+                if (o + 8 * half < out) prefetch_weights(W, o + 8 * half + part * out, in, chunk);
     }
     wait_for_previous_kernel();
     extern __shared__ __half x_normed[];                     // [rows, in] when norm_w
