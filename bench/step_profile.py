@@ -10,8 +10,10 @@ random K/V), three times per decode step, each the mean over --steps steps:
   step_us      a whole decode step as generate runs it (greedy: packkv.generate.decode_steps, pipelined
                one step ahead of the host on a graph), the cache's bookkeeping and the encoder included;
   graph_us     graph replays alone, back to back (the GPU time of one step, launch gaps included);
-  host_us      step_us - graph_us: what the host adds per token (0 when the pipeline hides it).
---pdl both times each cache kind with graphs captured without, then with programmatic dependent launches.
+  host_us      step_us - graph_us: what the host adds per token (about 0 when the pipeline hides it; the
+               two are separate measurements, so it can come out a little negative).
+--pdl both times each cache kind with graphs captured without, then with programmatic dependent launches,
+on the same cache: the second mode starts --steps + ~12 tokens later (`context` is where each started).
 With --kernels, one eager decode step per cache kind runs between cudaProfilerStart/Stop, so that Nsight
 Compute times each kernel alone (serialised: the sum is not the graph's time, but the shares are the
 kernels'). --ncu-csv folds such a CSV into per-kernel totals per step.
@@ -132,14 +134,15 @@ def main() -> None:
         for pdl in modes:
             launch.PDL = pdl                                  # read when make_decoder captures the graph
             time_steps(engine, cache, 8)                     # warm-up: compile, capture
-            records.append({"cache": kind, "context": args.context, "pdl": pdl,
+            records.append({"cache": kind, "context": int(cache.lengths[0]), "pdl": pdl,
                             **time_steps(engine, cache, args.steps)})
             print(f"  {kind}: {records[-1]}", file=sys.stderr, flush=True)
     if args.kernels:
         return
     print_table(records, ["cache", "context", "pdl", "tok_s", "step_us", "graph_us", "host_us"])
     write_json(args.out, {**header(engine.backend.device_name), "model": "smollm2-135m" if real else args.model,
-                          "kv_data": "real" if real else "random", "steps": args.steps, "records": records})
+                          "weights": "real" if real else "random", "kv_data": "real" if real else "random",
+                          "steps": args.steps, "records": records})
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 //
 // While a decode step is captured into a CUDA graph, launch.py launches kernels as programmatic
 // dependent launches (sm_90): a kernel's CTAs may be scheduled while the previous kernel in the stream
-// is still finishing, instead of after it has drained (measured on an H100, a chain of small GEMV-like
-// kernels in a graph: ~2.1 -> ~1.2 us per kernel). So a kernel must wait here before it reads anything an
+// is still finishing, instead of after it has drained (measured: bench/results/step_profile_*_pdl.json,
+// SmolLM2's decode step ~10% shorter). So a kernel must wait here before it reads anything an
 // earlier kernel wrote, and before it writes any global memory (a write could race the previous kernel's
 // reads); before the wait it may read what no kernel of the step writes (weights) and use its shared
 // memory. Once through, it lets the next kernel be scheduled: that one only runs up to its own wait, and

@@ -229,6 +229,7 @@ class ByteArena:
     # Sizes are rounded up to what the device really sets aside, so that capacity (and bytes_reserved)
     # is memory held, not memory asked for: CuPy's pool hands out multiples of 512 bytes, and the driver
     # maps large allocations in 2 MiB pages (an unrounded 2.8 GB arena held 611 KB more than it said).
+    # The NumPy path rounds alike, so that both report the same bytes for the same cache.
     SMALL_GRANULE, LARGE_GRANULE = 512, 2 << 20
 
     def __init__(self, xp, capacity: int):

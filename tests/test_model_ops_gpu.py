@@ -198,8 +198,10 @@ def test_linear_rows_swiglu_is_silu_of_gate_times_up(gpu, bias, kernel, rows):
     np.testing.assert_allclose(got.astype(np.float32), want, rtol=5e-3, atol=5e-3)
 
 
+# (mma, 16, 2048): 64 KB of normalised rows, past 48 KB alone; (mma, 8, 2048): 32 KB, past it only with the
+# kernel's static shared memory (the warps' partial tiles): both need the opt-in
 @pytest.mark.parametrize("kernel, rows, hidden", [("warp", 1, 96), ("warp", 4, 96), ("mma", 4, 96), ("mma", 16, 96),
-                                                  ("mma", 16, 2048)])   # 64 KB of normalised rows: opt-in
+                                                  ("mma", 16, 2048), ("mma", 8, 2048)])
 def test_linear_rows_normalises_its_input_like_rms_norm(models, kernel, rows, hidden):
     cpu_model, _ = models
     import cupy
@@ -266,6 +268,14 @@ def test_a_captured_chain_of_dependent_kernels_equals_eager_launches(gpu, kernel
     from packkv.kernels import launch
     from packkv.kernels.model_ops import linear_rows
     monkeypatch.setattr(launch, "PDL", pdl)
+    extended_launches = []
+    driver = launch._libcuda()
+
+    class CountingDriver:                          # counts the programmatic dependent launches
+        def cuLaunchKernelEx(self, *args):
+            extended_launches.append(1)
+            return driver.cuLaunchKernelEx(*args)
+    monkeypatch.setattr(launch, "_libcuda", lambda: CountingDriver())
     rng = np.random.default_rng(11)
     hidden, rows, steps = 576, 2, 24
     weights = [cupy.asarray(rng.standard_normal((hidden, hidden)) * 0.05, dtype=np.float16) for _ in range(steps)]
@@ -285,8 +295,9 @@ def test_a_captured_chain_of_dependent_kernels_equals_eager_launches(gpu, kernel
         stream.begin_capture()
         chain(x)
         graph = stream.end_capture()
-        for _ in range(2):                     # the second replay starts from the first's result
+        for _ in range(2):                     # replays repeat: each starts from the same stream
             x[...] = start
             graph.launch(stream)
         stream.synchronize()
     np.testing.assert_array_equal(x.get(), eager)
+    assert len(extended_launches) == (2 * len(weights[::2]) if pdl else 0)
