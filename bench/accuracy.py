@@ -93,15 +93,33 @@ LAYER_VARIANTS = {"": ("tuned", []), "-uniform": ("tuned", ["--kv-layer-scales",
 # with window 128; fewer record headers and a larger choice for repacking: 6.23x -> 6.43x at (0.06, 0.24) on
 # 2048 tokens of brown.txt, `eval compression --kv-block 128`), and the same tune at block 64 for comparison.
 BLOCK128 = ["--kv-block", "128", "--kv-window", "96"]
-FLOOR_TUNE = ["--granularities", "token-layer", "--kv-sink", "0.01,0.03", "--budget-ppl", "1.0", "--budget-kl", "0.02",
-              "--min-ratio", "6.0"]
+
+
+def floor_tune(sink: str = "0.01,0.03") -> list[str]:
+    return ["--granularities", "token-layer", "--kv-sink", sink, "--budget-ppl", "1.0", "--budget-kl", "0.02",
+            "--min-ratio", "6.0"]
+
+
 FLOOR_GRID = ["--rel-k", "0.04,0.05,0.06,0.07,0.08", "--rel-v", "0.16,0.18,0.2,0.22,0.24,0.27,0.3,0.34"]
 # A finer grid around the boundary the first grid found on brown.txt (added after that profile missed the KL
 # target on kjv.txt: a finer search, still chosen on brown.txt alone).
 FINE_GRID = ["--rel-k", "0.055,0.06,0.065,0.07", "--rel-v", "0.22,0.23,0.24,0.25,0.26,0.27,0.28"]
-# by suffix: (tune's flags, eval's flags: the window, which profiles do not hold)
-FLOOR_VARIANTS = {"-b128": ([*FLOOR_GRID, *BLOCK128], ["--kv-window", "96"]),
-                  "-b128-fine": ([*FINE_GRID, *BLOCK128], ["--kv-window", "96"]), "-b64": (FLOOR_GRID, [])}
+# Per-layer multipliers measured again at the fine grid's operating point (block 128, fp16 window 96, rel (0.055,
+# 0.27), the same first block) over 2 windows of brown.txt, instead of at (0.07, 0.2) with block 64 over 1 window;
+# the tune with them walks a wider grid (smaller rel_k, larger rel_v: where K and V balance may move).
+LAYERS_B128 = ["--kv-rel-k", "0.055", "--kv-rel-v", "0.27", "--kv-granularity", "token-layer", "--kv-sink", "0.01,0.03",
+               *BLOCK128]
+LAYERS_B128_GRID = ["--rel-k", "0.045,0.05,0.055,0.06,0.065,0.07", "--rel-v", "0.22,0.23,0.24,0.25,0.26,0.27,0.28,0.3,0.32"]
+# by suffix: (tune's flags, eval's flags: the window, which profiles do not hold; the multipliers: which layers
+# step's; the first block's bounds). The last variant's first block, (0.02, 0.03): the best of (0.01, 0.03), (0.02,
+# 0.03), (0.015, 0.025), (0.03, 0.025), (0.02, 0.04) at the layers128 profile's point in a scratch screen on brown.txt
+# (2 windows, KL compared at equal blocks ratio along the tune's boundary).
+FLOOR_VARIANTS = {"-b128": ([*FLOOR_GRID, *BLOCK128], ["--kv-window", "96"], "layers", "0.01,0.03"),
+                  "-b128-fine": ([*FINE_GRID, *BLOCK128], ["--kv-window", "96"], "layers", "0.01,0.03"),
+                  "-b64": (FLOOR_GRID, [], "layers", "0.01,0.03"),
+                  "-b128-layers128": ([*LAYERS_B128_GRID, *BLOCK128], ["--kv-window", "96"], "layers-b128", "0.01,0.03"),
+                  "-b128-layers128-sink2": ([*LAYERS_B128_GRID, *BLOCK128], ["--kv-window", "96"], "layers-b128",
+                                            "0.02,0.03")}
 SWEEP_PAIRS = {   # (rel_k, rel_v) per granularity: along rel_v = 2 rel_k (the codec's default shape) and 4 rel_k
     "token-layer": "0.01:0.02,0.02:0.04,0.03:0.06,0.05:0.1,0.1:0.2,0.02:0.08,0.04:0.16",
     "token-head": "0.02:0.04,0.03:0.06,0.05:0.1,0.02:0.08,0.03:0.12,0.05:0.2",
@@ -131,6 +149,10 @@ def steps(work: Path, device: str) -> dict[str, list[list[str]]]:
             plan[f"passkey-with-sink{suffix}"] = [["passkey", *PASSKEY, *common, *packkv, "--json",
                                                    str(work / f"passkey-packkv-with-sink{suffix}.json")]]
     measured_layers, tuned_layers = str(work / "profile-layers.json"), str(work / "profile-layers-tuned.json")
+    layer_profiles = {"layers": measured_layers, "layers-b128": str(work / "profile-layers-b128.json")}
+    plan["layers-b128"] = [["layers", "--text", CALIBRATION, *CALIBRATION_WINDOWS, *common, "--kv-profile", "none",
+                            *LAYERS_B128, "--profile-out", layer_profiles["layers-b128"], "--json",
+                            str(work / "layers-b128.json")]]
     plan["layers"] = [["layers", "--text", CALIBRATION, "--ctx", "2048", "--windows", "1", "--prefill", "512", *common,
                        "--kv-profile", "none", *LAYERS_BASE, "--profile-out", measured_layers, "--json",
                        str(work / "layers.json")]]
@@ -146,11 +168,11 @@ def steps(work: Path, device: str) -> dict[str, list[list[str]]]:
     plan["passkey-layers-measured-0.06-0.24"] = [["passkey", *PASSKEY, *common, "--cache", "packkv", "--kv-profile",
                                                   measured_layers, *LAYER_VARIANTS["-measured-0.06-0.24"][1], "--json",
                                                   str(work / "passkey-packkv-layers-measured-0.06-0.24.json")]]
-    for suffix, (grid, window) in FLOOR_VARIANTS.items():
+    for suffix, (grid, window, layers, sink) in FLOOR_VARIANTS.items():
         profile = str(work / f"profile-floor{suffix}.json")
         packkv = ["--cache", "packkv", "--kv-profile", profile, *window]
         plan[f"tune-floor{suffix}"] = [["tune", "--text", CALIBRATION, *CALIBRATION_WINDOWS, *common, *grid,
-                                        *FLOOR_TUNE, "--layer-scales-from", measured_layers, "--profile-out", profile,
+                                        *floor_tune(sink), "--layer-scales-from", layer_profiles[layers], "--profile-out", profile,
                                         "--json", str(work / f"tune-floor{suffix}.json")]]
         plan[f"kl-floor{suffix}"] = [["kl", "--text", EVALUATION, *WINDOWS, *common, *packkv, "--json",
                                       str(work / f"kl-floor{suffix}.json")]]
@@ -301,8 +323,8 @@ def issue_targets(kl: dict, passkey: dict | None, dense_passkey: dict | None) ->
                                        passkey[n] >= a for n, a in dense_passkey.items())}}
 
 
-FLOOR_STEPS = tuple(f"{step}-floor{suffix}" for suffix in FLOOR_VARIANTS
-                    for step in ("tune", "kl", "passkey"))
+FLOOR_STEPS = ("layers-b128", *(f"{step}-floor{suffix}" for suffix in FLOOR_VARIANTS
+                                 for step in ("tune", "kl", "passkey")))
 
 
 def floor_section(r: dict, dense_passkey: dict | None) -> dict:
@@ -311,6 +333,12 @@ def floor_section(r: dict, dense_passkey: dict | None) -> dict:
     keys = ("rel_k", "rel_v", "granularity", "block", "window", "sink", "ppl_increase_pct", "kl", "top1_agreement",
             "block_compression_ratio", "compression_ratio")
     out = {}
+    if "layers-b128" in r:
+        layers = r["layers-b128"][0]
+        out["layers_b128"] = {"sensitivity": layers["profile"]["layer_sensitivity"],
+                              "layer_scales": layers["profile"]["layer_scales"],
+                              "calibration": {name: {k: res[k] for k in keys if k in res}
+                                              for name, res in layers["results"].items()}}
     for suffix in FLOOR_VARIANTS:
         name, v = suffix.strip("-"), {}
         if f"tune-floor{suffix}" in r:
@@ -340,7 +368,9 @@ def floor_markdown(section: dict, dense_passkey: dict) -> str:
             "brown.txt: perplexity, KL, blocks | kjv.txt: blocks (>= 6x) | perplexity (<= +1%) | KL (top-1) (< 0.02) | "
             "passkey " + "/".join(f"{int(n) // 1024}K" for n in dense_passkey) + " (dense " +
             "/".join(f"{a:.0f}" for a in dense_passkey.values()) + "%) |", "|---|---|---|---|---|---|---|---|"]
-    labels = {"b128": "first grid", "b128-fine": "fine grid", "b64": "first grid, block 64"}
+    labels = {"b128": "first grid", "b128-fine": "fine grid", "b64": "first grid, block 64",
+              "b128-layers128": "wider grid, multipliers measured at block 128",
+              "b128-layers128-sink2": "the same, first block at (0.02, 0.03)"}
     for name, v in section.items():
         if name not in labels or "tuned_profile" not in v:
             continue
@@ -372,7 +402,9 @@ def update_section(plan: dict, section: str) -> None:
     path = RESULTS / "accuracy.json"
     saved = json.loads(path.read_text())
     when = header(None)
-    saved[key] = {"git": when["git"], "date": when["date"], **build(r, saved.get("passkey_dense"))}
+    built = build(r, saved.get("passkey_dense"))
+    kept = {k: v for k, v in saved.get(key, {}).items() if k not in built and k not in ("git", "date")}  # notes
+    saved[key] = {**kept, "git": when["git"], "date": when["date"], **built}
     saved["commands"].update({name: [x["command"] for x in rs] for name, rs in r.items()})
     path.write_text(json.dumps(saved, indent=2) + "\n")
     print(json.dumps(saved[key], indent=2))
