@@ -213,8 +213,7 @@ def measured(r: dict, suffix: str) -> dict:
     """One tuned profile, evaluated on the evaluation text: the numbers and whether each target is met."""
     kl, tune, passkey = r[f"kl{suffix}"][0], r[f"tune{suffix}"][0], r[f"passkey{suffix}"][0]
     dense_passkey = r["passkey-dense"][0]["by_length"]
-    at_8k = [t["compression_ratio"] for t in passkey["trials"] if t["length"] == 8192]
-    ratio_8k = sum(at_8k) / len(at_8k) if at_8k else None
+    ratio_8k = ratio_at_8k(passkey)
     return {
         "profile": tune["profile"],
         "evaluation": {k: kl[k] for k in ("ppl", "dense_ppl", "ppl_increase_pct", "kl", "top1_agreement",
@@ -223,8 +222,8 @@ def measured(r: dict, suffix: str) -> dict:
         "compression_ratio_at_8k_tokens_note": "whole cache (fp16 window included) at the end of the 8K passkey "
                                                "runs, whose filler is repeated sentences",
         "passkey": passkey["by_length"],
-        "calibration_tried": [{k: t[k] for k in ("rel_k", "rel_v", "granularity", "ppl_increase_pct", "kl",
-                                                 "block_compression_ratio", "within_budget")} for t in tune["tried"]],
+        "calibration_tried": tried_points(tune, ("rel_k", "rel_v", "granularity", "ppl_increase_pct", "kl",
+                                                 "block_compression_ratio", "within_budget")),
         "targets": {
             "compressed_blocks_ratio": check(kl["block_compression_ratio"], ">=", TARGET_RATIO),
             "compression_ratio_at_8k_tokens": check(ratio_8k, ">=", TARGET_RATIO),
@@ -238,6 +237,23 @@ def measured(r: dict, suffix: str) -> dict:
 def check(value, op: str, target: float) -> dict:
     met = value is not None and {">=": value >= target, "<=": value <= target, "<": value < target}[op]
     return {"target": f"{op} {target}", "measured": value, "met": bool(met)}
+
+
+def tried_points(tune: dict, keys: tuple) -> list[dict]:
+    """Every point a tune run evaluated on the calibration text, with the given fields."""
+    return [{k: t[k] for k in keys} for t in tune["tried"]]
+
+
+def measured_layers(layers: dict, keys: tuple) -> dict:
+    """An `eval layers` run: the sensitivities, the multipliers and each calibration run's fields."""
+    return {"sensitivity": layers["profile"]["layer_sensitivity"], "layer_scales": layers["profile"]["layer_scales"],
+            "calibration": {name: {k: res[k] for k in keys if k in res} for name, res in layers["results"].items()}}
+
+
+def ratio_at_8k(passkey: dict) -> float | None:
+    """The whole cache's compression ratio at the end of a passkey run's 8K-token trials (mean)."""
+    at_8k = [t["compression_ratio"] for t in passkey["trials"] if t["length"] == 8192]
+    return sum(at_8k) / len(at_8k) if at_8k else None
 
 
 def summarize(r: dict) -> dict:
@@ -287,16 +303,12 @@ def layer_section(r: dict, dense_passkey: dict | None) -> dict:
             "block_compression_ratio", "compression_ratio")
     out = {}
     if "layers" in r:
-        layers = r["layers"][0]
-        out["measured"] = {"sensitivity": layers["profile"]["layer_sensitivity"],
-                           "layer_scales": layers["profile"]["layer_scales"],
-                           "calibration": {name: {k: res[k] for k in keys} for name, res in layers["results"].items()}}
+        out["measured"] = measured_layers(r["layers"][0], keys)
     if "tune-layers" in r:
         tune = r["tune-layers"][0]
         out["tuned_profile"] = {"params": tune["profile"]["params"], "calibration": tune["profile"]["calibration"],
-                                "calibration_tried": [{k: t[k] for k in ("rel_k", "rel_v", "ppl_increase_pct", "kl",
-                                                                          "block_compression_ratio", "within_budget")}
-                                                      for t in tune["tried"]]}
+                                "calibration_tried": tried_points(tune, ("rel_k", "rel_v", "ppl_increase_pct", "kl",
+                                                                         "block_compression_ratio", "within_budget"))}
     out["on_kjv"] = {}
     for suffix, (profile, flags) in LAYER_VARIANTS.items():
         step = f"kl-layers{suffix}"
@@ -334,28 +346,22 @@ def floor_section(r: dict, dense_passkey: dict | None) -> dict:
             "block_compression_ratio", "compression_ratio")
     out = {}
     if "layers-b128" in r:
-        layers = r["layers-b128"][0]
-        out["layers_b128"] = {"sensitivity": layers["profile"]["layer_sensitivity"],
-                              "layer_scales": layers["profile"]["layer_scales"],
-                              "calibration": {name: {k: res[k] for k in keys if k in res}
-                                              for name, res in layers["results"].items()}}
+        out["layers_b128"] = measured_layers(r["layers-b128"][0], keys)
     for suffix in FLOOR_VARIANTS:
         name, v = suffix.strip("-"), {}
         if f"tune-floor{suffix}" in r:
             tune = r[f"tune-floor{suffix}"][0]
             v["tuned_profile"] = {"params": tune["profile"]["params"], "min_ratio": tune["profile"]["min_ratio"],
                                   "calibration": tune["profile"]["calibration"],
-                                  "calibration_tried": [{k: t[k] for k in ("rel_k", "rel_v", "ppl_increase_pct", "kl",
-                                                                            "block_compression_ratio", "meets_ratio",
-                                                                            "within_budget")} for t in tune["tried"]]}
+                                  "calibration_tried": tried_points(tune, ("rel_k", "rel_v", "ppl_increase_pct", "kl",
+                                                                           "block_compression_ratio", "meets_ratio",
+                                                                           "within_budget"))}
         if f"kl-floor{suffix}" in r:
             kl = r[f"kl-floor{suffix}"][0]
-            passkey = r[f"passkey-floor{suffix}"][0]["by_length"] if f"passkey-floor{suffix}" in r else None
-            at_8k = ([t["compression_ratio"] for t in r[f"passkey-floor{suffix}"][0]["trials"] if t["length"] == 8192]
-                     if passkey else [])
+            run = r[f"passkey-floor{suffix}"][0] if f"passkey-floor{suffix}" in r else None
+            passkey = run["by_length"] if run else None
             v["on_kjv"] = {**{k: kl[k] for k in keys}, "dense_ppl": kl["dense_ppl"], "ppl": kl["ppl"],
-                           "passkey": passkey,
-                           "compression_ratio_at_8k_tokens": sum(at_8k) / len(at_8k) if at_8k else None}
+                           "passkey": passkey, "compression_ratio_at_8k_tokens": ratio_at_8k(run) if run else None}
             v["targets"] = issue_targets(kl, passkey, dense_passkey)
         if v:
             out[name] = v
