@@ -25,6 +25,11 @@ def _kernel(name: str):
     return _module().get_function(name)
 
 
+@lru_cache(maxsize=None)
+def _static_shared_bytes(name: str) -> int:
+    return int(_kernel(name).shared_size_bytes)
+
+
 def _require(array, name: str, dtype, ndim: int) -> None:
     import cupy
     if not isinstance(array, cupy.ndarray):
@@ -179,7 +184,7 @@ def linear_rows(x, weight, bias=None, residual=None, swiglu: bool = False, norm_
     name, features_per_cta = ("linear_rows", THREADS // 32) if kernel == "warp" else ("linear_rows_mma", 16)
     shared = 0 if norm_weight is None else rows * in_features * 2       # the normalised rows, fp16
     function = _kernel(name)
-    if shared + function.shared_size_bytes > 48 * 1024:   # static (mma: the warps' partial tiles) + dynamic
+    if shared and shared + _static_shared_bytes(name) > 48 * 1024:   # static (mma: partial tiles) + dynamic
         function.max_dynamic_shared_size_bytes = shared
     launch(function, ((out_features + features_per_cta - 1) // features_per_cta,), (THREADS,),
              (x, NULL if norm_weight is None else norm_weight, np.float32(eps), weight,
