@@ -71,8 +71,8 @@ __global__ void __launch_bounds__(128, PK_MINB) pk_attention_splits(
     const u16* __restrict__ q, const u8* const* __restrict__ arena_at, const i64* __restrict__ block_offsets,
     const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits,
     int slot_bytes, float qscale, float* __restrict__ ws) {
-  wait_for_previous_kernel();
   // The arena's address is read from device memory: a captured graph replays after the arena moved.
+  // (The body waits for the previous kernel after it has started staging its first item.)
   pk_split_body<D, P, 0>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G, T, token_layer,
                          n_splits, slot_bytes, qscale, ws);
 }

@@ -3,6 +3,7 @@
 // thread mapping that this file implements.
 #pragma once
 #include "packkv_common.cuh"
+#include "launch.cuh"
 #pragma nv_diag_suppress 177   // variables of the pack-8 path are unused in other instantiations
 
 #define PK_NEG_INF (-__int_as_float(0x7f800000))
@@ -136,6 +137,39 @@ __device__ __forceinline__ void pk_split_body(
   const int hc0 = nt * 8 + 2 * tq;             // heads of the accumulator columns 2tq, 2tq+1
   const i64* offs_b = block_offsets + size_t(b) * max_blocks;
 
+  float m0 = PK_NEG_INF, m1 = PK_NEG_INF, l0 = 0.f, l1 = 0.f, oo0 = 0.f, oo1 = 0.f, oog = 0.f;
+  if constexpr (MODE != 1)
+    for (int mt = 0; mt < KT; ++mt) ws.obuf[mt * 32 + lane] = make_float4(0.f, 0.f, 0.f, 0.f);
+
+  if (lane < PK_ZERO_BYTES / 4) reinterpret_cast<u32*>(ws.zero)[lane] = 0u;
+  if (lane == 0) { pk_mbar_init(ws.bar); pk_mbar_init(ws.bar + 1); }
+  __syncwarp();
+#ifdef PK_PROF
+  long long prof[10] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, prof_last = clock64();
+#endif
+
+  auto item_rec = [&](int item) -> const u8* {
+    int blk = blk_lo + item * NB + lane;
+    if (lane >= NB || item >= n_items || blk >= blk_hi) return nullptr;
+    return arena + offs_b[blk];
+  };
+
+  // ---- Phase 1: prologue of the staging pipeline (item it+W staged while item it is decoded; the
+  //      section tables of item it+2W and the block offsets of item it+3W are loaded ahead). It runs
+  //      before the wait for the previous kernel (launch.cuh): the arena, its offset table and n_blocks
+  //      change only between graph replays (compress events), so the first item's bytes are on their
+  //      way while the previous kernel finishes.
+  PkBlockMeta bm{}, bm_next{};
+  const u8* rec_pf = nullptr;
+  bool staged = false;
+  if (warp < n_items) {
+    bm = pk_block_meta(item_rec(warp), kvh, Hkv, token_layer);
+    staged = pk_stage_item(ws, smem, 0, slot_bytes, bm, NB, MODE, lane);
+    bm_next = pk_block_meta(item_rec(warp + PK_WARPS), kvh, Hkv, token_layer);
+    rec_pf = item_rec(warp + 2 * PK_WARPS);
+  }
+  wait_for_previous_kernel();                  // q is the previous kernel's output
+
   // ---- Phase 0: q as mma B fragments (k-slots 2tq..2tq+1 | 2tq+8..9 <-> channels 4tq..4tq+3 of a tile)
   float sumq0 = 0.f, sumq1 = 0.f;
   if constexpr (MODE != 2) {
@@ -155,30 +189,7 @@ __device__ __forceinline__ void pk_split_body(
     sumq1 = __shfl_sync(PK_FULL, part, (2 * tq + 1) * 4);
   }
 
-  float m0 = PK_NEG_INF, m1 = PK_NEG_INF, l0 = 0.f, l1 = 0.f, oo0 = 0.f, oo1 = 0.f, oog = 0.f;
-  if constexpr (MODE != 1)
-    for (int mt = 0; mt < KT; ++mt) ws.obuf[mt * 32 + lane] = make_float4(0.f, 0.f, 0.f, 0.f);
-
-  if (lane < PK_ZERO_BYTES / 4) reinterpret_cast<u32*>(ws.zero)[lane] = 0u;
-  if (lane == 0) { pk_mbar_init(ws.bar); pk_mbar_init(ws.bar + 1); }
-  __syncwarp();
-#ifdef PK_PROF
-  long long prof[10] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, prof_last = clock64();
-#endif
-
-  auto item_rec = [&](int item) -> const u8* {
-    int blk = blk_lo + item * NB + lane;
-    if (lane >= NB || item >= n_items || blk >= blk_hi) return nullptr;
-    return arena + offs_b[blk];
-  };
-
   if (warp < n_items) {
-    // ---- Phase 1: prologue of the staging pipeline (item it+W staged while item it is decoded; the
-    //      section tables of item it+2W and the block offsets of item it+3W are loaded ahead)
-    PkBlockMeta bm = pk_block_meta(item_rec(warp), kvh, Hkv, token_layer);
-    bool staged = pk_stage_item(ws, smem, 0, slot_bytes, bm, NB, MODE, lane);
-    PkBlockMeta bm_next = pk_block_meta(item_rec(warp + PK_WARPS), kvh, Hkv, token_layer);
-    const u8* rec_pf = item_rec(warp + 2 * PK_WARPS);
     int k = 0;
     for (int it = warp; it < n_items; it += PK_WARPS, ++k) {
       const int slot = k & 1;
