@@ -32,52 +32,58 @@ block order) takes one block (one record) at a time:
    it fits, else per-CTA global scratch), token-major, 8 (or 4) levels per int64 word (SWAR lanes of 8
    bits when every block's rel >= ~1/126, else 16); NaN/inf is detected here and reported after the launch;
 2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, int64 dots,
-   float64 cosine, lowest index on ties), then pack-1 picks of the candidate with the least
-   cost[t] = sum_c width(max(hi,q)-min(lo,q)), by (cost << 32 | position) keys reduced with warp
-   shuffles (lowest position on ties). The costs are kept per token (COST) and evaluated two ways,
-   both exact:
-   - full (the first pick after a seed, or when a unit's list overflowed: more than CAP / n_units
-     channels changed; CAP = 4W, less where the level matrix would not fit in shared memory): lane
-     groups over (candidate, channel segment), the pack's lo/hi in registers, 4 independent words
-     per lane, on SWAR words (per-lane max/min by the borrow trick, widths by smearing bits, one popc
-     per 8 channels);
-   - incremental (the usual pick): the previous pick's lo/hi update appends every channel whose lo or
-     hi changed to its unit's list (CHC: level index in the row; CHB: old and new lo/hi; counts CHN,
-     double-buffered by pick parity), and cost[t] += width(new) - width(old) over the list only. The
-     lists are cut into chunks of 128 channels; a warp holds one chunk (4 channels per lane, their
-     indices and bounds unpacked in registers) and walks its share of the candidates: per candidate 4
-     single-level loads through an 8/16-bit view of LV (one row, scattered columns: few bank
-     conflicts), scalar 32-bit arithmetic (clz differences), a 5-shuffle warp sum and one shared
-     atomic to COST (~96 instructions per candidate and 128 channels). On the 8B shape's
-     synthetic KV (bench) a pick changes ~700 of the 2048 channels after the seed's first pick, 100-400
-     later: ~12% of the (candidate, channel) pairs that full evaluations of picks 2..15 would take;
+   float64 cosine, lowest index on ties; mean and scores CTA-wide), then pack-1 picks of the
+   candidate with the least cost[t] = sum_c width(max(hi,q)-min(lo,q)), lowest token on ties. The
+   picks run warp-synchronously, one CTA barrier per pick: NWU = NW / n_units warps per unit (16 for
+   one unit at 512 threads; units beyond NW / NWU take later rounds of the same pack). Warp r of a
+   unit takes the slice [r*n/NWU, (r+1)*n/NWU) of the unit's remaining tokens (ascending) as its
+   candidates (a private copy, CAND, from which the warp removes its own picks); lane groups of G =
+   min(32, row words) lanes take one candidate each, a lane holds the pack's lo/hi of its WPL words
+   (sub, sub + G, ...) in registers and costs each on SWAR words (per-lane max/min by the borrow trick,
+   widths by smearing bits, one popc per 8 channels), the group sums, and the warp keeps the least
+   (cost << 32 | token << 12 | slice index) key; lane 0 posts it to SLOT (double-buffered by pick
+   parity), one __syncthreads, then every warp of the unit takes the min of its unit's NWU keys, grows
+   its lo/hi by the picked row (read from LV: no second barrier) and the owner drops the pick from its
+   slice. At the pack's end each warp writes its slice's remaining tokens back to REM at the slice
+   start minus the picks of the earlier slices (tokens below its first one): REM stays ascending.
+   Barriers per pack: 2 for the seed, pack - 1 for the picks, 1 at the end (the old design: ~2 per
+   pick plus shared atomics for change lists).
+   Estimate (not yet measured on a GPU) for the 8B shape's token-layer blocks (one unit, rows of 256
+   words, 16 warps, G = 32, WPL = 8): a candidate costs a warp ~8 x ~48 SASS (64-bit SWAR in 32-bit
+   halves: max/min ~14 each, smear 12, popc) + 8 loads + a 5-shuffle sum: ~400; a pick evaluates
+   n_rem candidates (37.5 on average over the 45 picks of a 64-token block, ~2-4 per warp) and then
+   every warp spends ~300 on the key min and its lo/hi update: ~20K warp instructions per pick, ~5K
+   issue cycles on an SM's 4 schedulers, against ~20K cycles per pick measured for the old design
+   (276 ms / (496 blocks per SM x 48 steps)): repack ~70 ms if issue-bound (~4x, short of the ~45 ms
+   target; the word cost arithmetic is now most of it). Token-head (8 units of 32 words): 2 warps per
+   unit, one word per lane; SmolLM2 token-head (rows of 16 words): 2 candidates per warp at a time;
 3. pack statistics (min and width per pack of P tokens x 1 channel), section sizes, record size;
 4. decoupled look-back over the tiles' record sizes gives the record's arena offset (a single-pass
    prefix sum: no second launch, no host round trip);
 5. write: every 32-bit word of the record is assembled by one thread (headers, steps, bit streams,
    payload words found by binary search over the packs' byte offsets) and stored coalesced.
 
-Speed (bench/results/encoder.json, H100, `python3 bench/encoder.py --reps 3 --breakdown`, git 5ba9b04, with
-the incremental greedy costs): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V) in 0.41 s
-with the greedy (42.3 GB/s; 4.96% of the prefill's matmul-bound time), 0.12 s with none or sort (142.6 and
+Speed (bench/results/encoder.json, H100, `python3 bench/encoder.py --reps 3 --breakdown`, git 5ba9b04, the
+previous greedy design: CTA-wide phases per pick, costs kept per token and updated by change lists of the
+channels each pick changed): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V) in 0.41 s with
+the greedy (42.3 GB/s; 4.96% of the prefill's matmul-bound time), 0.12 s with none or sort (142.6 and
 140.6 GB/s). The breakdown: quantize 37 ms, repack 276 ms, pack statistics 13, look-back 10, write 69;
-with full cost evaluations only the greedy took 447 ms, so the incremental costs saved ~10%, not the
-~2x their instruction count promised, which points at the per-pick barriers and the serial picks (45
-per 64-token block) rather than the cost arithmetic (an inference, not yet profiled). (Session 1 measured 0.36 s, 47 GB/s, on
-another H100 before this change; the machines here are shared, so only same-run ratios are firm.)
+full cost evaluations only (no change lists) took the greedy to 447 ms, which pointed at the per-pick
+barriers and phases rather than the cost arithmetic (an inference, not profiled). The warp-synchronous picks (step 2) replace that design;
+they are not yet measured.
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set before numba.cuda is imported) the same
 kernel runs on the CPU; warp shuffles, which the simulator lacks, go through a per-warp barrier there.
 
 Attempts that lost (measured or estimated, then removed):
-- incremental costs with lanes over candidates (a warp per list entry, lanes at positions lane and
-  lane + 32): the levels of one column in rows 2 KiB apart hit one shared-memory bank (32-way
-  conflicts), every entry is loaded and unpacked by every lane, and ~40% of the lanes idle.
-- incremental costs at SWAR-word granularity (re-evaluate whole 8-channel words that changed): ~46% of
-  the words change per pick on the 8B shape's KV, and a changed word costs two word evaluations: no gain.
+- the CTA-wide greedy above (per pick: full cost evaluations by lane groups over (candidate, segment)
+  classes, or incremental updates over per-unit lists of the channels the last pick changed; ~2
+  barriers, an argmin in every warp and shared atomics per pick): 276 ms of repack at the 8B shape.
+- incremental costs with lanes over candidates, or at SWAR-word granularity (~46% of the words change
+  per pick on the 8B shape's KV): no gain over the change lists.
 - lazy greedy (stale costs as lower bounds, evaluate candidates in bound order until the best exact
   cost beats every bound): ~31% of the evaluations in a NumPy model, but needs a sorted candidate
-  order per pick and serial rounds; the incremental list does less work and stays data-parallel.
+  order per pick and serial rounds (with the CTA-wide design).
 - skipping changed channels whose width function over q in [0, Lmax] is unchanged: 2% of them.
 """
 from __future__ import annotations
@@ -93,7 +99,6 @@ SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 
 from numba import cuda  # noqa: E402  (after reading the simulator switch)
 from numba import float64 as nb_float64, int32 as nb_int32, int64 as nb_int64  # noqa: E402
-from numba import uint8 as nb_uint8, uint16 as nb_uint16  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Layout of the small int64 meta array (runtime dimensions and region offsets) and of the work array
@@ -101,11 +106,10 @@ from numba import uint8 as nb_uint8, uint16 as nb_uint16  # noqa: E402
 
 _META_FIELDS = (
     "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec",
-    "NP", "GSQ", "GS", "S", "SEGW", "CAP", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode",
+    "NP", "GSQ", "GS", "NWU", "UPR", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode",
     # region offsets in bytes: in shared memory, or in the CTA's global scratch for LV / PACK*
-    "o_lv", "o_pinfo", "o_poff", "o_lo", "o_hi", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
-    "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_costp", "o_pickw", "o_seci", "o_toki",
-    "o_misc", "o_scan", "o_cost", "o_chc", "o_chb", "o_chn",
+    "o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk", "o_stepv", "o_offk",
+    "o_offv", "o_order", "o_rem", "o_cand", "o_slot", "o_seci", "o_toki", "o_misc", "o_scan",
 )
 M = {name: i for i, name in enumerate(_META_FIELDS)}
 SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, payload prefix, -
@@ -198,10 +202,9 @@ else:
 _KERNELS: dict = {}
 
 
-def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
+def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, WPL: int):
     LPW = 64 // E                       # levels per int64 word
-    nb_lane = nb_uint8 if E == 8 else nb_uint16
-    LSH = 3 if E == 8 else 4            # log2(E)
+    NG = 32 // G                        # greedy: candidates a warp evaluates at once (lane groups of G)
     LM = np.int64((1 << E) - 1)         # lane mask
     LANE_MAX = (1 << (E - 1)) - 1       # SWAR compare needs the lane's top bit clear
     HB = _lanes(E, 1 << (E - 1))
@@ -389,13 +392,13 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
     # meta indices (compile-time constants)
     iN, iH, iT, iD, iP, iR, iLAYER, iREPACK, iNU, iCU, iWK, iWU, iW, iNSEC, iNP = (M[k] for k in (
         "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec", "NP"))
-    iGSQ, iGS, iS, iSEGW, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "S", "SEGW", "used0", "cap", "scr64"))
-    iDQSH, iDSH, iMODE, iCAP_CH = M["dq_shift"], M["d_shift"], M["mode"], M["CAP"]
-    oCO, oCC, oCB, oCN = M["o_cost"], M["o_chc"], M["o_chb"], M["o_chn"]
-    oLV, oPI, oPO, oLO, oHI, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCP, oPW, oSE, oTK, oMI, oSN = (
-        M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_lo", "o_hi", "o_mw", "o_nrm", "o_key", "o_score",
-                       "o_stepk", "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_costp", "o_pickw",
-                       "o_seci", "o_toki", "o_misc", "o_scan"))
+    iGSQ, iGS, iNWU, iUPR, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "NWU", "UPR", "used0", "cap",
+                                                              "scr64"))
+    iDQSH, iDSH, iMODE = M["dq_shift"], M["d_shift"], M["mode"]
+    oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oSL, oSE, oTK, oMI, oSN = (
+        M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
+                       "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_cand", "o_slot", "o_seci",
+                       "o_toki", "o_misc", "o_scan"))
 
     # ------------------------------------------------------------------------------------------
     # 1. quantize: LV rows (token-major, unit-major words), per-token steps/offsets, sums, norms
@@ -726,364 +729,171 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
         return swar_width_sum(swar_max(q, hi) - swar_min(q, lo))
 
     @cuda.jit(device=True)
-    def cost_classes(meta, tid):
-        """The fixed work split of the cost phase: (per, rank, c_first, c_rounds). Lane groups of GS
-        lanes get a (unit, segment) class; `per` groups share a class and split its candidates."""
-        GS = meta[iGS]
-        classes = meta[iNU] * meta[iS]
-        groups = NT // GS
-        g = tid // GS
-        if groups >= classes:          # usual: several groups per class, one class per group
-            return groups // classes, g // classes, g % classes, np.int64(1)
-        return np.int64(1), np.int64(0), g, (classes + groups - 1) // groups
-
-    @cuda.jit(device=True)
-    def ph_costs(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid, per, rank, c_first, c_rounds):
-        """COSTP[s][u][t] = sum over segment s of unit u's words of width(max(hi,q)-min(lo,q)) for
-        every remaining token t (the full evaluation: after a seed, or when many channels changed).
-
-        A lane keeps the pack's lo/hi of its (at most 4) words in registers and walks its class's
-        candidates, 4 independent words at a time."""
+    def warp_seed(sh32, shf, meta, u, n_rem, lane):
+        """The seed of unit u (every lane gets it): the position of the largest SCORE among the n_rem
+        remaining tokens, lowest position on ties."""
         T = meta[iT]
-        WU = meta[iWU]
-        W = meta[iW]
-        GS = meta[iGS]
-        S = meta[iS]
-        SEGW = meta[iSEGW]
-        n_units = meta[iNU]
-        lo0 = meta[oLO] >> 3
-        hi0 = meta[oHI] >> 3
-        cp0 = meta[oCP] >> 2
-        classes = n_units * S
-        groups = NT // GS
-        sub = tid % GS
-        iters = (n_rem + per - 1) // per
-        for c_round in range(c_rounds):
-            cls = c_first + c_round * groups
-            on = cls < classes
-            if not on:
-                cls = 0
-            u = np.int64(0)
-            s = cls
-            if S == 1:
-                u = cls
-                s = np.int64(0)
-            elif n_units > 1:
-                u = cls // S
-                s = cls - u * S
-            w0 = u * WU + s * SEGW
-            w1 = min(w0 + SEGW, (u + 1) * WU)
-            wa = w0 + sub
-            wb = wa + GS
-            wc = wb + GS
-            wd = wc + GS
-            ok_a = wa < w1
-            ok_b = wb < w1
-            ok_c = wc < w1
-            ok_d = wd < w1
-            if not ok_a:
-                wa = w0
-            if not ok_b:
-                wb = wa
-            if not ok_c:
-                wc = wa
-            if not ok_d:
-                wd = wa
-            lo_a = sh64[lo0 + wa]
-            hi_a = sh64[hi0 + wa]
-            lo_b = sh64[lo0 + wb]
-            hi_b = sh64[hi0 + wb]
-            lo_c = sh64[lo0 + wc]
-            hi_c = sh64[hi0 + wc]
-            lo_d = sh64[lo0 + wd]
-            hi_d = sh64[hi0 + wd]
-            rbu = rb + u * T
-            out = cp0 + (s * n_units + u) * T
-            i = rank
-            for k in range(iters):
-                valid = on and rank < per and i < n_rem
-                acc = np.int64(0)
-                t = np.int64(0)
-                if valid:
-                    t = np.int64(sh32[rbu + i])
-                    row = np.uint64(lv0 + t * W)
-                    ca = word_cost(LVA[row + np.uint64(wa)], lo_a, hi_a)
-                    cb = word_cost(LVA[row + np.uint64(wb)], lo_b, hi_b)
-                    cc = word_cost(LVA[row + np.uint64(wc)], lo_c, hi_c)
-                    cd = word_cost(LVA[row + np.uint64(wd)], lo_d, hi_d)
-                    if ok_a:
-                        acc += ca
-                    if ok_b:
-                        acc += cb
-                    if ok_c:
-                        acc += cc
-                    if ok_d:
-                        acc += cd
-                acc = grp_sum(acc, GS)
-                if valid and sub == 0:
-                    sh32[out + t] = np.int32(acc)
-                i += per
-
-    @cuda.jit(device=True)
-    def unpack_bounds(b):
-        """A change-list entry's old lo, old hi, new lo, new hi (16 bits each) as int32."""
-        return (np.int32(b & 0xFFFF), np.int32((b >> 16) & 0xFFFF), np.int32((b >> 32) & 0xFFFF),
-                np.int32((b >> 48) & 0xFFFF))
-
-    @cuda.jit(device=True)
-    def chan_delta(lev, lo, hi, nlo, nhi):
-        """width(max(nhi,q)-min(nlo,q)) - width(max(hi,q)-min(lo,q)) for level q (32-bit arithmetic:
-        clz differences)."""
-        q = np.int32(lev)
-        return cuda.clz(np.int32(max(hi, q) - min(lo, q))) - cuda.clz(np.int32(max(nhi, q) - min(nlo, q)))
-
-    @cuda.jit(device=True)
-    def sum32(v):
-        """Sum of a 32-bit value over the warp (32-bit shuffles)."""
-        v = np.int32(v + shfl_xor(v, 16))
-        v = np.int32(v + shfl_xor(v, 8))
-        v = np.int32(v + shfl_xor(v, 4))
-        v = np.int32(v + shfl_xor(v, 2))
-        return np.int32(v + shfl_xor(v, 1))
-
-    @cuda.jit(device=True)
-    def ph_delta(LVL, lv0, sh64, sh32, meta, rb, n_rem, cnt, tid):
-        """COST[u][t] += sum over the channels the last pick changed of width(new range with q) -
-        width(old range with q): the incremental evaluation. Each unit's list (count at sh64[cnt + u])
-        is cut into chunks of 128 channels; a warp takes a chunk (4 channels per lane, their index and
-        old/new lo/hi in registers) and a share of the candidates, sums a candidate's deltas over the
-        warp and adds them to COST with one shared atomic."""
-        T = meta[iT]
-        W = meta[iW]
-        CAPU = meta[iCAP_CH] // meta[iNU]
-        n_units = meta[iNU]
-        co0 = meta[oCO] >> 2
-        cc0 = meta[oCC] >> 3
-        cb0 = meta[oCB] >> 3
-        lane = tid & 31
-        warp = tid >> 5
-        total = np.int64(0)
-        for uu in range(n_units):
-            total += (sh64[cnt + uu] + 127) >> 7
-        per = np.int64(1)
-        rank = np.int64(0)
-        rounds = (total + NW - 1) // NW
-        if total <= NW:                 # several warps per chunk: they split the candidates
-            per = NW // max(total, 1)
-            rank = warp // max(total, 1)
-            rounds = np.int64(1)
-        for rd in range(rounds):
-            a = warp + rd * NW
-            if total <= NW:
-                a = warp % max(total, 1)
-            if a >= total or rank >= per:
-                continue
-            u = np.int64(0)             # chunk a -> (unit u, chunk c of u's list)
-            c = a
-            for uu in range(n_units):
-                nc = (sh64[cnt + uu] + 127) >> 7
-                if c >= nc and u == uu:
-                    c -= nc
-                    u += 1
-            n_u = sh64[cnt + u]
-            e0 = u * CAPU + c * 128 + lane
-            ix0, ix1, ix2, ix3 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)
-            b0, b1, b2, b3 = np.int64(0), np.int64(0), np.int64(0), np.int64(0)   # 0: adds nothing
-            if c * 128 + lane < n_u:
-                ix0 = sh64[cc0 + e0]
-                b0 = sh64[cb0 + e0]
-            if c * 128 + lane + 32 < n_u:
-                ix1 = sh64[cc0 + e0 + 32]
-                b1 = sh64[cb0 + e0 + 32]
-            if c * 128 + lane + 64 < n_u:
-                ix2 = sh64[cc0 + e0 + 64]
-                b2 = sh64[cb0 + e0 + 64]
-            if c * 128 + lane + 96 < n_u:
-                ix3 = sh64[cc0 + e0 + 96]
-                b3 = sh64[cb0 + e0 + 96]
-            l0, h0, m0, n0 = unpack_bounds(b0)
-            l1, h1, m1, n1 = unpack_bounds(b1)
-            l2, h2, m2, n2 = unpack_bounds(b2)
-            l3, h3, m3, n3 = unpack_bounds(b3)
-            for i in range(rank, n_rem, per):
-                t = np.int64(sh32[rb + u * T + i])
-                base = (lv0 + t * W) * LPW_
-                acc = chan_delta(LVL[np.uint64(base + ix0)], l0, h0, m0, n0)
-                acc += chan_delta(LVL[np.uint64(base + ix1)], l1, h1, m1, n1)
-                acc += chan_delta(LVL[np.uint64(base + ix2)], l2, h2, m2, n2)
-                acc += chan_delta(LVL[np.uint64(base + ix3)], l3, h3, m3, n3)
-                acc = sum32(np.int32(acc))
-                if lane == 0 and acc != 0:
-                    cuda.atomic.add(sh32, co0 + u * T + t, acc)
-
-    @cuda.jit(device=True)
-    def ph_pick(LVA, lv0, sh64, sh32, shf, meta, rb, rn, n_rem, pos, seed, full, listing, cnt, tid, u_tid):
-        """Every warp finds each unit's pick (seed: max score; else min cost, by (cost << 32 | position)
-        keys; lowest position on ties), then: LO/HI := pick's levels (seed) or grow by them, and when
-        `listing`, every channel whose lo or hi changed goes to its unit's list CHC/CHB (count at
-        sh64[cnt + u], at most CAP / n_units entries kept);
-        ORDER[u][pos] = pick; REM next = REM - pick. After a full evaluation, COST := sum of COSTP."""
-        T = meta[iT]
-        WU = meta[iWU]
-        W = meta[iW]
-        S = meta[iS]
-        n_units = meta[iNU]
-        CAPU = meta[iCAP_CH] // n_units
-        lo0 = meta[oLO] >> 3
-        hi0 = meta[oHI] >> 3
         sc0 = meta[oSC] >> 3
-        cp0 = meta[oCP] >> 2
-        co0 = meta[oCO] >> 2
-        cc0 = meta[oCC] >> 3
-        cb0 = meta[oCB] >> 3
-        pw0 = meta[oPW] >> 2
-        or0 = meta[oOR] >> 2
-        lane = tid & 31
-        warp = tid >> 5
-        # one unit: every warp finds the pick (no barrier); several: warps share the units, then sync
-        u_first = np.int64(0)
-        u_step = np.int64(1)
-        slot = pw0 + warp * n_units
-        if n_units > 1:
-            u_first = warp
-            u_step = np.int64(NW)
-            slot = pw0
-        writer = n_units > 1 or warp == 0
-        for u in range(u_first, n_units, u_step):
-            bi = I_BIG
-            if seed:
-                bestf = -1.0
-                for i in range(lane, n_rem, 32):
-                    sc = shf[sc0 + u * T + i]
-                    if sc > bestf:
-                        bestf = sc
-                        bi = i
-                for off in (16, 8, 4, 2, 1):
-                    obf = shfl_xor(bestf, off)
-                    oi = shfl_xor(bi, off)
-                    if obf > bestf or (obf == bestf and oi < bi):
-                        bestf = obf
-                        bi = oi
-            else:
-                best = KEY_BIG
-                for i in range(lane, n_rem, 32):
-                    t = sh32[rb + u * T + i]
-                    if full:
-                        cst = np.int64(0)
-                        for s in range(S):
-                            cst += sh32[cp0 + (s * n_units + u) * T + t]
-                        if writer:
-                            sh32[co0 + u * T + t] = np.int32(cst)
-                    else:
-                        cst = np.int64(sh32[co0 + u * T + t])
-                    best = min(best, (cst << 32) | i)
-                for off in (16, 8, 4, 2, 1):
-                    best = min(best, shfl_xor(best, off))
-                bi = best & LOW32
-            if lane == 0:
-                sh32[slot + u] = np.int32(bi)
-        if n_units > 1:
-            cuda.syncthreads()
-        else:
-            syncwarp()
-        wi = tid
-        u = u_tid
-        while wi < W:
-            ip = sh32[slot + u]
-            t = sh32[rb + u * T + ip]
-            q = LVA[np.uint64(lv0 + t * W + wi)]
-            if seed:
-                sh64[lo0 + wi] = q
-                sh64[hi0 + wi] = q
-            else:
-                olo = sh64[lo0 + wi]
-                ohi = sh64[hi0 + wi]
-                nlo = swar_min(q, olo)
-                nhi = swar_max(q, ohi)
-                sh64[lo0 + wi] = nlo
-                sh64[hi0 + wi] = nhi
-                d = (olo ^ nlo) | (ohi ^ nhi)
-                if listing and d != 0:
-                    # the low bit of every changed lane (lanes < 2**(E-1): no carries; >= 0 for popc)
-                    nz = ((d + SM1) >> (E_ - 1)) & ONES
-                    k = cuda.atomic.add(sh64, cnt + u, np.int64(cuda.popc(nz)))
-                    while nz != 0:
-                        if k < CAPU:
-                            l = np.int64(cuda.popc((nz & -nz) - 1)) >> LSH    # lowest changed lane
-                            sl = E_ * l
-                            sh64[cc0 + u * CAPU + k] = wi * LPW_ + l
-                            sh64[cb0 + u * CAPU + k] = (((olo >> sl) & LM) | (((ohi >> sl) & LM) << 16) |
-                                                        (((nlo >> sl) & LM) << 32) | (((nhi >> sl) & LM) << 48))
-                        k += 1
-                        nz &= nz - 1
-            wi += NT
-            if wi < W:
-                u = wi // WU
-        if warp == 0:
-            for u in range(n_units):
-                ip = sh32[pw0 + u]
-                if lane == 0:
-                    sh32[or0 + u * T + pos] = sh32[rb + u * T + ip]
-                for i in range(lane, n_rem, 32):
-                    val = sh32[rb + u * T + i]
-                    if i < ip:
-                        sh32[rn + u * T + i] = val
-                    elif i > ip:
-                        sh32[rn + u * T + i - 1] = val
+        bestf = -1.0
+        bi = I_BIG
+        for i in range(lane, n_rem, 32):
+            sc = shf[sc0 + u * T + i]
+            if sc > bestf:
+                bestf = sc
+                bi = i
+        for off in (16, 8, 4, 2, 1):
+            obf = shfl_xor(bestf, off)
+            oi = shfl_xor(bi, off)
+            if obf > bestf or (obf == bestf and oi < bi):
+                bestf = obf
+                bi = oi
+        return bi
 
     @cuda.jit(device=True)
-    def ph_greedy(LVA, LVL, lv0, sh64, sh32, shf, meta, tid):
-        """Per pack: seed, then P - 1 picks. The first pick after a seed (and any pick after which more
-        than CAP channels changed) evaluates every candidate fully (ph_costs); the others update the
-        kept costs by the changed channels only (ph_delta). Both give the exact costs."""
+    def warp_best(LVA, lv0, sh32, meta, cb, n_c, lo, hi, u, lane):
+        """The least (cost << 32 | t << 12 | j) over this warp's n_c candidates t = CAND[cb + j]:
+        lane groups of G lanes take a candidate each (NG at a time), a lane sums the costs of its
+        words sub, sub + G, ... (the pack's lo/hi of those words in its registers), the group sums."""
+        WU = meta[iWU]
+        W = meta[iW]
+        g = lane // G
+        sub = lane - g * G
+        best = KEY_BIG
+        for it in range((n_c + NG - 1) // NG):
+            j = it * NG + g
+            t = np.int64(0)
+            if j < n_c:
+                t = np.int64(sh32[cb + j])
+            row = lv0 + t * W + u * WU + sub
+            acc = np.int64(0)
+            for k in range(WPL):
+                if sub + G * k < WU:
+                    acc += word_cost(LVA[np.uint64(row + G * k)], lo[k], hi[k])
+            acc = grp_sum(acc, G)
+            if j < n_c:
+                best = min(best, (acc << 32) | (t << 12) | j)
+        return grp_min(best, 32)
+
+    @cuda.jit(device=True)
+    def ph_greedy(LVA, lv0, sh64, sh32, shf, meta, tid):
+        """Per pack: seed (CTA-wide mean and scores), then pack-1 picks, each by NWU warps per unit.
+
+        REM holds each unit's remaining tokens (ascending) at the pack's start; warp r of a unit takes
+        the slice [a, b) = [r * n / NWU, (r + 1) * n / NWU) of it as its candidates (CAND, its private
+        copy, the picked ones removed by the warp itself), keeps the pack's lo/hi of its lanes' words
+        in registers, and per pick posts its best key to SLOT; after one CTA barrier every warp of the
+        unit reads its unit's NWU keys and grows lo/hi by the same pick. At the pack's end each warp
+        writes its slice's remaining tokens back to REM (still ascending). Units beyond NW / NWU wait
+        for a later round of the same pack."""
         T = meta[iT]
         P = meta[iP]
+        WU = meta[iWU]
+        W = meta[iW]
         n_units = meta[iNU]
-        CAPU = meta[iCAP_CH] // n_units
+        NWU = meta[iNWU]
+        UPR = meta[iUPR]
         UT = n_units * T
         rm0 = meta[oRM] >> 2
+        cd0 = meta[oCD] >> 2
+        sl0 = meta[oSL] >> 3
         or0 = meta[oOR] >> 2
-        cn0 = meta[oCN] >> 3
+        lane = tid & 31
+        warp = tid >> 5
+        ul = warp // NWU
+        r = warp - ul * NWU
+        sub = lane % G
+        lo = cuda.local.array(WPL, nb_int64)
+        hi = cuda.local.array(WPL, nb_int64)
         for i in range(tid, UT, NT):
             sh32[rm0 + i] = np.int32(i % T)
-        per, rank, c_first, c_rounds = cost_classes(meta, tid)
-        u_tid = tid // meta[iWU]
         cuda.syncthreads()
         par = 0
         n_rem = T
         for start in range(0, T - P, P):
-            for pos in range(start, start + P):
-                rb = rm0 + par * UT
-                rn = rm0 + (1 - par) * UT
-                cnt = cn0 + par * n_units     # this step's pick lists into these; the next step reads them
-                prev = cn0 + (1 - par) * n_units
-                full = True
-                if pos == start:
-                    ph_mean(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid)
-                    cuda.syncthreads()
-                    ph_scores(LVA, lv0, sh64, sh32, shf, meta, rb, n_rem, tid)
-                else:
-                    full = pos == start + 1 or (meta[iMODE] & 16) != 0
-                    for u in range(n_units):
-                        if sh64[prev + u] > CAPU:
-                            full = True
-                    if full:
-                        ph_costs(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid, per, rank, c_first, c_rounds)
+            ph_mean(LVA, lv0, sh64, sh32, meta, rm0, n_rem, tid)
+            cuda.syncthreads()
+            ph_scores(LVA, lv0, sh64, sh32, shf, meta, rm0, n_rem, tid)
+            cuda.syncthreads()
+            for rnd in range((n_units + UPR - 1) // UPR):
+                u = rnd * UPR + ul
+                active = ul < UPR and u < n_units
+                if not active:
+                    u = np.int64(0)
+                a = r * n_rem // NWU
+                n_c = (r + 1) * n_rem // NWU - a
+                rb = rm0 + u * T
+                cb = cd0 + u * T + a
+                t_first = np.int64(0)
+                removed_before = np.int64(0)     # picks of this pack in the slices before this one
+                if active:
+                    ip = warp_seed(sh32, shf, meta, u, n_rem, lane)
+                    t = np.int64(sh32[rb + ip])
+                    if a < ip + 1 and ip < a + n_c:          # the seed is ours: copy the slice without it
+                        for j in range(lane, n_c - 1, 32):
+                            sh32[cb + j] = sh32[rb + a + j + (1 if a + j >= ip else 0)]
+                        n_c -= 1
                     else:
-                        ph_delta(LVL, lv0, sh64, sh32, meta, rb, n_rem, prev, tid)
-                for u in range(tid, n_units, NT):
-                    sh64[cnt + u] = 0
-                cuda.syncthreads()
-                ph_pick(LVA, lv0, sh64, sh32, shf, meta, rb, rn, n_rem, pos, pos == start, full,
-                        start < pos < start + P - 1, cnt, tid, u_tid)
-                cuda.syncthreads()
-                par = 1 - par
-                n_rem -= 1
-        rb = rm0 + par * UT
+                        for j in range(lane, n_c, 32):
+                            sh32[cb + j] = sh32[rb + a + j]
+                        if ip < a:
+                            removed_before += 1
+                    if n_c > 0:
+                        t_first = np.int64(sh32[rb + a])
+                    row = lv0 + t * W + u * WU + sub
+                    for k in range(WPL):
+                        q = np.int64(0)
+                        if sub + G * k < WU:
+                            q = LVA[np.uint64(row + G * k)]
+                        lo[k] = q
+                        hi[k] = q
+                    if r == 0 and lane == 0:
+                        sh32[or0 + u * T + start] = np.int32(t)
+                    syncwarp()
+                for pos in range(start + 1, start + P):
+                    mine = KEY_BIG
+                    if active:
+                        mine = warp_best(LVA, lv0, sh32, meta, cb, n_c, lo, hi, u, lane)
+                        if lane == 0:
+                            sh64[sl0 + par * NW + warp] = mine
+                    cuda.syncthreads()
+                    if active:
+                        key = KEY_BIG
+                        if lane < NWU:
+                            key = sh64[sl0 + par * NW + ul * NWU + lane]
+                        key = grp_min(key, 32)
+                        t = (key & LOW32) >> 12
+                        if key == mine:                  # ours: remove candidate j from the slice
+                            j0 = key & 0xFFF
+                            for jb in range(j0, n_c - 1, 32):
+                                j = jb + lane
+                                v = np.int32(0)
+                                if j < n_c - 1:
+                                    v = sh32[cb + j + 1]
+                                syncwarp()
+                                if j < n_c - 1:
+                                    sh32[cb + j] = v
+                            n_c -= 1
+                            syncwarp()
+                        elif t < t_first:
+                            removed_before += 1
+                        row = lv0 + t * W + u * WU + sub
+                        for k in range(WPL):
+                            if sub + G * k < WU:
+                                q = LVA[np.uint64(row + G * k)]
+                                lo[k] = swar_min(q, lo[k])
+                                hi[k] = swar_max(q, hi[k])
+                        if r == 0 and lane == 0:
+                            sh32[or0 + u * T + pos] = np.int32(t)
+                    par = 1 - par
+                if active:   # the slice's remaining tokens back to REM (nobody reads REM until the barrier)
+                    for j in range(lane, n_c, 32):
+                        sh32[rb + a - removed_before + j] = sh32[cb + j]
+            cuda.syncthreads()
+            n_rem -= P
         for i in range(tid, n_units * P, NT):   # the last pack: the remaining tokens, ascending
             u = i // P
             j = i - u * P
-            sh32[or0 + u * T + T - P + j] = sh32[rb + u * T + j]
+            sh32[or0 + u * T + T - P + j] = sh32[rm0 + u * T + j]
 
     # ------------------------------------------------------------------------------------------
     # 3. pack statistics, section sizes, pack payload offsets
@@ -1484,7 +1294,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
     # ------------------------------------------------------------------------------------------
     # the kernel: a persistent loop over tiles (blocks, in order)
     # ------------------------------------------------------------------------------------------
-    def encode_kernel(K64, V64, arena32, meta, work, offsets, g64, g32, glv, bounds):
+    def encode_kernel(K64, V64, arena32, meta, work, offsets, g64, g32, bounds):
         sh64 = cuda.shared.array(0, nb_int64)
         sh32 = cuda.shared.array(0, nb_int32)
         shf = cuda.shared.array(0, nb_float64)
@@ -1494,12 +1304,10 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
         if LV_SH:
             LVA = sh64
             LV32 = sh32
-            LVL = cuda.shared.array(0, nb_lane)     # the level matrix as single levels (8 or 16 bits)
             lv0 = meta[oLV] >> 3
         else:
             LVA = g64
             LV32 = g32
-            LVL = glv
             lv0 = slot + (meta[oLV] >> 3)
         if PK_SH:
             PK = sh32
@@ -1512,8 +1320,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
         mi0 = meta[oMI] >> 3
         repack = meta[iREPACK]
         greedy = repack == 2 and meta[iT] > meta[iP]
-        mode = meta[iMODE]     # 0; for timing phases only: 1 no write, 2 no look-back, 4 no stats, 8 no repack,
-        #                        16 greedy with full cost evaluations only (same bytes, the pre-incremental work)
+        mode = meta[iMODE]     # 0; for timing phases only: 1 no write, 2 no look-back, 4 no stats, 8 no repack
         while True:
             if tid == 0:
                 sh64[mi0 + 0] = cuda.atomic.add(work, W_TILE, 1)
@@ -1527,7 +1334,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
             bad = sh64[mi0 + 1]
             if bad == 0 and (mode & 8) == 0:
                 if greedy:
-                    ph_greedy(LVA, LVL, lv0, sh64, sh32, shf, meta, tid)
+                    ph_greedy(LVA, lv0, sh64, sh32, shf, meta, tid)
                 else:
                     ph_order_simple(sh64, sh32, meta, tid)
                 cuda.syncthreads()
@@ -1549,12 +1356,14 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int = 8):
     return cuda.jit(encode_kernel, max_registers=min(255, 65536 // NT))
 
 
-def get_kernel(E: int, NT: int, lv_shared: bool, pack_shared: bool, chunks_per_lane: int = 8):
+def get_kernel(E: int, NT: int, lv_shared: bool, pack_shared: bool, chunks_per_lane: int = 8, group: int = 32,
+               words_per_lane: int = 1):
     """The kernel for lane width E, NT threads, the level matrix / pack tables in shared memory or not,
-    and chunks_per_lane 8-byte input words per lane held in registers while quantizing a token."""
-    key = (E, NT, lv_shared, pack_shared, chunks_per_lane)
+    chunks_per_lane 8-byte input words per lane held in registers while quantizing a token, and the
+    greedy's lane groups (group lanes per candidate, words_per_lane words of a unit's row per lane)."""
+    key = (E, NT, lv_shared, pack_shared, chunks_per_lane, group, words_per_lane)
     if key not in _KERNELS:
-        _KERNELS[key] = _build_kernel(E, NT, lv_shared, pack_shared, chunks_per_lane)
+        _KERNELS[key] = _build_kernel(E, NT, lv_shared, pack_shared, chunks_per_lane, group, words_per_lane)
     return _KERNELS[key]
 
 
@@ -1654,32 +1463,29 @@ class _Plan:
         NW = threads // 32
         GSQ = min(32, _pow2ceil(CU // 4))
         GS = min(32, _pow2ceil(max(1, WU // 4)))
-        S = -(-WU // (GS * 4))           # segments of at most 4 words per lane
-        SEGW = -(-WU // S)
+        # greedy picks: NWU warps per unit (UPR units at a time), lane groups of G lanes per candidate,
+        # WPL words of the unit's row per lane (the pack's lo/hi of those words in registers)
+        NWU = max(1, NW // n_units)
+        UPR = NW // NWU
+        self.G = min(32, _pow2ceil(WU))
+        self.WPL = -(-WU // self.G)
         UT = n_units * T
         al = lambda n: -(-n // 16) * 16
-
-        def layout(cap):   # regions (name -> bytes) and placement: 0 all shared, 1 LV global, 2 LV and PACK*
-            regions = {
-                "lv": T * W * 8, "pinfo": NP * 4, "poff": NP * 4,
-                "lo": W * 8, "hi": W * 8, "mw": W * 8, "nrm": UT * 8, "key": UT * 8, "score": UT * 8,
-                "stepk": UT * 4, "stepv": UT * 4, "offk": UT * 4, "offv": UT * 4, "order": UT * 4,
-                "rem": 2 * UT * 4, "costp": S * UT * 4, "pickw": NW * n_units * 4, "cost": UT * 4,
-                "chc": cap * 8, "chb": cap * 8, "chn": 2 * n_units * 8,
-                "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
-                "scan": (NW + 1) * 8,
-            }
-            small = sum(al(n) for name, n in regions.items() if name not in ("lv", "pinfo", "poff"))
-            lv, pk = al(regions["lv"]), al(regions["pinfo"]) + al(regions["poff"])
-            if not force_global and small + lv + pk <= smem_limit:
-                return regions, 0
-            return regions, 1 if small + pk <= smem_limit else 2 if small <= smem_limit else 3
-
-        # CAP: the most changed channels an incremental pick takes (more: a full evaluation). 4W lets
-        # the second pick of a pack (~1/3 of the channels changed) go incremental; a smaller list where
-        # the larger one would push the level matrix out of shared memory.
-        CAP, regions, where = min(((cap,) + layout(cap) for cap in (4 * W, 2 * W, W, max(n_units, W // 2))),
-                                  key=lambda x: (x[2], -x[0]))
+        regions = {
+            "lv": T * W * 8, "pinfo": NP * 4, "poff": NP * 4,
+            "mw": W * 8, "nrm": UT * 8, "key": UT * 8, "score": UT * 8,
+            "stepk": UT * 4, "stepv": UT * 4, "offk": UT * 4, "offv": UT * 4, "order": UT * 4,
+            "rem": UT * 4, "cand": UT * 4, "slot": 2 * NW * 8,
+            "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
+            "scan": (NW + 1) * 8,
+        }
+        # placement: 0 all shared, 1 LV global, 2 LV and PACK* global, 3 does not fit
+        small = sum(al(n) for name, n in regions.items() if name not in ("lv", "pinfo", "poff"))
+        lv, pk = al(regions["lv"]), al(regions["pinfo"]) + al(regions["poff"])
+        if not force_global and small + lv + pk <= smem_limit:
+            where = 0
+        else:
+            where = 1 if small + pk <= smem_limit else 2 if small <= smem_limit else 3
         if where == 3:
             raise ValueError(f"the GPU encoder cannot hold a block of {T} tokens x {H} KV heads x head_dim "
                              f"{D} ({params.granularity}) in {smem_limit} bytes of shared memory")
@@ -1694,7 +1500,7 @@ class _Plan:
         self.shared_bytes, self.scratch_bytes = shared_at, global_at
         self.values = dict(n_blocks=0, H=H, T=T, D=D, P=P, R=R, layer=int(layer),
                            repack=codec.REPACK_METHODS.index(params.repack), n_units=n_units, CU=CU, WK=WK,
-                           WU=WU, W=W, n_sec=n_units + 2 * H, NP=NP, GSQ=GSQ, GS=GS, S=S, SEGW=SEGW, CAP=CAP,
+                           WU=WU, W=W, n_sec=n_units + 2 * H, NP=NP, GSQ=GSQ, GS=GS, NWU=NWU, UPR=UPR,
                            used0=0, cap=0, scr64=global_at // 8,
                            dq_shift=_log2_or(D // 4), d_shift=_log2_or(D), mode=0,
                            **{f"o_{name}": off for name, off in offsets.items()})
@@ -1776,7 +1582,7 @@ class BlockEncoder:
         if E not in self._plans:
             self._plans[E] = _Plan(self.params, self.H, self.D, self.NT, E, self.smem_limit, self.force_global)
         self.plan = p = self._plans[E]
-        self.kernel = get_kernel(p.E, self.NT, p.lv_shared, p.pack_shared, self.qch)
+        self.kernel = get_kernel(p.E, self.NT, p.lv_shared, p.pack_shared, self.qch, p.G, p.WPL)
         per_sm = max(1, min(2048 // self.NT, self.info["smem_sm"] // (p.shared_bytes + 1024)))
         self.max_ctas = self.ctas_asked or self.info["sms"] * per_sm
 
@@ -1875,8 +1681,7 @@ class BlockEncoder:
         nbytes = max(16, grid * self.plan.scratch_bytes)
         if self._scratch is None or self._scratch.shape[0] < nbytes // 8:
             self._scratch = cuda.device_array(nbytes // 8, dtype=np.int64, stream=stream)
-        lanes = np.uint8 if self.plan.E == 8 else np.uint16
-        return self._scratch, self._scratch.view(np.int32), self._scratch.view(lanes)
+        return self._scratch, self._scratch.view(np.int32)
 
     def _allow_shared(self, config, nbytes: int) -> None:
         """Opt the kernel in to more than 48 KiB of dynamic shared memory (once per launch config)."""

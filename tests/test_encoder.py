@@ -181,12 +181,12 @@ def _lane_cases():
 
 
 def _greedy_cases():
-    """Greedy with two to four packs of 8 or 16 per block: most picks update the kept costs by the
-    changed channels only, some (many channels changed) evaluate fully; repeated tokens, constant
-    tokens and small integers tie costs everywhere (the lowest position must win, as in codec).
-    Blocks stay at 16-32 tokens and one block per case: the simulator runs every CUDA thread as a
-    Python thread and the greedy synchronizes the block a few times per pick (a 64-token block of
-    wide levels costs minutes)."""
+    """Greedy with two to eight packs of 8 or 16 per block; repeated tokens, constant tokens and small
+    integers tie costs everywhere (the lowest token must win, as in codec). The work splits covered:
+    one to four warps per unit (candidate slices), units in rounds (more units than warps), idle
+    warps, lane groups of 2 to 32 lanes per candidate, one or two row words per lane (a partial
+    last word), slices longer than a warp (removal in several chunks). Blocks stay at 16-64 tokens
+    and one block per case: the simulator runs every CUDA thread as a Python thread."""
     cases = []
     shapes = [("token-layer", 8, 32, 1, 8, 32, 0, ("gaussian", "gaussian"), 1),
               ("token-layer", 16, 32, 2, 8, 32, 0, ("gaussian", "gaussian"), 1),
@@ -199,9 +199,15 @@ def _greedy_cases():
                           threads=threads))
     cases.append(dict(id="e16", params=_params(rel_k=2.0 ** -12, rel_v=0.05, pack=8, block=16), H=1, D=8,
                       kinds=[("gaussian", "huge_outlier")], seed=30, threads=32))
-    # long change lists: two 128-channel chunks per unit, more chunks (4) than warps (2)
+    # rows of 34 words: two words per lane, the second one for 2 lanes only
     cases.append(dict(id="chunks", params=_params(granularity="token-head", pack=8, block=16), H=2,
                       D=136, kinds=[("gaussian", "far_from_zero")], seed=33, threads=64))
+    # 4 warps for one unit; 8 warps for 3 units (2 per unit, 2 idle); one warp, 63-token slices
+    for name, granularity, H, D, block, threads in (("warps4", "token-layer", 2, 8, 32, 128),
+                                                   ("idle", "token-head", 3, 8, 24, 256),
+                                                   ("long", "token-head", 1, 4, 64, 32)):
+        cases.append(dict(id=name, params=_params(granularity=granularity, pack=8, block=block), H=H, D=D,
+                          kinds=[("gaussian", "outlier_channels")], seed=34, threads=threads))
     cases.append(dict(id="small_ints", params=_params(rel_k=0.3, rel_v=1.0, pack=8, block=16), H=2, D=12,
                       kinds=[("subnormals", "fp16_extremes")], seed=31, threads=32))
     return cases
@@ -281,9 +287,9 @@ def test_simulated_lane_widths_placements_and_odd_shapes(simulated, request):
 
 
 def test_simulated_greedy_picks_and_ties(simulated, request):
-    """The greedy order (incremental and full cost evaluations, ties) equals codec's, byte for byte."""
+    """The greedy order (every work split, ties) equals codec's, byte for byte."""
     results = simulated(request.node.name)
-    assert len(results) == 8
+    assert len(results) == 11
     for r in results.values():
         assert r.get("identical"), r
 
