@@ -41,22 +41,30 @@ block order) takes one block (one record) at a time:
    min(32, row words) lanes take one candidate each, a lane holds the pack's lo/hi of its WPL words
    (sub, sub + G, ...) in registers and costs each on SWAR words (per-lane max/min by the borrow trick,
    widths by smearing bits, one popc per 8 channels), the group sums, and the warp keeps the least
-   (cost << 32 | token << 12 | slice index) key; lane 0 posts it to SLOT (double-buffered by pick
-   parity), one __syncthreads, then every warp of the unit takes the min of its unit's NWU keys, grows
-   its lo/hi by the picked row (read from LV: no second barrier) and the owner drops the pick from its
-   slice. At the pack's end each warp writes its slice's remaining tokens back to REM at the slice
+   (cost << 32 | token << 12 | slice index) key. With G = 32 (rows of 32 words or more) the warp
+   picks lazily: STALE keeps each candidate's cost at its last evaluation in the pack, a lower bound
+   of its cost now (lo/hi only grow), and the warp evaluates the candidate of the least stale key,
+   then only those whose stale key is below its best key so far (exact: the others cannot win). In a
+   NumPy model of the 8B shape's synthetic KV (6 blocks) that evaluates 72% of the (pick, candidate)
+   pairs at 16 warps per unit (token-layer), 40% at 2 (token-head). Lane 0 posts the warp's key to
+   SLOT (double-buffered by pick parity), one __syncthreads, then every warp of the unit takes the min
+   of its unit's NWU keys, grows its lo/hi by the picked row (read from LV: no second barrier) and
+   the owner drops the pick from its slice. At the pack's end each warp writes its slice's remaining tokens back to REM at the slice
    start minus the picks of the earlier slices (tokens below its first one): REM stays ascending.
    Barriers per pack: 2 for the seed, pack - 1 for the picks, 1 at the end (the old design: ~2 per
    pick plus shared atomics for change lists).
    Estimate (not yet measured on a GPU) for the 8B shape's token-layer blocks (one unit, rows of 256
    words, 16 warps, G = 32, WPL = 8): a candidate costs a warp ~8 x ~48 SASS (64-bit SWAR in 32-bit
-   halves: max/min ~14 each, smear 12, popc) + 8 loads + a 5-shuffle sum: ~400; a pick evaluates
-   n_rem candidates (37.5 on average over the 45 picks of a 64-token block, ~2-4 per warp) and then
-   every warp spends ~300 on the key min and its lo/hi update: ~20K warp instructions per pick, ~5K
-   issue cycles on an SM's 4 schedulers, against ~20K cycles per pick measured for the old design
-   (276 ms / (496 blocks per SM x 48 steps)): repack ~70 ms if issue-bound (~4x, short of the ~45 ms
-   target; the word cost arithmetic is now most of it). Token-head (8 units of 32 words): 2 warps per
-   unit, one word per lane; SmolLM2 token-head (rows of 16 words): 2 candidates per warp at a time;
+   halves: max/min ~14 each, smear 12, popc) + 8 loads + a 5-shuffle sum: ~400; a pick has n_rem
+   candidates (37.5 on average over the 45 picks of a 64-token block, ~2-4 per warp), ~72% of them
+   evaluated, and then every warp spends ~300 on the key min and its lo/hi update and ~50 on finding
+   its least stale key: ~16K warp instructions per pick (~20K without the lazy skip), ~4-5K issue
+   cycles on an SM's 4 schedulers, against ~20K cycles per pick measured for the old design (276 ms /
+   (496 blocks per SM x 48 steps)): repack ~55-70 ms if issue-bound (~4-5x; short of the ~45 ms
+   target: the word cost arithmetic and the 16 replicated lo/hi updates are now most of it).
+   Token-head at the 8B shape (8 units of 32 words): 2 warps per unit, one word per lane, and the
+   level matrix now fits in shared memory (223 KiB with the change lists gone; it was in global
+   scratch); SmolLM2 token-head (rows of 16 words): 2 candidates per warp at a time, no lazy skip;
 3. pack statistics (min and width per pack of P tokens x 1 channel), section sizes, record size;
 4. decoupled look-back over the tiles' record sizes gives the record's arena offset (a single-pass
    prefix sum: no second launch, no host round trip);
@@ -69,8 +77,8 @@ channels each pick changed): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 G
 the greedy (42.3 GB/s; 4.96% of the prefill's matmul-bound time), 0.12 s with none or sort (142.6 and
 140.6 GB/s). The breakdown: quantize 37 ms, repack 276 ms, pack statistics 13, look-back 10, write 69;
 full cost evaluations only (no change lists) took the greedy to 447 ms, which pointed at the per-pick
-barriers and phases rather than the cost arithmetic (an inference, not profiled). The warp-synchronous picks (step 2) replace that design;
-they are not yet measured.
+barriers and phases rather than the cost arithmetic (an inference, not profiled). The warp-synchronous
+picks (step 2) replace that design; they are not yet measured.
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set before numba.cuda is imported) the same
 kernel runs on the CPU; warp shuffles, which the simulator lacks, go through a per-warp barrier there.
@@ -81,9 +89,10 @@ Attempts that lost (measured or estimated, then removed):
   barriers, an argmin in every warp and shared atomics per pick): 276 ms of repack at the 8B shape.
 - incremental costs with lanes over candidates, or at SWAR-word granularity (~46% of the words change
   per pick on the 8B shape's KV): no gain over the change lists.
-- lazy greedy (stale costs as lower bounds, evaluate candidates in bound order until the best exact
-  cost beats every bound): ~31% of the evaluations in a NumPy model, but needs a sorted candidate
-  order per pick and serial rounds (with the CTA-wide design).
+- lazy greedy over the whole candidate set (stale costs as lower bounds, evaluate candidates in bound
+  order until the best exact cost beats every bound): ~31% of the evaluations in a NumPy model, but
+  needs a sorted candidate order per pick and serial rounds in the CTA-wide design; the warp
+  picks use the per-warp form (least stale key first, then skip by the bound).
 - skipping changed channels whose width function over q in [0, Lmax] is unchanged: 2% of them.
 """
 from __future__ import annotations
@@ -109,7 +118,7 @@ _META_FIELDS = (
     "NP", "GSQ", "GS", "NWU", "UPR", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode",
     # region offsets in bytes: in shared memory, or in the CTA's global scratch for LV / PACK*
     "o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk", "o_stepv", "o_offk",
-    "o_offv", "o_order", "o_rem", "o_cand", "o_slot", "o_seci", "o_toki", "o_misc", "o_scan",
+    "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_slot", "o_seci", "o_toki", "o_misc", "o_scan",
 )
 M = {name: i for i, name in enumerate(_META_FIELDS)}
 SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, payload prefix, -
@@ -395,10 +404,10 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     iGSQ, iGS, iNWU, iUPR, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "NWU", "UPR", "used0", "cap",
                                                               "scr64"))
     iDQSH, iDSH, iMODE = M["dq_shift"], M["d_shift"], M["mode"]
-    oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oSL, oSE, oTK, oMI, oSN = (
+    oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oST, oSL, oSE, oTK, oMI, oSN = (
         M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
-                       "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_cand", "o_slot", "o_seci",
-                       "o_toki", "o_misc", "o_scan"))
+                       "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_slot",
+                       "o_seci", "o_toki", "o_misc", "o_scan"))
 
     # ------------------------------------------------------------------------------------------
     # 1. quantize: LV rows (token-major, unit-major words), per-token steps/offsets, sums, norms
@@ -750,12 +759,48 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         return bi
 
     @cuda.jit(device=True)
-    def warp_best(LVA, lv0, sh32, meta, cb, n_c, lo, hi, u, lane):
-        """The least (cost << 32 | t << 12 | j) over this warp's n_c candidates t = CAND[cb + j]:
-        lane groups of G lanes take a candidate each (NG at a time), a lane sums the costs of its
-        words sub, sub + G, ... (the pack's lo/hi of those words in its registers), the group sums."""
+    def cand_cost(LVA, row, WU, lo, hi, sub):
+        """This lane's share of a candidate's cost: its words sub, sub + G, ... of the row at `row`."""
+        acc = np.int64(0)
+        for k in range(WPL):
+            if sub + G * k < WU:
+                acc += word_cost(LVA[np.uint64(row + G * k)], lo[k], hi[k])
+        return grp_sum(acc, G)
+
+    @cuda.jit(device=True)
+    def warp_best(LVA, lv0, sh32, meta, cb, sb, n_c, lo, hi, u, lane):
+        """The least (cost << 32 | t << 12 | j) over this warp's n_c candidates t = CAND[cb + j].
+
+        G = 32 (rows of 32 words or more): one candidate at a time, lazily. STALE[sb + j] is the
+        candidate's cost at its last evaluation in this pack, a lower bound of its cost now (the
+        pack's lo/hi only grow); the warp evaluates the candidate of the least stale key first, then
+        only those whose stale key is below the best key so far (the others cannot win), and
+        stores the costs it evaluated. Smaller rows: lane groups of G lanes take a candidate each
+        (NG at a time), every candidate evaluated."""
         WU = meta[iWU]
         W = meta[iW]
+        base = lv0 + u * WU
+        if NG == 1:
+            first = KEY_BIG
+            for j in range(lane, n_c, 32):
+                first = min(first, (np.int64(sh32[sb + j]) << 32) | (np.int64(sh32[cb + j]) << 12) | j)
+            first = grp_min(first, 32)
+            best = KEY_BIG
+            if first < KEY_BIG:
+                j1 = first & 0xFFF
+                t = (first & LOW32) >> 12
+                cost = cand_cost(LVA, base + t * W + lane, WU, lo, hi, lane)
+                best = (cost << 32) | (t << 12) | j1
+                if lane == 0:
+                    sh32[sb + j1] = np.int32(cost)
+                for j in range(n_c):
+                    t = np.int64(sh32[cb + j])
+                    if j != j1 and ((np.int64(sh32[sb + j]) << 32) | (t << 12) | j) < best:
+                        cost = cand_cost(LVA, base + t * W + lane, WU, lo, hi, lane)
+                        best = min(best, (cost << 32) | (t << 12) | j)
+                        if lane == 0:
+                            sh32[sb + j] = np.int32(cost)
+            return best
         g = lane // G
         sub = lane - g * G
         best = KEY_BIG
@@ -764,14 +809,9 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             t = np.int64(0)
             if j < n_c:
                 t = np.int64(sh32[cb + j])
-            row = lv0 + t * W + u * WU + sub
-            acc = np.int64(0)
-            for k in range(WPL):
-                if sub + G * k < WU:
-                    acc += word_cost(LVA[np.uint64(row + G * k)], lo[k], hi[k])
-            acc = grp_sum(acc, G)
+            cost = cand_cost(LVA, base + t * W + sub, WU, lo, hi, sub)
             if j < n_c:
-                best = min(best, (acc << 32) | (t << 12) | j)
+                best = min(best, (cost << 32) | (t << 12) | j)
         return grp_min(best, 32)
 
     @cuda.jit(device=True)
@@ -795,6 +835,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         UT = n_units * T
         rm0 = meta[oRM] >> 2
         cd0 = meta[oCD] >> 2
+        st0 = meta[oST] >> 2
         sl0 = meta[oSL] >> 3
         or0 = meta[oOR] >> 2
         lane = tid & 31
@@ -823,6 +864,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 n_c = (r + 1) * n_rem // NWU - a
                 rb = rm0 + u * T
                 cb = cd0 + u * T + a
+                sb = st0 + u * T + a
                 t_first = np.int64(0)
                 removed_before = np.int64(0)     # picks of this pack in the slices before this one
                 if active:
@@ -835,6 +877,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     else:
                         for j in range(lane, n_c, 32):
                             sh32[cb + j] = sh32[rb + a + j]
+                    for j in range(lane, n_c, 32):
+                        sh32[sb + j] = 0
                         if ip < a:
                             removed_before += 1
                     if n_c > 0:
@@ -852,7 +896,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 for pos in range(start + 1, start + P):
                     mine = KEY_BIG
                     if active:
-                        mine = warp_best(LVA, lv0, sh32, meta, cb, n_c, lo, hi, u, lane)
+                        mine = warp_best(LVA, lv0, sh32, meta, cb, sb, n_c, lo, hi, u, lane)
                         if lane == 0:
                             sh64[sl0 + par * NW + warp] = mine
                     cuda.syncthreads()
@@ -867,11 +911,14 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             for jb in range(j0, n_c - 1, 32):
                                 j = jb + lane
                                 v = np.int32(0)
+                                c = np.int32(0)
                                 if j < n_c - 1:
                                     v = sh32[cb + j + 1]
+                                    c = sh32[sb + j + 1]
                                 syncwarp()
                                 if j < n_c - 1:
                                     sh32[cb + j] = v
+                                    sh32[sb + j] = c
                             n_c -= 1
                             syncwarp()
                         elif t < t_first:
@@ -1475,7 +1522,7 @@ class _Plan:
             "lv": T * W * 8, "pinfo": NP * 4, "poff": NP * 4,
             "mw": W * 8, "nrm": UT * 8, "key": UT * 8, "score": UT * 8,
             "stepk": UT * 4, "stepv": UT * 4, "offk": UT * 4, "offv": UT * 4, "order": UT * 4,
-            "rem": UT * 4, "cand": UT * 4, "slot": 2 * NW * 8,
+            "rem": UT * 4, "cand": UT * 4, "stale": UT * 4, "slot": 2 * NW * 8,
             "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
             "scan": (NW + 1) * 8,
         }

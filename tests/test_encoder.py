@@ -185,7 +185,8 @@ def _greedy_cases():
     integers tie costs everywhere (the lowest token must win, as in codec). The work splits covered:
     one to four warps per unit (candidate slices), units in rounds (more units than warps), idle
     warps, lane groups of 2 to 32 lanes per candidate, one or two row words per lane (a partial
-    last word), slices longer than a warp (removal in several chunks). Blocks stay at 16-64 tokens
+    last word), slices longer than a warp (removal in several chunks), lazy picks (rows of 32 words
+    or more). Blocks stay at 16-64 tokens
     and one block per case: the simulator runs every CUDA thread as a Python thread."""
     cases = []
     shapes = [("token-layer", 8, 32, 1, 8, 32, 0, ("gaussian", "gaussian"), 1),
@@ -208,6 +209,14 @@ def _greedy_cases():
                                                    ("long", "token-head", 1, 4, 64, 32)):
         cases.append(dict(id=name, params=_params(granularity=granularity, pack=8, block=block), H=H, D=D,
                           kinds=[("gaussian", "outlier_channels")], seed=34, threads=threads))
+    # rows of 32 words or more: lazy picks (stale costs as lower bounds), with ties, 16-bit lanes, one
+    # warp with 63-token slices, two warps per unit
+    for name, granularity, H, D, block, threads, repeat, rel_k in (
+            ("lazy", "token-layer", 2, 64, 32, 64, 0, 0.1), ("lazy_ties", "token-layer", 2, 64, 32, 64, 3, 0.1),
+            ("lazy_e16", "token-layer", 1, 64, 32, 32, 0, 2.0 ** -12), ("lazy_long", "token-head", 1, 128, 64, 32, 0, 0.1),
+            ("lazy_small", "token-layer", 2, 64, 32, 64, 0, 0.5), ("lazy_small1", "token-head", 1, 128, 64, 32, 0, 1.0)):
+        cases.append(dict(id=name, params=_params(granularity=granularity, pack=8, block=block, rel_k=rel_k), H=H,
+                          D=D, kinds=[("gaussian", "far_from_zero")], seed=35, threads=threads, repeat=repeat))
     cases.append(dict(id="small_ints", params=_params(rel_k=0.3, rel_v=1.0, pack=8, block=16), H=2, D=12,
                       kinds=[("subnormals", "fp16_extremes")], seed=31, threads=32))
     return cases
@@ -289,7 +298,7 @@ def test_simulated_lane_widths_placements_and_odd_shapes(simulated, request):
 def test_simulated_greedy_picks_and_ties(simulated, request):
     """The greedy order (every work split, ties) equals codec's, byte for byte."""
     results = simulated(request.node.name)
-    assert len(results) == 11
+    assert len(results) == 17
     for r in results.values():
         assert r.get("identical"), r
 
