@@ -53,15 +53,9 @@ block order) takes one block (one record) at a time:
    start minus the picks of the earlier slices (tokens below its first one): REM stays ascending.
    Barriers per pack: 2 for the seed, pack - 1 for the picks, 1 at the end (the old design: ~2 per
    pick plus shared atomics for change lists).
-   Estimate (not yet measured on a GPU) for the 8B shape's token-layer blocks (one unit, rows of 256
-   words, 16 warps, G = 32, WPL = 8): a candidate costs a warp ~8 x ~48 SASS (64-bit SWAR in 32-bit
-   halves: max/min ~14 each, smear 12, popc) + 8 loads + a 5-shuffle sum: ~400; a pick has n_rem
-   candidates (37.5 on average over the 45 picks of a 64-token block, ~2-4 per warp), ~72% of them
-   evaluated, and then every warp spends ~300 on the key min and its lo/hi update and ~50 on finding
-   its least stale key: ~16K warp instructions per pick (~20K without the lazy skip), ~4-5K issue
-   cycles on an SM's 4 schedulers, against ~20K cycles per pick measured for the old design (276 ms /
-   (496 blocks per SM x 48 steps)): repack ~55-70 ms if issue-bound (~4-5x; short of the ~45 ms
-   target: the word cost arithmetic and the 16 replicated lo/hi updates are now most of it).
+   Measured (H100, below): repack 165 ms at the 8B shape's 128K prefill, from 276 ms with the
+   CTA-wide design (1.7x; the estimate had been ~55-70 ms if issue-bound): the word cost arithmetic
+   and the 16 replicated lo/hi updates per pick remain the bulk (not yet profiled).
    Token-head at the 8B shape (8 units of 32 words): 2 warps per unit, one word per lane, and the
    level matrix now fits in shared memory (223 KiB with the change lists gone; it was in global
    scratch); SmolLM2 token-head (rows of 16 words): 2 candidates per warp at a time, no lazy skip;
@@ -71,14 +65,13 @@ block order) takes one block (one record) at a time:
 5. write: every 32-bit word of the record is assembled by one thread (headers, steps, bit streams,
    payload words found by binary search over the packs' byte offsets) and stored coalesced.
 
-Speed (bench/results/encoder.json, H100, `python3 bench/encoder.py --reps 3 --breakdown`, git 5ba9b04, the
-previous greedy design: CTA-wide phases per pick, costs kept per token and updated by change lists of the
-channels each pick changed): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V) in 0.41 s with
-the greedy (42.3 GB/s; 4.96% of the prefill's matmul-bound time), 0.12 s with none or sort (142.6 and
-140.6 GB/s). The breakdown: quantize 37 ms, repack 276 ms, pack statistics 13, look-back 10, write 69;
-full cost evaluations only (no change lists) took the greedy to 447 ms, which pointed at the per-pick
-barriers and phases rather than the cost arithmetic (an inference, not profiled). The warp-synchronous
-picks (step 2) replace that design; they are not yet measured.
+Speed (bench/results/encoder.json, H100, `python3 bench/encoder.py --reps 2 --breakdown`, git bd6c614 =
+this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V) in 0.297 s with the greedy
+(57.9 GB/s; 3.54% of the prefill's matmul-bound time), 0.126 s with none or sort (136.4 and 135.7 GB/s);
+token-head greedy 44.2 GB/s; 8K prefill 53.1 GB/s. The breakdown: quantize 43.5 ms, repack 164.8,
+pack statistics 16.8, look-back 6.4, write 66.7. The previous greedy (CTA-wide phases per pick, costs
+kept per token and updated by change lists; git 5ba9b04) took 0.41 s (42.3 GB/s), repack 276 ms.
+Without repacking the other phases alone cost 126 ms: 100 GB/s needs repack under ~45 ms.
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set before numba.cuda is imported) the same
 kernel runs on the CPU; warp shuffles, which the simulator lacks, go through a per-warp barrier there.
