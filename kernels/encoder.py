@@ -16,10 +16,13 @@ width of the level matrix (and with it the plan's shared memory) follows the tig
 `max_record_bytes(params, H, D, bounds)` likewise. Returns offsets, an int64 device array (CuPy when
 CuPy is there) [n_blocks + 1] of absolute arena offsets (offsets[0] == used, record b at
 arena[offsets[b]:offsets[b+1]], offsets[-1] == new_used), and new_used (a Python int). The call
-synchronizes once (it reads back 32 bytes: the end offset and error flags). NaN/inf input raises the
-codec's ValueError naming the array, block, head and token; records that do not fit raise
-ArenaFullError(needed=...). Either way nothing is committed: `used` is still valid (bytes past it may
-have been written). `max_record_bytes(params, H, D)` bounds one record, to size an arena beforehand.
+synchronizes once (it reads back the end offset, error flags and offsets). NaN/inf input raises
+NonFiniteInputError (a ValueError) naming the array, block, head and token; records that do not fit
+raise ArenaFullError(needed=...). Either way nothing is committed: `used` is still valid (bytes past it
+may have been written). `job = start_blocks_device(...)` is the same launch without the wait: the
+readback lands in pinned host memory behind it on the stream, `job.finished()` polls and
+`job.result()` waits, returning (new_used, host offsets) or raising (the cache compresses a decode
+step's blocks this way while the next steps run). `max_record_bytes(params, H, D)` bounds one record, to size an arena beforehand.
 `BlockEncoder(params, H, D)` is the same with the compiled kernel and scratch kept (encode_blocks_device
 caches one per configuration). The first call of a configuration compiles the kernel (~20-40 s).
 
@@ -1422,6 +1425,61 @@ class ArenaFullError(ValueError):
         self.needed, self.capacity = needed, capacity
 
 
+class NonFiniteInputError(ValueError):
+    """K or V holds NaN, inf or a value beyond fp16's range: `array` ("k" or "v"), `block`, `head` and
+    `token` name the first such element (the lowest in the kernel's order)."""
+
+    def __init__(self, array: str, block: int, head: int, token: int):
+        super().__init__(f"{array} has a non-finite or out-of-fp16-range value (NaN, inf or |x| > 65504) at "
+                         f"block {block}, head {head}, token {token}")
+        self.array, self.block, self.head, self.token = array, block, head, token
+
+
+class EncodeJob:
+    """One encoder launch in flight (BlockEncoder.start). `offsets` (device int64 [n + 1]) is valid once
+    it has finished; `finished()` asks without waiting, `result()` waits and returns (new_used, offsets
+    on the host as int64 [n + 1]) or raises what the launch found (NonFiniteInputError, ArenaFullError,
+    RuntimeError for an encoder bug)."""
+
+    def __init__(self, offsets, host: np.ndarray, capacity: int, params: codec.CodecParams, n_kv_heads: int,
+                 stream=None, keep=()):
+        self.offsets, self.host, self.capacity = _like_cupy(offsets), host, capacity
+        self.keep = keep          # the launch's inputs and uploads: not freed while it may still run
+        self.block, self.H = params.block, n_kv_heads
+        self.event = None
+        if stream is not None and not SIMULATOR:
+            self.event = cuda.event(timing=False)
+            self.event.record(stream)
+
+    @classmethod
+    def finished_with(cls, offsets, used: int, params: codec.CodecParams, n_kv_heads: int) -> "EncodeJob":
+        """The job of an empty batch: nothing launched, `used` is the end."""
+        return cls(offsets, np.array([used, NO_NAN, 0, 0, used], dtype=np.int64), 0, params, n_kv_heads)
+
+    def finished(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        """Wait for the readback and keep a copy of it (the pinned buffer is the encoder's next job's)."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event, self.host, self.keep = None, self.host.copy(), ()
+
+    def result(self) -> tuple[int, np.ndarray]:
+        self.wait()
+        end, nan_code, over, internal = (int(x) for x in self.host[:4])
+        if nan_code != NO_NAN:
+            n = self.host.shape[0] - 5
+            kv, code = divmod(nan_code, n * self.H * self.block)
+            b, rest = divmod(code, self.H * self.block)
+            raise NonFiniteInputError("kv"[kv], b, rest // self.block, rest % self.block)
+        if internal:
+            raise RuntimeError("packkv GPU encoder: a quantized level exceeded its lane (an encoder bug)")
+        if over:
+            raise ArenaFullError(end, self.capacity)
+        return end, self.host[4:]
+
+
 def level_bound(rel: float) -> int:
     """An upper bound on any quantized level for relative bound rel (FORMAT.md section 1): the range
     (hi - lo) / step <= 1/rel up to fp32 rounding, plus one for rounding both ends; at least 3 (the
@@ -1614,7 +1672,7 @@ class BlockEncoder:
         self.smem_limit, self.force_global = self.info["smem_block"], force_global
         self.qch, self.ctas_asked = chunks_per_lane, max_ctas
         self._plans: dict = {}
-        self._scratch = None
+        self._scratch = self._pinned = self._job = None
         self._use_lanes(lane_bits(params))
 
     def _use_lanes(self, E: int) -> None:
@@ -1638,9 +1696,18 @@ class BlockEncoder:
         Returns (offsets, new_used): offsets is an int64 device array [n_blocks + 1], record b at
         arena[offsets[b]:offsets[b+1]] (offsets[0] == used, offsets[-1] == new_used), the same bytes
         as codec.encode_blocks. Synchronizes once (reads back the end offset and error flags).
-        Raises ValueError naming block, head and token for NaN/inf input, ArenaFullError when the
-        records do not fit; in both cases nothing is committed (bytes past `used` may have changed).
+        Raises NonFiniteInputError (a ValueError) naming block, head and token for NaN/inf input,
+        ArenaFullError when the records do not fit; in both cases nothing is committed (bytes past
+        `used` may have changed).
         """
+        job = self.start(k, v, arena, used, rel_k, rel_v, _phase_mode)
+        return job.offsets, job.result()[0]
+
+    def start(self, k, v, arena, used: int, rel_k=None, rel_v=None, _phase_mode: int = 0) -> "EncodeJob":
+        """encode without waiting: the launch, then the end offset, error flags and offsets copied into
+        pinned host memory behind it on the current stream. The returned job's result() waits for them
+        (and raises encode's errors). The encoder keeps one job in flight: a new start waits for the
+        previous one (they share the pinned buffer and the scratch)."""
         params = self.params
         dk, dv = _as_device(k, "k"), _as_device(v, "v")
         for name, x in (("k", dk), ("v", dv)):
@@ -1659,11 +1726,13 @@ class BlockEncoder:
             raise ValueError(f"used must be a multiple of 16 within the arena ({da.shape[0]} bytes), got {used}")
         n = int(dk.shape[0])
         bounds = block_bounds(params, n, rel_k, rel_v)
+        if self._job is not None:
+            self._job.wait()
         stream = _stream()
         offsets = cuda.device_array(n + 1, dtype=np.int64, stream=stream)
         if n == 0:
             offsets.copy_to_device(np.array([used], dtype=np.int64), stream=stream)
-            return _like_cupy(offsets), used
+            return EncodeJob.finished_with(offsets, used, params, self.H)
         if not (dk.is_c_contiguous() and dv.is_c_contiguous()):
             raise ValueError("k and v must be C-contiguous")
         self._use_lanes(lane_bits(params, bounds))
@@ -1696,21 +1765,14 @@ class BlockEncoder:
             meta = cuda.to_device(p.meta(n, used, cap, _phase_mode), stream=stream)
             scratch = self._scratch_views(grid, stream)
             self._launch(grid, stream, (k64, v64, arena32, meta, work, offsets, *scratch, block_rel))
-        flags = work[:4].copy_to_host(stream=stream)
-        if not SIMULATOR:
-            stream.synchronize()
-        end, nan_code, over, internal = (int(x) for x in flags)
-        if nan_code != NO_NAN:
-            H, T = self.H, params.block
-            kv, code = divmod(nan_code, n * H * T)
-            b, rest = divmod(code, H * T)
-            raise ValueError(f"{'kv'[kv]} has a non-finite or out-of-fp16-range value (NaN, inf or |x| > 65504) "
-                             f"at block {b}, head {rest // T}, token {rest % T}")
-        if internal:
-            raise RuntimeError("packkv GPU encoder: a quantized level exceeded its lane (an encoder bug)")
-        if over:
-            raise ArenaFullError(end, cap)
-        return _like_cupy(offsets), end
+        if SIMULATOR:
+            host = np.concatenate([work[:4].copy_to_host(), offsets.copy_to_host()])
+        else:
+            host = self._pinned_results(n + 5)
+            work[:4].copy_to_host(ary=host[:4], stream=stream)
+            offsets.copy_to_host(ary=host[4:], stream=stream)
+        self._job = EncodeJob(offsets, host, cap, params, self.H, stream, keep=(dk, dv, da, uploaded, meta))
+        return self._job
 
     def _launch(self, grid, stream, args):
         config = self.kernel[grid, self.NT, stream, self.plan.shared_bytes]
@@ -1722,6 +1784,13 @@ class BlockEncoder:
         if self._scratch is None or self._scratch.shape[0] < nbytes // 8:
             self._scratch = cuda.device_array(nbytes // 8, dtype=np.int64, stream=stream)
         return self._scratch, self._scratch.view(np.int32)
+
+    def _pinned_results(self, count: int) -> np.ndarray:
+        """Page-locked int64 [count] for the readback (a copy into pageable memory would block the host)."""
+        if self._pinned is None or self._pinned.shape[0] < count:
+            self._pinned = cuda.pinned_array(max(count, 2 * (0 if self._pinned is None else self._pinned.shape[0])),
+                                             dtype=np.int64)
+        return self._pinned[:count]
 
     def _allow_shared(self, config, nbytes: int) -> None:
         """Opt the kernel in to more than 48 KiB of dynamic shared memory (once per launch config)."""
@@ -1747,8 +1816,18 @@ def encode_blocks_device(k, v, params: codec.CodecParams, arena, used: int, rel_
     device) from byte `used`, each block with params' bounds or its own (rel_k, rel_v: host sequences
     of n_blocks bounds): returns (offsets int64 device [n_blocks + 1], new_used). See
     BlockEncoder.encode; encoders (compiled kernels) are cached per (params, shape, options)."""
+    return _encoder(k, params, options).encode(k, v, arena, used, rel_k, rel_v)
+
+
+def start_blocks_device(k, v, params: codec.CodecParams, arena, used: int, rel_k=None, rel_v=None,
+                        **options) -> EncodeJob:
+    """encode_blocks_device without waiting for the result: an EncodeJob (BlockEncoder.start)."""
+    return _encoder(k, params, options).start(k, v, arena, used, rel_k, rel_v)
+
+
+def _encoder(k, params: codec.CodecParams, options: dict) -> BlockEncoder:
     H, D = int(k.shape[-3]), int(k.shape[-1])
     key = (params, H, D, tuple(sorted(options.items())))
     if key not in _ENCODERS:
         _ENCODERS[key] = BlockEncoder(params, H, D, **options)
-    return _ENCODERS[key].encode(k, v, arena, used, rel_k, rel_v)
+    return _ENCODERS[key]

@@ -281,6 +281,28 @@ class ByteArena:
         return int(self.data.size)
 
 
+@dataclass
+class Compression:
+    """A compress event between its start and its commit: due[b] blocks of sequence b (the oldest of its
+    window), owners[i] = (layer, sequence, block index) of record i, the records being written, and the
+    decode steps committed since it started."""
+    due: np.ndarray
+    owners: list
+    records: object       # BufferedRecords or EncoderRecords: .offsets() at the commit
+    steps: int = 0
+
+
+class BufferedRecords:
+    """Records encoded into a buffer of their own (offsets relative to it), copied into the arena when
+    the compression commits."""
+
+    def __init__(self, arena: "ByteArena", buffer, offsets: np.ndarray):
+        self.arena, self.buffer, self.relative = arena, buffer, offsets
+
+    def offsets(self) -> np.ndarray:
+        return self.arena.append(self.buffer) + self.relative
+
+
 class BlockCache(KVCache, ABC):
     """What the compressing kinds share: the most recent tokens in an fp16 window, older ones as
     immutable blocks of `block` tokens, encoded into variable-sized records in a ByteArena with a table
@@ -288,7 +310,12 @@ class BlockCache(KVCache, ABC):
 
     A sequence's window holds between `window` and `window + block - 1` tokens once it is long enough;
     `advance` encodes each full block that falls out of it, for every layer and sequence in one encoder
-    call. Blocks are immutable: no re-compression, ever. A kind may store a block's tokens in an order
+    call. A decode step (one new token) only starts that encoding: the blocks stay in the window, and
+    attention reads them there as fp16, until the advance DEFER_STEPS steps later commits the records
+    (an encoder on the GPU runs meanwhile, beside the next steps, instead of stalling them). The commit
+    step is fixed by token counts alone, so the CPU and GPU, eager and captured steps attend alike; a
+    step of more tokens (prefill) commits what is pending and compresses its own blocks at once.
+    Blocks are immutable: no re-compression, ever. A kind may store a block's tokens in an order
     of its own (K and V permuted alike), which attention, a sum over tokens, does not care about; they
     are all older than every window token, so causality only concerns the window.
 
@@ -299,6 +326,8 @@ class BlockCache(KVCache, ABC):
     per_sequence = {**KVCache.per_sequence, "window_k": 1, "window_v": 1, "window_len": 0, "window_starts": 0,
                     "n_blocks": 0, "device_n_blocks": 0, "block_offsets": 1, "decoded_k": 1, "decoded_v": 1}
 
+    DEFER_STEPS = 8   # decode steps between starting a compress event and committing it
+
     def __init__(self, shape: CacheShape, backend: Backend, block: int, window: int = 128,
                  max_new_tokens: int = 512, keep_decoded: bool = True):
         super().__init__(shape, backend)
@@ -306,7 +335,8 @@ class BlockCache(KVCache, ABC):
             raise PackkvError(f"--kv-window must be >= 0, not {window}")
         xp, s = backend.xp, shape
         self.block, self.window, self.max_new_tokens = block, window, max_new_tokens
-        self.window_capacity = window + block + max_new_tokens
+        self.window_capacity = window + block + max_new_tokens + self.DEFER_STEPS
+        self.in_flight: Compression | None = None     # a decode step's blocks being encoded
         # an even count keeps every layer's [B, max_blocks] int64 table 16-byte aligned, as kernels want
         self.max_blocks = -(-s.max_context // block) + (-(-s.max_context // block)) % 2
         dims = (s.layers, s.batch, s.kv_heads, self.window_capacity, s.head_dim)
@@ -401,22 +431,50 @@ class BlockCache(KVCache, ABC):
     # ---- once per step --------------------------------------------------------------------------
 
     def advance(self, new_tokens: int, counted_on_device: bool = False) -> None:
+        # Either step may refuse (NaN, inf in a block): then nothing moves and the step is not committed.
         window_len = self.window_len + new_tokens
-        due = self.blocks_due(new_tokens)
-        if due.any():
-            start = time.perf_counter()
-            self.compress(due, window_len)   # may refuse (NaN, inf): then the step is not committed
+        start = time.perf_counter()
+        moved = self.commits_after(new_tokens)
+        if moved:
+            window_len = self.commit(self.in_flight, window_len)
+        elif self.in_flight is not None:
+            self.in_flight.steps += 1
+        due = np.maximum(window_len - self.window, 0) // self.block
+        if self.in_flight is None and due.any():
+            compression = self.start_compress(due)
+            if new_tokens == 1:
+                self.in_flight = compression
+            else:
+                window_len, moved = self.commit(compression, window_len), True
+        if moved or self.in_flight is not None:
             self.compress_seconds += time.perf_counter() - start
-            self.compress_events += 1
-        self.window_len[...] = window_len - due * self.block
-        super().advance(new_tokens, counted_on_device and not due.any())   # compressing moved the windows
+        self.window_len[...] = window_len
+        super().advance(new_tokens, counted_on_device and not moved)   # committing moved the windows
 
     def blocks_due(self, new_tokens: int) -> np.ndarray:
-        """Per sequence, the full blocks that committing `new_tokens` more tokens pushes past the window."""
+        """Per sequence, the full blocks that committing `new_tokens` more tokens pushes past the window
+        (those being encoded included)."""
         return np.maximum(self.window_len + new_tokens - self.window, 0) // self.block
 
+    def commits_after(self, new_tokens: int) -> bool:
+        """Whether advance(new_tokens) commits the compression in flight: DEFER_STEPS decode steps after
+        it started, or at once when a longer step comes or more blocks fall due."""
+        pending = self.in_flight
+        return pending is not None and (pending.steps + 1 >= self.DEFER_STEPS or new_tokens > 1
+                                        or bool((self.blocks_due(new_tokens) > pending.due).any()))
+
     def compresses_after(self, new_tokens: int) -> bool:
-        return bool(self.blocks_due(new_tokens).any())
+        return self.commits_after(new_tokens) or (new_tokens > 1 and bool(self.blocks_due(new_tokens).any()))
+
+    def settle(self) -> None:
+        """Commit the compression in flight now (waiting for its encoder)."""
+        if self.in_flight is not None:
+            self.window_len[...] = self.commit(self.in_flight, self.window_len)
+            self.upload_counters()
+
+    def row(self, b: int) -> "KVCache":
+        self.settle()   # a row's own advances must not commit the batch's blocks
+        return super().row(b)
 
     def upload_counters(self) -> None:
         super().upload_counters()
@@ -426,9 +484,9 @@ class BlockCache(KVCache, ABC):
     def device_counters(self) -> list:
         return [self.starts, self.window_starts]
 
-    def compress(self, due: np.ndarray, window_len: np.ndarray) -> None:
-        """Encode the oldest due[b] blocks of every sequence's window, all layers in one encoder call,
-        append the records and slide the windows. Nothing changes if the blocks cannot be encoded."""
+    def start_compress(self, due: np.ndarray) -> "Compression":
+        """Start encoding the oldest due[b] blocks of every sequence's window, all layers in one encoder
+        call (start_records). Nothing the cache's readers see changes until `commit`."""
         s, block, xp = self.shape, self.block, self.backend.xp
         k_blocks, v_blocks, owners = [], [], []   # owners[i] = (layer, sequence, block index) of block i
         for b in np.flatnonzero(due):
@@ -438,8 +496,15 @@ class BlockCache(KVCache, ABC):
                 out.append(y.transpose(0, 2, 1, 3, 4).reshape(-1, s.kv_heads, block, s.head_dim))
             owners += [(layer, b, self.n_blocks[b] + j) for layer in range(s.layers) for j in range(due[b])]
         k_all, v_all = xp.concatenate(k_blocks), xp.concatenate(v_blocks)
-        self.refuse_nonfinite(k_all, v_all, owners)
-        offsets = self.write_records(k_all, v_all, owners)
+        return Compression(due, owners, self.start_records(k_all, v_all, owners))
+
+    def commit(self, compression: "Compression", window_len: np.ndarray) -> np.ndarray:
+        """Make a started compression's records the blocks' storage: the table of offsets, the block
+        counts, the windows slid past them. Returns the windows' new lengths. Nothing changes if the
+        records cannot be written (NaN, inf): the compression is dropped and the error raised."""
+        self.in_flight = None
+        offsets = compression.records.offsets()
+        due, owners, block, xp = compression.due, compression.owners, self.block, self.backend.xp
         layer_index, row_index, block_index = (np.array(column) for column in zip(*owners))
         self.block_offsets[layer_index, row_index, block_index] = xp.asarray(offsets[:-1])
         if self.keep_decoded:
@@ -450,6 +515,8 @@ class BlockCache(KVCache, ABC):
             for x in (self.window_k, self.window_v):
                 x[:, b, :, :keep] = x[:, b, :, tokens:tokens + keep].copy()
             self.n_blocks[b] += due[b]
+        self.compress_events += 1
+        return window_len - due * block
 
     def encoding_groups(self, owners) -> list:
         """[(indices into owners, encoder parameters)]: blocks encoded together. Here one group, the kind's
@@ -476,17 +543,21 @@ class BlockCache(KVCache, ABC):
         for name, x in (("K", k_blocks), ("V", v_blocks)):
             bad = ~xp.isfinite(x).all(axis=-1)                       # [blocks, kv_heads, block]
             if bool(bad.any()):
-                i, head, t = (int(a) for a in xp.argwhere(bad)[0])
-                layer, b, j = owners[i]
-                raise PackkvError(f"cannot compress the KV cache: {name} of layer {layer}, sequence {b}, KV head "
-                                  f"{head}, token position {j * self.block + t} is not finite (NaN or inf)")
+                raise self.nonfinite_error(name, *(int(a) for a in xp.argwhere(bad)[0]), owners)
 
-    def write_records(self, k_blocks, v_blocks, owners) -> np.ndarray:
-        """Encode blocks [n, kv_heads, block, D] (block i of owners[i]) into the arena, records back to back
-        in block order; their offsets [n + 1] (host int64). Here: `encode_grouped` where the blocks are,
-        then one copy into the arena; a kind may write into the arena directly."""
-        buffer, offsets = self.encode_grouped(k_blocks, v_blocks, owners)
-        return self.arena.append(buffer) + offsets
+    def nonfinite_error(self, name: str, i: int, head: int, t: int, owners) -> PackkvError:
+        """The error for a non-finite value at token t of KV head `head` of block i (owners[i])."""
+        layer, b, j = owners[i]
+        return PackkvError(f"cannot compress the KV cache: {name} of layer {layer}, sequence {b}, KV head "
+                           f"{head}, token position {j * self.block + t} is not finite (NaN or inf)")
+
+    def start_records(self, k_blocks, v_blocks, owners):
+        """Begin encoding the records of blocks [n, kv_heads, block, D] (block i of owners[i]). The result's
+        `.offsets()` (at the commit) takes them into the arena from its used end on, back to back in block
+        order, and returns their arena offsets [n + 1] (host int64), waiting for them if need be. Here:
+        `encode_grouped` now, the copy into the arena at the commit."""
+        self.refuse_nonfinite(k_blocks, v_blocks, owners)
+        return BufferedRecords(self.arena, *self.encode_grouped(k_blocks, v_blocks, owners))
 
     def store_decoded(self, offsets, owners) -> None:
         records = self.backend.to_numpy(self.arena.data[offsets[0]:offsets[-1]])
@@ -599,23 +670,13 @@ class PackkvCache(BlockCache):
         return [(np.flatnonzero(group_of == g).tolist(), replace(self.params, rel_k=float(rk), rel_v=float(rv)))
                 for g, (rk, rv) in enumerate(pairs)]
 
-    def write_records(self, k_blocks, v_blocks, owners) -> np.ndarray:
+    def start_records(self, k_blocks, v_blocks, owners):
         """On the GPU the Numba encoder (kernels/encoder.py, bit-identical to codec.py) writes the records
-        straight into the arena in one launch, each block with its own bounds (block_bounds); the arena
-        doubles and the launch repeats if they do not fit."""
+        straight into the arena in one launch, each block with its own bounds (block_bounds), and finds
+        NaN and inf itself; its result is read when the compression commits (EncoderRecords)."""
         if not self.backend.is_gpu:
-            return super().write_records(k_blocks, v_blocks, owners)
-        from packkv.kernels.encoder import ArenaFullError, encode_blocks_device
-        rel_k, rel_v = self.block_bounds(owners)
-        while True:
-            try:
-                offsets, used = encode_blocks_device(k_blocks, v_blocks, self.params, self.arena.writable,
-                                                     self.arena.used, rel_k=rel_k, rel_v=rel_v)
-                break
-            except ArenaFullError as full:
-                self.arena.ensure(full.needed)
-        self.arena.used = used
-        return offsets.get()
+            return super().start_records(k_blocks, v_blocks, owners)
+        return EncoderRecords(self, k_blocks, v_blocks, owners)
 
     def encode(self, k_blocks, v_blocks, params=None):
         buffer, offsets, _ = codec.encode_blocks(k_blocks, v_blocks, params or self.params)
@@ -632,6 +693,38 @@ class PackkvCache(BlockCache):
     def bytes_used(self) -> int:
         """The blocks, the window, and the channel scales (once per cache)."""
         return super().bytes_used() + (0 if self.scales is None else self.scales.nbytes)
+
+
+class EncoderRecords:
+    """A packkv cache's records being written by the GPU encoder from the arena's used end on. offsets()
+    waits for them, then takes their bytes into the arena; when they did not fit, the arena grows and
+    the launch repeats; NaN or inf in a block raises the cache's error naming its layer and position."""
+
+    def __init__(self, cache: PackkvCache, k_blocks, v_blocks, owners):
+        self.cache, self.k_blocks, self.v_blocks, self.owners = cache, k_blocks, v_blocks, owners
+        self.rel_k, self.rel_v = cache.block_bounds(owners)
+        self.job = self.launch()
+
+    def launch(self):
+        from packkv.kernels.encoder import start_blocks_device
+        arena = self.cache.arena
+        return start_blocks_device(self.k_blocks, self.v_blocks, self.cache.params, arena.writable, arena.used,
+                                   rel_k=self.rel_k, rel_v=self.rel_v)
+
+    def offsets(self) -> np.ndarray:
+        from packkv.kernels.encoder import ArenaFullError, NonFiniteInputError
+        while True:
+            try:
+                used, offsets = self.job.result()
+                break
+            except ArenaFullError as full:
+                self.cache.arena.ensure(full.needed)
+                self.job = self.launch()
+            except NonFiniteInputError as bad:
+                raise self.cache.nonfinite_error(bad.array.upper(), bad.block, bad.head, bad.token,
+                                                 self.owners) from None
+        self.cache.arena.used = used
+        return offsets
 
 
 class LayerScales:

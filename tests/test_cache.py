@@ -42,17 +42,27 @@ def packkv(batch=1, window=8, max_context=400, params=PARAMS):
 
 
 def test_window_slides_block_by_block():
-    cache = packkv(window=8)
-    steps = [40] + [1] * 60
+    """A prefill step compresses its full blocks at once; a decode step whose token completes a block
+    starts its compression, and the advance DEFER_STEPS steps later commits it (the window holds the
+    block's tokens until then)."""
+    cache, defer, block = packkv(window=8), PackkvCache.DEFER_STEPS, PARAMS.block
+    steps = [40] + [1] * 100
+    commits = []
     for T, k, v, q in random_steps(np.random.default_rng(0), steps):
         for layer in range(LAYERS):
             cache.append(layer, k[layer], v[layer])
             cache.attend(layer, q[layer])
+        n_before = int(cache.n_blocks[0])
         cache.advance(T)
         n, w = int(cache.n_blocks[0]), int(cache.window_len[0])
-        assert n * PARAMS.block + w == cache.lengths[0]
-        assert w < 8 + PARAMS.block and (w >= 8 or n == 0)
-    assert int(cache.n_blocks[0]) == (100 - 8) // PARAMS.block
+        assert n * block + w == cache.lengths[0]
+        assert w < 8 + block + defer and (w >= 8 or n == 0)
+        if n > n_before:
+            commits.append((int(cache.lengths[0]), n - n_before))
+    # the prefill of 40 commits one block; then a block falls due whenever the window reaches 8 + 32
+    # tokens (lengths 72, 104), and commits 8 steps later
+    assert commits == [(40, 1), (72 + defer, 1), (104 + defer, 1)]
+    assert cache.in_flight is not None and cache.in_flight.steps == 140 - 136   # due at 136, started there
 
 
 def test_attention_equals_reference_over_decoded_blocks_and_window():
@@ -191,29 +201,33 @@ def test_too_many_tokens_in_one_step_is_refused():
 
 def test_pipelined_commits_leave_the_counters_to_the_device_until_a_block_compresses():
     """A pipelined decode advances the device counters itself (one per step, in stream order): a commit
-    counted on the device uploads nothing, except when it compresses blocks (the windows moved: all
-    device state is set from the host), and the pipeline may only run ahead when no compress is due and
-    two more tokens fit."""
-    cache = packkv(window=8, max_context=60)
+    counted on the device uploads nothing, except when it commits compressed blocks (the windows moved:
+    all device state is set from the host), and the pipeline may only run ahead when no such commit is
+    next and two more tokens fit. The step that completes a block only starts its compression."""
+    cache, defer = packkv(window=8, max_context=60), PackkvCache.DEFER_STEPS
     rng = np.random.default_rng(5)
     for T, k, v, q in random_steps(rng, [30]):
         run(cache, [(T, k, v, q)])
     assert int(cache.n_blocks[0]) == 0 and int(cache.window_len[0]) == 30
     for counter in cache.device_counters():
         counter[...] = 1000                         # what the device would hold: must not be uploaded over
-    for T, k, v, q in random_steps(rng, [1] * 9):
+
+    def decode_step():
+        (T, k, v, q), = random_steps(rng, [1])
+        for layer in range(LAYERS):
+            cache.append(layer, k[layer], v[layer])
+        cache.advance(T, counted_on_device=True)
+
+    for step in range(10 + defer - 1):             # tokens 31..48: the 40th completes a block
         assert not cache.compresses_after(1) and cache.may_run_ahead()
-        for layer in range(LAYERS):
-            cache.append(layer, k[layer], v[layer])
-        cache.advance(T, counted_on_device=True)
-    assert int(cache.window_len[0]) == 39 and cache.starts[0] == 1000 and cache.window_starts[0] == 1000
-    assert cache.compresses_after(1) and not cache.may_run_ahead()   # the 40th token completes a block
-    for T, k, v, q in random_steps(rng, [1]):
-        for layer in range(LAYERS):
-            cache.append(layer, k[layer], v[layer])
-        cache.advance(T, counted_on_device=True)
-    assert int(cache.n_blocks[0]) == 1
-    assert (cache.starts[0], cache.window_starts[0], cache.device_n_blocks[0]) == (40, 40 - PARAMS.block, 1)
+        decode_step()
+        assert (cache.in_flight is not None) == (step >= 9) and int(cache.n_blocks[0]) == 0
+    assert int(cache.window_len[0]) == 39 + defer and cache.starts[0] == 1000 and cache.window_starts[0] == 1000
+    assert cache.compresses_after(1) and not cache.may_run_ahead()   # the next commit slides the window
+    decode_step()
+    assert int(cache.n_blocks[0]) == 1 and cache.in_flight is None
+    length = 40 + defer
+    assert (cache.starts[0], cache.window_starts[0], cache.device_n_blocks[0]) == (length, length - PARAMS.block, 1)
     cache.lengths[0] = 58
     assert cache.may_run_ahead()                    # tokens 59 and 60 fit a context of 60
     cache.lengths[0] = 59

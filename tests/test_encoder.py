@@ -121,13 +121,13 @@ def _simulate_cache(case, encoder):
     sys.path.insert(0, str(HERE))
     import test_cache_bounds as bounded
     cache = bounded.bounded_cache(bounded.CPU, CodecParams(**case["params"]))
-    events, write_grouped = [], cache.write_records
+    events, start_grouped = [], cache.start_records
 
     def spy(k, v, owners):
         events.append((k, v, owners))
-        return write_grouped(k, v, owners)
+        return start_grouped(k, v, owners)
 
-    cache.write_records = spy
+    cache.start_records = spy
     bounded.feed(cache, bounded.random_steps(case["seed"], case["steps"]))
     arena, used, lanes = cuda.to_device(np.zeros(cache.arena.used + 64, np.uint8)), 0, []
     for k, v, owners in events:
@@ -325,7 +325,7 @@ def test_simulated_refusals(simulated, request):
     """NaN/inf: a ValueError naming the first bad (array, block, head, token), as the codec names it,
     and nothing committed; a too-small arena: ArenaFullError with the size it needs."""
     r = simulated(request.node.name)
-    assert r["nan_v"]["error_type"] == "ValueError"
+    assert r["nan_v"]["error_type"] == "NonFiniteInputError"   # a ValueError (caught as one above)
     assert r["nan_v"]["error"] == r["nan_v"]["ref_error"], r["nan_v"]
     assert "v has a non-finite" in r["nan_v"]["error"] and "block 1, head 1, token 9" in r["nan_v"]["error"]
     assert r["inf_k"]["error"] == r["inf_k"]["ref_error"] and "k has a non-finite" in r["inf_k"]["error"]

@@ -176,3 +176,33 @@ def test_gpu_out_of_memory_is_a_clear_error(gpu):
     shape = CacheShape(layers=80, kv_heads=64, head_dim=256, batch=64, max_context=131072)
     with pytest.raises(PackkvError, match=r"out of GPU memory: the dense KV cache .* needs \d+\.\d MiB"):
         DenseCache(shape, gpu)
+
+
+def test_nan_in_a_decode_steps_block_is_refused_at_its_commit_and_the_cache_keeps_what_it_had(gpu):
+    """On the GPU a decode step's compression runs beside the next steps and the encoder finds NaN itself:
+    the advance that commits the block (DEFER_STEPS later) refuses, naming layer, sequence, head and
+    position, and leaves the committed state as it was; the step before it had committed normally."""
+    from packkv import codec
+    from packkv.cache import PackkvCache
+    xp, rng = gpu.xp, np.random.default_rng(0)
+    shape = CacheShape(layers=2, kv_heads=2, head_dim=64, batch=1, max_context=256)
+    cache = PackkvCache(shape, gpu, codec.CodecParams(block=32), window=8)
+
+    def step(T, bad_token=None):
+        k, v = (rng.standard_normal((1, 2, T, 64)).astype(np.float16) for _ in range(2))
+        if bad_token is not None:
+            k[0, 1, bad_token, 3] = np.nan
+        for layer in range(2):
+            cache.append(layer, xp.asarray(k), xp.asarray(v))
+        cache.advance(T)
+
+    step(20)
+    step(1, bad_token=0)                    # position 20: in the block that falls due at length 40
+    for _ in range(19 + PackkvCache.DEFER_STEPS - 1):
+        step(1)
+    assert cache.in_flight is not None and int(cache.n_blocks[0]) == 0
+    before = (cache.arena.used, int(cache.n_blocks[0]), int(cache.window_len[0]), int(cache.lengths[0]))
+    with pytest.raises(PackkvError, match=r"K of layer 0, sequence 0, KV head 1, token position 20 is not finite"):
+        step(1)
+    assert (cache.arena.used, int(cache.n_blocks[0]), int(cache.window_len[0]), int(cache.lengths[0])) == before
+    assert cache.in_flight is None
