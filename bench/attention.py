@@ -170,14 +170,17 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
     wk = cupy.asarray(rng.standard_normal((1, Hkv, 64, D)).astype(np.float16))
     wv = cupy.asarray(rng.standard_normal((1, Hkv, 64, D)).astype(np.float16))
     wl = cupy.asarray(np.array([1], np.int32))
-    n_splits = ak.default_splits(1, Hkv, G, n, T)
-    ws = cupy.empty(max(ak.attention_workspace_size(1, Hq, D, n_splits), Hq * n_splits * D), np.float32)
+    n_splits = ak.default_splits(1, Hkv, G, n, T)                  # the GEMVs (item mode)
+    tiles = ak.tile_mode(1, Hkv, G, D, n, T)                        # the fused kernel's mode and splits
+    fused_splits = ak.attention_splits(1, Hkv, G, n, T, tiles)
+    ws = cupy.empty(max(ak.attention_workspace_size(1, Hq, D, max(n_splits, fused_splits)), Hq * n_splits * D),
+                    np.float32)
     out = cupy.empty((1, Hq, D), np.float16)
     scores = cupy.empty((1, Hq, n * T), np.float32)
     p = cupy.asarray((rng.random((1, Hq, n * T)) / (n * T)).astype(np.float16))
     vout = cupy.empty((1, Hq, D), np.float32)
     fused = [lambda t=t: ak.compressed_decode_attention(q, arena, t, nb, wk, wv, wl, PARAMS, out=out, workspace=ws,
-                                                        n_splits=n_splits) for t in tables]
+                                                        n_splits=fused_splits, tiles=tiles) for t in tables]
     kg = [lambda t=t: ak.k_gemv(q, arena, t, nb, PARAMS, Hkv, out=scores, n_splits=n_splits) for t in tables]
     vg = [lambda t=t: ak.v_gemv(p, arena, t, nb, PARAMS, Hkv, D, out=vout, workspace=ws, n_splits=n_splits)
           for t in tables]
@@ -188,8 +191,10 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
                                                    ("packkv_k_gemv", kg, fp16_kv, mean_k * n),
                                                    ("packkv_v_gemv", vg, fp16_kv, mean_v * n)):
         us, graphed = graph_time_us(cupy, calls)
+        fused_row = method == "packkv_fused"
         rows.append(dict(method=method, us_per_layer=us, fp16_equiv_gbps=fp16_bytes / us / 1e3,
-                         read_gbps=read_bytes / us / 1e3, layers_swept=NL, cuda_graph=graphed, n_splits=n_splits))
+                         read_gbps=read_bytes / us / 1e3, layers_swept=NL, cuda_graph=graphed,
+                         n_splits=fused_splits if fused_row else n_splits, tiles=bool(tiles) and fused_row))
     del arena, tables
     cupy.get_default_memory_pool().free_all_blocks()
     return rows
@@ -303,7 +308,8 @@ def main():
     for r in records:
         for key in ("us_per_layer", "fp16_equiv_gbps", "read_gbps"):
             r[key] = round(float(r[key]), 2)
-    print_table(records, ["shape", "kv_data", "context", "method", "us_per_layer", "fp16_equiv_gbps", "read_gbps"])
+    print_table(records, ["shape", "kv_data", "context", "method", "tiles", "us_per_layer", "fp16_equiv_gbps",
+                          "read_gbps"])
     summary = targets(records, copy)
     for line in summary:
         print(line)

@@ -30,7 +30,17 @@ WARPS = 4                     # PK_WARPS in packkv_common.cuh
 MERGE_THREADS = 1024          # PK_MERGE_THREADS in packkv_attention.cu
 WARP_EXTRA = 2176 + 1024 + 384 + 64 + 16   # PK_WARP_EXTRA: weights, token table, meta, zero section, mbarriers
 WORK_PER_TILE = {0: 32 * 28, 1: 32 * 12, 2: 32 * 20}   # PK_WORK_PER_TILE(mode): q fragments, offsets, o
+PBUF_BYTES = 2176             # PK_PBUF_BYTES: a warp's fp16 softmax weights
 SMEM_PER_SM = 233472          # H100: 228 KB of shared memory per SM, 1 KB of it reserved per CTA
+CTAS_PER_SM = 2               # PK_MINB: the fused kernel in item mode
+# Tile mode of the fused kernel (pk_attention_tiles): the CTA's warps share each item, by 16-channel tiles
+TILE_CTAS_PER_SM = 3          # PK_MINB_TILES
+TILE_CTA_EXTRA = 1024 + 384 + 64 + 16 + WARPS * 8 * 32 * 16 + 256   # PK_CTA_EXTRA: ttab, meta, zero, mbarriers,
+                                                                     # partial scores, scan totals
+TILE_WORK_PER_TILE = 32 * 32  # PK_TILE_WORK_PER_TILE: q fragments, K/V offsets, o per warp and tile
+TILE_CHANNELS = 16 * WARPS    # tile mode needs head_dim a multiple of this (every warp the same tiles)
+TILE_ITEMS_PER_WARP = 1.0     # tile mode when item mode would give each warp of a full grid at most this many
+                              # items (a guess from the PK_PROF profile, not measured: tune it on a GPU)
 MAX_HEAD_DIM = 256
 
 
@@ -53,7 +63,8 @@ def _module_with(file: str, names: tuple[str, ...], defines: tuple[str, ...]):
 def module_names(file: str, D: int = 0, P: int = 0) -> tuple[str, ...]:
     """The template instances compiled together (one nvrtc run per file and (head_dim, pack))."""
     if file == "packkv_attention.cu":
-        return (f"pk_attention_splits<{D}, {P}>", f"pk_merge_window<{D}>")
+        tiles = (f"pk_attention_tiles<{D}, {P}>",) if D % TILE_CHANNELS == 0 else ()
+        return (f"pk_attention_splits<{D}, {P}>",) + tiles + (f"pk_merge_window<{D}>",)
     if file == "packkv_gemv.cu":
         return (f"pk_k_gemv<{D}, {P}>", f"pk_v_gemv<{D}, {P}>", "pk_v_reduce")
     return ("pk_decompress<8>", "pk_decompress<16>", "pk_decompress<32>")
@@ -214,35 +225,67 @@ def blocks_per_item(T: int) -> int:
     return max(1, 128 // T)
 
 
+def _items(max_blocks: int, T: int) -> int:
+    return -(-max(max_blocks, 1) // blocks_per_item(T))
+
+
 def default_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: int) -> int:
-    """Splits of each sequence's blocks for the packkv kernels (tiles of 8 query heads, items of
-    blocks_per_item(T) blocks). Depends on shapes only (the table's capacity), never on the lengths."""
-    return splits_over(batch * kv_heads * -(-group // 8), -(-max(max_blocks, 1) // blocks_per_item(T)))
+    """Splits of each sequence's blocks for the packkv kernels in item mode (the GEMVs; the fused kernel's
+    long-context mode): tiles of 8 query heads, items of blocks_per_item(T) blocks. Depends on shapes only
+    (the table's capacity), never on the lengths."""
+    return splits_over(batch * kv_heads * -(-group // 8), _items(max_blocks, T))
 
 
-def splits_over(ctas_per_split: int, items: int, ctas_per_sm: int = 2) -> int:
-    """At most ctas_per_sm CTAs per SM in all (the packkv kernels fit two), so that the grid is one wave
-    (rounding up left a second, mostly idle wave: 320 CTAs on 264 slots for 8 sequences x 8 KV heads),
-    and at least four items (one per warp) per split."""
+def splits_over(ctas_per_split: int, items: int, ctas_per_sm: int = CTAS_PER_SM, items_per_split: int = WARPS) -> int:
+    """At most ctas_per_sm CTAs per SM in all (the packkv kernels fit two in item mode), so that the grid is
+    one wave (rounding up left a second, mostly idle wave: 320 CTAs on 264 slots for 8 sequences x 8 KV
+    heads), and at least items_per_split items per split (item mode: one per warp; tile mode: one)."""
     wanted = ctas_per_sm * multiprocessors() // ctas_per_split
-    return max(1, min(wanted, -(-items // WARPS)))
+    return max(1, min(wanted, -(-items // items_per_split)))
 
 
-def default_slot_bytes(T: int, D: int, P: int, mode: int) -> int:
+def tile_mode(batch: int, kv_heads: int, group: int, head_dim: int, max_blocks: int, T: int) -> bool:
+    """Whether compressed_decode_attention decodes in tile mode by default, from shapes only (the table's
+    capacity, never the lengths: a captured graph replays as they grow). Item mode (a warp per item) is
+    latency-bound when the GPU has about one item per warp: SmolLM2 (9/3/64) at 8K tokens gives 48 CTAs
+    whose warps each decode one item from start to end. Tile mode there: the CTA's 4 warps decode each
+    item together (warp w its 16-channel tiles), ~4x the CTAs. Needs head_dim a multiple of 64."""
+    if head_dim % TILE_CHANNELS:
+        return False
+    full_grid_warps = CTAS_PER_SM * WARPS * multiprocessors()
+    return batch * kv_heads * -(-group // 8) * _items(max_blocks, T) <= TILE_ITEMS_PER_WARP * full_grid_warps
+
+
+def attention_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: int, tiles: bool) -> int:
+    """Splits of compressed_decode_attention: default_splits in item mode; in tile mode up to
+    TILE_CTAS_PER_SM CTAs per SM with at least one item per split (a split's items are decoded in turn)."""
+    if not tiles:
+        return default_splits(batch, kv_heads, group, max_blocks, T)
+    return splits_over(batch * kv_heads * -(-group // 8), _items(max_blocks, T), TILE_CTAS_PER_SM, 1)
+
+
+def default_slot_bytes(T: int, D: int, P: int, mode: int, tiles: bool = False) -> int:
     """Bytes of one staging slot: an item's spans at ~2.6 bits per element (real K/V: 1.6-2.3), capped so
-    that two CTAs (fused, 163 registers) or three (GEMVs, <= 160 registers) fit on an SM. Spans that do not
-    fit are read from global memory (correct, slower). mode: 0 fused, 1 K-GEMV, 2 V-GEMV."""
+    that two CTAs (fused, 164 registers), three (GEMVs, <= 160 registers) or three in tile mode (<= 160
+    registers, two slots per CTA instead of per warp) fit on an SM. Spans that do not fit are read from
+    global memory (correct, slower). mode: 0 fused, 1 K-GEMV, 2 V-GEMV; tiles: the fused kernel's tile mode."""
     token = 8 + 4 * T + 2 * T + 32
     section = 4 + (T // P) * D + 4 + math.ceil(T * D * 2.6 / 8) + 16
     block = token + (2 if mode == 0 else 1) * section + 32
-    ctas = 2 if mode == 0 else 3
-    per_warp = (SMEM_PER_SM // ctas - 1024) // WARPS
-    cap = (per_warp - WARP_EXTRA - (D // 16) * WORK_PER_TILE[mode]) // 2 // 16 * 16
+    if tiles:
+        cap = (SMEM_PER_SM // TILE_CTAS_PER_SM - 1024 - _shared_bytes(0, D, 0, True)) // 2 // 16 * 16
+    else:
+        per_warp = (SMEM_PER_SM // (CTAS_PER_SM if mode == 0 else 3) - 1024) // WARPS
+        cap = (per_warp - WARP_EXTRA - (D // 16) * WORK_PER_TILE[mode]) // 2 // 16 * 16
     return int(max(256, min(cap, -(-blocks_per_item(T) * block // 256) * 256)))
 
 
-def _shared_bytes(slot: int, D: int, mode: int) -> int:
-    return max(WARPS * (2 * slot + WARP_EXTRA + (D // 16) * WORK_PER_TILE[mode]), WARPS * 8 * D * 4 + WARPS * 8 * 2 * 4)
+def _shared_bytes(slot: int, D: int, mode: int, tiles: bool = False) -> int:
+    merge = WARPS * 8 * D * 4 + WARPS * 8 * 2 * 4          # the CTA's merge of its warps' states (tiles: one)
+    if tiles:
+        return max(2 * slot + TILE_CTA_EXTRA + WARPS * (PBUF_BYTES + D // TILE_CHANNELS * TILE_WORK_PER_TILE),
+                   merge // WARPS)
+    return max(WARPS * (2 * slot + WARP_EXTRA + (D // 16) * WORK_PER_TILE[mode]), merge)
 
 
 def attention_workspace_size(batch: int, n_heads: int, head_dim: int, n_splits: int) -> int:
@@ -252,11 +295,15 @@ def attention_workspace_size(batch: int, n_heads: int, head_dim: int, n_splits: 
 
 
 def attention_workspace(batch: int, n_heads: int, n_kv_heads: int, head_dim: int, max_blocks: int, params,
-                        n_splits: int | None = None):
+                        n_splits: int | None = None, tiles: bool | None = None):
     """A float32 workspace for compressed_decode_attention with these shapes (allocate it once, outside a
-    CUDA graph capture, and pass it on every call); n_splits as the launcher will use it (default)."""
+    CUDA graph capture, and pass it on every call); n_splits and tiles as the launcher will use them
+    (default: both from the shapes)."""
     import cupy
-    n_splits = int(n_splits or default_splits(batch, n_kv_heads, n_heads // n_kv_heads, max_blocks, params.block))
+    G = n_heads // n_kv_heads
+    if tiles is None:
+        tiles = tile_mode(batch, n_kv_heads, G, head_dim, max_blocks, params.block)
+    n_splits = int(n_splits or attention_splits(batch, n_kv_heads, G, max_blocks, params.block, tiles))
     return cupy.empty(attention_workspace_size(batch, n_heads, head_dim, n_splits), np.float32)
 
 
@@ -266,7 +313,7 @@ def attention_workspace(batch: int, n_heads: int, n_kv_heads: int, head_dim: int
 
 def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v, window_len, params,
                                 out=None, workspace=None, n_splits: int | None = None,
-                                slot_bytes: int | None = None, arena_address=None):
+                                slot_bytes: int | None = None, arena_address=None, tiles: bool | None = None):
     """Decode attention of one new token per sequence over its compressed blocks and its fp16 window.
 
     q fp16 [B, Hq, D]; arena uint8 [bytes]; block_offsets int64 [B, max_blocks]; n_blocks int32 [B];
@@ -277,7 +324,9 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     per-split softmax states (allocated when None). n_splits (default from shapes) and slot_bytes are
     tuning knobs; neither depends on the lengths. arena_address: uint64 [1] on the device holding the
     arena's address, which the kernel reads (a cache keeps one, so that a captured graph survives the
-    arena moving); made from `arena` when None.
+    arena moving); made from `arena` when None. tiles: decode each item with all 4 warps of a CTA by
+    16-channel tiles (pk_attention_tiles; head_dim a multiple of 64) rather than a warp per item
+    (pk_attention_splits); None: tile_mode() of the shapes. Both write the same states.
     """
     fn = "compressed_decode_attention"
     _check_params(fn, params)
@@ -291,13 +340,18 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     _kv_heads(fn, Hq, Hkv)
     G, T, P = Hq // Hkv, params.block, params.pack
     max_blocks = block_offsets.shape[1]
-    n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
-    slot = int(slot_bytes or default_slot_bytes(T, D, P, 0))
+    if tiles is None:
+        tiles = tile_mode(B, Hkv, G, D, max_blocks, T)
+    elif tiles and D % TILE_CHANNELS:
+        _fail(fn, f"tile mode needs a head_dim that is a multiple of {TILE_CHANNELS}, got {D}")
+    n_splits = int(n_splits or attention_splits(B, Hkv, G, max_blocks, T, bool(tiles)))
+    slot = int(slot_bytes or default_slot_bytes(T, D, P, 0, bool(tiles)))
     if slot % 16 or slot < 256:
         _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
     out, workspace, arena_address = _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits, dev)
-    shared = _shared_bytes(slot, D, 0)
-    split_fn = _function("packkv_attention.cu", f"pk_attention_splits<{D}, {P}>", D, P, shared)
+    shared = _shared_bytes(slot, D, 0, bool(tiles))
+    kernel = "pk_attention_tiles" if tiles else "pk_attention_splits"
+    split_fn = _function("packkv_attention.cu", f"{kernel}<{D}, {P}>", D, P, shared)
     tl = np.int32(params.granularity == "token-layer")
     launch(split_fn, (n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
            (q, arena_address, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T), tl,

@@ -5,18 +5,24 @@ What it computes
   out[b, h, :] = softmax(q[b, h] . K^T / sqrt(D)) V over the compressed blocks of sequence b (records of
   the v1 format, docs/FORMAT.md, at arena + block_offsets[b, i], i < n_blocks[b]) and its fp16 window of
   window_len[b] recent tokens, for every query head h of every KV head's GQA group, q fp16 [B, Hq, D].
-  Two launches: pk_attention_splits (flash-decoding: a CTA per (split of the blocks, KV head [, group
-  tile of 8 query heads], sequence) writes one softmax state (m, l, o[D]) per query head and split) and
-  pk_merge_window (a CTA per (query head, sequence): attention over the window, then the log-sum-exp
-  merge of the window and all splits). The grid depends on the table's capacity (max_blocks), never on
-  the lengths: a split past a sequence's end writes an empty state (m = -inf, l = 0).
+  Two launches: pk_attention_splits or pk_attention_tiles (flash-decoding: a CTA per (split of the
+  blocks, KV head [, group tile of 8 query heads], sequence) writes one softmax state (m, l, o[D]) per
+  query head and split) and pk_merge_window (a CTA per (query head, sequence): attention over the window,
+  then the log-sum-exp merge of the window and all splits). The grid depends on the table's capacity
+  (max_blocks), never on the lengths: a split past a sequence's end writes an empty state (m = -inf,
+  l = 0). The two split kernels are one body (packkv_split.cuh) in two modes, chosen by the launcher
+  from shapes only (attention_kernels.tile_mode): item mode (pk_attention_splits, a warp decodes whole
+  items) for long contexts, tile mode (pk_attention_tiles, the CTA's 4 warps decode each item together
+  by 16-channel tiles) when item mode would leave about one item per warp and most SMs idle (SmolLM2
+  9/3/64 at 8K tokens: 16 splits x 3 heads = 48 CTAs, each warp decoding ~1 item from start to end,
+  ~17.9K cycles by a PK_PROF build). Both write the same states.
 
 Decode math (FORMAT.md section 4): x_hat[t, d] = (level[t, d] + off_t) * step_t, level = pack min + value.
   score_t = step_t * (q . level_t + off_t * sum(q)),   o = sum_t (p_t step_t) level_t + sum_t p_t step_t off_t.
   Levels are small integers, exact in fp16 (up to 2048, i.e. rel >= 1/2047), so q . level and p . level
   run on tensor cores (mma.sync m16n8k16, fp16 x fp16 -> fp32) on levels unpacked in registers.
 
-Thread mapping (CTA = 4 warps; a warp owns whole "items" of 128 storage tokens = 8 groups of 16)
+Thread mapping, item mode (CTA = 4 warps; a warp owns whole "items" of 128 storage tokens = 8 groups of 16)
   groups: 16 consecutive storage tokens of a block (a pack row for pack 16, half of one for 32, two for 8).
   K, per item: lane (gq = lane/4, tq = lane%4) decodes group gq, channels 16kt + 4tq .. +3 of every
   16-channel tile kt. A run (16 tokens of one channel) unpacks into 8 half2 pairs (token j, token j+8)
@@ -32,15 +38,38 @@ Thread mapping (CTA = 4 warps; a warp owns whole "items" of 128 storage tokens =
   per 16-channel tile accumulate o[channel, head] in fp32 (a lane: 2 channels x 2 heads per tile).
   Payload offsets: widths of the lane's packs per tile -> exclusive scan across the 4 (K) or 8 (V) lanes
   sharing a pack row (16-bit SIMD, two tiles per shuffle) -> row bases by a scan of row totals.
-Registers (163 at D=128): 32 score accumulators, the decoded runs of one tile pair, softmax state.
+Tile mode (head_dim a multiple of 64; NT = D/64 tiles per warp): per item, once per CTA: staging (warp 0:
+  the same bulk copies into the CTA's two slots, all threads wait on the mbarrier) and the token table
+  (a thread per token). Warp w decodes K tiles w*NT .. w*NT+NT-1 with the lane mapping above (lane
+  (gq, tq): group gq, channels 16kt + 4tq .. +3), so it computes q.level over its channels for all 128
+  tokens x 8 heads: 32 partial accumulators per lane, as many as item mode, with NT instead of KT
+  tiles of runs and mma. Offsets: a warp scans its own tiles (quad scans as above, relative to its first
+  tile) and writes its per-row total; after barrier (A) it adds the totals of the warps before it (the
+  bytes of the row's packs in earlier channels) and takes the row total from all four. Partial scores
+  -> shared memory; meanwhile the CTA fills the token table and each warp scans the V offsets of its
+  tiles for both passes (row totals exchanged the same way); after barrier (B) every warp sums the four
+  partials in the same order, scales them (step_k, off_k sum(q)) and runs the same online softmax, so
+  m, l, oo and the weights (its own pbuf) are the same in all warps; then it decodes V for its own tiles
+  only (disjoint output channels: no reduction). At the end warp w writes o of its channels and warp 0
+  m and l into one state. Two barriers per item (128 tokens); warp 0 stages item it+1 after (A) of item
+  it (every warp is then done with item it-1's slot); the item pipeline over a split's items is the same.
+  Splits: up to 3 CTAs per SM with at least one item per split (8B shape at 4K: 32 splits x 8 heads).
+Registers (item mode 164 at D=128, 161 at D=64; tile mode 148 at D=64 and D=128 with
+  __launch_bounds__(128, 3), P=8 160; nvcc 13.0 sm_90, no spills): 32 score accumulators, the decoded
+  runs of one tile pair, softmax state.
 Shared memory per warp: two staging slots (the item being decoded / the next, each filled by two 1-D
   bulk copies (TMA, cp.async.bulk) per block completing on an mbarrier; a span that does not fit is read
   from global memory instead), q B-fragments, tile offsets and o accumulators per 16-channel tile (the
   tile loops are rolled to keep the code small), the fp16 weights (2.2 KB), a per-token table (1 KB).
   115.6 KB per CTA at D=128 (9 KB slots): 2 CTAs = 8 warps per SM. The CTA merges its warps' states.
+  Tile mode: two slots per CTA (13.8 KB at D=128: a random-data item fits), token table, meta, partial
+  scores 16 KB, scan totals; per warp pbuf and NT tiles of q fragments, offsets (K; V's two passes), o:
+  62.7 KB at D=128, 45.8 KB at D=64: 3 CTAs = 12 warps per SM.
 Bytes per token and layer (8 KV heads x 128, rel 0.1/0.2, token-layer, greedy, pack 16): 421 on the
   8B-shaped real K/V (1.65 bits per element, all bytes counted), 617 on random Gaussian (2.41); fp16: 4096.
 
+Tile mode: not yet measured (compiled with nvcc only; needs pytest -m gpu tests/test_kernels_gpu.py,
+  bench/attention.py and the SmolLM2 8K decode benchmark, issue 7). Item mode below.
 Measured (H100 80GB HBM3, `python3 bench/attention.py`, bench/results/attention.json; one sequence,
   time per layer as a CUDA graph over layer copies larger than L2):
   32/8/128, 128K tokens: 157.5 us on the real-valued K/V (SDPA fp16 181.0 us: 1.15x; compressed bytes
@@ -75,6 +104,17 @@ __global__ void __launch_bounds__(128, PK_MINB) pk_attention_splits(
   // (The body waits for the previous kernel after it has started staging its first item.)
   pk_split_body<D, P, 0>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G, T, token_layer,
                          n_splits, slot_bytes, qscale, ws);
+}
+
+// Tile mode (short contexts; D a multiple of 64): the same splits and states, the CTA's 4 warps decoding
+// each item together by 16-channel tiles (header: thread mapping, tile mode).
+template <int D, int P>
+__global__ void __launch_bounds__(128, PK_MINB_TILES) pk_attention_tiles(
+    const u16* __restrict__ q, const u8* const* __restrict__ arena_at, const i64* __restrict__ block_offsets,
+    const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits,
+    int slot_bytes, float qscale, float* __restrict__ ws) {
+  pk_split_body<D, P, 0, true>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G, T,
+                               token_layer, n_splits, slot_bytes, qscale, ws);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -199,6 +239,14 @@ template __global__ void pk_attention_splits<128, 8>(const u16*, const u8* const
                                                      int, int, int, float, float*);
 template __global__ void pk_attention_splits<128, 32>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
                                                       int, int, int, float, float*);
+template __global__ void pk_attention_tiles<64, 16>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
+                                                    int, int, int, float, float*);
+template __global__ void pk_attention_tiles<128, 16>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
+                                                     int, int, int, float, float*);
+template __global__ void pk_attention_tiles<128, 8>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
+                                                    int, int, int, float, float*);
+template __global__ void pk_attention_tiles<128, 32>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
+                                                     int, int, int, float, float*);
 template __global__ void pk_merge_window<64>(const u16*, const u16*, const u16*, const int*, const float*, int, int,
                                              int, int, float, u16*);
 template __global__ void pk_merge_window<128>(const u16*, const u16*, const u16*, const int*, const float*, int, int,

@@ -8,7 +8,8 @@
 //      (0x6400 | v) is the fp16 number 1024 + v, so one LOP3 turns two w-bit fields into a half2, and one
 //      add.f16x2 with (min - 1024) gives min + v exactly (integers up to 2048 are exact in fp16);
 //   4. mma.sync m16n8k16 (fp16 in, fp32 accumulate), ex2.approx, mbarriers and 1-D bulk copies (TMA);
-//   5. the per-item staging of compressed spans into shared memory (bulk copies, two slots per warp).
+//   5. the per-item staging of compressed spans into shared memory (bulk copies, two slots per warp, or
+//      per CTA in the fused kernel's tile mode).
 #pragma once
 
 typedef unsigned char u8;
@@ -282,6 +283,8 @@ struct PkWarpSmem {
   uint2* qbuf;       // [KT][32] q B fragments of the lane (tile loops are rolled: no register arrays)
   u32* offbuf;       // [KT][32] payload offsets of the lane's packs per tile
   float4* obuf;      // [KT][32] o accumulators of the lane per 16-channel tile
+  float4* part;      // tile mode: [PK_WARPS][8][32] partial scores (acc) of each warp's tiles; else null
+  u32* xchg;         // tile mode: [64] the warps' byte totals of their tiles per pack row (K, V); else null
 };
 // per-warp work bytes per 16-channel tile: q fragments (not V-GEMV), offsets, o (not K-GEMV)
 #define PK_WORK_PER_TILE(mode) (32 * ((mode) == 0 ? 28 : (mode) == 1 ? 12 : 20))
@@ -300,6 +303,37 @@ __device__ __forceinline__ PkWarpSmem pk_warp_smem(u8* smem, int warp, int slot_
   s.qbuf = reinterpret_cast<uint2*>(work);
   s.offbuf = reinterpret_cast<u32*>(work + qb);
   s.obuf = reinterpret_cast<float4*>(work + qb + KT * 128);   // 16-aligned: qb, KT*128 multiples of 16
+  s.part = nullptr;
+  s.xchg = nullptr;
+  return s;
+}
+
+// Tile mode (the fused kernel at short contexts: the CTA's 4 warps share each item, warp w decoding the
+// 16-channel tiles w*NT .. w*NT+NT-1, NT = D/64): the staging (slots, meta, zero section, mbarriers), the
+// token table, the partial scores and the scan totals belong to the CTA; pbuf (each warp computes the
+// same softmax), q fragments, offsets (NT for K, then 2*NT for V's two passes) and o stay per warp.
+//   slot[2][slot_bytes] | ttab | meta | zero | mbarriers | part | xchg | per warp: pbuf, work[NT tiles]
+#define PK_PART_BYTES (PK_WARPS * 8 * 32 * 16)
+#define PK_XCHG_BYTES 256
+#define PK_CTA_EXTRA (PK_TTAB_BYTES + PK_META_BYTES + PK_ZERO_BYTES + PK_MBAR_BYTES + PK_PART_BYTES + PK_XCHG_BYTES)
+#define PK_TILE_WORK_PER_TILE (32 * 32)   // per lane and tile: q fragment 8 B, offsets 2 x 4 B, o 16 B
+
+__device__ __forceinline__ PkWarpSmem pk_tile_smem(u8* smem, int warp, int slot_bytes, int NT) {
+  PkWarpSmem s;
+  s.slot0 = smem;
+  u8* cta = smem + 2 * size_t(slot_bytes);
+  s.ttab = reinterpret_cast<uint2*>(cta);
+  s.meta = reinterpret_cast<u64*>(cta + PK_TTAB_BYTES);
+  s.zero = cta + PK_TTAB_BYTES + PK_META_BYTES;
+  s.bar = reinterpret_cast<u64*>(s.zero + PK_ZERO_BYTES);
+  s.part = reinterpret_cast<float4*>(s.zero + PK_ZERO_BYTES + PK_MBAR_BYTES);   // 16-aligned
+  s.xchg = reinterpret_cast<u32*>(reinterpret_cast<u8*>(s.part) + PK_PART_BYTES);
+  u8* base = cta + PK_CTA_EXTRA + size_t(warp) * (PK_PBUF_BYTES + size_t(NT) * PK_TILE_WORK_PER_TILE);
+  s.pbuf = base;
+  u8* work = base + PK_PBUF_BYTES;
+  s.qbuf = reinterpret_cast<uint2*>(work);
+  s.offbuf = reinterpret_cast<u32*>(work + NT * 256);
+  s.obuf = reinterpret_cast<float4*>(work + NT * 512);
   return s;
 }
 

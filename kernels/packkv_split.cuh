@@ -10,6 +10,9 @@
 #ifndef PK_MINB
 #define PK_MINB 2          // __launch_bounds__ min CTAs per SM of the fused kernel (smem allows 2)
 #endif
+#ifndef PK_MINB_TILES
+#define PK_MINB_TILES 3    // the fused kernel's tile mode: 3 CTAs = 12 warps per SM (<= 168 registers)
+#endif
 #ifndef PK_MINB_GEMV
 #define PK_MINB_GEMV 3     // the GEMV kernels: 3 CTAs per SM (<= 170 registers; their slots are sized for it)
 #endif
@@ -49,12 +52,13 @@ __device__ __forceinline__ const u8* pk_at(const u8* smem, u64 v) {
   else return reinterpret_cast<const u8*>(v);
 }
 
-template <bool SH>
+// NTHR threads fill the table: a warp (tid = lane, 32) or the CTA in tile mode (tid = threadIdx.x, 128).
+template <bool SH, int NTHR>
 __device__ __forceinline__ void pk_token_table(const PkWarpSmem& ws, const u8* smem, int slot, int sub, int T, int NG,
-                                               int lane, int blk0, int blk_hi) {
+                                               int tid, int blk0, int blk_hi) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    int e = lane + 32 * i, grp = e >> 4, t16 = e & 15;
+  for (int i = 0; i < 128 / NTHR; ++i) {
+    int e = tid + NTHR * i, grp = e >> 4, t16 = e & 15;
     int gi = sub * 8 + grp;
     int bs = NG >= 8 ? 0 : gi / NG, gib = NG >= 8 ? gi : gi % NG;
     const u8* tok = pk_at<SH>(smem, ws.meta[(slot * PK_NBMAX + bs) * 3 + 0]);
@@ -110,14 +114,26 @@ __device__ __forceinline__ u32 pk_row_contrib(u32 tot, int gib) {
 
 template <bool B> struct PkBool { static constexpr bool value = B; };
 
+// The rows and section of one V pass (lane (gq, tq) decodes group 4 * pass + tq of the sub-iteration).
+struct PkPass {
+  PkSection S;
+  int ra, rb, half;
+  int gib, blk;      // the group in its block, the block
+};
+
 // MODE 0: fused decode attention -> per-split softmax states; 1: K-GEMV scores; 2: V-GEMV partial sums.
-template <int D, int P, int MODE>
+// TILES (tile mode; MODE 0, D a multiple of 64): the CTA's 4 warps decode each item together, warp w the
+// 16-channel tiles w*NT .. w*NT+NT-1 (NT = D/64) of K and of V; otherwise a warp decodes whole items.
+template <int D, int P, int MODE, bool TILES = false>
 __device__ __forceinline__ void pk_split_body(
     const u16* __restrict__ q, const void* __restrict__ pw, int p_half,
     const u8* __restrict__ arena, const i64* __restrict__ block_offsets, const int* __restrict__ n_blocks,
     int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits, int slot_bytes, float qscale,
     float* __restrict__ out) {
   constexpr int KT = D / 16;
+  static_assert(!TILES || (MODE == 0 && KT % PK_WARPS == 0), "tile mode: the fused kernel, D a multiple of 64");
+  constexpr int NT = TILES ? KT / PK_WARPS : KT;   // the 16-channel tiles a warp decodes
+  constexpr int ISTEP = TILES ? 1 : PK_WARPS;      // the CTA's items: all warps on each / a warp on every 4th
   extern __shared__ __align__(16) u8 smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gq = lane >> 2, tq = lane & 3;
   const int ntile = (G + 7) >> 3;
@@ -132,17 +148,22 @@ __device__ __forceinline__ void pk_split_body(
   bps = (bps + NB - 1) / NB * NB;
   const int blk_lo = split * bps, blk_hi = min(nb, blk_lo + bps);
   const int n_items = blk_hi > blk_lo ? (blk_hi - blk_lo + NB - 1) / NB : 0;
-  const PkWarpSmem ws = pk_warp_smem(smem, warp, slot_bytes, KT, MODE);
+  const int t0 = TILES ? warp * NT : 0;        // the warp's first tile
+  const int it0 = TILES ? 0 : warp;            // the warp's first item
+  const bool stager = !TILES || warp == 0;     // the warp that stages the items and owns the mbarriers
+  const PkWarpSmem ws = TILES ? pk_tile_smem(smem, warp, slot_bytes, NT) : pk_warp_smem(smem, warp, slot_bytes, KT, MODE);
   const int hg = nt * 8 + gq;                  // head (in the KV group) of n-slot gq / B-operand column
   const int hc0 = nt * 8 + 2 * tq;             // heads of the accumulator columns 2tq, 2tq+1
   const i64* offs_b = block_offsets + size_t(b) * max_blocks;
 
   float m0 = PK_NEG_INF, m1 = PK_NEG_INF, l0 = 0.f, l1 = 0.f, oo0 = 0.f, oo1 = 0.f, oog = 0.f;
   if constexpr (MODE != 1)
-    for (int mt = 0; mt < KT; ++mt) ws.obuf[mt * 32 + lane] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int mt = 0; mt < NT; ++mt) ws.obuf[mt * 32 + lane] = make_float4(0.f, 0.f, 0.f, 0.f);
 
-  if (lane < PK_ZERO_BYTES / 4) reinterpret_cast<u32*>(ws.zero)[lane] = 0u;
-  if (lane == 0) { pk_mbar_init(ws.bar); pk_mbar_init(ws.bar + 1); }
+  if (stager) {
+    if (lane < PK_ZERO_BYTES / 4) reinterpret_cast<u32*>(ws.zero)[lane] = 0u;
+    if (lane == 0) { pk_mbar_init(ws.bar); pk_mbar_init(ws.bar + 1); }
+  }
   __syncwarp();
 #ifdef PK_PROF
   long long prof[10] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, prof_last = clock64();
@@ -154,23 +175,23 @@ __device__ __forceinline__ void pk_split_body(
     return arena + offs_b[blk];
   };
 
-  // ---- Phase 1: prologue of the staging pipeline (item it+W staged while item it is decoded; the
-  //      section tables of item it+2W and the block offsets of item it+3W are loaded ahead). It runs
-  //      before the wait for the previous kernel (launch.cuh): the arena, its offset table and n_blocks
-  //      change only between graph replays (compress events), so the first item's bytes are on their
-  //      way while the previous kernel finishes.
+  // ---- Phase 1: prologue of the staging pipeline (item it+ISTEP staged while item it is decoded; the
+  //      section tables of item it+2*ISTEP and the block offsets of item it+3*ISTEP are loaded ahead). It
+  //      runs before the wait for the previous kernel (launch.cuh): the arena, its offset table and
+  //      n_blocks change only between graph replays (compress events), so the first item's bytes are on
+  //      their way while the previous kernel finishes.
   PkBlockMeta bm{}, bm_next{};
   const u8* rec_pf = nullptr;
-  bool staged = false;
-  if (warp < n_items) {
-    bm = pk_block_meta(item_rec(warp), kvh, Hkv, token_layer);
-    staged = pk_stage_item(ws, smem, 0, slot_bytes, bm, NB, MODE, lane);
-    bm_next = pk_block_meta(item_rec(warp + PK_WARPS), kvh, Hkv, token_layer);
-    rec_pf = item_rec(warp + 2 * PK_WARPS);
+  if (stager && it0 < n_items) {
+    bm = pk_block_meta(item_rec(it0), kvh, Hkv, token_layer);
+    pk_stage_item(ws, smem, 0, slot_bytes, bm, NB, MODE, lane);
+    bm_next = pk_block_meta(item_rec(it0 + ISTEP), kvh, Hkv, token_layer);
+    rec_pf = item_rec(it0 + 2 * ISTEP);
   }
   wait_for_previous_kernel();                  // q is the previous kernel's output
 
   // ---- Phase 0: q as mma B fragments (k-slots 2tq..2tq+1 | 2tq+8..9 <-> channels 4tq..4tq+3 of a tile)
+  //      of the warp's tiles; sum(q) over all channels
   float sumq0 = 0.f, sumq1 = 0.f;
   if constexpr (MODE != 2) {
     float part = 0.f;
@@ -179,7 +200,7 @@ __device__ __forceinline__ void pk_split_body(
     for (int kt = 0; kt < KT; ++kt) {
       uint2 v = make_uint2(0u, 0u);
       if (hg < G) v = *reinterpret_cast<const uint2*>(qrow + 16 * kt + 4 * tq);
-      ws.qbuf[kt * 32 + lane] = v;
+      if (kt >= t0 && kt < t0 + NT) ws.qbuf[(kt - t0) * 32 + lane] = v;
       float2 f0 = pk_h2f(v.x), f1 = pk_h2f(v.y);
       part += (f0.x + f0.y) + (f1.x + f1.y);
     }
@@ -188,16 +209,19 @@ __device__ __forceinline__ void pk_split_body(
     sumq0 = __shfl_sync(PK_FULL, part, (2 * tq) * 4);
     sumq1 = __shfl_sync(PK_FULL, part, (2 * tq + 1) * 4);
   }
+  if constexpr (TILES) __syncthreads();       // warp 0's mbarrier init, zero section, first item's meta
 
-  if (warp < n_items) {
+  if (it0 < n_items) {
     int k = 0;
-    for (int it = warp; it < n_items; it += PK_WARPS, ++k) {
+    for (int it = it0; it < n_items; it += ISTEP, ++k) {
       const int slot = k & 1;
       PK_TICK(0);
-      const bool staged_next =
-          pk_stage_item(ws, smem, slot ^ 1, slot_bytes, bm_next, (it + PK_WARPS < n_items) ? NB : 0, MODE, lane);
-      bm_next = pk_block_meta(rec_pf, kvh, Hkv, token_layer);
-      rec_pf = item_rec(it + 3 * PK_WARPS);
+      auto stage_next = [&]() {
+        pk_stage_item(ws, smem, slot ^ 1, slot_bytes, bm_next, (it + ISTEP < n_items) ? NB : 0, MODE, lane);
+        bm_next = pk_block_meta(rec_pf, kvh, Hkv, token_layer);
+        rec_pf = item_rec(it + 3 * ISTEP);
+      };
+      if constexpr (!TILES) stage_next();      // tile mode: warp 0 after barrier (A), when slot^1 is free
       PK_TICK(1);
       pk_mbar_wait(ws.bar + slot, u32(k >> 1) & 1u);
       __syncwarp();
@@ -208,14 +232,54 @@ __device__ __forceinline__ void pk_split_body(
       // with 32-bit addresses), generic loads otherwise (a span was read from global memory).
       auto body = [&](auto sh_tag) {
       constexpr bool SH = decltype(sh_tag)::value;
+      // V pass vp of sub-iteration sub: lane (gq, tq) decodes group 4vp+tq, channels 16mt + 2gq, +1
+      auto v_pass = [&](int sub, int vp) -> PkPass {
+        PkPass ps;
+        const int gv = sub * 8 + 4 * vp + tq;
+        const int bsv = NG >= 8 ? 0 : gv / NG;
+        ps.gib = NG >= 8 ? gv : gv % NG;
+        ps.blk = blk_lo + it * NB + bsv;
+        ps.S = pk_section(pk_at<SH>(smem, meta[bsv * 3 + 2]), R, D);
+        pk_rows<P>(ps.gib, ps.ra, ps.rb, ps.half);
+        return ps;
+      };
+      // V payload offsets of the lane's packs in the warp's tiles within their row, from the warp's first
+      // tile on, to offbuf[ob + mt]: sizes of 2 packs per lane, scan over the 8 lanes (gq) sharing a row.
+      // Returns the row's bytes in the warp's tiles (all of the row's bytes but in tile mode).
+      auto v_offsets = [&](const PkPass& ps, int ob) -> u32 {
+        u32 run = 0;
+#pragma unroll 1
+        for (int mt = 0; mt < NT; mt += (P == 8 ? 1 : 2)) {
+          const u32 c = u32(16 * (t0 + mt) + 2 * gq);
+          u32 v = pk_sizes<P, 2>(ps.S, D, ps.ra, ps.rb, c);
+          if (P != 8 && mt + 1 < NT) v |= pk_sizes<P, 2>(ps.S, D, ps.ra, ps.rb, c + 16u) << 16;
+          u32 incl = v;
+#pragma unroll
+          for (int d = 1; d < 8; d <<= 1) {
+            u32 y = __shfl_up_sync(PK_FULL, incl, 4 * d);
+            if (gq >= d) incl += y;
+          }
+          u32 tot = __shfl_sync(PK_FULL, incl, 28 + tq), excl = incl - v;
+          u32* o = ws.offbuf + (ob + mt) * 32 + lane;
+          if constexpr (P == 8) { o[0] = run + excl; run += tot; }
+          else {
+            o[0] = run + (excl & 0xffffu); run += tot & 0xffffu;
+            if (mt + 1 < NT) { o[32] = run + (excl >> 16); run += tot >> 16; }
+          }
+        }
+        return run;
+      };
       for (int sub = 0; sub < SUBS; ++sub) {
         float alpha0 = 1.f, alpha1 = 1.f;
-        pk_token_table<SH>(ws, smem, slot, sub, T, NG, lane, blk_lo + it * NB, blk_hi);
-        __syncwarp();
+        if constexpr (!TILES) {                 // tile mode: the CTA fills it after the K mma
+          pk_token_table<SH, 32>(ws, smem, slot, sub, T, NG, lane, blk_lo + it * NB, blk_hi);
+          __syncwarp();
+        }
         PK_TICK(3);
 
         if constexpr (MODE != 2) {
-          // ---- Phase 2 (K): lane (gq, tq) decodes group gq (16 tokens), channels 16kt + 4tq .. +3
+          // ---- Phase 2 (K): lane (gq, tq) decodes group gq (16 tokens), channels 16kt + 4tq .. +3 of the
+          //      warp's tiles kt
           const int gi = sub * 8 + gq;
           const int bs = NG >= 8 ? 0 : gi / NG, gib = NG >= 8 ? gi : gi % NG;
           const bool gvalid = blk_lo + it * NB + bs < blk_hi;
@@ -225,9 +289,10 @@ __device__ __forceinline__ void pk_split_body(
           // 2a: payload offsets: sizes of the lane's 4 packs per tile, quad scan, running tile totals
           u32 run = 0;
 #pragma unroll 1
-          for (int kt = 0; kt < KT; kt += (P == 8 ? 1 : 2)) {
-            u32 v = pk_sizes<P, 4>(S, D, ra, rb, u32(16 * kt + 4 * tq));
-            if (P != 8 && kt + 1 < KT) v |= pk_sizes<P, 4>(S, D, ra, rb, u32(16 * kt + 16 + 4 * tq)) << 16;
+          for (int kt = 0; kt < NT; kt += (P == 8 ? 1 : 2)) {
+            const u32 c = u32(16 * (t0 + kt) + 4 * tq);
+            u32 v = pk_sizes<P, 4>(S, D, ra, rb, c);
+            if (P != 8 && kt + 1 < NT) v |= pk_sizes<P, 4>(S, D, ra, rb, c + 16u) << 16;
             u32 incl = v, y;
             y = __shfl_up_sync(PK_FULL, incl, 1, 4); if (tq >= 1) incl += y;
             y = __shfl_up_sync(PK_FULL, incl, 2, 4); if (tq >= 2) incl += y;
@@ -235,7 +300,22 @@ __device__ __forceinline__ void pk_split_body(
             if constexpr (P == 8) { ws.offbuf[kt * 32 + lane] = run + excl; run += tot; }
             else {
               ws.offbuf[kt * 32 + lane] = run + (excl & 0xffffu); run += tot & 0xffffu;
-              if (kt + 1 < KT) { ws.offbuf[(kt + 1) * 32 + lane] = run + (excl >> 16); run += tot >> 16; }
+              if (kt + 1 < NT) { ws.offbuf[(kt + 1) * 32 + lane] = run + (excl >> 16); run += tot >> 16; }
+            }
+          }
+          // tile mode: the row's bytes before the warp's first tile (koff) and the row total, from every
+          // warp's total of its tiles
+          u32 koff = 0;
+          if constexpr (TILES) {
+            if (tq == 0) ws.xchg[warp * 8 + gq] = run;
+            __syncthreads();   // (A) the totals; every warp is done with the previous item (slot ^ 1, ttab)
+            if (sub == 0 && warp == 0) stage_next();
+            run = 0;
+#pragma unroll
+            for (int w = 0; w < PK_WARPS; ++w) {
+              const u32 x = ws.xchg[w * 8 + gq];
+              koff += w < warp ? x : 0u;
+              run += x;
             }
           }
           // 2b: row bases: exclusive scan of row totals over the groups of the block (quads)
@@ -259,9 +339,9 @@ __device__ __forceinline__ void pk_split_body(
 #pragma unroll
           for (int j = 0; j < 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 #pragma unroll 2
-          for (int kt = 0; kt < KT; ++kt) {
-            const u32 c0 = u32(16 * kt + 4 * tq);
-            const u32 offk = ws.offbuf[kt * 32 + lane];
+          for (int kt = 0; kt < NT; ++kt) {
+            const u32 c0 = u32(16 * (t0 + kt) + 4 * tq);
+            const u32 offk = ws.offbuf[kt * 32 + lane] + koff;
             const uint2 qv = ws.qbuf[kt * 32 + lane];
             u32 w[4], wb[4] = {0, 0, 0, 0};
             int mn[4], mnb[4] = {0, 0, 0, 0};
@@ -298,6 +378,32 @@ __device__ __forceinline__ void pk_split_body(
           }
 
           PK_TICK(5);
+          if constexpr (TILES) {
+            // partial scores (q.level over the warp's channels) -> shared memory; meanwhile the CTA fills
+            // the token table and each warp scans the V offsets of its tiles (both passes) and publishes
+            // their row totals; after (B) every warp sums the 4 partials in the same order, so that all
+            // warps compute the same scores, softmax and weights.
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+              ws.part[(warp * 8 + j) * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+            pk_token_table<SH, 128>(ws, smem, slot, sub, T, NG, threadIdx.x, blk_lo + it * NB, blk_hi);
+#pragma unroll 1
+            for (int vp = 0; vp < 2; ++vp) {
+              const u32 r = v_offsets(v_pass(sub, vp), vp * NT);
+              if (gq == 0) ws.xchg[32 + (vp * PK_WARPS + warp) * 4 + tq] = r;
+            }
+            __syncthreads();   // (B) partial scores, token table, V totals
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              float4 x = ws.part[j * 32 + lane];
+#pragma unroll
+              for (int w = 1; w < PK_WARPS; ++w) {
+                const float4 y = ws.part[(w * 8 + j) * 32 + lane];
+                x.x += y.x; x.y += y.y; x.z += y.z; x.w += y.w;
+              }
+              acc[j][0] = x.x; acc[j][1] = x.y; acc[j][2] = x.z; acc[j][3] = x.w;
+            }
+          }
           // 2d: scores = step_k * (q.level + off_k * sum(q)) [* log2(e)/sqrt(D) when fused]
           const uint2* tt = ws.ttab + gq * 16;
 #pragma unroll
@@ -381,36 +487,26 @@ __device__ __forceinline__ void pk_split_body(
         PK_TICK(6);
         if constexpr (MODE != 1) {
           // ---- Phase 4 (V): two passes of 4 groups; lane (gq, tq) decodes group 4vp+tq, channels
-          //      16mt + 2gq, +1 (the A operand rows gq, gq+8 of m-tile mt), 4 mma per tile
+          //      16mt + 2gq, +1 (the A operand rows gq, gq+8 of m-tile mt) of the warp's tiles, 4 mma per tile
 #pragma unroll 1
           for (int vp = 0; vp < 2; ++vp) {
-            const int gv = sub * 8 + 4 * vp + tq;
-            const int bsv = NG >= 8 ? 0 : gv / NG, gibv = NG >= 8 ? gv : gv % NG;
-            const int blkv = blk_lo + it * NB + bsv;
-            const bool vvalid = blkv < blk_hi;
-            const PkSection S = pk_section(pk_at<SH>(smem, meta[bsv * 3 + 2]), R, D);
-            int ra, rb, half;
-            pk_rows<P>(gibv, ra, rb, half);
-            u32 run = 0;
-#pragma unroll 1
-            for (int mt = 0; mt < KT; mt += (P == 8 ? 1 : 2)) {
-              u32 v = pk_sizes<P, 2>(S, D, ra, rb, u32(16 * mt + 2 * gq));
-              if (P != 8 && mt + 1 < KT) v |= pk_sizes<P, 2>(S, D, ra, rb, u32(16 * mt + 16 + 2 * gq)) << 16;
-              u32 incl = v;
+            const PkPass ps = v_pass(sub, vp);
+            const bool vvalid = ps.blk < blk_hi;
+            // in-row offsets (tile mode: scanned before (B), plus the row's bytes before the warp's first
+            // tile, voff); run = the row total
+            u32 run = 0, voff = 0;
+            if constexpr (TILES) {
 #pragma unroll
-              for (int d = 1; d < 8; d <<= 1) {
-                u32 y = __shfl_up_sync(PK_FULL, incl, 4 * d);
-                if (gq >= d) incl += y;
+              for (int w = 0; w < PK_WARPS; ++w) {
+                const u32 x = ws.xchg[32 + (vp * PK_WARPS + w) * 4 + tq];
+                voff += w < warp ? x : 0u;
+                run += x;
               }
-              u32 tot = __shfl_sync(PK_FULL, incl, 28 + tq), excl = incl - v;
-              if constexpr (P == 8) { ws.offbuf[mt * 32 + lane] = run + excl; run += tot; }
-              else {
-                ws.offbuf[mt * 32 + lane] = run + (excl & 0xffffu); run += tot & 0xffffu;
-                if (mt + 1 < KT) { ws.offbuf[(mt + 1) * 32 + lane] = run + (excl >> 16); run += tot >> 16; }
-              }
+            } else {
+              run = v_offsets(ps, 0);
             }
             if (((sub * 8 + 4 * vp) % NG) == 0) carryV = 0;
-            u32 c = pk_row_contrib<P>(run, gibv);
+            u32 c = pk_row_contrib<P>(run, ps.gib);
             const int posv = NG >= 4 ? tq : tq % NG;
             u32 v = c, y;
             y = __shfl_up_sync(PK_FULL, v, 1, 4); if (posv >= 1) v += y;
@@ -418,7 +514,7 @@ __device__ __forceinline__ void pk_split_body(
             const u32 tot_a = run & 0xffffu;
             u32 base_a = v - c + carryV;
             if (NG > 4) carryV += __shfl_sync(PK_FULL, v, 3, 4);
-            if (P == 32 && (gibv & 1)) base_a -= tot_a;
+            if (P == 32 && (ps.gib & 1)) base_a -= tot_a;
             const u32 base_b = base_a + tot_a;
 
             // B operand: weights of head n-slot gq for the pass's group 4vp+tq, pairs (2jj, 2jj+8), (2jj+1, 2jj+9)
@@ -434,7 +530,7 @@ __device__ __forceinline__ void pk_split_body(
               for (int t = 0; t < 16; ++t) pv[t] = 0.f;
               if (vvalid && hg < G) {
                 const size_t ntok = size_t(max_blocks) * T;
-                const size_t base = (size_t(b) * Hq + size_t(kvh) * G + hg) * ntok + size_t(blkv) * T + size_t(gibv) * 16;
+                const size_t base = (size_t(b) * Hq + size_t(kvh) * G + hg) * ntok + size_t(ps.blk) * T + size_t(ps.gib) * 16;
                 if (p_half) {
                   const uint4* src = reinterpret_cast<const uint4*>(reinterpret_cast<const u16*>(pw) + base);
 #pragma unroll
@@ -470,10 +566,13 @@ __device__ __forceinline__ void pk_split_body(
               }
             }
 
+            const PkSection& S = ps.S;
+            const int ra = ps.ra, rb = ps.rb, half = ps.half;
+            const u32* offs = ws.offbuf + (TILES ? vp * NT : 0) * 32 + lane;
 #pragma unroll 2
-            for (int mt = 0; mt < KT; ++mt) {
-              const u32 c0 = u32(16 * mt + 2 * gq);
-              const u32 offv = ws.offbuf[mt * 32 + lane];
+            for (int mt = 0; mt < NT; ++mt) {
+              const u32 c0 = u32(16 * (t0 + mt) + 2 * gq);
+              const u32 offv = offs[mt * 32] + voff;
               float4 of = ws.obuf[mt * 32 + lane];
               if (MODE == 0 && vp == 0) { of.x *= alpha0; of.y *= alpha1; of.z *= alpha0; of.w *= alpha1; }
               float oc[4] = {of.x, of.y, of.z, of.w};
@@ -505,7 +604,6 @@ __device__ __forceinline__ void pk_split_body(
       }
       };
       body(PkBool<false>());   // one body: two (shared-only / generic) overflowed the instruction cache
-      staged = staged_next;
     }
   }
 #ifdef PK_PROF
@@ -545,25 +643,29 @@ __device__ __forceinline__ void pk_split_body(
       oo0 = __shfl_sync(PK_FULL, oog, (2 * tq) * 4);
       oo1 = __shfl_sync(PK_FULL, oog, (2 * tq + 1) * 4);
     }
-    if (lane == 0) { pk_mbar_inval(ws.bar); pk_mbar_inval(ws.bar + 1); }
+    if (stager && lane == 0) { pk_mbar_inval(ws.bar); pk_mbar_inval(ws.bar + 1); }
     __syncthreads();   // every warp is done with its slots: reuse shared memory
-    float* mo = reinterpret_cast<float*>(smem);             // [WARPS][8 heads][D]
-    float* mml = mo + PK_WARPS * 8 * D;                     // [WARPS][8 heads][2]: m, l
-    float4 ofin[KT];   // this warp's o: read before the merge area (which overlaps it) is written
+    // Item mode: a state per warp, merged. Tile mode: the warps' m, l (and oo) are the same and their
+    // channels disjoint: one state, each warp writing its channels, warp 0 m and l.
+    constexpr int NW = TILES ? 1 : PK_WARPS;
+    const int sw = TILES ? 0 : warp;                        // the warp's state
+    float* mo = reinterpret_cast<float*>(smem);             // [NW][8 heads][D]
+    float* mml = mo + NW * 8 * D;                           // [NW][8 heads][2]: m, l
+    float4 ofin[NT];   // this warp's o: read before the merge area (which overlaps it) is written
 #pragma unroll
-    for (int mt = 0; mt < KT; ++mt) ofin[mt] = ws.obuf[mt * 32 + lane];
+    for (int mt = 0; mt < NT; ++mt) ofin[mt] = ws.obuf[mt * 32 + lane];
     __syncthreads();
 #pragma unroll
-    for (int mt = 0; mt < KT; ++mt) {
-      const int ch = 16 * mt + 2 * gq;
-      mo[(warp * 8 + 2 * tq) * D + ch] = ofin[mt].x + oo0;
-      mo[(warp * 8 + 2 * tq + 1) * D + ch] = ofin[mt].y + oo1;
-      mo[(warp * 8 + 2 * tq) * D + ch + 1] = ofin[mt].z + oo0;
-      mo[(warp * 8 + 2 * tq + 1) * D + ch + 1] = ofin[mt].w + oo1;
+    for (int mt = 0; mt < NT; ++mt) {
+      const int ch = 16 * (t0 + mt) + 2 * gq;
+      mo[(sw * 8 + 2 * tq) * D + ch] = ofin[mt].x + oo0;
+      mo[(sw * 8 + 2 * tq + 1) * D + ch] = ofin[mt].y + oo1;
+      mo[(sw * 8 + 2 * tq) * D + ch + 1] = ofin[mt].z + oo0;
+      mo[(sw * 8 + 2 * tq + 1) * D + ch + 1] = ofin[mt].w + oo1;
     }
-    if (gq == 0) {
-      mml[(warp * 8 + 2 * tq) * 2] = m0; mml[(warp * 8 + 2 * tq) * 2 + 1] = l0;
-      mml[(warp * 8 + 2 * tq + 1) * 2] = m1; mml[(warp * 8 + 2 * tq + 1) * 2 + 1] = l1;
+    if (gq == 0 && (!TILES || warp == 0)) {
+      mml[(sw * 8 + 2 * tq) * 2] = m0; mml[(sw * 8 + 2 * tq) * 2 + 1] = l0;
+      mml[(sw * 8 + 2 * tq + 1) * 2] = m1; mml[(sw * 8 + 2 * tq + 1) * 2 + 1] = l1;
     }
     __syncthreads();
     const int stride = MODE == 0 ? D + 2 : D;
@@ -574,11 +676,11 @@ __device__ __forceinline__ void pk_split_body(
       if constexpr (MODE == 0) {
         float ms = PK_NEG_INF;
 #pragma unroll
-        for (int w = 0; w < PK_WARPS; ++w) ms = fmaxf(ms, mml[(w * 8 + hh) * 2]);
+        for (int w = 0; w < NW; ++w) ms = fmaxf(ms, mml[(w * 8 + hh) * 2]);
         float oa = 0.f, la = 0.f;
         if (ms != PK_NEG_INF) {
 #pragma unroll
-          for (int w = 0; w < PK_WARPS; ++w) {
+          for (int w = 0; w < NW; ++w) {
             const float mw = mml[(w * 8 + hh) * 2];
             if (mw == PK_NEG_INF) continue;
             const float f = pk_exp2(mw - ms);

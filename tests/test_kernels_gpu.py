@@ -1,7 +1,8 @@
 """The compressed-KV kernels (kernels/attention_kernels.py) against their NumPy twins (packkv.attention):
-fused decode attention, K-GEMV, V-GEMV and decompress_blocks, on random and real-like KV (K with outlier
+fused decode attention (both modes: a warp per item, and tile mode, the CTA's warps sharing each item by
+channel tiles), K-GEMV, V-GEMV and decompress_blocks, on random and real-like KV (K with outlier
 channels) and real SmolLM2 K/V when .stage/kv holds a dump; head_dim 64/128 (and 80, 256), group sizes
-1/3/4/8/16, odd lengths, a window of 0, zero and one block, many splits, token-head and token-layer,
+1/3/4/8/12/16, odd lengths, a window of 0, zero and one block, many splits, token-head and token-layer,
 repack none/greedy, pack 8/16/32, blocks of 16..256 tokens; and the launchers' refusals.
 Run with: pytest -m gpu tests/test_kernels_gpu.py"""
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from packkv.codec import CodecParams
 
 pytestmark = pytest.mark.gpu
 REAL_KV = Path(__file__).resolve().parents[1] / ".stage" / "kv" / "smollm2_brown1024.npz"
-COMBOS = [(64, 16), (128, 16), (128, 8), (128, 32), (80, 16), (256, 16)]
+COMBOS = [(64, 16), (128, 16), (128, 8), (128, 32), (80, 16), (256, 16), (64, 8), (64, 32)]
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +94,11 @@ def build(rng, params, lengths, H, D, kind="outliers", extra_capacity=1):
     return Setup(params, buffer, table, np.asarray(lengths, np.int32), H, D)
 
 
-def fused_case(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_cap=8, n_splits=None, slot_bytes=None):
+def fused_case(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_cap=8, n_splits=None, slot_bytes=None,
+               tiles=None, extra_capacity=1):
+    """tiles: force tile mode (True) or item mode (False); None: the launcher's choice from the shapes."""
     import cupy
-    s = build(rng, params, lengths, H, D, kind)
+    s = build(rng, params, lengths, H, D, kind, extra_capacity)
     B = len(lengths)
     q = rng.standard_normal((B, H * G, D)).astype(np.float16)
     wk = rng.standard_normal((B, H, W_cap, D)).astype(np.float16)
@@ -103,7 +106,8 @@ def fused_case(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_ca
     wl = np.asarray(windows, np.int32)
     arena, table, nb = s.device()
     out = ak.compressed_decode_attention(cupy.asarray(q), arena, table, nb, cupy.asarray(wk), cupy.asarray(wv),
-                                         cupy.asarray(wl), params, n_splits=n_splits, slot_bytes=slot_bytes)
+                                         cupy.asarray(wl), params, n_splits=n_splits, slot_bytes=slot_bytes,
+                                         tiles=tiles)
     got = out.get().astype(np.float32)
     want = compressed_attention_reference(q, s.buffer, s.table, s.n_blocks, wk, wv, wl, params)
     k_hat, v_hat = decode_records(s.buffer, s.table[0, :max(s.n_blocks[0], 0)], params, H, D)
@@ -195,19 +199,82 @@ def test_v_gemv_matches_twin(ak, params, D, H, G, kind, p_dtype):
 # Fused decode attention
 # ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("params,D,H,G,kind", GEMV_CASES, ids=GEMV_IDS)
-def test_fused_attention_matches_twin(ak, params, D, H, G, kind):
+MODES = [False, True]
+MODE_IDS = ["items", "tiles"]
+
+
+@pytest.mark.parametrize("tiles", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("params,D,H,G,kind", GEMV_CASES + [(CodecParams(repack="none"), 256, 2, 4, "outliers"),
+                                                            (CodecParams(repack="none", block=256), 128, 2, 12, "outliers")],
+                         ids=GEMV_IDS + ["D256-H2-G4-tl-none-P16-T64", "D128-H2-G12-tl-none-P16-T256"])
+def test_fused_attention_matches_twin(ak, params, D, H, G, kind, tiles):
+    if tiles and D % ak.TILE_CHANNELS:
+        pytest.skip(f"tile mode needs head_dim a multiple of {ak.TILE_CHANNELS}")
     rng = np.random.default_rng(3 * D + G)
     lengths = [5, 2, 0, 1] if params.block <= 64 else [3, 1]
     windows = [3, 0, 4, 1] if params.block <= 64 else [2, 0]
-    fused_case(ak, rng, params, lengths, H, G, D, windows, kind)
+    fused_case(ak, rng, params, lengths, H, G, D, windows, kind, tiles=tiles)
 
 
-@pytest.mark.parametrize("G", [1, 3, 4, 8])
+@pytest.mark.parametrize("tiles", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("G", [1, 3, 4, 8, 12, 16])
 @pytest.mark.parametrize("D", [64, 128])
-def test_fused_group_sizes_and_odd_lengths(ak, D, G):
+def test_fused_group_sizes_and_odd_lengths(ak, D, G, tiles):
     rng = np.random.default_rng(D + G)
-    fused_case(ak, rng, CodecParams(), [7, 3, 1], 2, G, D, [5, 1, 0], "outliers")
+    fused_case(ak, rng, CodecParams(), [7, 3, 1], 2, G, D, [5, 1, 0], "outliers", tiles=tiles)
+
+
+@pytest.mark.parametrize("pack", [8, 16, 32])
+@pytest.mark.parametrize("block", [16, 64, 128])
+@pytest.mark.parametrize("D", [64, 128])
+def test_fused_tile_mode_packs_and_blocks(ak, D, block, pack):
+    """Tile mode over each pack row layout and item shape: 8 blocks of 16 tokens, 2 of 64, 1 of 128 per
+    item; lengths that leave the last item partly filled."""
+    if pack > block:
+        pytest.skip("a block holds whole packs")
+    rng = np.random.default_rng(D + block + pack)
+    params = CodecParams(pack=pack, block=block, repack="none")
+    lengths = [11, 3, 9] if block == 16 else [5, 2, 3]
+    fused_case(ak, rng, params, lengths, 3, 3, D, [2, 0, 5], "outliers", tiles=True)
+
+
+def test_mode_is_chosen_from_shapes(ak):
+    """Tile mode where item mode would leave about one item per warp (short contexts, few KV heads), item
+    mode for long contexts and big batches; never from the lengths."""
+    T = 64
+    assert ak.tile_mode(1, 3, 3, 64, 8192 // T, T)              # SmolLM2 9/3/64 at 8K
+    assert ak.tile_mode(1, 3, 3, 64, 512 // T, T)
+    assert ak.tile_mode(1, 8, 4, 128, 4096 // T, T)             # 8B 32/8/128 short
+    assert not ak.tile_mode(1, 8, 4, 128, 32768 // T, T)        # 8B long: many items per warp
+    assert not ak.tile_mode(8, 8, 4, 128, 32768 // T, T)
+    assert not ak.tile_mode(1, 3, 3, 80, 512 // T, T)           # head_dim not a multiple of 64
+    tiles_splits = ak.attention_splits(1, 3, 3, 8192 // T, T, True)
+    assert tiles_splits > ak.default_splits(1, 3, 3, 8192 // T, T)
+    assert tiles_splits <= -(-(8192 // T) // ak.blocks_per_item(T))   # at least an item per split
+
+
+@pytest.mark.parametrize("lengths,windows", [([5], [3]), ([33, 17], [1, 8]), ([125], [64]), ([124, 61, 2], [0, 5, 64])],
+                         ids=["320", "2112-1088", "8000", "7936-3904-128"])
+def test_fused_smollm2_shape_short_contexts(ak, lengths, windows):
+    """SmolLM2's 9/3/64 from a few hundred to 8K tokens with a table of 8K tokens (the default picks tile
+    mode), batches of different lengths; then the same with item mode forced."""
+    params = CodecParams()
+    assert ak.tile_mode(len(lengths), 3, 3, 64, 8192 // params.block, params.block)
+    for tiles in (None, False):
+        rng = np.random.default_rng(sum(lengths))
+        fused_case(ak, rng, params, lengths, 3, 3, 64, windows, "outliers", W_cap=64, tiles=tiles,
+                   extra_capacity=8192 // params.block - max(lengths))
+
+
+def test_fused_8b_shape_short_and_long_tables(ak):
+    """32/8/128: a short table picks tile mode, a long one (capacity of 256K tokens) item mode; the same
+    blocks give the same attention."""
+    params = CodecParams(repack="none")
+    assert ak.tile_mode(2, 8, 4, 128, 40, params.block)
+    assert not ak.tile_mode(2, 8, 4, 128, 4096, params.block)
+    for capacity in (40, 4096):
+        rng = np.random.default_rng(8)
+        fused_case(ak, rng, params, [37, 20], 8, 4, 128, [3, 1], "outliers", extra_capacity=capacity - 37)
 
 
 def test_fused_edge_cases(ak):
@@ -222,11 +289,14 @@ def test_fused_edge_cases(ak):
     assert np.all(got[0] == 0)
 
 
-def test_fused_many_splits_and_long_sequences(ak):
+@pytest.mark.parametrize("tiles", MODES, ids=MODE_IDS)
+def test_fused_many_splits_and_long_sequences(ak, tiles):
+    """Many items per CTA (tile mode: the CTA's staging pipeline, slots and mbarrier phases over items)."""
     rng = np.random.default_rng(9)
     params = CodecParams(repack="none")
     for n_splits in (1, 3, 40):
-        fused_case(ak, rng, params, [37, 12, 0], 2, 4, 128, [2, 7, 1], "outliers", n_splits=n_splits)
+        fused_case(ak, rng, params, [37, 12, 0], 2, 4, 128, [2, 7, 1], "outliers", n_splits=n_splits, tiles=tiles)
+    fused_case(ak, rng, CodecParams(block=256), [9, 4], 2, 3, 64, [1, 2], "outliers", n_splits=2, tiles=tiles)
 
 
 def test_spans_that_do_not_fit_the_staging_slot_are_read_from_global_memory(ak):
@@ -236,7 +306,8 @@ def test_spans_that_do_not_fit_the_staging_slot_are_read_from_global_memory(ak):
     rng = np.random.default_rng(12)
     params = CodecParams(repack="none")
     for slot in (256, 4096):
-        fused_case(ak, rng, params, [9, 4], 2, 4, 128, [2, 1], "outliers", slot_bytes=slot)
+        for tiles in MODES:
+            fused_case(ak, rng, params, [9, 4], 2, 4, 128, [2, 1], "outliers", slot_bytes=slot, tiles=tiles)
         s = build(rng, params, [5, 3], 2, 64)
         arena, table, nb = s.device()
         q = rng.standard_normal((2, 6, 64)).astype(np.float16)
@@ -249,10 +320,11 @@ def test_spans_that_do_not_fit_the_staging_slot_are_read_from_global_memory(ak):
         assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
 
 
-def test_fused_real_kv(ak):
+@pytest.mark.parametrize("tiles", MODES, ids=MODE_IDS)
+def test_fused_real_kv(ak, tiles):
     rng = np.random.default_rng(2)
-    fused_case(ak, rng, CodecParams(), [15, 4], 3, 3, 64, [6, 2], "real")
-    fused_case(ak, rng, CodecParams(granularity="token-head"), [9], 3, 3, 64, [1], "real")
+    fused_case(ak, rng, CodecParams(), [15, 4], 3, 3, 64, [6, 2], "real", tiles=tiles)
+    fused_case(ak, rng, CodecParams(granularity="token-head"), [9], 3, 3, 64, [1], "real", tiles=tiles)
 
 
 def test_fused_shares_workspace_and_out(ak):
@@ -307,6 +379,9 @@ def test_launchers_refuse_clearly(ak):
         call(q=cupy.zeros((1, 3, 64), np.float16))
     with pytest.raises(ValueError, match="workspace holds"):
         call(workspace=cupy.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="tile mode needs a head_dim"):
+        call(q=cupy.zeros((1, 4, 80), np.float16), window_k=cupy.zeros((1, 2, 4, 80), np.float16),
+             window_v=cupy.zeros((1, 2, 4, 80), np.float16), tiles=True)
     with pytest.raises(ValueError, match="params must be"):
         call(params={"block": 64})
     with pytest.raises(ValueError, match="p must be"):
