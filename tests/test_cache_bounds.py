@@ -84,23 +84,22 @@ def test_gpu_encodes_each_compress_event_in_one_call_as_the_cpu_path_does(gpu, m
     8-bit lanes) is one encoder call; a full arena grows and that call repeats; the arena and the
     offset tables equal the grouped CPU path's, byte for byte. NaN is refused and nothing changes."""
     from packkv.kernels import encoder
-    attempts, calls = [], []
-    real = encoder.encode_blocks_device
+    launches = []          # blocks per encoder launch
+    real = encoder.start_blocks_device
 
     def counted(k, v, *args, **kwargs):
-        attempts.append(len(k))
-        out = real(k, v, *args, **kwargs)
-        calls.append(len(k))
-        return out
+        launches.append(len(k))
+        return real(k, v, *args, **kwargs)
 
-    monkeypatch.setattr(encoder, "encode_blocks_device", counted)
+    monkeypatch.setattr(encoder, "start_blocks_device", counted)
     on_gpu, on_cpu = bounded_cache(gpu), bounded_cache(CPU)
-    on_gpu.arena = ByteArena(gpu.xp, 4096)      # too small for the prefill's records: grow and retry
+    on_gpu.arena = ByteArena(gpu.xp, 4096)      # too small for the prefill's records: grow and launch again
     steps = random_steps(1, [100] + [1] * 40 + [70])
     for cache in (on_gpu, on_cpu):
         feed(cache, steps)
-    assert on_gpu.compress_events == on_cpu.compress_events == len(calls) == 4
-    assert calls[0] == LAYERS * BATCH * 2 and len(attempts) > len(calls)
+    assert on_gpu.compress_events == on_cpu.compress_events == 4
+    # one launch per event (the prefill's: every layer and sequence's 2 blocks), and again for a full arena
+    assert launches[0] == launches[1] == LAYERS * BATCH * 2 and len(launches) > 4
     used = on_cpu.arena.used
     assert on_gpu.arena.used == used and on_gpu.arena.capacity > 4096
     np.testing.assert_array_equal(gpu.to_numpy(on_gpu.arena.data[:used]), on_cpu.arena.data[:used])
@@ -112,4 +111,4 @@ def test_gpu_encodes_each_compress_event_in_one_call_as_the_cpu_path_does(gpu, m
     with pytest.raises(PackkvError, match="K of layer 2, sequence 1, KV head 0, token position"):
         feed(on_gpu, [(k, v)])
     after = (on_gpu.arena.used, on_gpu.n_blocks.tolist(), on_gpu.window_len.tolist(), on_gpu.lengths.tolist())
-    assert after == before and len(calls) == 4
+    assert after == before and on_gpu.compress_events == 4
