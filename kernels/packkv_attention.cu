@@ -68,8 +68,12 @@ Shared memory per warp: two staging slots (the item being decoded / the next, ea
 Bytes per token and layer (8 KV heads x 128, rel 0.1/0.2, token-layer, greedy, pack 16): 421 on the
   8B-shaped real K/V (1.65 bits per element, all bytes counted), 617 on random Gaussian (2.41); fp16: 4096.
 
-Tile mode: not yet measured (compiled with nvcc only; needs pytest -m gpu tests/test_kernels_gpu.py,
-  bench/attention.py and the SmolLM2 8K decode benchmark, issue 7). Item mode below.
+Tile mode measured (H100 80GB HBM3): `pytest -m gpu tests/test_kernels_gpu.py` 100 passed, 11 skipped
+  (9c737a1). Decode step, `python3 bench/step_profile.py --model smollm2-135m --context 7800 --caches dense
+  packkv --pdl on --steps 350` (step_profile_smollm2-135m_tiles.json against _base.json, item mode, same
+  session): graph 1125.7 -> 1049.7 us (dense 942.0), 830.8 -> 905.0 tok/s; the 8B shape at 4K
+  (step_profile_llama-3.1-8b_tiles.json / _base.json): graph 7076 -> 6599 us, 139.2 -> 150.1 tok/s.
+  TILE_ITEMS_PER_WARP (the crossover) is not tuned and bench/attention.py was not rerun. Item mode below.
 Measured (H100 80GB HBM3, `python3 bench/attention.py`, bench/results/attention.json; one sequence,
   time per layer as a CUDA graph over layer copies larger than L2):
   32/8/128, 128K tokens: 157.5 us on the real-valued K/V (SDPA fp16 181.0 us: 1.15x; compressed bytes
