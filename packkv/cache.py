@@ -337,6 +337,7 @@ class BlockCache(KVCache, ABC):
         self.block, self.window, self.max_new_tokens = block, window, max_new_tokens
         self.window_capacity = window + block + max_new_tokens + self.DEFER_STEPS
         self.in_flight: Compression | None = None     # a decode step's blocks being encoded
+        self.defer_steps = self.DEFER_STEPS           # 0: commit at once (a row's view)
         # an even count keeps every layer's [B, max_blocks] int64 table 16-byte aligned, as kernels want
         self.max_blocks = -(-s.max_context // block) + (-(-s.max_context // block)) % 2
         dims = (s.layers, s.batch, s.kv_heads, self.window_capacity, s.head_dim)
@@ -346,7 +347,9 @@ class BlockCache(KVCache, ABC):
             self.block_offsets = xp.zeros((s.layers, s.batch, self.max_blocks), dtype=np.int64)
         except (MemoryError, _gpu_oom_type()) as exc:
             raise out_of_memory_error(2 * np.prod(dims) * 2, "the KV cache's fp16 window") from exc
-        self.compress_seconds, self.compress_events = 0.0, 0   # host time spent encoding blocks
+        # host seconds spent on compress events, and their count: one object that row() views share, so
+        # a batch's stats include what its rows' prefills compressed
+        self.compression_totals = {"seconds": 0.0, "events": 0}
         self.window_len = np.zeros(s.batch, dtype=np.int64)
         self.window_starts = xp.zeros(s.batch, dtype=np.int32)   # window_len on the device
         self.n_blocks = np.zeros(s.batch, dtype=np.int64)
@@ -442,12 +445,12 @@ class BlockCache(KVCache, ABC):
         due = np.maximum(window_len - self.window, 0) // self.block
         if self.in_flight is None and due.any():
             compression = self.start_compress(due)
-            if new_tokens == 1:
+            if new_tokens == 1 and self.defer_steps:
                 self.in_flight = compression
             else:
                 window_len, moved = self.commit(compression, window_len), True
         if moved or self.in_flight is not None:
-            self.compress_seconds += time.perf_counter() - start
+            self.compression_totals["seconds"] += time.perf_counter() - start
         self.window_len[...] = window_len
         super().advance(new_tokens, counted_on_device and not moved)   # committing moved the windows
 
@@ -460,11 +463,12 @@ class BlockCache(KVCache, ABC):
         """Whether advance(new_tokens) commits the compression in flight: DEFER_STEPS decode steps after
         it started, or at once when a longer step comes or more blocks fall due."""
         pending = self.in_flight
-        return pending is not None and (pending.steps + 1 >= self.DEFER_STEPS or new_tokens > 1
+        return pending is not None and (pending.steps + 1 >= self.defer_steps or new_tokens > 1
                                         or bool((self.blocks_due(new_tokens) > pending.due).any()))
 
     def compresses_after(self, new_tokens: int) -> bool:
-        return self.commits_after(new_tokens) or (new_tokens > 1 and bool(self.blocks_due(new_tokens).any()))
+        at_once = new_tokens > 1 or not self.defer_steps
+        return self.commits_after(new_tokens) or (at_once and bool(self.blocks_due(new_tokens).any()))
 
     def settle(self) -> None:
         """Commit the compression in flight now (waiting for its encoder)."""
@@ -473,8 +477,13 @@ class BlockCache(KVCache, ABC):
             self.upload_counters()
 
     def row(self, b: int) -> "KVCache":
-        self.settle()   # a row's own advances must not commit the batch's blocks
-        return super().row(b)
+        """super().row, which compresses at once: the batch's own compression in flight is committed first,
+        and the row never defers one (it could not share it with the batch: both would write the arena
+        from the same end)."""
+        self.settle()
+        view = super().row(b)
+        view.defer_steps = 0
+        return view
 
     def upload_counters(self) -> None:
         super().upload_counters()
@@ -515,7 +524,7 @@ class BlockCache(KVCache, ABC):
             for x in (self.window_k, self.window_v):
                 x[:, b, :, :keep] = x[:, b, :, tokens:tokens + keep].copy()
             self.n_blocks[b] += due[b]
-        self.compress_events += 1
+        self.compression_totals["events"] += 1
         return window_len - due * block
 
     def encoding_groups(self, owners) -> list:
@@ -582,7 +591,8 @@ class BlockCache(KVCache, ABC):
         stats = super().stats()
         elements = int(self.lengths.sum()) * self.token_fp16_bytes() // 2
         stats.update(bits_per_element=8 * self.bytes_used() / elements if elements else None,
-                     compress_seconds=self.compress_seconds, compress_events=self.compress_events,
+                     compress_seconds=self.compression_totals["seconds"],
+                     compress_events=self.compression_totals["events"],
                      kv_params={**self.kind_params(), "window": self.window})
         return stats
 

@@ -65,6 +65,26 @@ def test_window_slides_block_by_block():
     assert cache.in_flight is not None and cache.in_flight.steps == 140 - 136   # due at 136, started there
 
 
+def test_rows_compress_at_once_and_the_batch_counts_their_events():
+    """A row's view (a batch's sequence, for its prefill) never defers a compression, so it cannot start
+    one beside the batch's; its events count in the batch's stats; row() commits the batch's pending one."""
+    cache = packkv(batch=2, window=8)
+    rng = np.random.default_rng(9)
+    (T, k, v, q), = random_steps(rng, [39])
+    row = cache.row(0)
+    run(row, [(T, k, v, q)])
+    assert int(cache.n_blocks[0]) == 0 and int(cache.window_len[0]) == 39
+    assert row.compresses_after(1)
+    run(row, random_steps(rng, [1]))          # the 40th token completes a block: committed now
+    assert int(cache.n_blocks[0]) == 1 and row.in_flight is None and cache.in_flight is None
+    assert cache.stats()["compress_events"] == 1
+    for _ in range(32):                       # sequence 1 still empty: both decode from here
+        run(cache, random_steps(rng, [1], batch=2))
+    assert cache.in_flight is not None        # the batch's decode deferred sequence 0's second block
+    cache.row(1)
+    assert cache.in_flight is None and int(cache.n_blocks[0]) == 2 and cache.stats()["compress_events"] == 2
+
+
 def test_attention_equals_reference_over_decoded_blocks_and_window():
     """Expected output, built independently: encode each block as the cache must have, decode it, and
     attend over [decoded blocks (storage order), fp16 window] with a causal mask on the window."""

@@ -97,7 +97,7 @@ def test_gpu_encodes_each_compress_event_in_one_call_as_the_cpu_path_does(gpu, m
     steps = random_steps(1, [100] + [1] * 40 + [70])
     for cache in (on_gpu, on_cpu):
         feed(cache, steps)
-    assert on_gpu.compress_events == on_cpu.compress_events == 4
+    assert on_gpu.compression_totals["events"] == on_cpu.compression_totals["events"] == 4
     # one launch per event (the prefill's: every layer and sequence's 2 blocks), and again for a full arena
     assert launches[0] == launches[1] == LAYERS * BATCH * 2 and len(launches) > 4
     used = on_cpu.arena.used
@@ -111,4 +111,4 @@ def test_gpu_encodes_each_compress_event_in_one_call_as_the_cpu_path_does(gpu, m
     with pytest.raises(PackkvError, match="K of layer 2, sequence 1, KV head 0, token position"):
         feed(on_gpu, [(k, v)])
     after = (on_gpu.arena.used, on_gpu.n_blocks.tolist(), on_gpu.window_len.tolist(), on_gpu.lengths.tolist())
-    assert after == before and on_gpu.compress_events == 4
+    assert after == before and on_gpu.compression_totals["events"] == 4
