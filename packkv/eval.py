@@ -200,6 +200,7 @@ class Windows:
     ids: list            # [windows][ctx] token ids
     prefill: int
     chunk: int
+    spread: bool = False  # windows evenly spaced through the text (--spread), else consecutive from its start
 
     @property
     def scored(self) -> int:
@@ -207,7 +208,7 @@ class Windows:
 
     def describe(self) -> dict:
         return {"windows": len(self.ids), "ctx": len(self.ids[0]), "prefill": self.prefill, "chunk": self.chunk,
-                "tokens": self.scored}
+                "tokens": self.scored, **({"spread": True} if self.spread else {})}
 
 
 def check_window_args(args) -> None:
@@ -222,11 +223,39 @@ def check_window_args(args) -> None:
 
 
 def text_windows(engine: Engine, args, text=None) -> Windows:
-    """--windows consecutive windows of --ctx tokens from the start of the text."""
+    """--windows consecutive windows of --ctx tokens from the start of the text; with --spread, windows
+    evenly spaced through it instead (spread_windows)."""
     if args.ctx > engine.max_context:
         raise PackkvError(f"--ctx {args.ctx} is longer than the model's context of {engine.max_context} tokens")
+    if getattr(args, "spread", False):
+        return Windows(spread_windows(engine, text or args.text, args.windows, args.ctx), args.prefill, args.chunk,
+                       spread=True)
     ids = text_tokens(engine, text or args.text, args.windows * args.ctx)
     return Windows([ids[i:i + args.ctx] for i in range(0, len(ids), args.ctx)], args.prefill, args.chunk)
+
+
+def spread_windows(engine: Engine, path, windows: int, ctx: int) -> list[list[int]]:
+    """`windows` windows of `ctx` tokens, the i-th from the first line that starts at or after character
+    i/windows of the text: a sample of the whole text (a corpus of many genres, as brown.txt, in order)
+    rather than of its beginning. The first window is the first of the consecutive ones."""
+    text = check_text(path).read_text(encoding="utf-8", errors="replace")
+    out = []
+    for i in range(windows):
+        at = len(text) * i // windows
+        if at:
+            line = text.find("\n", at - 1)
+            at = len(text) if line < 0 else line + 1
+        chars, ids = ctx * 8, []
+        while True:
+            ids = engine.tokenizer.encode(text[at:at + chars])
+            if len(ids) >= ctx or at + chars >= len(text):
+                break
+            chars *= 2
+        if len(ids) < ctx:
+            raise PackkvError(f"{path}: window {i + 1} of {windows} from character {at} holds {len(ids)} tokens, "
+                              f"fewer than --ctx {ctx} (fewer --windows, or a longer text)")
+        out.append(ids[:ctx])
+    return out
 
 
 def window_log_probs(engine: Engine, ids: list[int], cache, prefill: int, chunk: int):
@@ -748,20 +777,26 @@ def tune_command(args) -> dict:
 
 # ---- per-layer bounds ------------------------------------------------------------------------------
 
-def layer_multipliers(sensitivity: np.ndarray, power: float, clip: float, floor: float = 0.01) -> np.ndarray:
+def layer_multipliers(sensitivity: np.ndarray, power: float, clip: float, floor: float = 0.01,
+                      base: np.ndarray | None = None) -> np.ndarray:
     """Per-layer multipliers of one bound (K's or V's) from each layer's measured KL when it alone is
     compressed at that bound: m_l = (s_l / geometric mean)^-power, clipped to [1/clip, clip] and kept at a
     geometric mean of 1 (bits go about as -log2(bound), so about the same bytes). If KL_l grew as
     a_l * bound^2, power 0.5 would equalise the layers' marginal KL per bit (the rate-distortion optimum);
     on SmolLM2 it overshoots (a loosened layer's KL grows faster), 0.35 did better. Layers below `floor`
-    times the largest count as that."""
+    times the largest count as that. With `base` (the multipliers the sensitivities were measured at, for
+    `layers --in-context`), a step from there: m_l = base_l * (s_l / geometric mean)^-power, then the same
+    clipping and normalisation."""
     s = np.asarray(sensitivity, dtype=np.float64)
     if s.ndim != 1 or not np.isfinite(s).all() or s.max() <= 0:
         raise PackkvError("layer sensitivities must be finite, one per layer, and not all zero")
     if not (power >= 0 and clip >= 1):
         raise PackkvError(f"--power must be >= 0 and --clip >= 1, not {power} and {clip}")
+    base = np.ones_like(s) if base is None else np.asarray(base, dtype=np.float64)
+    if base.shape != s.shape or not (np.isfinite(base).all() and (base > 0).all()):
+        raise PackkvError(f"base multipliers must be finite, positive and one per layer ({len(s)})")
     s = np.maximum(s, floor * s.max())
-    m = (s / np.exp(np.log(s).mean())) ** -power
+    m = base * (s / np.exp(np.log(s).mean())) ** -power
     for _ in range(100):       # clipping moves the mean; renormalise until both hold
         m = np.clip(m / np.exp(np.log(m).mean()), 1 / clip, clip)
     return m
@@ -771,14 +806,27 @@ def layers_command(args) -> dict:
     """Each layer's sensitivity at the base bounds: the KL to dense when that layer's K (then V) alone is
     compressed at them and every other layer at the tight --rel-floor (the first blocks at --kv-sink, if
     set), minus the KL with every layer at the floor. Per-layer multipliers from it (layer_multipliers),
-    then the base bounds with and without them; saves a profile with the multipliers."""
+    then the base bounds with and without them; saves a profile with the multipliers.
+
+    --in-context measures at the operating point instead: every layer at the base bounds times the
+    multipliers the --kv-profile holds (1 without), and a layer's sensitivity is what it adds there, the
+    operating point's KL minus the KL with that layer's K (then V) alone at --rel-floor. Layers interact
+    (an error early on changes what later layers see), so this is each layer's share of the KL the tune
+    will actually see, not of a nearly exact cache. The new multipliers are a step from the old ones
+    (layer_multipliers with base=), toward equal shares: the rate-distortion optimum when every layer's KL
+    grows alike with its bound; then the old and the new multipliers at the base bounds."""
     if not codec.MIN_REL <= args.rel_floor <= 1:
         raise PackkvError(f"--rel-floor must be in [2**-12, 1], not {args.rel_floor}")
-    spec = CacheSpec.from_args(argparse.Namespace(**{**vars(args), "cache": "packkv", "kv_layer_scales": "none"}))
+    in_context = args.in_context
+    spec = CacheSpec.from_args(argparse.Namespace(**{**vars(args), "cache": "packkv",
+                                                      **({} if in_context else {"kv_layer_scales": "none"})}))
     params = spec.params["params"]
     check_window_args(args)
     engine = load(args)
     L = engine.config.num_hidden_layers
+    base = spec.params.get("layer_scales") or LayerScales([1.0] * L, [1.0] * L)
+    if len(base.k) != L:
+        raise PackkvError(f"the profile's layer scales are for {len(base.k)} layers, the model has {L}")
     windows = text_windows(engine, args)
     dense, reference = score(engine, windows, DENSE, keep=True)
     tight_k, tight_v = args.rel_floor / params.rel_k, args.rel_floor / params.rel_v
@@ -788,28 +836,46 @@ def layers_command(args) -> dict:
                           reference)
         return result
 
-    floor = kl_with([tight_k] * L, [tight_v] * L)["kl"]
+    # the reference point: every layer tight (one layer at a time is loosened to the base bounds), or the
+    # operating point (one layer at a time is tightened)
+    start_k, start_v = ((base.k.tolist(), base.v.tolist()) if in_context else ([tight_k] * L, [tight_v] * L))
+    floor = kl_with(start_k, start_v)["kl"]
     kl_k, kl_v = np.zeros(L), np.zeros(L)
     bar = progress(total=2 * L, desc="layers", unit="cache")
     for layer in range(L):
-        for out, k_mult, v_mult in ((kl_k, 1.0, tight_v), (kl_v, tight_k, 1.0)):
-            ks, vs = [tight_k] * L, [tight_v] * L
-            ks[layer], vs[layer] = k_mult, v_mult
+        for out, which in ((kl_k, "k"), (kl_v, "v")):
+            ks, vs = list(start_k), list(start_v)
+            if in_context:
+                (ks if which == "k" else vs)[layer] = tight_k if which == "k" else tight_v
+            else:
+                (ks if which == "k" else vs)[layer] = 1.0
             out[layer] = kl_with(ks, vs)["kl"]
             bar.update()
     bar.close()
-    sens_k, sens_v = np.maximum(kl_k - floor, 0), np.maximum(kl_v - floor, 0)
-    layers = LayerScales(layer_multipliers(sens_k, args.power, args.clip), layer_multipliers(sens_v, args.power, args.clip))
+    if in_context:
+        sens_k, sens_v = np.maximum(floor - kl_k, 0), np.maximum(floor - kl_v, 0)
+        layers = LayerScales(layer_multipliers(sens_k, args.power, args.clip, base=base.k),
+                             layer_multipliers(sens_v, args.power, args.clip, base=base.v))
+        compared = (("base", {"layer_scales": base}), ("per_layer", {"layer_scales": layers}))
+    else:
+        sens_k, sens_v = np.maximum(kl_k - floor, 0), np.maximum(kl_v - floor, 0)
+        layers = LayerScales(layer_multipliers(sens_k, args.power, args.clip),
+                             layer_multipliers(sens_v, args.power, args.clip))
+        compared = (("uniform", {}), ("per_layer", {"layer_scales": layers}))
     results = {}
-    for name, extra in (("uniform", {}), ("per_layer", {"layer_scales": layers})):
-        result, _ = score(engine, windows, CacheSpec("packkv", {**spec.params, **extra}), reference)
+    for name, extra in compared:
+        result, _ = score(engine, windows, CacheSpec("packkv", {**{k: v for k, v in spec.params.items()
+                                                                  if k != "layer_scales"}, **extra}), reference)
         results[name] = {**result, "ppl_increase_pct": ppl_increase_pct(result["ppl"], dense["ppl"])}
     best = results["per_layer"]
     sink = spec.params.get("sink")
     profile = {"model": args.model, "params": {key: getattr(params, key) for key in PROFILE_PARAMS},
                "layer_scales": layers.as_json(),
-               "layer_sensitivity": {"k": sens_k.tolist(), "v": sens_v.tolist(), "floor_kl": floor,
-                                     "rel_floor": args.rel_floor, "power": args.power, "clip": args.clip},
+               "layer_sensitivity": {"k": sens_k.tolist(), "v": sens_v.tolist(),
+                                     ("operating_kl" if in_context else "floor_kl"): floor,
+                                     "rel_floor": args.rel_floor, "power": args.power, "clip": args.clip,
+                                     "in_context": in_context,
+                                     **({"base_layer_scales": base.as_json()} if in_context else {})},
                "calibration": {"text": str(args.text), **windows.describe(), "window": spec.params["window"],
                                "dense_ppl": dense["ppl"], **{k: best[k] for k in (
                                    "ppl", "ppl_increase_pct", "kl", "top1_agreement", "compression_ratio",
@@ -870,6 +936,8 @@ def add_windows(p: argparse.ArgumentParser, windows: int = 4) -> None:
     p.add_argument("--windows", type=int, default=windows, help="windows, consecutive from the text's start")
     p.add_argument("--prefill", type=int, default=256, help="tokens of each window fed as a prompt, not scored")
     p.add_argument("--chunk", type=int, default=32, help="scored tokens per forward pass (at most --kv-window)")
+    p.add_argument("--spread", action="store_true", help="windows evenly spaced through the text (each from a "
+                                                         "line's start), not consecutive from its start")
 
 
 def add_grid(p: argparse.ArgumentParser, rel_k: str, rel_v: str, granularities: str) -> None:
@@ -926,7 +994,12 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="per-layer bounds from each layer's measured sensitivity, saved as a profile")
     add_common(p, "calibration text (not the one you evaluate on)")
     add_windows(p, windows=1)
-    p.add_argument("--rel-floor", type=float, default=0.001, help="the bound of the layers not under test")
+    p.add_argument("--rel-floor", type=float, default=0.001,
+                   help="the bound of the layers not under test (with --in-context: of the layer under test)")
+    p.add_argument("--in-context", action="store_true",
+                   help="measure at the operating point: every layer at the base bounds times the --kv-profile's "
+                        "multipliers, each layer's share = that KL minus the KL with the layer at --rel-floor; "
+                        "the new multipliers are a step from the profile's")
     p.add_argument("--power", type=float, default=0.35, help="multiplier = (sensitivity / geometric mean)^-power")
     p.add_argument("--clip", type=float, default=4.0, help="multipliers within [1/clip, clip]")
     p.add_argument("--profile-out", help="save the profile here (default: next to the weights, else the cache "

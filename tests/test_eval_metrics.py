@@ -415,3 +415,63 @@ def test_layers_saves_per_layer_bounds_that_kl_and_tune_use(tiny, capsys, tmp_pa
                     "--profile-out", tuned)
     assert json.loads(tuned.read_text())["layer_scales"] == saved["layer_scales"]
     assert out["tried"][0]["layer_scales"] == saved["layer_scales"]
+
+
+def test_layers_in_context_steps_from_the_profiles_multipliers(tiny, capsys, tmp_path):
+    """`eval layers --in-context`: the reference is the operating point (the --kv-profile's multipliers at its
+    bounds, reproduced by kl with that profile), each layer's share is that KL minus the KL with its K (V)
+    alone at --rel-floor, and the new multipliers are the old ones times (share / geometric mean)^-power
+    (no clipping at --clip 100), at a geometric mean of 1; kl with the new profile reproduces its per_layer run."""
+    folder, text = tiny
+    first, second = tmp_path / "layers.json", tmp_path / "in-context.json"
+    base = ["--kv-rel-k", "0.1", "--kv-rel-v", "0.3", "--kv-granularity", "token-layer", "--kv-sink", "0.02,0.05"]
+    eval_json(capsys, tmp_path, "layers", *window_args(folder, text), *FAST, *base, "--profile-out", first)
+    old = json.loads(first.read_text())["layer_scales"]
+    result = eval_json(capsys, tmp_path, "layers", *window_args(folder, text), *FAST, "--kv-profile", first,
+                       "--in-context", "--power", "0.5", "--clip", "100", "--profile-out", second)
+    saved = json.loads(second.read_text())
+    sens = saved["layer_sensitivity"]
+    assert sens["in_context"] and sens["base_layer_scales"] == old and saved["sink"] == [0.02, 0.05]
+    operating = eval_json(capsys, tmp_path, "kl", *window_args(folder, text), *FAST, "--cache", "packkv",
+                          "--kv-profile", first)
+    assert sens["operating_kl"] == pytest.approx(operating["kl"])
+    assert result["results"]["base"]["kl"] == pytest.approx(operating["kl"])
+    for which in ("k", "v"):
+        share = np.maximum(sens["operating_kl"] - np.asarray(result[f"kl_{which}"]), 0)
+        np.testing.assert_allclose(sens[which], share)
+        share = np.maximum(share, 0.01 * share.max())
+        expected = np.asarray(old[which]) * share ** -0.5
+        np.testing.assert_allclose(saved["layer_scales"][which], expected / np.exp(np.log(expected).mean()), rtol=1e-9)
+    assert saved["layer_scales"] != old
+    new = eval_json(capsys, tmp_path, "kl", *window_args(folder, text), *FAST, "--cache", "packkv",
+                    "--kv-profile", second)
+    assert new["kl"] == pytest.approx(result["results"]["per_layer"]["kl"])
+
+
+def test_spread_windows_sample_the_whole_text(tiny, capsys, tmp_path):
+    """--spread: window i starts at the first line at or after character i/windows of the text (the first
+    window is the consecutive run's first), the run records it; a text too short for a window is one line."""
+    folder, text = tiny
+    rng = np.random.default_rng(1)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "from", "home"]
+    lines = [" ".join(rng.choice(words, int(rng.integers(3, 12)))) + "." for _ in range(400)]
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    body = corpus.read_text()
+    from packkv.eval import spread_windows
+    engine = Engine(str(folder), "cpu")
+    got = spread_windows(engine, corpus, 3, 40)
+    for i, ids in enumerate(got):
+        at = len(body) * i // 3
+        start = 0 if i == 0 else body.index("\n", at - 1) + 1
+        assert start == 0 or body[start - 1] == "\n"
+        assert ids == engine.tokenizer.encode(body[start:])[:40]
+    assert got[0] == engine.tokenizer.encode(body)[:40] and got[1] != got[0]
+    spread = eval_json(capsys, tmp_path, "kl", "--weights", folder, "--text", corpus, "--ctx", CTX, "--windows", 3,
+                       "--prefill", PREFILL, "--spread", *FAST, "--cache", "packkv", "--kv-profile", "none")
+    plain = eval_json(capsys, tmp_path, "kl", "--weights", folder, "--text", corpus, "--ctx", CTX, "--windows", 3,
+                      "--prefill", PREFILL, *FAST, "--cache", "packkv", "--kv-profile", "none")
+    assert spread["windows"]["spread"] and "spread" not in plain["windows"] and spread["kl"] != plain["kl"]
+    code, captured = run(capsys, "kl", "--weights", folder, "--text", corpus, "--ctx", CTX, "--windows", 200,
+                         "--prefill", PREFILL, "--spread", "--device", "cpu")
+    assert code == 2 and "fewer than --ctx" in captured.err.strip().splitlines()[-1]
