@@ -145,15 +145,17 @@ class KVCache(ABC):
         compressed): a pipelined decode adds one to them on the device instead of uploading them."""
         return [self.starts]
 
-    def compresses_after(self, new_tokens: int) -> bool:
-        """Whether committing `new_tokens` more tokens would reorganise the cache (compress blocks): then
-        no later step may already be in flight, since the device state it reads changes."""
+    def reorganises_within(self, steps: int) -> bool:
+        """Whether one of the next `steps` one-token commits would reorganise the cache (commit compressed
+        blocks): then no step after it may already be in flight, since the device state it reads changes."""
         return False
 
-    def may_run_ahead(self) -> bool:
-        """Whether a pipelined decode may launch the next step before committing the current one: the
-        current one's commit leaves the device counters to the increments, and both tokens fit."""
-        return not self.compresses_after(1) and int(self.lengths.max()) + 2 <= self.shape.max_context
+    def may_run_ahead(self, in_flight: int = 1) -> bool:
+        """Whether a pipelined decode may launch another step while `in_flight` steps are launched and not
+        yet committed: their commits leave the device counters to the increments, and every one of their
+        tokens and the new step's fits."""
+        return (not self.reorganises_within(in_flight)
+                and int(self.lengths.max()) + in_flight + 1 <= self.shape.max_context)
 
     def fp16_bytes(self) -> int:
         """What the committed tokens take as plain fp16 K and V: the yardstick of compression."""
@@ -466,9 +468,13 @@ class BlockCache(KVCache, ABC):
         return pending is not None and (pending.steps + 1 >= self.defer_steps or new_tokens > 1
                                         or bool((self.blocks_due(new_tokens) > pending.due).any()))
 
-    def compresses_after(self, new_tokens: int) -> bool:
-        at_once = new_tokens > 1 or not self.defer_steps
-        return self.commits_after(new_tokens) or (at_once and bool(self.blocks_due(new_tokens).any()))
+    def reorganises_within(self, steps: int) -> bool:
+        pending, due = self.in_flight, self.blocks_due(steps)
+        if pending is not None:        # it commits DEFER_STEPS after its start, or when more blocks fall due
+            return pending.steps + steps >= self.defer_steps or bool((due > pending.due).any())
+        # one that starts within these steps commits within them only if they outlast the deferral (or
+        # they complete a second block, or nothing is deferred)
+        return bool(due.any()) and (steps > self.defer_steps or bool((due > 1).any()))
 
     def settle(self) -> None:
         """Commit the compression in flight now (waiting for its encoder)."""

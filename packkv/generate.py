@@ -150,8 +150,12 @@ class GraphDecoder:
     again only when a buffer it baked in has moved (cache.layout_version changes).
 
     The graph ends with the greedy choice (argmax of the last logits) written into its own input buffer,
-    so greedy steps chain on the device: greedy_steps runs one step ahead of the host, which reads each
-    step's tokens (and commits them to the cache) while the next step already runs."""
+    so greedy steps chain on the device: greedy_steps runs up to PIPELINE_DEPTH steps ahead of the host,
+    which reads each step's tokens (and commits them to the cache) while the next steps already run."""
+
+    # Steps in flight while the host commits one: two keep the GPU busy through a host pause of up to two
+    # steps (a compress event's start: ~2.5 ms of host time against SmolLM2's ~1.1 ms steps).
+    PIPELINE_DEPTH = 2
 
     def __init__(self, engine: Engine, cache: KVCache):
         import cupy
@@ -196,15 +200,17 @@ class GraphDecoder:
 
     def greedy_steps(self, token_ids):
         """Greedy decoding from token_ids (one per sequence), pipelined: yields each step's chosen ids,
-        committed to the cache. Step n + 1 is enqueued before step n's ids are read (its input is
-        already on the device, and the cache's device counters advance in stream order behind each
-        step), unless committing step n compresses blocks: that changes what step n + 1 reads, so the
-        pipeline drains first. Closing the generator (or an error in a commit) waits for a step still in
-        flight; steps not committed leave no trace (the device counters are reset from the host's)."""
+        committed to the cache. Steps n + 1 .. n + PIPELINE_DEPTH are enqueued before step n's ids are
+        read (their inputs are already on the device, and the cache's device counters advance in stream
+        order behind each step), unless one of the commits before them reorganises the cache: that
+        changes what the later steps read, so the pipeline drains to it first. Closing the generator (or
+        an error in a commit) waits for the steps still in flight; steps not committed leave no trace (the
+        device counters are reset from the host's)."""
         import cupyx
         cache, stream = self.cache, self.stream
         self.tokens.set(np.asarray(token_ids, dtype=np.int32).reshape(-1, 1))
-        chosen = cupyx.empty_pinned((2, cache.shape.batch), dtype=np.int32)   # a slot per step in flight
+        slots = self.PIPELINE_DEPTH + 1           # a slot per step in flight (the one being read included)
+        chosen = cupyx.empty_pinned((slots, cache.shape.batch), dtype=np.int32)
         in_flight, launched, committed = [], 0, 0
 
         def enqueue(after_host_writes: bool):
@@ -214,7 +220,7 @@ class GraphDecoder:
             with stream:
                 for counter in cache.device_counters():
                     model_ops.add_one(counter)
-            slot = launched % 2
+            slot = launched % slots
             self.tokens.reshape(-1).get(stream=stream, out=chosen[slot], blocking=False)
             in_flight.append((slot, stream.record()))
 
@@ -223,8 +229,9 @@ class GraphDecoder:
                 if not in_flight:         # the start, or drained for a commit that uploaded
                     cache.check_room(1)
                     enqueue(after_host_writes=True)
-                if cache.may_run_ahead():   # nothing uploaded since the step in flight was enqueued
-                    enqueue(after_host_writes=False)
+                # step n (the next to commit) and up to PIPELINE_DEPTH after it
+                while len(in_flight) <= self.PIPELINE_DEPTH and cache.may_run_ahead(len(in_flight)):
+                    enqueue(after_host_writes=False)   # nothing uploaded since the steps in flight
                 slot, done = in_flight.pop(0)
                 done.synchronize()
                 ids = chosen[slot].tolist()

@@ -74,7 +74,7 @@ def test_rows_compress_at_once_and_the_batch_counts_their_events():
     row = cache.row(0)
     run(row, [(T, k, v, q)])
     assert int(cache.n_blocks[0]) == 0 and int(cache.window_len[0]) == 39
-    assert row.compresses_after(1)
+    assert row.reorganises_within(1)
     run(row, random_steps(rng, [1]))          # the 40th token completes a block: committed now
     assert int(cache.n_blocks[0]) == 1 and row.in_flight is None and cache.in_flight is None
     assert cache.stats()["compress_events"] == 1
@@ -239,11 +239,14 @@ def test_pipelined_commits_leave_the_counters_to_the_device_until_a_block_compre
         cache.advance(T, counted_on_device=True)
 
     for step in range(10 + defer - 1):             # tokens 31..48: the 40th completes a block
-        assert not cache.compresses_after(1) and cache.may_run_ahead()
+        assert not cache.reorganises_within(1) and cache.may_run_ahead()
+        # two steps may be in flight (their commits start the compression or leave it pending) but for
+        # the last one before the commit
+        assert cache.may_run_ahead(2) == (step != 10 + defer - 2)
         decode_step()
         assert (cache.in_flight is not None) == (step >= 9) and int(cache.n_blocks[0]) == 0
     assert int(cache.window_len[0]) == 39 + defer and cache.starts[0] == 1000 and cache.window_starts[0] == 1000
-    assert cache.compresses_after(1) and not cache.may_run_ahead()   # the next commit slides the window
+    assert cache.reorganises_within(1) and not cache.may_run_ahead()   # the next commit slides the window
     decode_step()
     assert int(cache.n_blocks[0]) == 1 and cache.in_flight is None
     length = 40 + defer
@@ -251,4 +254,6 @@ def test_pipelined_commits_leave_the_counters_to_the_device_until_a_block_compre
     cache.lengths[0] = 58
     assert cache.may_run_ahead()                    # tokens 59 and 60 fit a context of 60
     cache.lengths[0] = 59
-    assert not cache.compresses_after(1) and not cache.may_run_ahead()   # 61 would not
+    assert not cache.reorganises_within(1) and not cache.may_run_ahead()   # 61 would not
+    cache.lengths[0] = 57
+    assert cache.may_run_ahead(2) and not cache.may_run_ahead(3)   # 58, 59, 60 fit; 61 would not
