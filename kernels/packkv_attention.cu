@@ -235,22 +235,16 @@ __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
 
 #ifndef __CUDACC_RTC__
 // nvcc compile check (tests/test_kernels_compile.py); at run time nvrtc instantiates what is launched.
-template __global__ void pk_attention_splits<64, 16>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
-                                                     int, int, int, float, float*);
-template __global__ void pk_attention_splits<128, 16>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
-                                                      int, int, int, float, float*);
-template __global__ void pk_attention_splits<128, 8>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
-                                                     int, int, int, float, float*);
-template __global__ void pk_attention_splits<128, 32>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
-                                                      int, int, int, float, float*);
-template __global__ void pk_attention_tiles<64, 16>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
-                                                    int, int, int, float, float*);
-template __global__ void pk_attention_tiles<128, 16>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
-                                                     int, int, int, float, float*);
-template __global__ void pk_attention_tiles<128, 8>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
-                                                    int, int, int, float, float*);
-template __global__ void pk_attention_tiles<128, 32>(const u16*, const u8* const*, const i64*, const int*, int, int, int, int,
-                                                     int, int, int, float, float*);
+// Both modes of the split kernel for each (head_dim, pack) the tests launch.
+#define PK_INSTANTIATE_SPLITS(D, P)                                                                          \
+  template __global__ void pk_attention_splits<D, P>(const u16*, const u8* const*, const i64*, const int*, int, \
+                                                     int, int, int, int, int, int, float, float*);           \
+  template __global__ void pk_attention_tiles<D, P>(const u16*, const u8* const*, const i64*, const int*, int,  \
+                                                    int, int, int, int, int, int, float, float*);
+PK_INSTANTIATE_SPLITS(64, 16)
+PK_INSTANTIATE_SPLITS(128, 16)
+PK_INSTANTIATE_SPLITS(128, 8)
+PK_INSTANTIATE_SPLITS(128, 32)
 template __global__ void pk_merge_window<64>(const u16*, const u16*, const u16*, const int*, const float*, int, int,
                                              int, int, float, u16*);
 template __global__ void pk_merge_window<128>(const u16*, const u16*, const u16*, const int*, const float*, int, int,
