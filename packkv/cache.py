@@ -141,8 +141,8 @@ class KVCache(ABC):
         set_device_array(self.starts, self.lengths)
 
     def device_counters(self) -> list:
-        """The device arrays that grow by exactly one per committed decode token (while no block is
-        compressed): a pipelined decode adds one to them on the device instead of uploading them."""
+        """The device arrays that grow by exactly one per committed decode token (while no compressed
+        block is committed): a pipelined decode adds one to them on the device instead of uploading them."""
         return [self.starts]
 
     def reorganises_within(self, steps: int) -> bool:
@@ -310,8 +310,8 @@ class BlockCache(KVCache, ABC):
     immutable blocks of `block` tokens, encoded into variable-sized records in a ByteArena with a table
     of block offsets. A subclass says how a batch of blocks is encoded and decoded (`encode`, `decode`).
 
-    A sequence's window holds between `window` and `window + block - 1` tokens once it is long enough;
-    `advance` encodes each full block that falls out of it, for every layer and sequence in one encoder
+    A sequence's window holds between `window` and `window + block - 1` tokens once it is long enough
+    (DEFER_STEPS more while a decode step's blocks are being encoded, see below); `advance` encodes each full block that falls out of it, for every layer and sequence in one encoder
     call. A decode step (one new token) only starts that encoding: the blocks stay in the window, and
     attention reads them there as fp16, until the advance DEFER_STEPS steps later commits the records
     (an encoder on the GPU runs meanwhile, beside the next steps, instead of stalling them). The commit
@@ -340,6 +340,7 @@ class BlockCache(KVCache, ABC):
         self.window_capacity = window + block + max_new_tokens + self.DEFER_STEPS
         self.in_flight: Compression | None = None     # a decode step's blocks being encoded
         self.defer_steps = self.DEFER_STEPS           # 0: commit at once (a row's view)
+        self.refused = False      # the last commit refused its blocks: the next attempt is not deferred
         # an even count keeps every layer's [B, max_blocks] int64 table 16-byte aligned, as kernels want
         self.max_blocks = -(-s.max_context // block) + (-(-s.max_context // block)) % 2
         dims = (s.layers, s.batch, s.kv_heads, self.window_capacity, s.head_dim)
@@ -436,22 +437,29 @@ class BlockCache(KVCache, ABC):
     # ---- once per step --------------------------------------------------------------------------
 
     def advance(self, new_tokens: int, counted_on_device: bool = False) -> None:
-        # Either step may refuse (NaN, inf in a block): then nothing moves and the step is not committed.
+        # A start or commit may refuse (NaN, inf in a block): then the step is not committed, and a commit
+        # made before the refusal in this call stands (the windows without this step's tokens).
         window_len = self.window_len + new_tokens
         start = time.perf_counter()
         moved = self.commits_after(new_tokens)
         if moved:
             window_len = self.commit(self.in_flight, window_len)
+            self.window_len[...] = window_len - new_tokens
         elif self.in_flight is not None:
             self.in_flight.steps += 1
         due = np.maximum(window_len - self.window, 0) // self.block
-        if self.in_flight is None and due.any():
-            compression = self.start_compress(due)
-            if new_tokens == 1 and self.defer_steps:
-                self.in_flight = compression
-            else:
-                window_len, moved = self.commit(compression, window_len), True
-        if moved or self.in_flight is not None:
+        try:
+            if self.in_flight is None and due.any():
+                compression = self.start_compress(due)
+                if new_tokens == 1 and self.defer_steps and not self.refused:
+                    self.in_flight = compression
+                else:
+                    window_len, moved = self.commit(compression, window_len), True
+        except Exception:
+            if moved:
+                self.upload_counters()
+            raise
+        if moved or self.in_flight is not None and self.in_flight.steps == 0:
             self.compression_totals["seconds"] += time.perf_counter() - start
         self.window_len[...] = window_len
         super().advance(new_tokens, counted_on_device and not moved)   # committing moved the windows
@@ -472,9 +480,13 @@ class BlockCache(KVCache, ABC):
         pending, due = self.in_flight, self.blocks_due(steps)
         if pending is not None:        # it commits DEFER_STEPS after its start, or when more blocks fall due
             return pending.steps + steps >= self.defer_steps or bool((due > pending.due).any())
-        # one that starts within these steps commits within them only if they outlast the deferral (or
-        # they complete a second block, or nothing is deferred)
-        return bool(due.any()) and (steps > self.defer_steps or bool((due > 1).any()))
+        if not due.any():
+            return False
+        # a compression starts at the first step that completes some sequence's block, and commits
+        # defer_steps steps later, or as soon as more blocks fall due (another sequence's included)
+        first = max(1, int((self.window + self.block - self.window_len).min()))
+        return (not self.defer_steps or self.refused or steps >= first + self.defer_steps
+                or bool((due > self.blocks_due(first)).any()))
 
     def settle(self) -> None:
         """Commit the compression in flight now (waiting for its encoder)."""
@@ -518,7 +530,12 @@ class BlockCache(KVCache, ABC):
         counts, the windows slid past them. Returns the windows' new lengths. Nothing changes if the
         records cannot be written (NaN, inf): the compression is dropped and the error raised."""
         self.in_flight = None
-        offsets = compression.records.offsets()
+        try:
+            offsets = compression.records.offsets()
+        except Exception:
+            self.refused = True   # the blocks stay due; deferring them again would only grow the windows
+            raise
+        self.refused = False
         due, owners, block, xp = compression.due, compression.owners, self.block, self.backend.xp
         layer_index, row_index, block_index = (np.array(column) for column in zip(*owners))
         self.block_offsets[layer_index, row_index, block_index] = xp.asarray(offsets[:-1])
@@ -624,7 +641,7 @@ class PackkvCache(BlockCache):
         self.layer_params = None if layer_scales is None else layer_scales.params(params, shape.layers)
         super().__init__(shape, backend, params.block, window, max_new_tokens, keep_decoded=not backend.is_gpu)
         self.scales = None if scales is None else scales.on(backend, shape)
-        self.attention_workspace = None      # (query heads, the decode kernel's workspace), on first use
+        self.attention_workspace = None      # ((query heads, batch), the decode kernel's workspace), on first use
 
     @property
     def graph_capturable(self) -> bool:
@@ -649,10 +666,11 @@ class PackkvCache(BlockCache):
         if not (self.backend.is_gpu and self.pending == 1):
             return super().attend(layer, q)
         from packkv.kernels.attention_kernels import attention_workspace, compressed_decode_attention
-        if self.attention_workspace is None or self.attention_workspace[0] != q.shape[1]:
+        key = (q.shape[1], self.shape.batch)   # a row's view has its own (batch 1: other splits)
+        if self.attention_workspace is None or self.attention_workspace[0] != key:
             # made once and kept: not an allocation in every layer of every step
             s = self.shape
-            self.attention_workspace = (q.shape[1], attention_workspace(s.batch, q.shape[1], s.kv_heads, s.head_dim,
+            self.attention_workspace = (key, attention_workspace(s.batch, q.shape[1], s.kv_heads, s.head_dim,
                                                                         self.max_blocks, self.params))
         out = compressed_decode_attention(q[:, :, 0], self.arena.data, self.block_offsets[layer],
                                           self.device_n_blocks, self.window_k[layer], self.window_v[layer],

@@ -17,7 +17,9 @@ compressed blocks, and the blocks that leave the window are compressed after eac
 so the scored tokens read the compressed blocks. The one difference from decoding token by token
 (--chunk 1, exact but slow on a CPU) is that the later tokens of a chunk see up to chunk - 1 more fp16
 neighbours; chunks are at most the fp16 window (--kv-window), so every scored token sees at least the
-window in fp16, as in decode, and at most window + block + chunk - 2 tokens instead of window + block - 1.
+window in fp16, as in decode, and at most window + block + chunk - 2 tokens instead of window + block - 1
+(+ DEFER_STEPS while a decode step's blocks are being encoded: chunks of more than one token commit theirs
+at once).
 The default chunk, 32, is the quant baseline's block; both families get the same chunks.
 """
 from __future__ import annotations

@@ -257,3 +257,66 @@ def test_pipelined_commits_leave_the_counters_to_the_device_until_a_block_compre
     assert not cache.reorganises_within(1) and not cache.may_run_ahead()   # 61 would not
     cache.lengths[0] = 57
     assert cache.may_run_ahead(2) and not cache.may_run_ahead(3)   # 58, 59, 60 fit; 61 would not
+
+
+def test_two_steps_ahead_are_refused_before_another_sequences_block_commits_the_pending_one():
+    """Batch of two, windows one token apart: the next step starts sequence 0's compression and the one
+    after completes sequence 1's block, which commits it at once (and starts sequence 1's). A pipeline
+    must not have both steps in flight (may_run_ahead(2) is False); one is fine."""
+    cache = packkv(batch=2, window=8)
+    rng = np.random.default_rng(11)
+    for T, k, v, q in random_steps(rng, [38], batch=2):
+        run(cache, [(T, k, v, q)])
+    (T, k, v, q), = random_steps(rng, [1], batch=2)
+    cache.lengths[0] += 1                              # sequence 0 one token ahead, as a batch's rows may be
+    cache.window_len[0] += 1
+    assert cache.may_run_ahead(1) and not cache.reorganises_within(1)
+    assert cache.reorganises_within(2) and not cache.may_run_ahead(2)
+    run(cache, random_steps(rng, [1], batch=2))        # starts sequence 0's
+    assert cache.n_blocks.tolist() == [0, 0] and cache.in_flight.due.tolist() == [1, 0]
+    run(cache, random_steps(rng, [1], batch=2))        # commits it, starts sequence 1's
+    assert cache.n_blocks.tolist() == [1, 0] and cache.in_flight.due.tolist() == [0, 1]
+
+
+def test_a_refusal_after_a_commit_in_the_same_advance_keeps_the_commit_and_the_step_out():
+    """A prefill chunk arrives while a decode step's compression is pending: the advance commits that one,
+    then refuses the chunk's NaN; the commit stands, the chunk's tokens are not committed."""
+    cache = packkv(window=8)
+    rng = np.random.default_rng(12)
+    run(cache, random_steps(rng, [39, 1]))             # the 40th token starts a compression
+    assert cache.in_flight is not None
+    (T, k, v, q), = random_steps(rng, [40])
+    k[1, 0, 1, 3, 5] = np.nan                          # in the chunk's first block
+    with pytest.raises(PackkvError, match="not finite"):
+        run(cache, [(T, k, v, q)])
+    assert int(cache.n_blocks[0]) == 1 and cache.in_flight is None
+    assert int(cache.lengths[0]) == 40 and int(cache.window_len[0]) == 40 - PARAMS.block
+
+
+def test_a_refused_commit_is_not_deferred_again():
+    """The GPU finds NaN at the commit, DEFER_STEPS steps after the start: the blocks stay due, and the
+    next attempt commits at once (refusing again at once) instead of growing the window by another
+    deferral."""
+    cache = packkv(window=8)
+    rng = np.random.default_rng(13)
+    run(cache, random_steps(rng, [39, 1]))
+    real_start = cache.start_records
+
+    class Refusing:
+        def offsets(self):
+            raise PackkvError("cannot compress the KV cache: simulated refusal at the commit")
+
+    cache.start_records = lambda k, v, owners: (real_start(k, v, owners), Refusing())[1]
+    cache.in_flight.records = Refusing()
+    for _ in range(PackkvCache.DEFER_STEPS - 1):
+        run(cache, random_steps(rng, [1]))
+    with pytest.raises(PackkvError, match="simulated refusal"):
+        run(cache, random_steps(rng, [1]))
+    window = int(cache.window_len[0])
+    assert cache.refused and cache.reorganises_within(1)
+    with pytest.raises(PackkvError, match="simulated refusal"):
+        run(cache, random_steps(rng, [1]))            # at once, not deferred again
+    assert int(cache.window_len[0]) == window and cache.in_flight is None
+    cache.start_records = real_start
+    run(cache, random_steps(rng, [1]))                 # clean data again: committed at once
+    assert int(cache.n_blocks[0]) == 1 and not cache.refused
