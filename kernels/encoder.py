@@ -20,8 +20,7 @@ synchronizes once (it reads back the end offset, error flags and offsets). NaN/i
 NonFiniteInputError (a ValueError) naming the array, block, head and token; records that do not fit
 raise ArenaFullError(needed=...). Either way nothing is committed: `used` is still valid (bytes past it
 may have been written). `job = start_blocks_device(...)` is the same launch without the wait: the
-readback lands in pinned host memory behind it on the stream, `job.finished()` polls and
-`job.result()` waits, returning (new_used, host offsets) or raising (the cache compresses a decode
+readback lands in pinned host memory behind it on the stream, and `job.result()` waits, returning (new_used, host offsets) or raising (the cache compresses a decode
 step's blocks this way while the next steps run). `max_record_bytes(params, H, D)` bounds one record, to size an arena beforehand.
 `BlockEncoder(params, H, D)` is the same with the compiled kernel and scratch kept (encode_blocks_device
 caches one per configuration). The first call of a configuration compiles the kernel (~20-40 s).
@@ -1436,14 +1435,14 @@ class NonFiniteInputError(ValueError):
 
 
 class EncodeJob:
-    """One encoder launch in flight (BlockEncoder.start). `offsets` (device int64 [n + 1]) is valid once
-    it has finished; `finished()` asks without waiting, `result()` waits and returns (new_used, offsets
-    on the host as int64 [n + 1]) or raises what the launch found (NonFiniteInputError, ArenaFullError,
+    """One encoder launch in flight (BlockEncoder.start). `offsets` (the device int64 [n + 1] array the
+    kernel writes) is valid once it has finished; `result()` waits and returns (new_used, offsets on the
+    host as int64 [n + 1]) or raises what the launch found (NonFiniteInputError, ArenaFullError,
     RuntimeError for an encoder bug)."""
 
     def __init__(self, offsets, host: np.ndarray, capacity: int, params: codec.CodecParams, n_kv_heads: int,
                  stream=None, keep=()):
-        self.offsets, self.host, self.capacity = _like_cupy(offsets), host, capacity
+        self.offsets, self.host, self.capacity = offsets, host, capacity
         self.keep = keep          # the launch's inputs and uploads: not freed while it may still run
         self.block, self.H = params.block, n_kv_heads
         self.event = None
@@ -1455,9 +1454,6 @@ class EncodeJob:
     def finished_with(cls, offsets, used: int, params: codec.CodecParams, n_kv_heads: int) -> "EncodeJob":
         """The job of an empty batch: nothing launched, `used` is the end."""
         return cls(offsets, np.array([used, NO_NAN, 0, 0, used], dtype=np.int64), 0, params, n_kv_heads)
-
-    def finished(self) -> bool:
-        return self.event is None or self.event.query()
 
     def wait(self) -> None:
         """Wait for the readback and keep a copy of it (the pinned buffer is the encoder's next job's)."""
@@ -1701,7 +1697,7 @@ class BlockEncoder:
         `used` may have changed).
         """
         job = self.start(k, v, arena, used, rel_k, rel_v, _phase_mode)
-        return job.offsets, job.result()[0]
+        return _like_cupy(job.offsets), job.result()[0]
 
     def start(self, k, v, arena, used: int, rel_k=None, rel_v=None, _phase_mode: int = 0) -> "EncodeJob":
         """encode without waiting: the launch, then the end offset, error flags and offsets copied into
@@ -1787,9 +1783,9 @@ class BlockEncoder:
 
     def _pinned_results(self, count: int) -> np.ndarray:
         """Page-locked int64 [count] for the readback (a copy into pageable memory would block the host)."""
-        if self._pinned is None or self._pinned.shape[0] < count:
-            self._pinned = cuda.pinned_array(max(count, 2 * (0 if self._pinned is None else self._pinned.shape[0])),
-                                             dtype=np.int64)
+        held = 0 if self._pinned is None else self._pinned.shape[0]
+        if held < count:
+            self._pinned = cuda.pinned_array(max(count, 2 * held), dtype=np.int64)
         return self._pinned[:count]
 
     def _allow_shared(self, config, nbytes: int) -> None:

@@ -447,7 +447,7 @@ class BlockCache(KVCache, ABC):
             self.window_len[...] = window_len - new_tokens
         elif self.in_flight is not None:
             self.in_flight.steps += 1
-        due = np.maximum(window_len - self.window, 0) // self.block
+        due = self.due_in(window_len)
         try:
             if self.in_flight is None and due.any():
                 compression = self.start_compress(due)
@@ -459,22 +459,24 @@ class BlockCache(KVCache, ABC):
             if moved:
                 self.upload_counters()
             raise
-        if moved or self.in_flight is not None and self.in_flight.steps == 0:
+        if moved or (self.in_flight is not None and self.in_flight.steps == 0):   # committed or started
             self.compression_totals["seconds"] += time.perf_counter() - start
         self.window_len[...] = window_len
         super().advance(new_tokens, counted_on_device and not moved)   # committing moved the windows
 
+    def due_in(self, window_len: np.ndarray) -> np.ndarray:
+        """Per sequence, the full blocks past the window in windows of these lengths."""
+        return np.maximum(window_len - self.window, 0) // self.block
+
     def blocks_due(self, new_tokens: int) -> np.ndarray:
         """Per sequence, the full blocks that committing `new_tokens` more tokens pushes past the window
         (those being encoded included)."""
-        return np.maximum(self.window_len + new_tokens - self.window, 0) // self.block
+        return self.due_in(self.window_len + new_tokens)
 
     def commits_after(self, new_tokens: int) -> bool:
         """Whether advance(new_tokens) commits the compression in flight: DEFER_STEPS decode steps after
         it started, or at once when a longer step comes or more blocks fall due."""
-        pending = self.in_flight
-        return pending is not None and (pending.steps + 1 >= self.defer_steps or new_tokens > 1
-                                        or bool((self.blocks_due(new_tokens) > pending.due).any()))
+        return self.in_flight is not None and (new_tokens > 1 or self.reorganises_within(1))
 
     def reorganises_within(self, steps: int) -> bool:
         pending, due = self.in_flight, self.blocks_due(steps)
