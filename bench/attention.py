@@ -171,8 +171,7 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
     wv = cupy.asarray(rng.standard_normal((1, Hkv, 64, D)).astype(np.float16))
     wl = cupy.asarray(np.array([1], np.int32))
     n_splits = ak.default_splits(1, Hkv, G, n, T)                  # the GEMVs (item mode)
-    tiles = ak.tile_mode(1, Hkv, G, D, n, T)                        # the fused kernel's mode and splits
-    fused_splits = ak.attention_splits(1, Hkv, G, n, T, tiles)
+    tiles, fused_splits = ak.decode_geometry(1, Hkv, G, D, n, T)    # the fused kernel's mode and splits
     ws = cupy.empty(max(ak.attention_workspace_size(1, Hq, D, max(n_splits, fused_splits)), Hq * n_splits * D),
                     np.float32)
     out = cupy.empty((1, Hq, D), np.float16)

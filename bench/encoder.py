@@ -107,8 +107,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the 128K-token batches")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the 8B 128K batch with phases switched off (quantize only, + repack, "
-                         "+ pack statistics, + look-back): where the time goes; and the greedy with every "
-                         "pick's costs evaluated in full (no incremental change lists), for comparison")
+                         "+ pack statistics, + look-back): where the time goes")
     args = ap.parse_args()
 
     import cupy as cp

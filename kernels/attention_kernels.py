@@ -229,11 +229,16 @@ def _items(max_blocks: int, T: int) -> int:
     return -(-max(max_blocks, 1) // blocks_per_item(T))
 
 
+def _ctas_per_split(batch: int, kv_heads: int, group: int) -> int:
+    """A split kernel's CTAs per split: one per (sequence, KV head, tile of 8 query heads)."""
+    return batch * kv_heads * -(-group // 8)
+
+
 def default_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: int) -> int:
     """Splits of each sequence's blocks for the packkv kernels in item mode (the GEMVs; the fused kernel's
     long-context mode): tiles of 8 query heads, items of blocks_per_item(T) blocks. Depends on shapes only
     (the table's capacity), never on the lengths."""
-    return splits_over(batch * kv_heads * -(-group // 8), _items(max_blocks, T))
+    return splits_over(_ctas_per_split(batch, kv_heads, group), _items(max_blocks, T))
 
 
 def splits_over(ctas_per_split: int, items: int, ctas_per_sm: int = CTAS_PER_SM, items_per_split: int = WARPS) -> int:
@@ -253,7 +258,16 @@ def tile_mode(batch: int, kv_heads: int, group: int, head_dim: int, max_blocks: 
     if head_dim % TILE_CHANNELS:
         return False
     full_grid_warps = CTAS_PER_SM * WARPS * multiprocessors()
-    return batch * kv_heads * -(-group // 8) * _items(max_blocks, T) <= TILE_ITEMS_PER_WARP * full_grid_warps
+    return _ctas_per_split(batch, kv_heads, group) * _items(max_blocks, T) <= TILE_ITEMS_PER_WARP * full_grid_warps
+
+
+def decode_geometry(batch: int, kv_heads: int, group: int, head_dim: int, max_blocks: int, T: int,
+                    tiles: bool | None = None, n_splits: int | None = None) -> tuple[bool, int]:
+    """(tiles, n_splits) of compressed_decode_attention: the given ones, or tile_mode's and
+    attention_splits' from the shapes. attention_workspace sizes its buffer with the same answer."""
+    if tiles is None:
+        tiles = tile_mode(batch, kv_heads, group, head_dim, max_blocks, T)
+    return bool(tiles), int(n_splits or attention_splits(batch, kv_heads, group, max_blocks, T, bool(tiles)))
 
 
 def attention_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: int, tiles: bool) -> int:
@@ -261,7 +275,7 @@ def attention_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: 
     TILE_CTAS_PER_SM CTAs per SM with at least one item per split (a split's items are decoded in turn)."""
     if not tiles:
         return default_splits(batch, kv_heads, group, max_blocks, T)
-    return splits_over(batch * kv_heads * -(-group // 8), _items(max_blocks, T), TILE_CTAS_PER_SM, 1)
+    return splits_over(_ctas_per_split(batch, kv_heads, group), _items(max_blocks, T), TILE_CTAS_PER_SM, 1)
 
 
 def default_slot_bytes(T: int, D: int, P: int, mode: int, tiles: bool = False) -> int:
@@ -300,10 +314,8 @@ def attention_workspace(batch: int, n_heads: int, n_kv_heads: int, head_dim: int
     CUDA graph capture, and pass it on every call); n_splits and tiles as the launcher will use them
     (default: both from the shapes)."""
     import cupy
-    G = n_heads // n_kv_heads
-    if tiles is None:
-        tiles = tile_mode(batch, n_kv_heads, G, head_dim, max_blocks, params.block)
-    n_splits = int(n_splits or attention_splits(batch, n_kv_heads, G, max_blocks, params.block, tiles))
+    _, n_splits = decode_geometry(batch, n_kv_heads, n_heads // n_kv_heads, head_dim, max_blocks, params.block,
+                                  tiles, n_splits)
     return cupy.empty(attention_workspace_size(batch, n_heads, head_dim, n_splits), np.float32)
 
 
@@ -340,16 +352,14 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     _kv_heads(fn, Hq, Hkv)
     G, T, P = Hq // Hkv, params.block, params.pack
     max_blocks = block_offsets.shape[1]
-    if tiles is None:
-        tiles = tile_mode(B, Hkv, G, D, max_blocks, T)
-    elif tiles and D % TILE_CHANNELS:
+    if tiles and D % TILE_CHANNELS:
         _fail(fn, f"tile mode needs a head_dim that is a multiple of {TILE_CHANNELS}, got {D}")
-    n_splits = int(n_splits or attention_splits(B, Hkv, G, max_blocks, T, bool(tiles)))
-    slot = int(slot_bytes or default_slot_bytes(T, D, P, 0, bool(tiles)))
+    tiles, n_splits = decode_geometry(B, Hkv, G, D, max_blocks, T, tiles, n_splits)
+    slot = int(slot_bytes or default_slot_bytes(T, D, P, 0, tiles))
     if slot % 16 or slot < 256:
         _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
     out, workspace, arena_address = _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits, dev)
-    shared = _shared_bytes(slot, D, 0, bool(tiles))
+    shared = _shared_bytes(slot, D, 0, tiles)
     kernel = "pk_attention_tiles" if tiles else "pk_attention_splits"
     split_fn = _function("packkv_attention.cu", f"{kernel}<{D}, {P}>", D, P, shared)
     tl = np.int32(params.granularity == "token-layer")
