@@ -9,6 +9,9 @@
 // memory. Once through, it lets the next kernel be scheduled: that one only runs up to its own wait, and
 // since this kernel passed its wait the one before it has finished, so every earlier kernel's writes
 // are visible to every later one. Outside such a launch both instructions return at once.
+// It follows that a kernel may read before its wait what the kernel two launches back (or any earlier
+// one) wrote: it is launched only once every CTA of the previous kernel has passed its own wait, and that
+// wait returned once the kernel before it had finished (pk_merge_window attends to the window there).
 #pragma once
 
 __device__ __forceinline__ void wait_for_previous_kernel() {

@@ -124,30 +124,42 @@ __global__ void __launch_bounds__(128, PK_MINB_TILES) pk_attention_tiles(
 // ---------------------------------------------------------------------------------------------------
 // Merge: a CTA per (query head, sequence), PK_MERGE_THREADS threads. The window's tokens and the splits'
 // states are all "parts" of one softmax: a part has a max (a token's own score; a split's m), a sum (1;
-// a split's l) and a vector (the token's v; a split's o). Every phase runs over all parts in parallel:
-//   1. window scores: a thread per token dots q (shared memory) with the token's k (16-byte loads);
-//   2. M = the largest max of all parts (block reduction); weights exp2(max - M) into shared memory;
-//      L = sum of weight * sum (block reduction);
-//   3. o = sum of weight * vector: a thread per (channel pair, slice of the parts), independent loads,
-//      slices summed through shared memory; out = o / L in fp16 (0 when nothing was attended).
-// (Measured before: one thread per channel walking the splits in a chain of dependent merges took
-// 50 us per layer for 9/3/64 at 8K tokens with ~170 splits; see bench/results/generate.json for now.)
+// a split's l) and a vector (the token's v; a split's o). The window is attended first, before the wait
+// for the split kernel (launch.cuh: the kernel two launches back, which wrote q and the step's K/V into
+// the window, has finished by the time this one starts), so only the splits' states are left after it:
+//   A1. window scores: a thread per token dots q (shared memory) with the token's k (16-byte loads);
+//   A2. Mw = the largest score (block reduction); weights exp2(score - Mw) into shared memory; Lw = their sum;
+//   A3. ow = sum of weight * v: a thread per (channel pair, slice of the tokens), independent loads;
+//   -- wait for the split kernel --
+//   B1. M = max(Mw, the splits' m); the window's part scaled by exp2(Mw - M), split s by exp2(m_s - M);
+//       L = Lw exp2(Mw - M) + sum of split weight * l_s (block reduction);
+//   B2. o = ow exp2(Mw - M) + sum of split weight * o_s per slice, slices summed through shared memory;
+//       out = o / L in fp16 (0 when nothing was attended).
+// Measured (H100, SmolLM2 9/3/64 at 7.8K tokens, graph replays of the decode step, random weights): with
+// the whole window after the wait, leaving this kernel out of the graph saved 229 us of 1070 (7.6 us per
+// layer); moving the window ahead of the wait (and whole-row weight prefetch in the GEMVs, model_ops.cu)
+// took the step from 1072 to 978 us side by side.
+// (Before that: one thread per channel walking the splits in a chain of dependent merges took 50 us per
+// layer for 9/3/64 at 8K tokens with ~170 splits.)
 // ---------------------------------------------------------------------------------------------------
 #define PK_MERGE_THREADS 1024
 
+// The max or sum of v over the CTA (every thread gets it). Two barriers; scratch holds a value per warp.
 __device__ __forceinline__ float pk_block_reduce(float v, bool is_max, float* scratch) {
+  auto warp_reduce = [&](float x) {
 #pragma unroll
-  for (int s = 16; s > 0; s >>= 1) {
-    const float o = __shfl_xor_sync(PK_FULL, v, s);
-    v = is_max ? fmaxf(v, o) : v + o;
-  }
+    for (int s = 16; s > 0; s >>= 1) {
+      const float o = __shfl_xor_sync(PK_FULL, x, s);
+      x = is_max ? fmaxf(x, o) : x + o;
+    }
+    return x;
+  };
+  v = warp_reduce(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();                      // scratch may still be read by a previous reduction
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  v = scratch[0];
-  for (int w = 1; w < PK_MERGE_THREADS / 32; ++w) v = is_max ? fmaxf(v, scratch[w]) : v + scratch[w];
-  return v;
+  return warp_reduce(lane < PK_MERGE_THREADS / 32 ? scratch[lane] : (is_max ? PK_NEG_INF : 0.f));
 }
 
 template <int D>
@@ -155,22 +167,21 @@ __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
     const u16* __restrict__ q, const u16* __restrict__ wk, const u16* __restrict__ wv,
     const int* __restrict__ window_len, const float* __restrict__ ws, int n_splits, int Hkv, int G, int W_cap,
     float qscale, u16* __restrict__ out) {
-  wait_for_previous_kernel();
   constexpr int PAIRS = D / 2, SLICES = PK_MERGE_THREADS / PAIRS;
   extern __shared__ float weight[];                     // [W_cap] window tokens, then [n_splits] splits
   float* split_weight = weight + W_cap;
   __shared__ float qs[D], scratch[32];
   __shared__ float2 slice_sum[SLICES][PAIRS];
   const int head = blockIdx.x, b = blockIdx.y, kvh = head / G, Hq = Hkv * G, tid = threadIdx.x;
+  const int pair = tid % PAIRS, slice = tid / PAIRS;     // threads past SLICES * PAIRS idle in A3 and B2
   for (int d = tid; d < D; d += PK_MERGE_THREADS) qs[d] = pk_h2float(q[(size_t(b) * Hq + head) * D + d]) * qscale;
   int W = window_len[b];
   W = W < 0 ? 0 : (W > W_cap ? W_cap : W);
   const size_t kv_base = (size_t(b) * Hkv + kvh) * size_t(W_cap) * D;
-  const float* state = ws + (size_t(b) * Hq + head) * size_t(n_splits) * (D + 2);
   __syncthreads();
 
-  // ---- 1. window scores (log2 domain); the part maxima ------------------------------------------
-  float M = PK_NEG_INF;
+  // ---- A1. window scores (log2 domain) ------------------------------------------------------------
+  float Mw = PK_NEG_INF;
   for (int t = tid; t < W; t += PK_MERGE_THREADS) {
     const uint4* k = reinterpret_cast<const uint4*>(wk + kv_base + size_t(t) * D);
     float s = 0.f;
@@ -183,28 +194,16 @@ __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
         s += qs[8 * c + 2 * i] * pk_h2float(u16(w4[i])) + qs[8 * c + 2 * i + 1] * pk_h2float(u16(w4[i] >> 16));
     }
     weight[t] = s;
-    M = fmaxf(M, s);
+    Mw = fmaxf(Mw, s);
   }
-  for (int s = tid; s < n_splits; s += PK_MERGE_THREADS) M = fmaxf(M, state[size_t(s) * (D + 2) + D]);
-  M = pk_block_reduce(M, true, scratch);
-
-  // ---- 2. weights and the total sum L ----------------------------------------------------------------
-  float L = 0.f;
-  if (M != PK_NEG_INF) {
-    for (int t = tid; t < W; t += PK_MERGE_THREADS) L += weight[t] = pk_exp2(weight[t] - M);
-    for (int s = tid; s < n_splits; s += PK_MERGE_THREADS) {
-      const float m = state[size_t(s) * (D + 2) + D];
-      const float w = m == PK_NEG_INF ? 0.f : pk_exp2(m - M);
-      split_weight[s] = w;
-      L += w * state[size_t(s) * (D + 2) + D + 1];
-    }
-  }
-  L = pk_block_reduce(L, false, scratch);            // its barriers also publish the weights
-
-  // ---- 3. o = sum of weight * vector, a thread per (channel pair, slice) --------------------------
-  const int pair = tid % PAIRS, slice = tid / PAIRS;     // threads past SLICES * PAIRS idle here
+  // ---- A2. the window's max, weights and sum --------------------------------------------------------
+  Mw = pk_block_reduce(Mw, true, scratch);
+  float Lw = 0.f;
+  for (int t = tid; t < W; t += PK_MERGE_THREADS) Lw += weight[t] = pk_exp2(weight[t] - Mw);
+  Lw = pk_block_reduce(Lw, false, scratch);          // its barriers also publish the weights
+  // ---- A3. the window's o, per slice ----------------------------------------------------------------
   float2 o = make_float2(0.f, 0.f);
-  if (L > 0.f && slice < SLICES) {
+  if (slice < SLICES) {
     const u32* v = reinterpret_cast<const u32*>(wv + kv_base) + pair;
 #pragma unroll 4
     for (int t = slice; t < W; t += SLICES) {
@@ -212,6 +211,29 @@ __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
       o.x += weight[t] * pk_h2float(u16(x));
       o.y += weight[t] * pk_h2float(u16(x >> 16));
     }
+  }
+
+  wait_for_previous_kernel();                         // the splits' states
+  const float* state = ws + (size_t(b) * Hq + head) * size_t(n_splits) * (D + 2);
+  // ---- B1. the common max, the window's scale, the splits' weights, L -------------------------------
+  float M = Mw;
+  for (int s = tid; s < n_splits; s += PK_MERGE_THREADS) M = fmaxf(M, state[size_t(s) * (D + 2) + D]);
+  M = pk_block_reduce(M, true, scratch);
+  const float window_scale = Mw == PK_NEG_INF ? 0.f : pk_exp2(Mw - M);
+  float L = 0.f;
+  if (M != PK_NEG_INF) {
+    for (int s = tid; s < n_splits; s += PK_MERGE_THREADS) {
+      const float m = state[size_t(s) * (D + 2) + D];
+      const float w = m == PK_NEG_INF ? 0.f : pk_exp2(m - M);
+      split_weight[s] = w;
+      L += w * state[size_t(s) * (D + 2) + D + 1];
+    }
+  }
+  L = pk_block_reduce(L, false, scratch) + Lw * window_scale;   // its barriers also publish the weights
+  // ---- B2. o = the window's o scaled + the splits' --------------------------------------------------
+  o.x *= window_scale;
+  o.y *= window_scale;
+  if (L > 0.f && slice < SLICES) {
 #pragma unroll 4
     for (int s = slice; s < n_splits; s += SLICES) {
       const float w = split_weight[s];
