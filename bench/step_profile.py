@@ -14,6 +14,7 @@ random K/V), three times per decode step, each the mean over --steps steps:
                two are separate measurements, so it can come out a little negative).
 --pdl both times each cache kind with graphs captured without, then with programmatic dependent launches,
 on the same cache: the second mode starts --steps + ~12 tokens later (`context` is where each started).
+--depths 2 3 likewise times the greedy pipeline at each depth (GraphDecoder.PIPELINE_DEPTH) in turn.
 With --kernels, one eager decode step per cache kind runs between cudaProfilerStart/Stop, so that Nsight
 Compute times each kernel alone (serialised: the sum is not the graph's time, but the shares are the
 kernels'). --ncu-csv folds such a CSV into per-kernel totals per step.
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--pdl", choices=["on", "off", "both"], default="on",
                     help="graphs captured with programmatic dependent launches (kernels/launch.py), without, or "
                          "both side by side (each cache kind timed without, then with)")
+    ap.add_argument("--depths", type=int, nargs="+",
+                    help="GraphDecoder.PIPELINE_DEPTH values to time side by side (default: the decoder's own)")
     ap.add_argument("--kernels", action="store_true", help="one eager step per cache inside the profiler window")
     ap.add_argument("--ncu-csv", type=Path, help="fold this Nsight Compute CSV into --out and exit")
     ap.add_argument("--out", default="step_profile.json")
@@ -118,10 +121,11 @@ def main() -> None:
         write_json(args.out, payload)
         return
 
-    from packkv.generate import Engine
+    from packkv.generate import Engine, GraphDecoder
     from packkv.kernels import launch
     real = args.model == "smollm2"
-    modes = {"on": [True], "off": [False], "both": [False, True]}[args.pdl]
+    modes = [(pdl, depth) for pdl in {"on": [True], "off": [False], "both": [False, True]}[args.pdl]
+             for depth in args.depths or [GraphDecoder.PIPELINE_DEPTH]]
     steps_held = len(modes) * (args.steps + 12) + 4         # per mode: 8 warm-up and the timed steps, +2 each
     engine = Engine(args.weights, device="gpu", max_context=None if real else args.context + steps_held,
                     random_weights=None if real else args.model)
@@ -131,15 +135,16 @@ def main() -> None:
         if args.kernels:
             profile_one_step(engine, cache)
             continue
-        for pdl in modes:
+        for pdl, depth in modes:
             launch.PDL = pdl                                  # read when make_decoder captures the graph
+            GraphDecoder.PIPELINE_DEPTH = depth
             time_steps(engine, cache, 8)                     # warm-up: compile, capture
-            records.append({"cache": kind, "context": int(cache.lengths[0]), "pdl": pdl,
+            records.append({"cache": kind, "context": int(cache.lengths[0]), "pdl": pdl, "pipeline_depth": depth,
                             **time_steps(engine, cache, args.steps)})
             print(f"  {kind}: {records[-1]}", file=sys.stderr, flush=True)
     if args.kernels:
         return
-    print_table(records, ["cache", "context", "pdl", "tok_s", "step_us", "graph_us", "host_us"])
+    print_table(records, ["cache", "context", "pdl", "pipeline_depth", "tok_s", "step_us", "graph_us", "host_us"])
     write_json(args.out, {**header(engine.backend.device_name), "model": "smollm2-135m" if real else args.model,
                           "weights": "real" if real else "random", "kv_data": "real" if real else "random",
                           "steps": args.steps, "records": records})

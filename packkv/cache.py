@@ -12,6 +12,7 @@ Every cache reports the bytes it holds (`bytes_used`) and the bytes it has set a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, replace
@@ -150,6 +151,18 @@ class KVCache(ABC):
         blocks): then no step after it may already be in flight, since the device state it reads changes."""
         return False
 
+    def commit_ahead(self, in_flight: int, stream=None) -> bool:
+        """Let a pipelined decode run on past a commit: when the advance of the last of the `in_flight`
+        steps launched would commit compressed blocks, enqueue that commit's device work on `stream` now
+        (behind those steps, which read the cache as it was; the steps launched after it read it as the
+        commit leaves it) and return True: that advance then does only the host's bookkeeping. False when
+        there is no such commit or it cannot be done ahead. This kind never reorganises."""
+        return False
+
+    def catch_up(self) -> None:
+        """A pipelined decode stopped short of a step whose commit it did ahead: commit it on the host now
+        (the device already has), as a prefill would have."""
+
     def may_run_ahead(self, in_flight: int = 1) -> bool:
         """Whether a pipelined decode may launch another step while `in_flight` steps are launched and not
         yet committed: their commits leave the device counters to the increments, and every one of their
@@ -264,6 +277,10 @@ class ByteArena:
             self.data = grown
             self.address[...] = self._data_address()
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether nbytes more of records fit without growing."""
+        return self.used + nbytes + self.SLACK <= self.data.size
+
     @property
     def writable(self):
         """The bytes records may occupy: all but the slack."""
@@ -292,6 +309,7 @@ class Compression:
     owners: list
     records: object       # BufferedRecords or EncoderRecords: .offsets() at the commit
     steps: int = 0
+    ahead: object = None  # its commit's device work was enqueued ahead (commit_ahead): a CUDA event, or True
 
 
 class BufferedRecords:
@@ -300,9 +318,16 @@ class BufferedRecords:
 
     def __init__(self, arena: "ByteArena", buffer, offsets: np.ndarray):
         self.arena, self.buffer, self.relative = arena, buffer, offsets
+        self.taken = None
 
     def offsets(self) -> np.ndarray:
-        return self.arena.append(self.buffer) + self.relative
+        if self.taken is None:
+            self.taken = self.arena.append(self.buffer) + self.relative
+        return self.taken
+
+    def offsets_ahead(self) -> np.ndarray | None:
+        """offsets(), unless the arena would have to grow (a move that steps in flight must not see)."""
+        return self.offsets() if self.arena.fits(int(self.buffer.size)) else None
 
 
 class BlockCache(KVCache, ABC):
@@ -341,6 +366,7 @@ class BlockCache(KVCache, ABC):
         self.in_flight: Compression | None = None     # a decode step's blocks being encoded
         self.defer_steps = self.DEFER_STEPS           # 0: commit at once (a row's view)
         self.refused = False      # the last commit refused its blocks: the next attempt is not deferred
+        self.published = None     # the event after a commit done ahead on a decoder's stream (commit_ahead)
         # an even count keeps every layer's [B, max_blocks] int64 table 16-byte aligned, as kernels want
         self.max_blocks = -(-s.max_context // block) + (-(-s.max_context // block)) % 2
         dims = (s.layers, s.batch, s.kv_heads, self.window_capacity, s.head_dim)
@@ -442,7 +468,9 @@ class BlockCache(KVCache, ABC):
         window_len = self.window_len + new_tokens
         start = time.perf_counter()
         moved = self.commits_after(new_tokens)
+        on_device = True      # whether the device's counters already are what this advance leaves
         if moved:
+            on_device = self.in_flight.ahead is not None
             window_len = self.commit(self.in_flight, window_len)
             self.window_len[...] = window_len - new_tokens
         elif self.in_flight is not None:
@@ -454,7 +482,7 @@ class BlockCache(KVCache, ABC):
                 if new_tokens == 1 and self.defer_steps and not self.refused:
                     self.in_flight = compression
                 else:
-                    window_len, moved = self.commit(compression, window_len), True
+                    window_len, moved, on_device = self.commit(compression, window_len), True, False
         except Exception:
             if moved:
                 self.upload_counters()
@@ -462,7 +490,7 @@ class BlockCache(KVCache, ABC):
         if moved or (self.in_flight is not None and self.in_flight.steps == 0):   # committed or started
             self.compression_totals["seconds"] += time.perf_counter() - start
         self.window_len[...] = window_len
-        super().advance(new_tokens, counted_on_device and not moved)   # committing moved the windows
+        super().advance(new_tokens, counted_on_device and on_device)   # committing moved the windows
 
     def due_in(self, window_len: np.ndarray) -> np.ndarray:
         """Per sequence, the full blocks past the window in windows of these lengths."""
@@ -476,19 +504,56 @@ class BlockCache(KVCache, ABC):
     def commits_after(self, new_tokens: int) -> bool:
         """Whether advance(new_tokens) commits the compression in flight: DEFER_STEPS decode steps after
         it started, or at once when a longer step comes or more blocks fall due."""
-        return self.in_flight is not None and (new_tokens > 1 or self.reorganises_within(1))
+        return self.in_flight is not None and (new_tokens > 1 or self._commits_within(self.window_len, self.in_flight, 1))
 
     def reorganises_within(self, steps: int) -> bool:
-        pending, due = self.in_flight, self.blocks_due(steps)
+        pending = self.in_flight
+        if pending is None or pending.ahead is None:
+            return self._commits_within(self.window_len, pending, steps)
+        # its commit's device work is done: whether the next one follows within the steps
+        at = self.commit_in()
+        after = self.window_len + at - pending.due * self.block
+        return steps > at and self._commits_within(after, None, steps - at)
+
+    def _commits_within(self, window_len: np.ndarray, pending, steps: int) -> bool:
+        """Whether a compression commits within `steps` one-token advances from windows of window_len with
+        `pending` (a Compression, or None) in flight."""
+        due = self.due_in(window_len + steps)
         if pending is not None:        # it commits DEFER_STEPS after its start, or when more blocks fall due
             return pending.steps + steps >= self.defer_steps or bool((due > pending.due).any())
         if not due.any():
             return False
         # a compression starts at the first step that completes some sequence's block, and commits
         # defer_steps steps later, or as soon as more blocks fall due (another sequence's included)
-        first = max(1, int((self.window + self.block - self.window_len).min()))
+        first = max(1, int((self.window + self.block - window_len).min()))
         return (not self.defer_steps or self.refused or steps >= first + self.defer_steps
-                or bool((due > self.blocks_due(first)).any()))
+                or bool((due > self.due_in(window_len + first)).any()))
+
+    def commit_in(self) -> int:
+        """The one-token advance (1: the next) that commits the compression in flight."""
+        steps = 1
+        while not self._commits_within(self.window_len, self.in_flight, steps):
+            steps += 1
+        return steps
+
+    def commit_ahead(self, in_flight: int, stream=None) -> bool:
+        pending = self.in_flight
+        if pending is None or pending.ahead is not None or self.commit_in() != in_flight:
+            return False
+        with stream if stream is not None else contextlib.nullcontext():
+            offsets = pending.records.offsets_ahead()
+            if offsets is None:
+                return False
+            window_len = self.window_len + in_flight            # as that step's advance leaves them
+            self.publish(pending, offsets, window_len)
+            set_device_array(self.window_starts, window_len - pending.due * self.block)
+            set_device_array(self.device_n_blocks, self.n_blocks + pending.due)
+            pending.ahead = stream.record() if stream is not None else True
+        return True
+
+    def catch_up(self) -> None:
+        if self.in_flight is not None and self.in_flight.ahead is not None:
+            self.settle()
 
     def settle(self) -> None:
         """Commit the compression in flight now (waiting for its encoder)."""
@@ -517,6 +582,9 @@ class BlockCache(KVCache, ABC):
         """Start encoding the oldest due[b] blocks of every sequence's window, all layers in one encoder
         call (start_records). Nothing the cache's readers see changes until `commit`."""
         s, block, xp = self.shape, self.block, self.backend.xp
+        if self.published is not None:   # a commit done ahead on a decoder's stream slid the windows
+            xp.cuda.get_current_stream().wait_event(self.published)
+            self.published = None
         k_blocks, v_blocks, owners = [], [], []   # owners[i] = (layer, sequence, block index) of block i
         for b in np.flatnonzero(due):
             # [layers, kv_heads, due * block, D] -> [layers * due, kv_heads, block, D], layer-major
@@ -538,9 +606,20 @@ class BlockCache(KVCache, ABC):
             self.refused = True   # the blocks stay due; deferring them again would only grow the windows
             raise
         self.refused = False
-        due, owners, block, xp = compression.due, compression.owners, self.block, self.backend.xp
+        if compression.ahead is None:
+            self.publish(compression, offsets, window_len)
+        elif compression.ahead is not True:
+            self.published = compression.ahead
+        self.n_blocks += compression.due
+        self.compression_totals["events"] += 1
+        return window_len - compression.due * self.block
+
+    def publish(self, compression: "Compression", offsets: np.ndarray, window_len: np.ndarray) -> None:
+        """The device side of a commit: the records' offsets into the table, the windows (of window_len
+        tokens) slid past the blocks."""
+        due, owners, block = compression.due, compression.owners, self.block
         layer_index, row_index, block_index = (np.array(column) for column in zip(*owners))
-        self.block_offsets[layer_index, row_index, block_index] = xp.asarray(offsets[:-1])
+        self.block_offsets[layer_index, row_index, block_index] = self.backend.xp.asarray(offsets[:-1])
         if self.keep_decoded:
             self.store_decoded(offsets, owners)
         for b in np.flatnonzero(due):
@@ -548,9 +627,6 @@ class BlockCache(KVCache, ABC):
             keep = window_len[b] - tokens
             for x in (self.window_k, self.window_v):
                 x[:, b, :, :keep] = x[:, b, :, tokens:tokens + keep].copy()
-            self.n_blocks[b] += due[b]
-        self.compression_totals["events"] += 1
-        return window_len - due * block
 
     def encoding_groups(self, owners) -> list:
         """[(indices into owners, encoder parameters)]: blocks encoded together. Here one group, the kind's
@@ -761,6 +837,16 @@ class EncoderRecords:
                                                  self.owners) from None
         self.cache.arena.used = used
         return offsets
+
+    def offsets_ahead(self) -> np.ndarray | None:
+        """offsets(), unless the records did not fit (the arena must grow and the encoder run again) or
+        hold NaN or inf: then None, and the commit in its own step does either."""
+        from packkv.kernels.encoder import ArenaFullError, NonFiniteInputError
+        try:
+            self.job.result()
+        except (ArenaFullError, NonFiniteInputError):
+            return None
+        return self.offsets()
 
 
 class LayerScales:

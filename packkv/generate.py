@@ -153,9 +153,9 @@ class GraphDecoder:
     so greedy steps chain on the device: greedy_steps runs up to PIPELINE_DEPTH steps ahead of the host,
     which reads each step's tokens (and commits them to the cache) while the next steps already run."""
 
-    # Steps in flight while the host commits one: two keep the GPU busy through a host pause of up to two
-    # steps (a compress event's start: ~2.5 ms of host time against SmolLM2's ~1.1 ms steps).
-    PIPELINE_DEPTH = 2
+    # Steps in flight while the host commits one: three keep the GPU busy through a host pause of up to
+    # three steps (a compress event's start: 2-3 ms of host time against SmolLM2's ~1 ms steps).
+    PIPELINE_DEPTH = 3
 
     def __init__(self, engine: Engine, cache: KVCache):
         import cupy
@@ -202,10 +202,12 @@ class GraphDecoder:
         """Greedy decoding from token_ids (one per sequence), pipelined: yields each step's chosen ids,
         committed to the cache. Steps n + 1 .. n + PIPELINE_DEPTH are enqueued before step n's ids are
         read (their inputs are already on the device, and the cache's device counters advance in stream
-        order behind each step), unless one of the commits before them reorganises the cache: that
-        changes what the later steps read, so the pipeline drains to it first. Closing the generator (or
-        an error in a commit) waits for the steps still in flight; steps not committed leave no trace (the
-        device counters are reset from the host's)."""
+        order behind each step). When the commit of step n reorganises the cache (compressed blocks), the
+        cache enqueues that commit's device work behind step n (commit_ahead) and the steps after it read
+        the cache as the commit leaves it; when it cannot (its records need the arena to grow, or hold
+        NaN), the pipeline drains to step n first. Closing the generator (or an error in a commit) waits
+        for the steps still in flight; steps not committed leave no trace (the device counters are reset
+        from the host's), but a commit already done ahead is kept (cache.catch_up)."""
         import cupyx
         cache, stream = self.cache, self.stream
         self.tokens.set(np.asarray(token_ids, dtype=np.int32).reshape(-1, 1))
@@ -230,7 +232,9 @@ class GraphDecoder:
                     cache.check_room(1)
                     enqueue(after_host_writes=True)
                 # step n (the next to commit) and up to PIPELINE_DEPTH after it
-                while len(in_flight) <= self.PIPELINE_DEPTH and cache.may_run_ahead(len(in_flight)):
+                while len(in_flight) <= self.PIPELINE_DEPTH and (
+                        cache.may_run_ahead(len(in_flight))
+                        or cache.commit_ahead(len(in_flight), stream) and cache.may_run_ahead(len(in_flight))):
                     enqueue(after_host_writes=False)   # nothing uploaded since the steps in flight
                 slot, done = in_flight.pop(0)
                 done.synchronize()
@@ -241,6 +245,7 @@ class GraphDecoder:
         finally:
             stream.synchronize()
             if launched != committed:   # steps counted on the device but not committed: the host's counts
+                cache.catch_up()
                 cache.upload_counters()
 
 

@@ -320,3 +320,64 @@ def test_a_refused_commit_is_not_deferred_again():
     cache.start_records = real_start
     run(cache, random_steps(rng, [1]))                 # clean data again: committed at once
     assert int(cache.n_blocks[0]) == 1 and not cache.refused
+
+
+def test_a_commit_done_ahead_leaves_the_cache_as_its_own_step_would():
+    """commit_ahead (a pipelined decode enqueueing a commit's device work behind the step whose advance
+    commits it): the same attention outputs and the same stored state as committing in that step, the
+    pipeline may then run ahead of it, and the advance only does the host's part (no upload over the
+    device counters)."""
+    caches = packkv(window=8), packkv(window=8)
+    rng = np.random.default_rng(21)
+    steps = list(random_steps(rng, [39] + [1] * 40))
+    outs = [run(caches[0], steps)]
+    cache, ahead_outs, done_ahead = caches[1], [], 0
+    for T, k, v, q in steps:
+        out = []
+        for layer in range(LAYERS):
+            cache.append(layer, k[layer], v[layer])
+            out.append(cache.attend(layer, q[layer]))
+        ahead_outs.append(np.stack(out))
+        if T == 1 and cache.in_flight is not None and cache.commit_in() == 1:
+            assert not cache.may_run_ahead(1) and cache.commit_ahead(1)   # the step's work is done: 1 in flight
+            assert cache.may_run_ahead(1) and cache.may_run_ahead(3) and not cache.commit_ahead(1)
+            for counter in cache.device_counters():
+                counter[...] += 1                     # the device counted the step in flight
+            done_ahead += 1
+            cache.advance(T, counted_on_device=True)
+        else:
+            cache.advance(T)
+    outs.append(ahead_outs)
+    assert done_ahead == 1 and all(np.array_equal(a, b) for a, b in zip(*outs))
+    for name in ("n_blocks", "window_len", "lengths", "block_offsets", "window_starts", "device_n_blocks", "starts"):
+        assert np.array_equal(getattr(caches[0], name), getattr(caches[1], name)), name
+    w = int(caches[0].window_len[0])
+    assert np.array_equal(caches[0].window_k[:, :, :, :w], caches[1].window_k[:, :, :, :w])
+    assert caches[0].arena.used == caches[1].arena.used
+    assert np.array_equal(caches[0].arena.data[:caches[0].arena.used], caches[1].arena.data[:caches[1].arena.used])
+
+
+def test_commit_ahead_only_for_the_step_that_commits_and_catch_up_keeps_it():
+    """commit_ahead(n) applies only when the advance of the n-th step in flight is the commit; a pipeline
+    that stops before that advance commits it on the host (catch_up), with the windows of the steps it did
+    commit: as settle() would have at that point."""
+    caches = packkv(window=8), packkv(window=8)
+    rng = np.random.default_rng(22)
+    steps = list(random_steps(rng, [39] + [1] * PackkvCache.DEFER_STEPS))   # the 40th token starts one
+    for cache in caches:
+        run(cache, steps)
+        assert cache.in_flight is not None and cache.commit_in() == 1
+    cache = caches[1]
+    assert not cache.commit_ahead(2) and cache.in_flight.ahead is None
+    (T, k, v, q), = random_steps(rng, [1])
+    for layer in range(LAYERS):                       # the step in flight: appended, never committed
+        cache.append(layer, k[layer], v[layer])
+    assert cache.commit_ahead(1)
+    cache.catch_up()
+    caches[0].settle()
+    for c in caches:
+        assert c.in_flight is None and int(c.n_blocks[0]) == 1 and int(c.lengths[0]) == 39 + PackkvCache.DEFER_STEPS
+    for name in ("n_blocks", "window_len", "block_offsets", "window_starts", "device_n_blocks"):
+        assert np.array_equal(getattr(caches[0], name), getattr(caches[1], name)), name
+    w = int(caches[0].window_len[0])
+    assert np.array_equal(caches[0].window_k[:, :, :, :w], caches[1].window_k[:, :, :, :w])

@@ -84,9 +84,10 @@ def test_packkv_graph_replay_gives_the_eager_tokens(engines):
 
 @pytest.mark.parametrize("kind", ["dense", "packkv", "quant"])
 def test_pipelined_greedy_steps_match_step_by_step_and_leave_the_counters_committed(engines, kind):
-    """greedy_steps (up to two steps ahead of the host, device-side argmax and counters) against the graph
-    stepped one token at a time with host argmax, across compress events (window 16, block 64); closing
-    it mid-run waits for the step in flight and resets the device counters to the committed lengths."""
+    """greedy_steps (up to PIPELINE_DEPTH steps ahead of the host, commits done ahead, device-side argmax
+    and counters) against the graph stepped one token at a time with host argmax, across compress events
+    (window 16, block 64); closing it mid-run waits for the steps in flight and resets the device counters
+    to the committed lengths."""
     from packkv.generate import GraphDecoder, prefill
     _, engine = engines
     ids = engine.prompt_ids(HISTORY, chat=False)
