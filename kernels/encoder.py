@@ -1441,13 +1441,13 @@ class EncodeJob:
     RuntimeError for an encoder bug)."""
 
     def __init__(self, offsets, host: np.ndarray, capacity: int, params: codec.CodecParams, n_kv_heads: int,
-                 stream=None, keep=()):
+                 stream=None, keep=(), event=None):
         self.offsets, self.host, self.capacity = offsets, host, capacity
-        self.keep = keep          # the launch's inputs and uploads: not freed while it may still run
+        self.keep = keep          # the launch's inputs: not freed while it may still run
         self.block, self.H = params.block, n_kv_heads
         self.event = None
-        if stream is not None and not SIMULATOR:
-            self.event = cuda.event(timing=False)
+        if stream is not None and event is not None:
+            self.event = event
             self.event.record(stream)
 
     @classmethod
@@ -1669,6 +1669,8 @@ class BlockEncoder:
         self.qch, self.ctas_asked = chunks_per_lane, max_ctas
         self._plans: dict = {}
         self._scratch = self._pinned = self._job = None
+        self._device = {}        # buffers kept between launches: the uploads and the offsets (_device_buffer)
+        self._event = None
         self._use_lanes(lane_bits(params))
 
     def _use_lanes(self, E: int) -> None:
@@ -1696,14 +1698,19 @@ class BlockEncoder:
         ArenaFullError when the records do not fit; in both cases nothing is committed (bytes past
         `used` may have changed).
         """
-        job = self.start(k, v, arena, used, rel_k, rel_v, _phase_mode)
+        job = self._start(k, v, arena, used, rel_k, rel_v, _phase_mode, own_offsets=True)
         return _like_cupy(job.offsets), job.result()[0]
 
     def start(self, k, v, arena, used: int, rel_k=None, rel_v=None, _phase_mode: int = 0) -> "EncodeJob":
         """encode without waiting: the launch, then the end offset, error flags and offsets copied into
         pinned host memory behind it on the current stream. The returned job's result() waits for them
         (and raises encode's errors). The encoder keeps one job in flight: a new start waits for the
-        previous one (they share the pinned buffer and the scratch)."""
+        previous one (they share the pinned buffer, the scratch and the device buffers: the job's device
+        offsets are valid until the next start)."""
+        return self._start(k, v, arena, used, rel_k, rel_v, _phase_mode, own_offsets=False)
+
+    def _start(self, k, v, arena, used: int, rel_k, rel_v, _phase_mode: int, own_offsets: bool) -> "EncodeJob":
+        """start; own_offsets: the job's device offsets in an array of their own (encode returns them)."""
         params = self.params
         dk, dv = _as_device(k, "k"), _as_device(v, "v")
         for name, x in (("k", dk), ("v", dv)):
@@ -1725,7 +1732,8 @@ class BlockEncoder:
         if self._job is not None:
             self._job.wait()
         stream = _stream()
-        offsets = cuda.device_array(n + 1, dtype=np.int64, stream=stream)
+        offsets = (cuda.device_array(n + 1, dtype=np.int64, stream=stream) if own_offsets
+                   else self._device_buffer("offsets", n + 1, stream))
         if n == 0:
             offsets.copy_to_device(np.array([used], dtype=np.int64), stream=stream)
             return EncodeJob.finished_with(offsets, used, params, self.H)
@@ -1738,15 +1746,15 @@ class BlockEncoder:
         arena32 = da[:cap].view(np.uint32)
         grid = min(n, self.max_ctas)
         scratch = self._scratch_views(grid, stream)
-        # one upload for the work counters and the blocks' bounds (each upload allocates: ~0.2 ms a piece
-        # at a decode step's compress event)
+        # one upload for the work counters and the blocks' bounds, into buffers kept between launches (an
+        # allocating upload cost ~0.2 ms of host time a piece at a decode step's compress event)
         upload = np.zeros(W_STATUS + 2 * n, dtype=np.int64)
         upload[W_NAN] = NO_NAN
         upload[W_STATUS + n:] = bounds.reshape(-1).view(np.int64)
-        uploaded = cuda.to_device(upload, stream=stream)
+        uploaded = self._upload("work", upload, stream)
         work = uploaded[:W_STATUS + n]
         block_rel = uploaded[W_STATUS + n:].view(np.float32)   # (rel_k, rel_v) of block b at 2b, 2b + 1
-        meta = cuda.to_device(p.meta(n, used, cap, _phase_mode), stream=stream)
+        meta = self._upload("meta", p.meta(n, used, cap, _phase_mode), stream)
         try:
             self._launch(grid, stream, (k64, v64, arena32, meta, work, offsets, *scratch, block_rel))
         except Exception as exc:   # the >48 KiB shared-memory opt-in refused: level matrix to global scratch
@@ -1758,7 +1766,7 @@ class BlockEncoder:
             self.smem_limit, self.force_global, self._plans = 48 * 1024, True, {}
             self._use_lanes(p.E)
             p = self.plan
-            meta = cuda.to_device(p.meta(n, used, cap, _phase_mode), stream=stream)
+            meta = self._upload("meta", p.meta(n, used, cap, _phase_mode), stream)
             scratch = self._scratch_views(grid, stream)
             self._launch(grid, stream, (k64, v64, arena32, meta, work, offsets, *scratch, block_rel))
         if SIMULATOR:
@@ -1767,8 +1775,29 @@ class BlockEncoder:
             host = self._pinned_results(n + 5)
             work[:4].copy_to_host(ary=host[:4], stream=stream)
             offsets.copy_to_host(ary=host[4:], stream=stream)
-        self._job = EncodeJob(offsets, host, cap, params, self.H, stream, keep=(dk, dv, da, uploaded, meta))
+        self._job = EncodeJob(offsets, host, cap, params, self.H, stream, keep=(dk, dv, da), event=self._reused_event())
         return self._job
+
+    def _device_buffer(self, name: str, count: int, stream):
+        """The first `count` int64 of a device buffer kept between launches (grown by doubling)."""
+        held = self._device.get(name)
+        if held is None or held.shape[0] < count:
+            held = self._device[name] = cuda.device_array(max(count, 2 * (0 if held is None else held.shape[0])),
+                                                          dtype=np.int64, stream=stream)
+        return held[:count]
+
+    def _upload(self, name: str, values: np.ndarray, stream):
+        buffer = self._device_buffer(name, values.shape[0], stream)
+        buffer.copy_to_device(values, stream=stream)
+        return buffer
+
+    def _reused_event(self):
+        """One event for every job (one job is in flight at a time; a new one costs ~0.1 ms of host time)."""
+        if SIMULATOR:
+            return None
+        if self._event is None:
+            self._event = cuda.event(timing=False)
+        return self._event
 
     def _launch(self, grid, stream, args):
         config = self.kernel[grid, self.NT, stream, self.plan.shared_bytes]

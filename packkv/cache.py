@@ -374,6 +374,10 @@ class BlockCache(KVCache, ABC):
             self.window_k = xp.zeros(dims, dtype=np.float16)
             self.window_v = xp.zeros(dims, dtype=np.float16)
             self.block_offsets = xp.zeros((s.layers, s.batch, self.max_blocks), dtype=np.int64)
+            # a decode step's compress event (a block per sequence at most) gathers its blocks here, so
+            # that decoding allocates nothing: [layers * batch, kv_heads, block, D], layer-major per sequence
+            staging = (s.layers * s.batch, s.kv_heads, block, s.head_dim)
+            self.staging_k, self.staging_v = xp.empty(staging, np.float16), xp.empty(staging, np.float16)
         except (MemoryError, _gpu_oom_type()) as exc:
             raise out_of_memory_error(2 * np.prod(dims) * 2, "the KV cache's fp16 window") from exc
         # host seconds spent on compress events, and their count: one object that row() views share, so
@@ -585,13 +589,20 @@ class BlockCache(KVCache, ABC):
         if self.published is not None:   # a commit done ahead on a decoder's stream slid the windows
             xp.cuda.get_current_stream().wait_event(self.published)
             self.published = None
-        k_blocks, v_blocks, owners = [], [], []   # owners[i] = (layer, sequence, block index) of block i
+        owners = [(layer, b, self.n_blocks[b] + j) for b in np.flatnonzero(due) for layer in range(s.layers)
+                  for j in range(due[b])]                   # owners[i] = (layer, sequence, block index) of block i
+        if due.max() == 1:                                  # a decode step's event: into the staging buffers
+            n = len(owners)
+            for i, b in enumerate(np.flatnonzero(due)):
+                for x, out in ((self.window_k, self.staging_k), (self.window_v, self.staging_v)):
+                    out[i * s.layers:(i + 1) * s.layers] = x[:, b, :, :block]
+            return Compression(due, owners, self.start_records(self.staging_k[:n], self.staging_v[:n], owners))
+        k_blocks, v_blocks = [], []
         for b in np.flatnonzero(due):
             # [layers, kv_heads, due * block, D] -> [layers * due, kv_heads, block, D], layer-major
             for x, out in ((self.window_k, k_blocks), (self.window_v, v_blocks)):
                 y = x[:, b, :, :due[b] * block].reshape(s.layers, s.kv_heads, due[b], block, s.head_dim)
                 out.append(y.transpose(0, 2, 1, 3, 4).reshape(-1, s.kv_heads, block, s.head_dim))
-            owners += [(layer, b, self.n_blocks[b] + j) for layer in range(s.layers) for j in range(due[b])]
         k_all, v_all = xp.concatenate(k_blocks), xp.concatenate(v_blocks)
         return Compression(due, owners, self.start_records(k_all, v_all, owners))
 
@@ -686,7 +697,8 @@ class BlockCache(KVCache, ABC):
         return self.arena.used + table_bytes + window_bytes
 
     def bytes_reserved(self) -> int:
-        return (self.arena.capacity + self.block_offsets.nbytes + self.window_k.nbytes + self.window_v.nbytes)
+        return (self.arena.capacity + self.block_offsets.nbytes + self.window_k.nbytes + self.window_v.nbytes
+                + self.staging_k.nbytes + self.staging_v.nbytes)
 
     def stats(self) -> dict:
         stats = super().stats()
