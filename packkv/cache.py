@@ -341,8 +341,9 @@ class BlockCache(KVCache, ABC):
     attention reads them there as fp16, until the advance DEFER_STEPS steps later commits the records
     (an encoder on the GPU runs meanwhile, beside the next steps, instead of stalling them). The commit
     step is fixed by token counts alone, so the CPU and GPU, eager and captured steps attend alike; a
-    step of more tokens (prefill) commits what is pending and compresses its own blocks at once.
-    Blocks are immutable: no re-compression, ever. A kind may store a block's tokens in an order
+    step of more tokens (prefill) commits what is pending and compresses its own blocks at once. A
+    pipelined decode enqueues a commit's device work behind the step that commits it (commit_ahead), so
+    the steps launched after it need not wait for the host. Blocks are immutable: no re-compression, ever. A kind may store a block's tokens in an order
     of its own (K and V permuted alike), which attention, a sum over tokens, does not care about; they
     are all older than every window token, so causality only concerns the window.
 
