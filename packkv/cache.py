@@ -367,7 +367,6 @@ class BlockCache(KVCache, ABC):
         self.in_flight: Compression | None = None     # a decode step's blocks being encoded
         self.defer_steps = self.DEFER_STEPS           # 0: commit at once (a row's view)
         self.refused = False      # the last commit refused its blocks: the next attempt is not deferred
-        self.published = None     # the event after a commit done ahead on a decoder's stream (commit_ahead)
         # an even count keeps every layer's [B, max_blocks] int64 table 16-byte aligned, as kernels want
         self.max_blocks = -(-s.max_context // block) + (-(-s.max_context // block)) % 2
         dims = (s.layers, s.batch, s.kv_heads, self.window_capacity, s.head_dim)
@@ -528,9 +527,10 @@ class BlockCache(KVCache, ABC):
             return pending.steps + steps >= self.defer_steps or bool((due > pending.due).any())
         if not due.any():
             return False
-        # a compression starts at the first step that completes some sequence's block, and commits
-        # defer_steps steps later, or as soon as more blocks fall due (another sequence's included)
-        first = max(1, int((self.window + self.block - window_len).min()))
+        # a compression starts at the first step that completes some sequence's block (0: blocks are due
+        # already, as after a commit done ahead whose advance starts the next one), and commits defer_steps
+        # steps later, or as soon as more blocks fall due (another sequence's included)
+        first = max(0, int((self.window + self.block - window_len).min()))
         return (not self.defer_steps or self.refused or steps >= first + self.defer_steps
                 or bool((due > self.due_in(window_len + first)).any()))
 
@@ -545,15 +545,19 @@ class BlockCache(KVCache, ABC):
         pending = self.in_flight
         if pending is None or pending.ahead is not None or self.commit_in() != in_flight:
             return False
+        if stream is not None:   # behind the current stream's work too (a kind that encodes there)
+            stream.wait_event(self.backend.xp.cuda.get_current_stream().record())
         with stream if stream is not None else contextlib.nullcontext():
             offsets = pending.records.offsets_ahead()
             if offsets is None:
                 return False
+            pending.ahead = True                                # from here on the device commits it
             window_len = self.window_len + in_flight            # as that step's advance leaves them
             self.publish(pending, offsets, window_len)
             set_device_array(self.window_starts, window_len - pending.due * self.block)
             set_device_array(self.device_n_blocks, self.n_blocks + pending.due)
-            pending.ahead = stream.record() if stream is not None else True
+            if stream is not None:
+                pending.ahead = stream.record()
         return True
 
     def catch_up(self) -> None:
@@ -587,9 +591,6 @@ class BlockCache(KVCache, ABC):
         """Start encoding the oldest due[b] blocks of every sequence's window, all layers in one encoder
         call (start_records). Nothing the cache's readers see changes until `commit`."""
         s, block, xp = self.shape, self.block, self.backend.xp
-        if self.published is not None:   # a commit done ahead on a decoder's stream slid the windows
-            xp.cuda.get_current_stream().wait_event(self.published)
-            self.published = None
         owners = [(layer, b, self.n_blocks[b] + j) for b in np.flatnonzero(due) for layer in range(s.layers)
                   for j in range(due[b])]                   # owners[i] = (layer, sequence, block index) of block i
         if due.max() == 1:                                  # a decode step's event: into the staging buffers
@@ -620,8 +621,8 @@ class BlockCache(KVCache, ABC):
         self.refused = False
         if compression.ahead is None:
             self.publish(compression, offsets, window_len)
-        elif compression.ahead is not True:
-            self.published = compression.ahead
+        elif compression.ahead is not True:   # what comes next on this stream follows the device's commit
+            self.backend.xp.cuda.get_current_stream().wait_event(compression.ahead)
         self.n_blocks += compression.due
         self.compression_totals["events"] += 1
         return window_len - compression.due * self.block

@@ -381,3 +381,44 @@ def test_commit_ahead_only_for_the_step_that_commits_and_catch_up_keeps_it():
         assert np.array_equal(getattr(caches[0], name), getattr(caches[1], name)), name
     w = int(caches[0].window_len[0])
     assert np.array_equal(caches[0].window_k[:, :, :, :w], caches[1].window_k[:, :, :, :w])
+
+
+@pytest.mark.parametrize("prompts, depth", [([37], 3), ([37, 36, 35], 3), ([39, 38, 37, 36], 3), ([37, 35, 33], 2),
+                                            ([30, 12, 25, 39, 9], 4), ([38, 38, 37], 1)])
+def test_a_pipeline_never_has_a_step_in_flight_past_a_commit_not_done_ahead(prompts, depth):
+    """GraphDecoder.greedy_steps' launch rule on the host's bookkeeping alone (no model): with up to `depth`
+    steps ahead, launching while may_run_ahead, or after commit_ahead, every commit that happens with steps
+    in flight was done ahead, and the device counters (advanced per launched step) always match the host's
+    windows plus those steps. Sequences whose blocks fall due on consecutive steps make one commit start
+    the next compression in the same advance (found by review: it was predicted a step late)."""
+    cache = packkv(batch=len(prompts), window=8)
+    rng = np.random.default_rng(0)
+    for b, length in enumerate(prompts):
+        run(cache.row(b), random_steps(rng, [length]))
+    in_flight, commits = 0, 0
+
+    def launch():
+        nonlocal in_flight
+        in_flight += 1
+        for counter in cache.device_counters():
+            counter[...] += 1
+
+    for _ in range(80):
+        if not in_flight:
+            launch()
+        while in_flight <= depth and (cache.may_run_ahead(in_flight)
+                                      or cache.commit_ahead(in_flight) and cache.may_run_ahead(in_flight)):
+            launch()
+        pending, blocks = cache.in_flight, cache.n_blocks.copy()
+        ahead = pending is not None and pending.ahead is not None
+        cache.advance(1, counted_on_device=True)
+        in_flight -= 1
+        if (cache.n_blocks != blocks).any():
+            commits += 1
+            assert ahead or not in_flight, "a host commit with steps in flight"
+        expected = cache.window_len + in_flight
+        if cache.in_flight is not None and cache.in_flight.ahead is not None:
+            expected = expected - cache.in_flight.due * cache.block
+        assert np.array_equal(cache.window_starts, expected)
+        assert np.array_equal(cache.starts, cache.lengths + in_flight)
+    assert commits >= len(prompts)
