@@ -336,16 +336,17 @@ class BlockCache(KVCache, ABC):
     of block offsets. A subclass says how a batch of blocks is encoded and decoded (`encode`, `decode`).
 
     A sequence's window holds between `window` and `window + block - 1` tokens once it is long enough
-    (DEFER_STEPS more while a decode step's blocks are being encoded, see below); `advance` encodes each full block that falls out of it, for every layer and sequence in one encoder
-    call. A decode step (one new token) only starts that encoding: the blocks stay in the window, and
-    attention reads them there as fp16, until the advance DEFER_STEPS steps later commits the records
-    (an encoder on the GPU runs meanwhile, beside the next steps, instead of stalling them). The commit
-    step is fixed by token counts alone, so the CPU and GPU, eager and captured steps attend alike; a
-    step of more tokens (prefill) commits what is pending and compresses its own blocks at once. A
-    pipelined decode enqueues a commit's device work behind the step that commits it (commit_ahead), so
-    the steps launched after it need not wait for the host. Blocks are immutable: no re-compression, ever. A kind may store a block's tokens in an order
-    of its own (K and V permuted alike), which attention, a sum over tokens, does not care about; they
-    are all older than every window token, so causality only concerns the window.
+    (DEFER_STEPS more while a decode step's blocks are being encoded, see below); `advance` encodes each
+    full block that falls out of it, for every layer and sequence in one encoder call. A decode step (one
+    new token) only starts that encoding: the blocks stay in the window, and attention reads them there as
+    fp16, until the advance DEFER_STEPS steps later commits the records (an encoder on the GPU runs
+    meanwhile, beside the next steps, instead of stalling them). The commit step is fixed by token counts
+    alone, so the CPU and GPU, eager and captured steps attend alike; a step of more tokens (prefill)
+    commits what is pending and compresses its own blocks at once. A pipelined decode enqueues a commit's
+    device work behind the step that commits it (commit_ahead), so the steps launched after it need not
+    wait for the host. Blocks are immutable: no re-compression, ever. A kind may store a block's tokens in
+    an order of its own (K and V permuted alike), which attention, a sum over tokens, does not care about;
+    they are all older than every window token, so causality only concerns the window.
 
     Prefill runs in chunks: a chunk attends exactly to itself and the window, and to earlier chunks'
     tokens through their encoded blocks, as decode does.
@@ -508,7 +509,8 @@ class BlockCache(KVCache, ABC):
     def commits_after(self, new_tokens: int) -> bool:
         """Whether advance(new_tokens) commits the compression in flight: DEFER_STEPS decode steps after
         it started, or at once when a longer step comes or more blocks fall due."""
-        return self.in_flight is not None and (new_tokens > 1 or self._commits_within(self.window_len, self.in_flight, 1))
+        pending = self.in_flight
+        return pending is not None and (new_tokens > 1 or self._commits_within(self.window_len, pending, 1))
 
     def reorganises_within(self, steps: int) -> bool:
         pending = self.in_flight
