@@ -101,8 +101,9 @@ def synthetic_kv_decode(engine, context, batch, cache_kind, steps, kv_data: str)
 
 def timed_decode(engine, cache, ids: list[int], steps: int, decoder=None) -> tuple[float, dict]:
     """Greedy decode tok/s over `steps` steps, as generate runs them (packkv.generate.decode_steps: on a
-    captured graph, pipelined up to two steps ahead of the host), with `decoder` or make_decoder's; the first
-    step, which captures the CUDA graph (or warms up), is not timed: a generation pays it once."""
+    captured graph, pipelined up to GraphDecoder.PIPELINE_DEPTH steps ahead of the host), with `decoder` or
+    make_decoder's; the first step, which captures the CUDA graph (or warms up), is not timed: a generation
+    pays it once."""
     decoder = decoder or make_decoder(engine, cache)
     tokens = decode_steps(decoder, Sampler(SamplingParams(), engine.backend), ids)
     next(tokens)

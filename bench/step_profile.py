@@ -8,7 +8,7 @@
 Per cache kind, after a prefill of --context tokens (SmolLM2: a real prompt; a random-weight shape:
 random K/V), three times per decode step, each the mean over --steps steps:
   step_us      a whole decode step as generate runs it (greedy: packkv.generate.decode_steps, pipelined
-               up to two steps ahead of the host on a graph), the cache's bookkeeping and the encoder included;
+               up to PIPELINE_DEPTH steps ahead of the host on a graph), the cache's bookkeeping and the encoder included;
   graph_us     graph replays alone, back to back (the GPU time of one step, launch gaps included);
   host_us      step_us - graph_us: what the host adds per token (about 0 when the pipeline hides it; the
                two are separate measurements, so it can come out a little negative).

@@ -1668,8 +1668,8 @@ class BlockEncoder:
         self.smem_limit, self.force_global = self.info["smem_block"], force_global
         self.qch, self.ctas_asked = chunks_per_lane, max_ctas
         self._plans: dict = {}
-        self._scratch = self._pinned = self._job = None
-        self._device = {}        # buffers kept between launches: the uploads and the offsets (_device_buffer)
+        self._pinned = self._job = None
+        self._device = {}        # buffers kept between launches: scratch, uploads, offsets (_device_buffer)
         self._event = None
         self._use_lanes(lane_bits(params))
 
@@ -1805,10 +1805,8 @@ class BlockEncoder:
         config(*args)
 
     def _scratch_views(self, grid: int, stream):
-        nbytes = max(16, grid * self.plan.scratch_bytes)
-        if self._scratch is None or self._scratch.shape[0] < nbytes // 8:
-            self._scratch = cuda.device_array(nbytes // 8, dtype=np.int64, stream=stream)
-        return self._scratch, self._scratch.view(np.int32)
+        scratch = self._device_buffer("scratch", max(16, grid * self.plan.scratch_bytes) // 8, stream)
+        return scratch, scratch.view(np.int32)
 
     def _pinned_results(self, count: int) -> np.ndarray:
         """Page-locked int64 [count] for the readback (a copy into pageable memory would block the host)."""

@@ -501,11 +501,6 @@ class BlockCache(KVCache, ABC):
         """Per sequence, the full blocks past the window in windows of these lengths."""
         return np.maximum(window_len - self.window, 0) // self.block
 
-    def blocks_due(self, new_tokens: int) -> np.ndarray:
-        """Per sequence, the full blocks that committing `new_tokens` more tokens pushes past the window
-        (those being encoded included)."""
-        return self.due_in(self.window_len + new_tokens)
-
     def commits_after(self, new_tokens: int) -> bool:
         """Whether advance(new_tokens) commits the compression in flight: DEFER_STEPS decode steps after
         it started, or at once when a longer step comes or more blocks fall due."""
@@ -595,19 +590,19 @@ class BlockCache(KVCache, ABC):
         s, block, xp = self.shape, self.block, self.backend.xp
         owners = [(layer, b, self.n_blocks[b] + j) for b in np.flatnonzero(due) for layer in range(s.layers)
                   for j in range(due[b])]                   # owners[i] = (layer, sequence, block index) of block i
-        if due.max() == 1:                                  # a decode step's event: into the staging buffers
-            n = len(owners)
-            for i, b in enumerate(np.flatnonzero(due)):
-                for x, out in ((self.window_k, self.staging_k), (self.window_v, self.staging_v)):
-                    out[i * s.layers:(i + 1) * s.layers] = x[:, b, :, :block]
-            return Compression(due, owners, self.start_records(self.staging_k[:n], self.staging_v[:n], owners))
         k_blocks, v_blocks = [], []
         for b in np.flatnonzero(due):
             # [layers, kv_heads, due * block, D] -> [layers * due, kv_heads, block, D], layer-major
             for x, out in ((self.window_k, k_blocks), (self.window_v, v_blocks)):
                 y = x[:, b, :, :due[b] * block].reshape(s.layers, s.kv_heads, due[b], block, s.head_dim)
                 out.append(y.transpose(0, 2, 1, 3, 4).reshape(-1, s.kv_heads, block, s.head_dim))
-        k_all, v_all = xp.concatenate(k_blocks), xp.concatenate(v_blocks)
+        n = len(owners)
+        if n > self.staging_k.shape[0]:        # a prefill's many blocks: gathered where they are
+            k_all, v_all = xp.concatenate(k_blocks), xp.concatenate(v_blocks)
+        else:                                  # a decode step's (a block per sequence): no allocation
+            k_all, v_all = self.staging_k[:n], self.staging_v[:n]
+            for parts, staging in ((k_blocks, k_all), (v_blocks, v_all)):
+                xp.concatenate(parts, out=staging)
         return Compression(due, owners, self.start_records(k_all, v_all, owners))
 
     def commit(self, compression: "Compression", window_len: np.ndarray) -> np.ndarray:
