@@ -874,8 +874,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             sh32[cb + j] = sh32[rb + a + j]
                     for j in range(lane, n_c, 32):
                         sh32[sb + j] = 0
-                        if ip < a:
-                            removed_before += 1
+                    if ip < a:   # the seed was in an earlier slice (once per lane, whatever its share of the slice)
+                        removed_before += 1
                     if n_c > 0:
                         t_first = np.int64(sh32[rb + a])
                     row = lv0 + t * W + u * WU + sub

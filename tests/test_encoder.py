@@ -6,11 +6,11 @@ tests of the same session may already have imported it for real. The shapes are 
 runs one Python thread per CUDA thread); every granularity, repack method and pack size is covered,
 on random and adversarial blocks (constant tokens, zeros, fp16 extremes and subnormals, outliers,
 arbitrary fp16 bit patterns), both lane widths (8-bit levels for rel >= ~1/126, 16-bit below), blocks
-of one launch with bounds of their own (and the packkv cache's compress events encoded that way), the
+of 8 to 256 tokens, blocks of one launch with bounds of their own (and the packkv cache's compress events encoded that way), the
 global-scratch placement, NaN/inf refusals and a full arena.
 
 GPU (`-m gpu`): the compiled kernel on real shapes (SmolLM2 3 KV heads x 64, Llama-3.1-8B 8 x 128),
-both granularities, all repack methods and pack sizes, block 128, many blocks at once (the look-back
+both granularities, all repack methods and pack sizes, blocks 128 and 256, many blocks at once (the look-back
 across concurrent CTAs), per-block bounds, NaN/inf and a full arena.
 """
 from __future__ import annotations
@@ -244,6 +244,23 @@ def _block_bound_cases():
     ]
 
 
+def _large_block_cases():
+    """Blocks of 128 and 256 tokens (the accuracy profiles' blocks; the other simulator cases stay at 8-64
+    tokens): greedy picks over 16 packs (token indices past 127 in the pick keys, one warp's slice of 256
+    tokens), two warps per unit over 128 tokens (slices of 64: the case that found the seed counted once per
+    32 tokens of the slice, which shifted the slice's write-back), and the sort repack with the level matrix in global scratch
+    and 16-bit lanes (where SmolLM2's block 256 puts it when a bound is below ~1/126), the blocks at bounds of
+    their own (a first block at the sink's, the next at a layer's)."""
+    return [
+        dict(id="b256_greedy", params=_params(block=256), H=1, D=4, kinds=[("gaussian", "outlier_channels")],
+             seed=50, threads=32),
+        dict(id="b128_greedy_two_warps", params=_params(granularity="token-head", pack=32, block=128), H=1, D=4,
+             kinds=[("far_from_zero", "constant_tokens")], seed=51, threads=64),
+        dict(id="b256_sort_global_e16", params=_params(repack="sort", block=256), H=2, D=8, kinds=mixed_kinds(2, 52),
+             seed=52, force_global=True, block_rel=[(2.0 ** -12, 0.03), (0.055, 0.27)]),
+    ]
+
+
 def _cache_cases():
     """The cache's prefill (sink and layer bounds: 16-bit lanes) and one decode event (layer bounds: 8-bit)."""
     return [dict(id="cache", cache=True, params=_params(repack="sort", block=16, pack=8), seed=3, steps=[40, 20])]
@@ -262,6 +279,7 @@ SIM_JOBS["test_simulated_lane_widths_placements_and_odd_shapes"] = (_lane_cases,
 SIM_JOBS["test_simulated_greedy_picks_and_ties"] = (_greedy_cases, ())
 SIM_JOBS["test_simulated_lazy_greedy_picks"] = (_lazy_greedy_cases, ())
 SIM_JOBS["test_simulated_per_block_bounds"] = (_block_bound_cases, ())
+SIM_JOBS["test_simulated_blocks_of_128_and_256_tokens"] = (_large_block_cases, ())
 SIM_JOBS["test_simulated_cache_events_in_one_call"] = (_cache_cases, ())
 SIM_JOBS["test_simulated_refusals"] = (_refusal_cases, ())
 
@@ -324,6 +342,17 @@ def test_simulated_per_block_bounds(simulated, request):
     results = simulated(request.node.name)
     assert results["greedy_e8"]["E"] == 8 and results["greedy_e16"]["E"] == 16
     assert not results["global_none"]["lv_shared"]
+    for r in results.values():
+        assert r.get("identical"), r
+        assert r["prefix_untouched"], r
+
+
+def test_simulated_blocks_of_128_and_256_tokens(simulated, request):
+    """Blocks larger than 64 tokens are byte-identical to codec's: greedy over 8 and 16 packs, sort with the
+    level matrix in global scratch at 16-bit lanes."""
+    results = simulated(request.node.name)
+    assert results["b256_greedy"]["E"] == 8 and results["b256_greedy"]["lv_shared"]
+    assert results["b256_sort_global_e16"]["E"] == 16 and not results["b256_sort_global_e16"]["lv_shared"]
     for r in results.values():
         assert r.get("identical"), r
         assert r["prefix_untouched"], r
@@ -442,8 +471,15 @@ def test_gpu_many_blocks_lookback(gpu):
 
 @pytest.mark.gpu
 def test_gpu_block_128_and_fine_levels(gpu):
-    """Block 128 of the 8B shape (the level matrix lives in global scratch) and 16-bit lanes."""
+    """Block 128 of the 8B shape (the level matrix lives in global scratch) and 16-bit lanes; token-head
+    there (2 warps per unit, slices of 64 tokens) and SmolLM2's block 256 (token-head: 5 warps per unit,
+    slices of up to 51 tokens), where the seed's slice once shifted the write-back of slices past 32 tokens."""
     _assert_identical(*make_blocks(mixed_kinds(4, 1), 8, 128, 128, seed=1), CodecParams(block=128))
+    _assert_identical(*make_blocks(mixed_kinds(4, 3), 8, 128, 128, seed=3),
+                      CodecParams(block=128, granularity="token-head"))
+    for granularity in codec.GRANULARITIES:
+        _assert_identical(*make_blocks(mixed_kinds(4, 4), 3, 256, 64, seed=4),
+                          CodecParams(block=256, granularity=granularity))
     _assert_identical(*make_blocks(mixed_kinds(4, 2), 3, 64, 64, seed=2),
                       CodecParams(rel_k=2.0 ** -12, granularity="token-head"))
 
