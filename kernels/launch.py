@@ -2,6 +2,7 @@
 
     kernel_source(file)                          the .cu file as nvrtc gets it (local includes inlined)
     launch(kernel, grid, block, args, shared_mem) a RawKernel launch
+    knocked_out(*names)                          launches skipped by name (bench/knockout.py)
 
 A captured decode step is a chain of small dependent kernels (SmolLM2: ~7 per layer), and in a graph the
 time between one kernel draining and the next one's CTAs running is a fixed cost per kernel. So while the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import numpy as np
 KERNEL_DIR = Path(__file__).resolve().parent
 PDL = True
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6        # CUlaunchAttributeID
+_knocked_out: tuple[str, ...] = ()
 
 
 def kernel_source(name: str) -> str:
@@ -45,6 +48,8 @@ def launch(kernel, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) 
     stream is being captured (see the module's doc). kernel: a cupy.RawKernel that opens with
     wait_for_previous_kernel()."""
     import cupy
+    if _knocked_out and any(name in kernel.name for name in _knocked_out):
+        return
     stream = cupy.cuda.get_current_stream()
     if not (PDL and stream.is_capturing()):
         kernel(grid, block, args, shared_mem=shared_mem)
@@ -57,6 +62,19 @@ def launch(kernel, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) 
     status = _libcuda().cuLaunchKernelEx(ctypes.byref(config), ctypes.c_void_p(kernel.kernel.ptr), pointers, None)
     if status != 0:
         raise RuntimeError(f"cuLaunchKernelEx of {kernel.name} failed with CUresult {status}")
+
+
+@contextmanager
+def knocked_out(*names: str):
+    """Within it, launch() skips every kernel whose name contains one of `names`: a decode step captured
+    so runs without them, and its graph's time against the whole step's is what they cost inside it
+    (bench/knockout.py). What the step computes is then garbage; only its time means anything."""
+    global _knocked_out
+    before, _knocked_out = _knocked_out, tuple(names)
+    try:
+        yield
+    finally:
+        _knocked_out = before
 
 
 def kernel_params(args: tuple) -> list:

@@ -301,3 +301,17 @@ def test_a_captured_chain_of_dependent_kernels_equals_eager_launches(gpu, kernel
         stream.synchronize()
     np.testing.assert_array_equal(x.get(), eager)
     assert len(extended_launches) == (2 * len(weights[::2]) if pdl else 0)
+
+
+def test_knocked_out_skips_launches_by_name_and_only_within_it(gpu):
+    import cupy
+    from packkv.kernels import model_ops
+    from packkv.kernels.launch import knocked_out
+    counters = cupy.zeros(4, np.int32)
+    with knocked_out("add_"):
+        model_ops.add_one(counters)
+        with knocked_out("rms_norm"):                 # a name that does not match: the launch runs
+            model_ops.add_one(counters)
+        model_ops.add_one(counters)                   # the outer names again
+    model_ops.add_one(counters)
+    assert counters.get().tolist() == [2, 2, 2, 2]
