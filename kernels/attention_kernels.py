@@ -40,7 +40,8 @@ TILE_CTA_EXTRA = 1024 + 384 + 64 + 16 + WARPS * 8 * 32 * 16 + 256   # PK_CTA_EXT
 TILE_WORK_PER_TILE = 32 * 32  # PK_TILE_WORK_PER_TILE: q fragments, K/V offsets, o per warp and tile
 TILE_CHANNELS = 16 * WARPS    # tile mode needs head_dim a multiple of this (every warp the same tiles)
 TILE_ITEMS_PER_WARP = 1.0     # tile mode when item mode would give each warp of a full grid at most this many
-                              # items (a guess from the PK_PROF profile, not measured: tune it on a GPU)
+                              # items (a guess from the PK_PROF profile; measured only at the ends: tile mode
+                              # wins at SmolLM2's 8K, loses at the 8B shape's 128K x 1 and 32K x 8, knockout_*.json)
 MAX_HEAD_DIM = 256
 
 

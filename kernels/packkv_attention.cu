@@ -73,7 +73,10 @@ Tile mode measured (H100 80GB HBM3): `pytest -m gpu tests/test_kernels_gpu.py` 1
   packkv --pdl on --steps 350` (step_profile_smollm2-135m_tiles.json against _base.json, item mode, same
   session): graph 1125.7 -> 1049.7 us (dense 942.0), 830.8 -> 905.0 tok/s; the 8B shape at 4K
   (step_profile_llama-3.1-8b_tiles.json / _base.json): graph 7076 -> 6599 us, 139.2 -> 150.1 tok/s.
-  TILE_ITEMS_PER_WARP (the crossover) is not tuned and bench/attention.py was not rerun. Item mode below.
+  TILE_ITEMS_PER_WARP (the crossover) is not tuned between the two regimes; at long contexts tile mode loses
+  (`python bench/knockout.py --model llama-3.1-8b --kv-data real --tiles both`, knockout_llama-3.1-8b_128k.json
+  and _32k_b8.json, 35151e0: this kernel 5784 against 4434 us per step at 128K x 1, 11441 against 9246 at
+  32K x 8). bench/attention.py was not rerun. Item mode below.
 Measured (H100 80GB HBM3, `python3 bench/attention.py`, bench/results/attention.json; one sequence,
   time per layer as a CUDA graph over layer copies larger than L2):
   32/8/128, 128K tokens: 157.5 us on the real-valued K/V (SDPA fp16 181.0 us: 1.15x; compressed bytes
@@ -91,6 +94,10 @@ Attempts discarded:
     real / 308 us random, slower than o in shared memory (5.8K instructions).
   - __launch_bounds__(128, 3) for 12 warps per SM: spills, 292 us. 66 splits instead of 33: 252 us.
   - per-lane 16-byte cp.async staging: 10% of the time in issuing copies; replaced by bulk copies (TMA).
+  - pk_merge_window folding the splits' states in one round of loads (a thread per (channel pair, slice of
+    the splits) merging online, one barrier instead of five after the wait; shared with dense's merge): the
+    8B step at 128K went 10486 -> 10520 us (dense 15745 -> 15719) in graph replays side by side; the merge's
+    ~6.8 us per layer (knockout) is its launch and its place in the chain, not its arithmetic.
   - one launch (each split CTA attends to its share of the window as a fifth state; the last split of a
     head tile, found by a counter, merges the states; 14cb4c2): no gain side by side with dense
     (bench/results/*_onelaunch.json: SmolLM2 8K packkv 726.5 vs dense 948.7 tok/s, before 721.0 vs 935.1;
