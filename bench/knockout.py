@@ -10,9 +10,9 @@ of K/V per sequence (bench/generate.py's fill_random or fill_real). A kernel kin
 names (kernels/launch.py's knocked_out); a step captured without it computes garbage and only its time
 means anything. saves_us = the whole graph's time - the time without the kind: with programmatic
 dependent launches kernels overlap their neighbours' tails, so the savings do not add up to the whole.
-The graphs are replayed back to back (best of 3 rounds of --replays). --tiles both also times the
-compressed caches' split kernel in tile mode at every context (attention_kernels.tile_mode picks it for
-short contexts only: TILE_ITEMS_PER_WARP). bench/results/knockout_<model>.json.
+The graphs are replayed back to back (best of 3 rounds of --replays). --tiles both also times packkv's
+split kernel in tile mode (attention_kernels.tile_mode picks it for short contexts only:
+TILE_ITEMS_PER_WARP); `tile_mode` in each record says which mode the split kernel ran in. bench/results/knockout_<model>.json.
 """
 from __future__ import annotations
 
@@ -55,8 +55,11 @@ def knockouts(engine, cache, kinds: tuple[str, ...], replays: int) -> list[tuple
     rows = []
     for names in ((), *((k,) for k in kinds), kinds, WEIGHT_KINDS):
         decoder = GraphDecoder(engine, cache)
-        with knocked_out(*names):
+        with knocked_out(*names) as skipped:
             decoder.capture()
+        if not all(skipped.values()):
+            raise SystemExit(f"no kernel of the step is named like {[n for n, k in skipped.items() if not k]}: "
+                             f"the kinds of bench/knockout.py must follow the kernels' names")
         rows.append(("+".join(names) or "-", graph_us(decoder, replays)))
         print(f"  {rows[-1][0]:45s} {rows[-1][1]:9.1f} us", file=sys.stderr, flush=True)
     return rows
@@ -86,15 +89,20 @@ def main() -> None:
     default_crossover = attention_kernels.TILE_ITEMS_PER_WARP
     records = []
     for kind in args.caches:
-        for mode in ["default", "tiles"] if args.tiles == "both" and kind != "dense" else ["default"]:
-            # before the cache is made: its attention workspace is sized for the mode's splits
+        for mode in ["default", "tiles"] if args.tiles == "both" and kind == "packkv" else ["default"]:
+            # for the whole of the cache's life: its attention workspace (sized at the first step) and the
+            # launches must agree on the mode's splits
             attention_kernels.TILE_ITEMS_PER_WARP = float("inf") if mode == "tiles" else default_crossover
             cache = engine.new_cache(kind, batch=args.batch, tokens=args.context + 64)
+            tiles = kind == "packkv" and attention_kernels.decode_geometry(
+                args.batch, cache.shape.kv_heads, engine.config.num_attention_heads // cache.shape.kv_heads,
+                cache.shape.head_dim, cache.max_blocks, cache.params.block)[0]
             (fill_real if args.kv_data == "real" else fill_random)(engine, cache, args.context)
             print(f"{kind}, {mode} split mode, {args.batch} x {args.context} tokens:", file=sys.stderr)
             rows = knockouts(engine, cache, ATTENTION_KINDS[kind], args.replays)
             whole = rows[0][1]
-            records += [{"model": args.model, "cache": kind, "split_mode": mode, "context": args.context,
+            records += [{"model": args.model, "cache": kind, "split_mode": mode, "tile_mode": bool(tiles),
+                         "context": args.context,
                          "batch": args.batch, "kv_data": args.kv_data, "knocked_out": name, "graph_us": us,
                          "saves_us": whole - us} for name, us in rows]
             del cache

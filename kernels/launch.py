@@ -26,7 +26,7 @@ import numpy as np
 KERNEL_DIR = Path(__file__).resolve().parent
 PDL = True
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6        # CUlaunchAttributeID
-_knocked_out: tuple[str, ...] = ()
+_knocked_out: dict[str, int] = {}             # knocked_out's names -> launches skipped
 
 
 def kernel_source(name: str) -> str:
@@ -48,8 +48,12 @@ def launch(kernel, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) 
     stream is being captured (see the module's doc). kernel: a cupy.RawKernel that opens with
     wait_for_previous_kernel()."""
     import cupy
-    if _knocked_out and any(name in kernel.name for name in _knocked_out):
-        return
+    if _knocked_out:
+        skipped = [name for name in _knocked_out if name in kernel.name]
+        for name in skipped:
+            _knocked_out[name] += 1
+        if skipped:
+            return
     stream = cupy.cuda.get_current_stream()
     if not (PDL and stream.is_capturing()):
         kernel(grid, block, args, shared_mem=shared_mem)
@@ -66,13 +70,15 @@ def launch(kernel, grid: tuple, block: tuple, args: tuple, shared_mem: int = 0) 
 
 @contextmanager
 def knocked_out(*names: str):
-    """Within it, launch() skips every kernel whose name contains one of `names`: a decode step captured
-    so runs without them, and its graph's time against the whole step's is what they cost inside it
-    (bench/knockout.py). What the step computes is then garbage; only its time means anything."""
+    """Within it, launch() skips every kernel whose name contains one of `names` (a nested call's names
+    replace the outer ones until it ends): a decode step captured so runs without them, and its graph's time
+    against the whole step's is what they cost inside it (bench/knockout.py). What the step computes is then
+    garbage; only its time means anything. Yields {name: launches skipped}, so a caller can tell a name
+    that matched nothing (a kernel renamed, or launched another way) from one that cost nothing."""
     global _knocked_out
-    before, _knocked_out = _knocked_out, tuple(names)
+    before, _knocked_out = _knocked_out, dict.fromkeys(names, 0)
     try:
-        yield
+        yield _knocked_out
     finally:
         _knocked_out = before
 

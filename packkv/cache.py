@@ -757,10 +757,13 @@ class PackkvCache(BlockCache):
         from packkv.kernels.attention_kernels import attention_workspace, compressed_decode_attention
         key = (q.shape[1], self.shape.batch)   # a row's view has its own (batch 1: other splits)
         if self.attention_workspace is None or self.attention_workspace[0] != key:
-            # made once and kept: not an allocation in every layer of every step
-            s = self.shape
-            self.attention_workspace = (key, attention_workspace(s.batch, q.shape[1], s.kv_heads, s.head_dim,
-                                                                        self.max_blocks, self.params))
+            # made once and kept: not an allocation in every layer of every step. It is the cache's own, so it
+            # comes from the default pool even inside a graph decoder's capture: a decoder drops its private
+            # pool when it captures again (or goes), and CuPy 13's pool frees its memory with it
+            s, cupy = self.shape, self.backend.xp
+            with cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+                self.attention_workspace = (key, attention_workspace(s.batch, q.shape[1], s.kv_heads, s.head_dim,
+                                                                     self.max_blocks, self.params))
         out = compressed_decode_attention(q[:, :, 0], self.arena.data, self.block_offsets[layer],
                                           self.device_n_blocks, self.window_k[layer], self.window_v[layer],
                                           self.window_ends, self.params, workspace=self.attention_workspace[1],

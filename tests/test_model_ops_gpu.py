@@ -308,10 +308,11 @@ def test_knocked_out_skips_launches_by_name_and_only_within_it(gpu):
     from packkv.kernels import model_ops
     from packkv.kernels.launch import knocked_out
     counters = cupy.zeros(4, np.int32)
-    with knocked_out("add_"):
+    with knocked_out("add_", "argmax") as skipped:
         model_ops.add_one(counters)
-        with knocked_out("rms_norm"):                 # a name that does not match: the launch runs
+        with knocked_out("rms_norm") as inner:        # a name that does not match: the launch runs
             model_ops.add_one(counters)
         model_ops.add_one(counters)                   # the outer names again
     model_ops.add_one(counters)
     assert counters.get().tolist() == [2, 2, 2, 2]
+    assert skipped == {"add_": 2, "argmax": 0} and inner == {"rms_norm": 0}
