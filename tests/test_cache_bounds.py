@@ -51,9 +51,9 @@ def test_block_bounds_name_each_blocks_bounds_and_group_them():
     assert [(float(k), float(v)) for k, v in zip(rel_k, rel_v)] == [
         (expected_params(layer, j).rel_k, expected_params(layer, j).rel_v) for layer, _, j in owners]
     groups = cache.encoding_groups(owners)
-    assert sorted(i for group, _ in groups for i in group) == list(range(len(owners)))
-    for group, params in groups:
-        assert {expected_params(owners[i][0], owners[i][2]) for i in group} == {params}
+    assert sorted(i for group, _, _ in groups for i in group) == list(range(len(owners)))
+    for group, params, token_rel in groups:
+        assert {expected_params(owners[i][0], owners[i][2]) for i in group} == {params} and token_rel is None
 
 
 def test_records_are_each_blocks_codec_record_with_its_own_bounds_in_block_order():
