@@ -734,11 +734,6 @@ class PackkvCache(BlockCache):
             raise PackkvError(f"sink_tokens must be a whole number >= 1 (the first tokens at the sink bounds), "
                               f"not {sink_tokens!r}")
         self.sink_tokens = None if sink_tokens is None else int(sink_tokens)
-        if backend.is_gpu and sink is not None and self.sink_tokens is not None and self.sink_tokens % params.block:
-            # the GPU encoder takes one pair of bounds per block: it would not write the CPU path's bytes
-            raise PackkvError(f"sink_tokens {self.sink_tokens} is not a whole number of blocks of {params.block} "
-                              f"tokens: the GPU encoder cannot yet give a block's first tokens bounds of their own "
-                              f"(the CPU path can; on the GPU use a multiple of the block, or leave it unset)")
         # Per-layer bounds: the cache's (rel_k, rel_v) times each layer's multipliers (the other blocks).
         self.layer_scales = layer_scales
         self.layer_params = None if layer_scales is None else layer_scales.params(params, shape.layers)
@@ -869,13 +864,19 @@ class EncoderRecords:
     def __init__(self, cache: PackkvCache, k_blocks, v_blocks, owners):
         self.cache, self.k_blocks, self.v_blocks, self.owners = cache, k_blocks, v_blocks, owners
         self.rel_k, self.rel_v = cache.block_bounds(owners)
+        # blocks only partly of sink tokens: their first ones at the sink bounds (the kernel's per-token choice)
+        self.sink_tokens = cache.partial_sinks(owners)
+        self.sink_rel = None if cache.sink_params is None else (cache.sink_params.rel_k, cache.sink_params.rel_v)
+        if not self.sink_tokens.any():
+            self.sink_tokens = self.sink_rel = None
         self.job = self.launch()
 
     def launch(self):
         from packkv.kernels.encoder import start_blocks_device
         arena = self.cache.arena
         return start_blocks_device(self.k_blocks, self.v_blocks, self.cache.params, arena.writable, arena.used,
-                                   rel_k=self.rel_k, rel_v=self.rel_v)
+                                   rel_k=self.rel_k, rel_v=self.rel_v, sink_tokens=self.sink_tokens,
+                                   sink_rel=self.sink_rel)
 
     def offsets(self) -> np.ndarray:
         from packkv.kernels.encoder import ArenaFullError, NonFiniteInputError

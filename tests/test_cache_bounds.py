@@ -18,9 +18,9 @@ SCALES = LayerScales([0.1, 1.0, 3.0], [0.5, 2.0, 0.05])
 SINK = (2.0 ** -10, 0.003)
 
 
-def bounded_cache(backend, params=PARAMS):
+def bounded_cache(backend, params=PARAMS, sink_tokens=None):
     return PackkvCache(CacheShape(LAYERS, KV_HEADS, HEAD_DIM, BATCH, 400), backend, params, window=8,
-                       max_new_tokens=128, layer_scales=SCALES, sink=SINK)
+                       max_new_tokens=128, layer_scales=SCALES, sink=SINK, sink_tokens=sink_tokens)
 
 
 def random_steps(seed, lengths):
