@@ -127,9 +127,9 @@ B256_GRID = ["--rel-k", "0.05,0.055,0.06,0.065,0.07,0.075,0.08", "--rel-v", "0.2
 # Sink bounds for the first S tokens only (--kv-sink-tokens S), the rest of the first block at its layer's bounds:
 # screened at the layers128 profile (block 128, (0.055, 0.27), first block (0.01, 0.03)) on the tune's windows of
 # brown.txt for S = 128 (the whole first block, as before), 64, 32, 8 (floor_section's sink_tokens_screen); S < 128
-# gains ratio for more KL, and at S = 64 and 32 less KL per 1x gained than the base bounds' steps along the
-# layers128 tune's boundary (about 0.011-0.014 per 1x), so both are tuned over a grid of somewhat tighter bounds (the
-# ratio they gain allows them), and the one of lower KL at >= 6x on brown.txt goes to kjv.txt.
+# gains ratio for more KL: at S = 64 0.006 of KL per 1x gained, at S = 32 0.009, against about 0.008-0.013 for the
+# base bounds' steps along the layers128 tune's boundary, so both are tuned over a grid of somewhat tighter bounds
+# (the ratio they gain allows them), and the one of lower KL at >= 6x on brown.txt goes to kjv.txt.
 SINKTOK_SCREEN = (128, 64, 32, 8)
 SINKTOK_TUNED = (64, 32)
 SINKTOK_GRID = ["--rel-k", "0.04,0.045,0.05,0.055,0.06", "--rel-v", "0.2,0.21,0.22,0.23,0.24,0.25,0.26,0.27,0.28"]
