@@ -124,6 +124,15 @@ LAYERS_B128_GRID = ["--rel-k", "0.045,0.05,0.055,0.06,0.065,0.07", "--rel-v", "0
 # of a 2048-token window instead of 128).
 BLOCK256 = ["--kv-block", "256", "--kv-window", "32"]
 B256_GRID = ["--rel-k", "0.05,0.055,0.06,0.065,0.07,0.075,0.08", "--rel-v", "0.24,0.26,0.27,0.28,0.3,0.32,0.34,0.36,0.4"]
+# Sink bounds for the first S tokens only (--kv-sink-tokens S), the rest of the first block at its layer's bounds:
+# screened at the layers128 profile (block 128, (0.055, 0.27), first block (0.01, 0.03)) on the tune's windows of
+# brown.txt for S = 128 (the whole first block, as before), 64, 32, 8 (floor_section's sink_tokens_screen); S < 128
+# gains ratio for more KL: at S = 64 0.006 of KL per 1x gained, at S = 32 0.009, against about 0.008-0.013 for the
+# base bounds' steps along the layers128 tune's boundary, so both are tuned over a grid of somewhat tighter bounds
+# (the ratio they gain allows them), and the one of lower KL at >= 6x on brown.txt goes to kjv.txt.
+SINKTOK_SCREEN = (128, 64, 32, 8)
+SINKTOK_TUNED = (64, 32)
+SINKTOK_GRID = ["--rel-k", "0.04,0.045,0.05,0.055,0.06", "--rel-v", "0.2,0.21,0.22,0.23,0.24,0.25,0.26,0.27,0.28"]
 # by suffix: (tune's flags, eval's flags: the window, which profiles do not hold; the multipliers: which layers
 # step's; the first block's bounds). The last variant's first block, (0.02, 0.03): the best of (0.01, 0.03), (0.02,
 # 0.03), (0.015, 0.025), (0.03, 0.025), (0.02, 0.04) at the layers128 profile's point in a scratch screen on brown.txt
@@ -137,7 +146,9 @@ FLOOR_VARIANTS = {"-b128": ([*FLOOR_GRID, *BLOCK128], ["--kv-window", "96"], "la
                   "-b128-spread": ([*LAYERS_B128_GRID, *BLOCK128, *SPREAD], ["--kv-window", "96"], "layers-b128",
                                    "0.01,0.03"),
                   "-b256": ([*B256_GRID, *BLOCK256], ["--kv-window", "32"], "layers-b128", "0.01,0.03"),
-                  "-b256-sink2": ([*B256_GRID, *BLOCK256], ["--kv-window", "32"], "layers-b128", "0.02,0.03")}
+                  "-b256-sink2": ([*B256_GRID, *BLOCK256], ["--kv-window", "32"], "layers-b128", "0.02,0.03"),
+                  **{f"-b128-sinktok{n}": ([*SINKTOK_GRID, *BLOCK128, "--kv-sink-tokens", str(n)], ["--kv-window", "96"],
+                                           "layers-b128", "0.01,0.03") for n in SINKTOK_TUNED}}
 # The multipliers measured in context (`eval layers --in-context`): at the layers-b128 profile's operating point
 # (its bounds and multipliers, block 128, window 96, the same 2 windows of brown.txt), each layer's share of the KL
 # there (the KL minus the KL with that layer's K, then V, nearly exact), and a step from those multipliers toward
@@ -195,6 +206,10 @@ def steps(work: Path, device: str) -> dict[str, list[list[str]]]:
     plan["passkey-layers-measured-0.06-0.24"] = [["passkey", *PASSKEY, *common, "--cache", "packkv", "--kv-profile",
                                                   measured_layers, *LAYER_VARIANTS["-measured-0.06-0.24"][1], "--json",
                                                   str(work / "passkey-packkv-layers-measured-0.06-0.24.json")]]
+    for n in SINKTOK_SCREEN:
+        plan[f"screen-sinktok{n}"] = [["kl", "--text", CALIBRATION, *CALIBRATION_WINDOWS, *common, "--cache", "packkv",
+                                       "--kv-profile", str(work / "profile-floor-b128-layers128.json"), "--kv-window",
+                                       "96", "--kv-sink-tokens", str(n), "--json", str(work / f"screen-sinktok{n}.json")]]
     for suffix, (grid, window, layers, sink) in FLOOR_VARIANTS.items():
         profile = str(work / f"profile-floor{suffix}.json")
         packkv = ["--cache", "packkv", "--kv-profile", profile, *window]
@@ -363,7 +378,7 @@ def issue_targets(kl: dict, passkey: dict | None, dense_passkey: dict | None) ->
 
 
 FLOOR_STEPS = ("layers-b128", "layers-ctx", *(f"{step}-floor{suffix}" for suffix in FLOOR_VARIANTS
-                                 for step in ("tune", "kl", "passkey")))
+                                 for step in ("tune", "kl", "passkey")), *(f"screen-sinktok{n}" for n in SINKTOK_SCREEN))
 
 
 def floor_section(r: dict, dense_passkey: dict | None) -> dict:
@@ -376,11 +391,16 @@ def floor_section(r: dict, dense_passkey: dict | None) -> dict:
         out["layers_b128"] = measured_layers(r["layers-b128"][0], keys)
     if "layers-ctx" in r:
         out["layers_ctx"] = measured_layers(r["layers-ctx"][0], keys)
+    screen = [r[f"screen-sinktok{n}"][0] for n in SINKTOK_SCREEN if f"screen-sinktok{n}" in r]
+    if screen:
+        out["sink_tokens_screen"] = [{**{k: x[k] for k in keys}, "sink_tokens": x.get("sink_tokens"),
+                                      "text": x["text"], "ppl": x["ppl"]} for x in screen]
     for suffix in FLOOR_VARIANTS:
         name, v = suffix.strip("-"), {}
         if f"tune-floor{suffix}" in r:
             tune = r[f"tune-floor{suffix}"][0]
             v["tuned_profile"] = {"params": tune["profile"]["params"], "min_ratio": tune["profile"]["min_ratio"],
+                                  "sink": tune["profile"].get("sink"), "sink_tokens": tune["profile"].get("sink_tokens"),
                                   "calibration": tune["profile"]["calibration"],
                                   "calibration_tried": tried_points(tune, ("rel_k", "rel_v", "ppl_increase_pct", "kl",
                                                                            "block_compression_ratio", "meets_ratio",
@@ -389,7 +409,7 @@ def floor_section(r: dict, dense_passkey: dict | None) -> dict:
             kl = r[f"kl-floor{suffix}"][0]
             run = r[f"passkey-floor{suffix}"][0] if f"passkey-floor{suffix}" in r else None
             passkey = run["by_length"] if run else None
-            v["on_kjv"] = {**{k: kl[k] for k in keys}, "dense_ppl": kl["dense_ppl"], "ppl": kl["ppl"],
+            v["on_kjv"] = {**{k: kl[k] for k in keys}, "sink_tokens": kl.get("sink_tokens"), "dense_ppl": kl["dense_ppl"], "ppl": kl["ppl"],
                            "passkey": passkey, "compression_ratio_at_8k_tokens": ratio_at_8k(run) if run else None}
             v["targets"] = issue_targets(kl, passkey, dense_passkey)
         if v:
@@ -408,7 +428,9 @@ def floor_markdown(section: dict, dense_passkey: dict) -> str:
               "b128-layers128-sink2": "the same, first block at (0.02, 0.03)",
               "b128-spread": "wider grid, tuned on 4 windows spread over brown.txt",
               "b256": "block 256, larger bounds, multipliers measured at block 128",
-              "b256-sink2": "the same, first block at (0.02, 0.03)"}
+              "b256-sink2": "the same, first block at (0.02, 0.03)",
+              **{f"b128-sinktok{n}": f"multipliers measured at block 128, only the first {n} tokens at the sink bounds"
+                 for n in SINKTOK_TUNED}}
     for name, v in section.items():
         if name not in labels or "tuned_profile" not in v:
             continue

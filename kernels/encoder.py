@@ -2,7 +2,8 @@
 
 API (what packkv/cache.py calls):
 
-    offsets, new_used = encode_blocks_device(k, v, params, arena, used, rel_k=None, rel_v=None)
+    offsets, new_used = encode_blocks_device(k, v, params, arena, used, rel_k=None, rel_v=None,
+                                             sink_tokens=None, sink_rel=None)
 
 k, v: fp16 device arrays [n_blocks, n_kv_heads, block, head_dim] (CuPy or any CUDA-array-interface
 array; C-contiguous; head_dim a multiple of 4), all layers and sequences that are due, in the order their
@@ -11,7 +12,10 @@ rel_k, rel_v: optional per-block bounds (host sequences of n_blocks numbers in [
 params' (e.g. per-layer and attention-sink bounds), so that blocks of any bounds share one launch.
 Records are bump-allocated from `used` on, in block order, byte-identical to
 `packkv.codec.encode_blocks(k, v, params)`'s buffer (with per-block bounds: record b is
-`codec.encode_block` of block b with its own rel_k[b], rel_v[b]; records do not store bounds). The lane
+`codec.encode_block` of block b with its own rel_k[b], rel_v[b]; records do not store bounds).
+sink_tokens, sink_rel: optional per-block counts (host, n_blocks ints in [0, block]) of each block's first
+tokens encoded at sink_rel = (rel_k, rel_v) instead (a sequence's first tokens, attention sinks, when they
+are not a whole block): record b is then `codec.encode_block` with those per-token bounds. The lane
 width of the level matrix (and with it the plan's shared memory) follows the tightest block's bounds;
 `max_record_bytes(params, H, D, bounds)` likewise. Returns offsets, an int64 device array (CuPy when
 CuPy is there) [n_blocks + 1] of absolute arena offsets (offsets[0] == used, record b at
@@ -122,6 +126,9 @@ MISC_FIELDS = 8   # tile, bad, base, size, skip, -, -, -
 # work array (int64): [0] end offset of the last record, [1] first NaN code, [2] arena overflow,
 # [3] internal error, [4] tile counter, then one look-back status word per block
 W_END, W_NAN, W_OVER, W_INTERNAL, W_TILE, W_STATUS = 0, 1, 2, 3, 4, 8
+# the launch's bounds (float32), BSTRIDE per block: rel_k, rel_v, sink rel_k, sink rel_v, n_sink (its first n_sink
+# tokens at the sink bounds), unused
+BSTRIDE = 6
 NO_NAN = np.int64(2 ** 62)
 FLAG_AGG = np.int64(1 << 60)
 FLAG_PRE = np.int64(2 << 60)
@@ -466,8 +473,11 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
 
     @cuda.jit(device=True)
     def ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, bounds, tid):
-        rel_k = bounds[2 * b]      # this block's (rel_k, rel_v), float32
-        rel_v = bounds[2 * b + 1]
+        rel_k = bounds[BSTRIDE * b]      # this block's (rel_k, rel_v), float32
+        rel_v = bounds[BSTRIDE * b + 1]
+        sink_k = bounds[BSTRIDE * b + 2]  # the bounds of its first n_sink tokens (sink tokens)
+        sink_v = bounds[BSTRIDE * b + 3]
+        n_sink = np.int64(bounds[BSTRIDE * b + 4])
         n_blocks = meta[iN]
         H = meta[iH]
         T = meta[iT]
@@ -570,8 +580,12 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             offk = z
             offv = z
             if valid and bad_code == NO_NAN:
-                stk = quant_step(lok, hik, rel_k)
-                stv = quant_step(lov, hiv, rel_v)
+                if t < n_sink:
+                    stk = quant_step(lok, hik, sink_k)
+                    stv = quant_step(lov, hiv, sink_v)
+                else:
+                    stk = quant_step(lok, hik, rel_k)
+                    stv = quant_step(lov, hiv, rel_v)
                 offk = rint32(lok / stk)
                 offv = rint32(lov / stv)
                 row = lv0 + t * W + u * WU
@@ -1501,6 +1515,31 @@ def block_bounds(params: codec.CodecParams, n_blocks: int, rel_k=None, rel_v=Non
     return np.stack(columns, axis=1)
 
 
+def sink_columns(n_blocks: int, block: int, sink_tokens=None, sink_rel=None) -> np.ndarray:
+    """float32 [n_blocks, 4] (sink rel_k, sink rel_v, n_sink, 0): block b's first sink_tokens[b] tokens are
+    encoded at sink_rel (rel_k, rel_v) instead of the block's bounds (a host sequence of n_blocks counts in
+    [0, block]; None: none). codec's per-token bounds (encode_block's token_rel) with the first n_sink at
+    sink_rel and the rest at the block's give the same record."""
+    out = np.zeros((n_blocks, 4), np.float32)
+    if sink_tokens is None:
+        return out
+    n = np.asarray(sink_tokens)
+    if n.shape != (n_blocks,) or not np.issubdtype(n.dtype, np.integer) or not ((n >= 0) & (n <= block)).all():
+        raise ValueError(f"sink_tokens must hold one count in [0, block={block}] per block ({n_blocks}), got {n!r}")
+    if (n > 0).any():
+        if sink_rel is None or len(sink_rel) != 2 or not all(codec.MIN_REL <= float(r) <= 1.0 for r in sink_rel):
+            raise ValueError(f"sink_rel must be (rel_k, rel_v) in [2**-12, 1] with sink tokens, got {sink_rel!r}")
+        out[:, 0], out[:, 1] = float(sink_rel[0]), float(sink_rel[1])
+    out[:, 2] = n
+    return out
+
+
+def tightest_bounds(bounds: np.ndarray, sink: np.ndarray) -> np.ndarray:
+    """The (rel_k, rel_v) pairs any token of the launch is quantized with (for the lane width and the record
+    size): each block's (block_bounds), and the sink bounds of blocks with sink tokens (sink_columns)."""
+    return np.concatenate([bounds, sink[sink[:, 2] > 0, :2]])
+
+
 def _largest_level(params: codec.CodecParams, bounds: np.ndarray | None) -> int:
     """The largest level any block may hold: the tightest bound's (params' bounds without per-block ones)."""
     tightest = (params.rel_k, params.rel_v) if bounds is None or not len(bounds) else bounds.min(axis=0)
@@ -1683,13 +1722,17 @@ class BlockEncoder:
         self.max_ctas = self.ctas_asked or self.info["sms"] * per_sm
 
     # -- the one call ------------------------------------------------------------------------------
-    def encode(self, k, v, arena, used: int, rel_k=None, rel_v=None, _phase_mode: int = 0):
+    def encode(self, k, v, arena, used: int, rel_k=None, rel_v=None, _phase_mode: int = 0, *, sink_tokens=None,
+               sink_rel=None):
         """Compress k, v [n_blocks, n_kv_heads, block, head_dim] (fp16, on the device) into arena
         (uint8, on the device) from byte `used` (a multiple of 16) on.
 
         rel_k, rel_v: optional per-block bounds (host sequences of n_blocks numbers in [2**-12, 1]) in
         place of params' for every block. Record b is then codec's record of block b encoded with its
         own bounds (records do not store their bounds: the format and decoders are the same).
+        sink_tokens, sink_rel: optional per-block counts (host, n_blocks ints in [0, block]) of leading
+        tokens encoded at sink_rel = (rel_k, rel_v) instead (a sequence's first tokens, attention sinks):
+        record b is then codec's with those per-token bounds (sink_columns).
 
         Returns (offsets, new_used): offsets is an int64 device array [n_blocks + 1], record b at
         arena[offsets[b]:offsets[b+1]] (offsets[0] == used, offsets[-1] == new_used), the same bytes
@@ -1698,18 +1741,22 @@ class BlockEncoder:
         ArenaFullError when the records do not fit; in both cases nothing is committed (bytes past
         `used` may have changed).
         """
-        job = self._start(k, v, arena, used, rel_k, rel_v, _phase_mode, own_offsets=True)
+        job = self._start(k, v, arena, used, rel_k, rel_v, _phase_mode, own_offsets=True, sink_tokens=sink_tokens,
+                          sink_rel=sink_rel)
         return _like_cupy(job.offsets), job.result()[0]
 
-    def start(self, k, v, arena, used: int, rel_k=None, rel_v=None, _phase_mode: int = 0) -> "EncodeJob":
+    def start(self, k, v, arena, used: int, rel_k=None, rel_v=None, _phase_mode: int = 0, *, sink_tokens=None,
+              sink_rel=None) -> "EncodeJob":
         """encode without waiting: the launch, then the end offset, error flags and offsets copied into
         pinned host memory behind it on the current stream. The returned job's result() waits for them
         (and raises encode's errors). The encoder keeps one job in flight: a new start waits for the
         previous one (they share the pinned buffer, the scratch and the device buffers: the job's device
         offsets are valid until the next start)."""
-        return self._start(k, v, arena, used, rel_k, rel_v, _phase_mode, own_offsets=False)
+        return self._start(k, v, arena, used, rel_k, rel_v, _phase_mode, own_offsets=False, sink_tokens=sink_tokens,
+                           sink_rel=sink_rel)
 
-    def _start(self, k, v, arena, used: int, rel_k, rel_v, _phase_mode: int, own_offsets: bool) -> "EncodeJob":
+    def _start(self, k, v, arena, used: int, rel_k, rel_v, _phase_mode: int, own_offsets: bool, sink_tokens=None,
+               sink_rel=None) -> "EncodeJob":
         """start; own_offsets: the job's device offsets in an array of their own (encode returns them)."""
         params = self.params
         dk, dv = _as_device(k, "k"), _as_device(v, "v")
@@ -1729,6 +1776,7 @@ class BlockEncoder:
             raise ValueError(f"used must be a multiple of 16 within the arena ({da.shape[0]} bytes), got {used}")
         n = int(dk.shape[0])
         bounds = block_bounds(params, n, rel_k, rel_v)
+        sink = sink_columns(n, params.block, sink_tokens, sink_rel)
         if self._job is not None:
             self._job.wait()
         stream = _stream()
@@ -1739,7 +1787,7 @@ class BlockEncoder:
             return EncodeJob.finished_with(offsets, used, params, self.H)
         if not (dk.is_c_contiguous() and dv.is_c_contiguous()):
             raise ValueError("k and v must be C-contiguous")
-        self._use_lanes(lane_bits(params, bounds))
+        self._use_lanes(lane_bits(params, tightest_bounds(bounds, sink)))
         p = self.plan
         k64, v64 = dk.reshape(-1).view(np.int64), dv.reshape(-1).view(np.int64)
         cap = da.shape[0] // 4 * 4
@@ -1748,12 +1796,12 @@ class BlockEncoder:
         scratch = self._scratch_views(grid, stream)
         # one upload for the work counters and the blocks' bounds, into buffers kept between launches (an
         # allocating upload cost ~0.2 ms of host time a piece at a decode step's compress event)
-        upload = np.zeros(W_STATUS + 2 * n, dtype=np.int64)
+        upload = np.zeros(W_STATUS + n + BSTRIDE // 2 * n, dtype=np.int64)
         upload[W_NAN] = NO_NAN
-        upload[W_STATUS + n:] = bounds.reshape(-1).view(np.int64)
+        upload[W_STATUS + n:] = np.concatenate([bounds, sink], axis=1).reshape(-1).view(np.int64)
         uploaded = self._upload("work", upload, stream)
         work = uploaded[:W_STATUS + n]
-        block_rel = uploaded[W_STATUS + n:].view(np.float32)   # (rel_k, rel_v) of block b at 2b, 2b + 1
+        block_rel = uploaded[W_STATUS + n:].view(np.float32)   # block b's bounds from BSTRIDE * b (ph_quantize)
         meta = self._upload("meta", p.meta(n, used, cap, _phase_mode), stream)
         try:
             self._launch(grid, stream, (k64, v64, arena32, meta, work, offsets, *scratch, block_rel))
@@ -1834,18 +1882,21 @@ _ENCODERS: dict = {}
 
 
 def encode_blocks_device(k, v, params: codec.CodecParams, arena, used: int, rel_k=None, rel_v=None,
-                         **options):
+                         sink_tokens=None, sink_rel=None, **options):
     """Compress blocks k, v [n_blocks, n_kv_heads, block, head_dim] (fp16, device) into arena (uint8,
     device) from byte `used`, each block with params' bounds or its own (rel_k, rel_v: host sequences
     of n_blocks bounds): returns (offsets int64 device [n_blocks + 1], new_used). See
-    BlockEncoder.encode; encoders (compiled kernels) are cached per (params, shape, options)."""
-    return _encoder(k, params, options).encode(k, v, arena, used, rel_k, rel_v)
+    BlockEncoder.encode (sink_tokens, sink_rel: each block's first tokens at bounds of their own); encoders
+    (compiled kernels) are cached per (params, shape, options)."""
+    return _encoder(k, params, options).encode(k, v, arena, used, rel_k, rel_v, sink_tokens=sink_tokens,
+                                               sink_rel=sink_rel)
 
 
 def start_blocks_device(k, v, params: codec.CodecParams, arena, used: int, rel_k=None, rel_v=None,
-                        **options) -> EncodeJob:
+                        sink_tokens=None, sink_rel=None, **options) -> EncodeJob:
     """encode_blocks_device without waiting for the result: an EncodeJob (BlockEncoder.start)."""
-    return _encoder(k, params, options).start(k, v, arena, used, rel_k, rel_v)
+    return _encoder(k, params, options).start(k, v, arena, used, rel_k, rel_v, sink_tokens=sink_tokens,
+                                              sink_rel=sink_rel)
 
 
 def _encoder(k, params: codec.CodecParams, options: dict) -> BlockEncoder:

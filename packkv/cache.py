@@ -399,9 +399,10 @@ class BlockCache(KVCache, ABC):
         self.decoded_k, self.decoded_v = xp.zeros(decoded, backend.dtype), xp.zeros(decoded, backend.dtype)
 
     @abstractmethod
-    def encode(self, k_blocks: np.ndarray, v_blocks: np.ndarray, params=None):
+    def encode(self, k_blocks: np.ndarray, v_blocks: np.ndarray, params=None, token_rel=None):
         """[n, kv_heads, block, head_dim] fp16 arrays of the backend -> (uint8 records of the backend,
-        int64 host offsets [n + 1]), with `params` (encoding_groups' choice) or, when None, the kind's own."""
+        int64 host offsets [n + 1]), with `params` (encoding_groups' choice) or, when None, the kind's own,
+        and token_rel (encoding_groups' per-token bounds, if the kind has any)."""
 
     @abstractmethod
     def decode(self, buffer, offsets):
@@ -639,20 +640,21 @@ class BlockCache(KVCache, ABC):
                 x[:, b, :, :keep] = x[:, b, :, tokens:tokens + keep].copy()
 
     def encoding_groups(self, owners) -> list:
-        """[(indices into owners, encoder parameters)]: blocks encoded together. Here one group, the kind's
-        parameters (None); a kind may encode some blocks with other parameters."""
-        return [(list(range(len(owners))), None)]
+        """[(indices into owners, encoder parameters, per-token bounds)]: blocks encoded together. Here one
+        group, the kind's parameters (None), no per-token bounds (None); a kind may encode some blocks with
+        other parameters."""
+        return [(list(range(len(owners))), None, None)]
 
     def encode_grouped(self, k_blocks, v_blocks, owners):
         """encode's output for blocks [n, kv_heads, block, D] (block i of owners[i]): one `encode` call per
         group of encoding_groups, the records then back to back in block order."""
         groups = self.encoding_groups(owners)
         if len(groups) == 1:
-            return self.encode(k_blocks, v_blocks, groups[0][1])
+            return self.encode(k_blocks, v_blocks, *groups[0][1:])
         records = [None] * len(owners)
-        for group, params in groups:
+        for group, params, token_rel in groups:
             index = self.backend.xp.asarray(np.array(group))
-            buffer, offsets = self.encode(k_blocks[index], v_blocks[index], params)
+            buffer, offsets = self.encode(k_blocks[index], v_blocks[index], params, token_rel)
             for i, start, end in zip(group, offsets[:-1], offsets[1:]):
                 records[i] = buffer[start:end]
         return self.backend.xp.concatenate(records), np.cumsum([0] + [r.size for r in records])
@@ -719,12 +721,19 @@ class PackkvCache(BlockCache):
 
     def __init__(self, shape: CacheShape, backend: Backend, params: codec.CodecParams = codec.CodecParams(),
                  window: int = 128, max_new_tokens: int = 512, scales: "ChannelScales | None" = None,
-                 sink: tuple[float, float] | None = None, layer_scales: "LayerScales | None" = None):
+                 sink: tuple[float, float] | None = None, layer_scales: "LayerScales | None" = None,
+                 sink_tokens: int | None = None):
         self.params = params
-        # (rel_k, rel_v) of every sequence's first block, whose first tokens draw much of the attention
-        # (attention sinks): tighter there costs one block's bytes and cuts the error attention reads most.
-        # The decoder does not need a record's bounds, so the format is the same.
+        # (rel_k, rel_v) of every sequence's first tokens, which draw much of the attention (attention
+        # sinks): tighter there costs their bytes and cuts the error attention reads most. sink_tokens: how
+        # many (None: the whole first block); the encoder picks each token's bound, the decoder does not
+        # need them, so the format is the same.
         self.sink_params = None if sink is None else replace(params, rel_k=sink[0], rel_v=sink[1])
+        if sink_tokens is not None and (isinstance(sink_tokens, bool) or not isinstance(sink_tokens, (int, np.integer))
+                                        or sink_tokens < 1):
+            raise PackkvError(f"sink_tokens must be a whole number >= 1 (the first tokens at the sink bounds), "
+                              f"not {sink_tokens!r}")
+        self.sink_tokens = None if sink_tokens is None else int(sink_tokens)
         # Per-layer bounds: the cache's (rel_k, rel_v) times each layer's multipliers (the other blocks).
         self.layer_scales = layer_scales
         self.layer_params = None if layer_scales is None else layer_scales.params(params, shape.layers)
@@ -776,25 +785,53 @@ class PackkvCache(BlockCache):
         # [n, Hkv, block, D] -> [Hkv, n * block, D]
         return tuple(x.transpose(1, 0, 2, 3).reshape(self.shape.kv_heads, -1, self.shape.head_dim) for x in (k, v))
 
+    def sink_counts(self, owners) -> np.ndarray:
+        """[n] int64: how many of block owners[i]'s tokens (its first ones) are sink tokens, among a
+        sequence's first sink_tokens (None: the whole first block)."""
+        block_index = np.array(owners, dtype=np.int64).reshape(-1, 3)[:, 2]
+        if self.sink_params is None:
+            return np.zeros_like(block_index)
+        sink_tokens = self.block if self.sink_tokens is None else self.sink_tokens
+        return np.clip(sink_tokens - block_index * self.block, 0, self.block)
+
     def block_bounds(self, owners) -> tuple[np.ndarray, np.ndarray]:
-        """rel_k, rel_v [n] (float64) of the blocks owners[i] = (layer, sequence, block index): a sequence's
-        first block at the sink bounds (if set), the others at their layer's (layer scales), else the cache's."""
+        """rel_k, rel_v [n] (float64) of the blocks owners[i] = (layer, sequence, block index): a block of sink
+        tokens only (a sequence's first, by default) at the sink bounds, the others at their layer's (layer
+        scales), else the cache's. A block that is only partly sink tokens has its layer's here and
+        `partial_sinks` says how many of its first tokens are at the sink bounds."""
         layer, _, block_index = np.array(owners, dtype=np.int64).reshape(-1, 3).T
         per_layer = self.layer_params or [self.params] * self.shape.layers
         rel_k = np.array([p.rel_k for p in per_layer])[layer]
         rel_v = np.array([p.rel_v for p in per_layer])[layer]
         if self.sink_params is not None:
-            first = block_index == 0
-            rel_k[first], rel_v[first] = self.sink_params.rel_k, self.sink_params.rel_v
+            whole = self.sink_counts(owners) == self.block
+            rel_k[whole], rel_v[whole] = self.sink_params.rel_k, self.sink_params.rel_v
         return rel_k, rel_v
 
+    def partial_sinks(self, owners) -> np.ndarray:
+        """[n] int64: the number of leading tokens of block owners[i] encoded at the sink bounds while the
+        rest are at block_bounds' (0 for a block all at one pair: most blocks, and every block when the
+        sink tokens are the whole first block)."""
+        n = self.sink_counts(owners)
+        return np.where(n == self.block, 0, n)
+
+    def token_bounds(self, rel_k: float, rel_v: float, n_sink: int):
+        """(rel_k, rel_v) [block] of a block whose first n_sink tokens are at the sink bounds, the rest at
+        (rel_k, rel_v); None if n_sink is 0."""
+        if n_sink == 0:
+            return None
+        sink = np.arange(self.block) < n_sink
+        return (np.where(sink, self.sink_params.rel_k, rel_k), np.where(sink, self.sink_params.rel_v, rel_v))
+
     def encoding_groups(self, owners) -> list:
-        """One group, and one codec call, per distinct block_bounds (the CPU path; the GPU encoder takes
-        every block's bounds in one launch)."""
-        pairs, group_of = np.unique(np.stack(self.block_bounds(owners), axis=1), axis=0, return_inverse=True)
+        """One group, and one codec call, per distinct (block_bounds, partial_sinks) (the CPU path; the GPU
+        encoder takes every block's bounds in one launch)."""
+        keys = np.stack([*self.block_bounds(owners), self.partial_sinks(owners)], axis=1)
+        triples, group_of = np.unique(keys, axis=0, return_inverse=True)
         group_of = group_of.reshape(-1)
-        return [(np.flatnonzero(group_of == g).tolist(), replace(self.params, rel_k=float(rk), rel_v=float(rv)))
-                for g, (rk, rv) in enumerate(pairs)]
+        return [(np.flatnonzero(group_of == g).tolist(), replace(self.params, rel_k=float(rk), rel_v=float(rv)),
+                 self.token_bounds(float(rk), float(rv), int(n)))
+                for g, (rk, rv, n) in enumerate(triples)]
 
     def start_records(self, k_blocks, v_blocks, owners):
         """On the GPU the Numba encoder (kernels/encoder.py, bit-identical to codec.py) writes the records
@@ -804,8 +841,8 @@ class PackkvCache(BlockCache):
             return super().start_records(k_blocks, v_blocks, owners)
         return EncoderRecords(self, k_blocks, v_blocks, owners)
 
-    def encode(self, k_blocks, v_blocks, params=None):
-        buffer, offsets, _ = codec.encode_blocks(k_blocks, v_blocks, params or self.params)
+    def encode(self, k_blocks, v_blocks, params=None, token_rel=None):
+        buffer, offsets, _ = codec.encode_blocks(k_blocks, v_blocks, params or self.params, token_rel)
         return buffer, offsets
 
     def decode(self, buffer, offsets):
@@ -814,7 +851,8 @@ class PackkvCache(BlockCache):
     def kind_params(self) -> dict:
         sink = None if self.sink_params is None else [self.sink_params.rel_k, self.sink_params.rel_v]
         layers = None if self.layer_scales is None else self.layer_scales.as_json()
-        return {**vars(self.params), "channel_scales": self.scales is not None, "sink": sink, "layer_scales": layers}
+        return {**vars(self.params), "channel_scales": self.scales is not None, "sink": sink,
+                **({"sink_tokens": self.sink_tokens} if self.sink_tokens is not None else {}), "layer_scales": layers}
 
     def bytes_used(self) -> int:
         """The blocks, the window, and the channel scales (once per cache)."""
@@ -829,13 +867,19 @@ class EncoderRecords:
     def __init__(self, cache: PackkvCache, k_blocks, v_blocks, owners):
         self.cache, self.k_blocks, self.v_blocks, self.owners = cache, k_blocks, v_blocks, owners
         self.rel_k, self.rel_v = cache.block_bounds(owners)
+        # blocks only partly of sink tokens: their first ones at the sink bounds (the kernel's per-token choice)
+        self.sink_tokens = cache.partial_sinks(owners)
+        self.sink_rel = None if cache.sink_params is None else (cache.sink_params.rel_k, cache.sink_params.rel_v)
+        if not self.sink_tokens.any():
+            self.sink_tokens = self.sink_rel = None
         self.job = self.launch()
 
     def launch(self):
         from packkv.kernels.encoder import start_blocks_device
         arena = self.cache.arena
         return start_blocks_device(self.k_blocks, self.v_blocks, self.cache.params, arena.writable, arena.used,
-                                   rel_k=self.rel_k, rel_v=self.rel_v)
+                                   rel_k=self.rel_k, rel_v=self.rel_v, sink_tokens=self.sink_tokens,
+                                   sink_rel=self.sink_rel)
 
     def offsets(self) -> np.ndarray:
         from packkv.kernels.encoder import ArenaFullError, NonFiniteInputError

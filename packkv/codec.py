@@ -123,8 +123,11 @@ def check_finite(x: np.ndarray, what: str) -> None:
                          f"at {loc}")
 
 
-def quantize_tokens(x: np.ndarray, rel: float):
+def quantize_tokens(x: np.ndarray, rel):
     """Token-wise quantization of x [..., T, C] over its last axis (the token's channels).
+
+    rel: the relative bound, a number or one per token (an array broadcastable to [..., T]: the encoder
+    chooses each token's bound; the record stores the step, never the bound, so decoding is the same).
 
     Returns (levels uint16 [..., T, C], step fp16 [..., T], offset int32 [..., T]) with
     x ~= (levels + offset) * step and |x - (levels + offset) * step| <= step/2 (+ fp32 rounding).
@@ -140,7 +143,7 @@ def quantize_tokens(x: np.ndarray, rel: float):
     lo = x.min(axis=-1)
     hi = x.max(axis=-1)
     amax = np.maximum(-lo, hi)
-    s = (hi - lo) * np.float32(rel)
+    s = (hi - lo) * np.asarray(rel, dtype=np.float32)
     s = np.where(s == 0, amax, s)
     s = np.maximum(s, amax / np.float32(OFFSET_LIMIT))
     step = round_up_to_fp16(s)
@@ -272,12 +275,33 @@ def _as_kv_array(x, name: str, params: CodecParams) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def quantize_blocks(k, v, params: CodecParams):
+def token_bounds(token_rel, lead: tuple, T: int):
+    """Validate per-token bounds (rel_k, rel_v), each of shape [T] or lead + (T,) (lead: the blocks' axes
+    before H, T, D) -> two float32 arrays of shape lead + (T,), or None for None."""
+    if token_rel is None:
+        return None
+    if len(token_rel) != 2:
+        raise ValueError("token_rel must be (rel_k, rel_v), each one bound per token")
+    out = []
+    for name, rel in zip(("rel_k", "rel_v"), token_rel):
+        rel = np.asarray(rel, dtype=np.float64)
+        if rel.shape not in ((T,), tuple(lead) + (T,)):
+            raise ValueError(f"token_rel's {name} must have shape [block={T}] or {list(lead) + [T]}, got {list(rel.shape)}")
+        if not np.all((rel >= MIN_REL) & (rel <= 1.0)):
+            raise ValueError(f"token_rel's {name} must be in [2**-12, 1] (relative error bounds)")
+        out.append(np.broadcast_to(rel.astype(np.float32), tuple(lead) + (T,)))
+    return out
+
+
+def quantize_blocks(k, v, params: CodecParams, token_rel=None):
     """Quantize and repack blocks k, v [..., H, T, D] -> (BlockLevels in storage order, perm [..., H, T]).
 
     perm[..., h, s] is the original token index stored at position s for head h (every head the same
     for 'token-layer'). K and V share it. Raises ValueError on NaN/inf/out-of-fp16-range input, naming
     the block (if any), head and token.
+    token_rel: None (every token at params' rel_k, rel_v) or (rel_k, rel_v), one bound per token of the
+    block ([T], or [..., T] per block): e.g. a sequence's first tokens (attention sinks) at tighter bounds.
+    Only the steps change; the record's format and its decoding are the same.
     """
     k = _as_kv_array(k, "k", params)
     v = _as_kv_array(v, "v", params)
@@ -291,8 +315,12 @@ def quantize_blocks(k, v, params: CodecParams):
         from_unit = lambda u: np.moveaxis(u.reshape(u.shape[:-1] + (H, D)), -2, -3)
     else:  # unit = [..., H, T, D]: one head's channels
         to_unit = from_unit = lambda x: x
-    kq, ks, ko = quantize_tokens(to_unit(k), params.rel_k)
-    vq, vs, vo = quantize_tokens(to_unit(v), params.rel_v)
+    rel_k, rel_v = params.rel_k, params.rel_v
+    bounds = token_bounds(token_rel, k.shape[:-3], T)
+    if bounds is not None:    # [..., T]: a unit's tokens are its last axis but one ([..., H, T] per head)
+        rel_k, rel_v = (b if params.granularity == "token-layer" else b[..., None, :] for b in bounds)
+    kq, ks, ko = quantize_tokens(to_unit(k), rel_k)
+    vq, vs, vo = quantize_tokens(to_unit(v), rel_v)
     order = repack_order(np.concatenate([kq, vq], axis=-1), params.repack, params.pack)  # [..., T]
     permute = lambda a: np.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - order.ndim)),
                                            axis=order.ndim - 1)
@@ -500,15 +528,16 @@ def read_record(record: np.ndarray, params: CodecParams, n_kv_heads: int, head_d
 # The public entry points
 # ----------------------------------------------------------------------------------------------------
 
-def encode_block(k, v, params: CodecParams = CodecParams()):
-    """Compress one block: k, v [n_kv_heads, block, head_dim] (fp16 or fp32) of one layer.
+def encode_block(k, v, params: CodecParams = CodecParams(), token_rel=None):
+    """Compress one block: k, v [n_kv_heads, block, head_dim] (fp16 or fp32) of one layer; token_rel:
+    optional (rel_k [block], rel_v [block]), each token's own bounds (quantize_blocks).
 
     Returns (record uint8 [n_bytes], perm int64 [n_kv_heads, block]): perm[h, s] is the original token
     stored at position s for head h (the same for every head under 'token-layer'), shared by K and V.
     """
     if np.ndim(k) != 3:
         raise ValueError(f"encode_block takes k, v of shape [n_kv_heads, block, head_dim], got {np.shape(k)}")
-    levels, perm = quantize_blocks(k, v, params)
+    levels, perm = quantize_blocks(k, v, params, token_rel)
     return write_record(levels, params), perm
 
 
@@ -517,9 +546,10 @@ def decode_block(record, params: CodecParams, n_kv_heads: int, head_dim: int):
     return read_record(record, params, n_kv_heads, head_dim).dequantize()
 
 
-def encode_blocks(k, v, params: CodecParams = CodecParams()):
+def encode_blocks(k, v, params: CodecParams = CodecParams(), token_rel=None):
     """Compress n_blocks blocks at once: k, v [n_blocks, n_kv_heads, block, head_dim] of one layer (or
-    of many layers: blocks are independent).
+    of many layers: blocks are independent); token_rel: optional (rel_k, rel_v), each [block] or
+    [n_blocks, block], each token's own bounds (quantize_blocks).
 
     Returns (buffer uint8, offsets int64 [n_blocks + 1], perm int64 [n_blocks, n_kv_heads, block]):
     record b is buffer[offsets[b]:offsets[b+1]]; each record's length is a multiple of 16.
@@ -527,7 +557,7 @@ def encode_blocks(k, v, params: CodecParams = CodecParams()):
     if np.ndim(k) != 4:
         raise ValueError(f"encode_blocks takes k, v of shape [n_blocks, n_kv_heads, block, head_dim], "
                          f"got {np.shape(k)}")
-    levels, perm = quantize_blocks(k, v, params)
+    levels, perm = quantize_blocks(k, v, params, token_rel)
     records = [write_record(BlockLevels(*(getattr(levels, f)[b] for f in BlockLevels.__dataclass_fields__)),
                             params) for b in range(np.shape(k)[0])]
     offsets = np.concatenate([[0], np.cumsum([r.size for r in records])]).astype(np.int64)

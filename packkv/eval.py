@@ -41,7 +41,7 @@ from packkv.cache import CacheShape, ChannelScales, DenseCache, LayerScales
 from packkv.errors import PackkvError
 from packkv.generate import PREFILL_CHUNK, Engine, SamplingParams, generate
 from packkv.options import (DEFAULT_WINDOW, add_cache_arguments, cache_params, profile_layer_scales, profile_scales,
-                            read_profile, save_profile, sink_bounds, weights_folder)
+                            read_profile, save_profile, sink_bounds, sink_token_count, weights_folder)
 from packkv.quant import QUANT_BITS, QUANT_GROUPS, QuantParams
 
 KIVI_SETTINGS = [(2, 32), (2, 64), (4, 32), (4, 64)]   # (bits, group): KIVI's common configurations
@@ -113,6 +113,7 @@ class CacheSpec:
                 **({"window": self.params["window"]} if "window" in self.params else {}),
                 **({"channel_scales": self.params.get("scales") is not None,
                     "sink": self.params.get("sink"),
+                    **({"sink_tokens": self.params["sink_tokens"]} if self.params.get("sink_tokens") else {}),
                     "layer_scales": None if self.params.get("layer_scales") is None
                     else self.params["layer_scales"].as_json()} if self.kind == "packkv" else {})}
 
@@ -122,6 +123,7 @@ class CacheSpec:
             return (f"packkv k{d['rel_k']:g} v{d['rel_v']:g} {d['granularity']} {d['repack']}"
                     + (" scaled" if d["channel_scales"] else "")
                     + (" sink {:g},{:g}".format(*d["sink"]) if d["sink"] else "")
+                    + (" x{} tokens".format(d["sink_tokens"]) if d.get("sink_tokens") else "")
                     + (" per-layer" if d["layer_scales"] else ""))
         if self.kind == "quant":
             return f"quant {d['bits']}-bit g{d['group']}"
@@ -636,10 +638,12 @@ def sweep_specs(args) -> list[CacheSpec]:
                 for rel_k, rel_v in rel_pairs(args):
                     params = codec.CodecParams(rel_k, rel_v, granularity, repack, **base)
                     sink = sink_bounds(args.kv_sink, None)
+                    sink_tokens = sink_token_count(args.kv_sink_tokens, None) if sink else None
                     for scales in sweep_scales(args):
                         specs.append(CacheSpec("packkv", {"params": params, "window": window,
                                                           **({"scales": scales} if scales else {}),
-                                                          **({"sink": sink} if sink else {})}))
+                                                          **({"sink": sink} if sink else {}),
+                                                          **({"sink_tokens": sink_tokens} if sink_tokens else {})}))
         for bits in parse_list(args.bits, int, "--bits", allow_empty=True):
             for group in parse_list(args.groups, int, "--groups"):
                 specs.append(CacheSpec("quant", {"params": QuantParams(bits, group), "window": window}))
@@ -715,13 +719,14 @@ def tune_command(args) -> dict:
     windows = text_windows(engine, args)
     scales = calibrate_scales(engine, windows) if args.channel_scales == "on" else None
     sink = sink_bounds(args.kv_sink, None)      # --kv-sink: the first blocks' bounds, tuned around, saved
+    sink_tokens = sink_token_count(args.kv_sink_tokens, None) if sink else None   # how many tokens (None: a block)
     layers = None       # --layer-scales-from: per-layer multipliers (`eval layers`), tuned around, saved
     if args.layer_scales_from:
         layers = profile_layer_scales(read_profile(Path(args.layer_scales_from)))
         if layers is None:
             raise PackkvError(f"--layer-scales-from {args.layer_scales_from}: the profile has no layer_scales")
     extra = {**({} if scales is None else {"scales": scales}), **({"sink": sink} if sink else {}),
-             **({"layer_scales": layers} if layers else {})}
+             **({"sink_tokens": sink_tokens} if sink_tokens else {}), **({"layer_scales": layers} if layers else {})}
     dense, reference = score(engine, windows, DENSE, keep=True)
     tried = []
     bar = progress(desc="tune", unit="cache")
@@ -767,7 +772,7 @@ def tune_command(args) -> dict:
                                    "block_compression_ratio")}},
                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                **({} if scales is None else {"channel_scales": scales_json(scales)}),
-               **({"sink": list(sink)} if sink else {}),
+               **({"sink": list(sink)} if sink else {}), **({"sink_tokens": sink_tokens} if sink_tokens else {}),
                **({"layer_scales": layers.as_json()} if layers else {})}
     path = save_profile(args.weights, profile, args.profile_out)
     print(f"tuned {CacheSpec('packkv', {'params': codec.CodecParams(**params), **extra}).label()}: "
@@ -883,7 +888,8 @@ def layers_command(args) -> dict:
                                    "ppl", "ppl_increase_pct", "kl", "top1_agreement", "compression_ratio",
                                    "block_compression_ratio")}},
                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-               **({"sink": list(sink)} if sink else {})}
+               **({"sink": list(sink)} if sink else {}),
+               **({"sink_tokens": spec.params["sink_tokens"]} if sink and spec.params.get("sink_tokens") else {})}
     path = save_profile(args.weights, profile, args.profile_out)
     for name, r in results.items():
         print(f"{name}: {r['block_compression_ratio']:.2f}x in the blocks, perplexity {r['ppl_increase_pct']:+.3f}%, "

@@ -36,6 +36,10 @@ def add_cache_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-window", type=int, help=f"recent tokens kept in fp16 (default {DEFAULT_WINDOW})")
     g.add_argument("--kv-sink", help="packkv: rel_k,rel_v of each sequence's first block (attention sinks), "
                                      "e.g. 0.02,0.05; 'none' for the cache's bounds (default: the profile's, else none)")
+    g.add_argument("--kv-sink-tokens", type=int,
+                   help="packkv: how many of each sequence's first tokens are at the --kv-sink bounds (default: the "
+                        "profile's, else the whole first block); 'the whole first block' is what a profile without "
+                        "it means")
     g.add_argument("--kv-scales", choices=["profile", "none"], default="profile",
                    help="packkv's channel scales: the tuned profile's, if it has them (default), or none")
     g.add_argument("--kv-layer-scales", choices=["profile", "none"], default="profile",
@@ -76,8 +80,21 @@ def cache_params(args) -> dict:
                          + (["layer scales"] if layers else []))
         print(f"packkv: using the tuned profile {profile[0]} ({shown}); --kv-* flags override it", file=sys.stderr)
     sink = sink_bounds(getattr(args, "kv_sink", None), profile[1].get("sink") if profile else None)
+    tokens = sink_token_count(getattr(args, "kv_sink_tokens", None), profile[1].get("sink_tokens") if profile else None)
     return {"params": params, "window": window, **({"scales": scales} if scales else {}),
-            **({"sink": sink} if sink else {}), **({"layer_scales": layers} if layers else {})}
+            **({"sink": sink} if sink else {}), **({"sink_tokens": tokens} if sink and tokens else {}),
+            **({"layer_scales": layers} if layers else {})}
+
+
+def sink_token_count(flag: int | None, from_profile) -> int | None:
+    """How many first tokens are at the sink bounds: --kv-sink-tokens N, else the profile's, else None (the
+    whole first block)."""
+    chosen = flag if flag is not None else from_profile
+    if chosen is None:
+        return None
+    if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 1:
+        raise PackkvError(f"--kv-sink-tokens: a whole number >= 1 (the first tokens at the sink bounds), not {chosen!r}")
+    return chosen
 
 
 def sink_bounds(flag: str | None, from_profile) -> tuple[float, float] | None:

@@ -258,7 +258,7 @@ class QuantCache(BlockCache):
         # [n, Hkv, G, D] -> [Hkv, n * G, D]
         return tuple(x.transpose(1, 0, 2, 3).reshape(s.kv_heads, x.shape[0] * x.shape[2], s.head_dim) for x in (k, v))
 
-    def encode(self, k_blocks, v_blocks, params=None):   # one parameter set: params is always None here
+    def encode(self, k_blocks, v_blocks, params=None, token_rel=None):   # one parameter set: both always None here
         return encode_blocks(k_blocks, v_blocks, self.params, self.backend.xp)
 
     def decode(self, buffer, offsets):

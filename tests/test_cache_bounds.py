@@ -18,9 +18,9 @@ SCALES = LayerScales([0.1, 1.0, 3.0], [0.5, 2.0, 0.05])
 SINK = (2.0 ** -10, 0.003)
 
 
-def bounded_cache(backend, params=PARAMS):
+def bounded_cache(backend, params=PARAMS, sink_tokens=None):
     return PackkvCache(CacheShape(LAYERS, KV_HEADS, HEAD_DIM, BATCH, 400), backend, params, window=8,
-                       max_new_tokens=128, layer_scales=SCALES, sink=SINK)
+                       max_new_tokens=128, layer_scales=SCALES, sink=SINK, sink_tokens=sink_tokens)
 
 
 def random_steps(seed, lengths):
@@ -51,9 +51,9 @@ def test_block_bounds_name_each_blocks_bounds_and_group_them():
     assert [(float(k), float(v)) for k, v in zip(rel_k, rel_v)] == [
         (expected_params(layer, j).rel_k, expected_params(layer, j).rel_v) for layer, _, j in owners]
     groups = cache.encoding_groups(owners)
-    assert sorted(i for group, _ in groups for i in group) == list(range(len(owners)))
-    for group, params in groups:
-        assert {expected_params(owners[i][0], owners[i][2]) for i in group} == {params}
+    assert sorted(i for group, _, _ in groups for i in group) == list(range(len(owners)))
+    for group, params, token_rel in groups:
+        assert {expected_params(owners[i][0], owners[i][2]) for i in group} == {params} and token_rel is None
 
 
 def test_records_are_each_blocks_codec_record_with_its_own_bounds_in_block_order():
@@ -79,9 +79,10 @@ def test_records_are_each_blocks_codec_record_with_its_own_bounds_in_block_order
 
 
 @pytest.mark.gpu
-def test_gpu_encodes_each_compress_event_in_one_call_as_the_cpu_path_does(gpu, monkeypatch):
+@pytest.mark.parametrize("sink_tokens", [None, 5])
+def test_gpu_encodes_each_compress_event_in_one_call_as_the_cpu_path_does(gpu, monkeypatch, sink_tokens):
     """Every compress event (the prefill's: sink and layer bounds, 16-bit lanes; decode's: layer bounds,
-    8-bit lanes) is one encoder call; a full arena grows and that call repeats; the arena and the
+    8-bit lanes; the sink bounds for the whole first block or its first 5 tokens) is one encoder call; a full arena grows and that call repeats; the arena and the
     offset tables equal the grouped CPU path's, byte for byte. NaN is refused and nothing changes."""
     from packkv.kernels import encoder
     launches = []          # blocks per encoder launch
@@ -92,7 +93,7 @@ def test_gpu_encodes_each_compress_event_in_one_call_as_the_cpu_path_does(gpu, m
         return real(k, v, *args, **kwargs)
 
     monkeypatch.setattr(encoder, "start_blocks_device", counted)
-    on_gpu, on_cpu = bounded_cache(gpu), bounded_cache(CPU)
+    on_gpu, on_cpu = bounded_cache(gpu, sink_tokens=sink_tokens), bounded_cache(CPU, sink_tokens=sink_tokens)
     on_gpu.arena = ByteArena(gpu.xp, 4096)      # too small for the prefill's records: grow and launch again
     steps = random_steps(1, [100] + [1] * 40 + [70])
     for cache in (on_gpu, on_cpu):

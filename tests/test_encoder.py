@@ -43,14 +43,21 @@ def make_blocks(kinds, H, T, D, seed):
     return k, v
 
 
-def reference_records(k, v, params, block_rel=None):
+def reference_records(k, v, params, block_rel=None, sink=None):
     """codec's records of the blocks back to back and their offsets: encode_blocks, or with per-block
-    bounds block_rel [(rel_k, rel_v)] each block encoded alone with its own."""
-    if block_rel is None:
+    bounds block_rel [(rel_k, rel_v)] each block encoded alone with its own; with sink = (tokens [n], (rel_k,
+    rel_v)) block b's first tokens[b] tokens at those bounds (codec's per-token bounds)."""
+    if block_rel is None and sink is None:
         buffer, offsets, _ = codec.encode_blocks(k, v, params)
         return buffer, offsets
-    records = [codec.encode_block(k[b], v[b], replace(params, rel_k=rk, rel_v=rv))[0]
-               for b, (rk, rv) in enumerate(block_rel)]
+    block_rel = block_rel or [(params.rel_k, params.rel_v)] * len(k)
+    records = []
+    for b, (rk, rv) in enumerate(block_rel):
+        token_rel = None
+        if sink is not None and sink[0][b] > 0:
+            first = np.arange(params.block) < sink[0][b]
+            token_rel = (np.where(first, sink[1][0], rk), np.where(first, sink[1][1], rv))
+        records.append(codec.encode_block(k[b], v[b], replace(params, rel_k=rk, rel_v=rv), token_rel)[0])
     return np.concatenate(records), np.cumsum([0] + [r.size for r in records])
 
 
@@ -86,8 +93,9 @@ def _simulate_blocks(case, encoder):
     used = case.get("used", 48)
     out = {"id": case["id"]}
     block_rel = case.get("block_rel")
+    sink = case.get("sink")       # [tokens per block, [rel_k, rel_v]]
     try:
-        ref, ref_offsets = reference_records(k, v, params, block_rel)
+        ref, ref_offsets = reference_records(k, v, params, block_rel, sink)
     except ValueError as exc:
         ref, out["ref_error"] = None, str(exc)
     size = case.get("arena", used + (ref.size if ref is not None else 0) + 64)
@@ -98,7 +106,8 @@ def _simulate_blocks(case, encoder):
                                chunks_per_lane=case.get("chunks_per_lane", 8))
     rel_k, rel_v = (None, None) if block_rel is None else zip(*block_rel)
     try:
-        offsets, new_used = enc.encode(k, v, arena, used, rel_k, rel_v)
+        offsets, new_used = enc.encode(k, v, arena, used, rel_k, rel_v,
+                                       **({} if sink is None else {"sink_tokens": np.array(sink[0]), "sink_rel": sink[1]}))
         out["E"], out["lv_shared"] = enc.plan.E, enc.plan.lv_shared
         got = arena.copy_to_host()
         out["identical"] = bool(ref is not None and new_used - used == ref.size
@@ -120,7 +129,7 @@ def _simulate_cache(case, encoder):
     from numba import cuda
     sys.path.insert(0, str(HERE))
     import test_cache_bounds as bounded
-    cache = bounded.bounded_cache(bounded.CPU, CodecParams(**case["params"]))
+    cache = bounded.bounded_cache(bounded.CPU, CodecParams(**case["params"]), sink_tokens=case.get("sink_tokens"))
     events, start_grouped = [], cache.start_records
 
     def spy(k, v, owners):
@@ -132,8 +141,12 @@ def _simulate_cache(case, encoder):
     arena, used, lanes = cuda.to_device(np.zeros(cache.arena.used + 64, np.uint8)), 0, []
     for k, v, owners in events:
         rel_k, rel_v = cache.block_bounds(owners)
-        lanes.append(encoder.lane_bits(cache.params, encoder.block_bounds(cache.params, len(k), rel_k, rel_v)))
-        _, used = encoder.encode_blocks_device(k, v, cache.params, arena, used, rel_k, rel_v, threads=64)
+        sink_tokens, sink_rel = cache.partial_sinks(owners), (cache.sink_params.rel_k, cache.sink_params.rel_v)
+        lanes.append(encoder.lane_bits(cache.params, encoder.tightest_bounds(
+            encoder.block_bounds(cache.params, len(k), rel_k, rel_v),
+            encoder.sink_columns(len(k), cache.params.block, sink_tokens, sink_rel))))
+        _, used = encoder.encode_blocks_device(k, v, cache.params, arena, used, rel_k, rel_v, sink_tokens, sink_rel,
+                                               threads=64)
     same = used == cache.arena.used and np.array_equal(arena.copy_to_host()[:used], cache.arena.data[:used])
     return {"id": case["id"], "identical": bool(same), "events": len(events), "lanes": lanes}
 
@@ -262,8 +275,30 @@ def _large_block_cases():
 
 
 def _cache_cases():
-    """The cache's prefill (sink and layer bounds: 16-bit lanes) and one decode event (layer bounds: 8-bit)."""
-    return [dict(id="cache", cache=True, params=_params(repack="sort", block=16, pack=8), seed=3, steps=[40, 20])]
+    """The cache's prefill (sink and layer bounds: 16-bit lanes) and one decode event (layer bounds: 8-bit);
+    the same with only the first 5 tokens, then 21 (a block and 5), at the sink bounds (--kv-sink-tokens)."""
+    return [dict(id="cache", cache=True, params=_params(repack="sort", block=16, pack=8), seed=3, steps=[40, 20]),
+            dict(id="cache_sink5", cache=True, params=_params(block=16, pack=8), seed=4, steps=[40, 20],
+                 sink_tokens=5),
+            dict(id="cache_sink21", cache=True, params=_params(granularity="token-head", repack="sort", block=16,
+                                                                 pack=8), seed=5, steps=[40, 20], sink_tokens=21)]
+
+
+def _sink_token_cases():
+    """Each block's first n tokens at bounds of their own (sink tokens), the rest at the block's: every count
+    from none to the whole block, with per-block bounds or params', both granularities, greedy and sort;
+    the lane width follows the sink bounds too (16-bit lanes when only they are below ~1/126)."""
+    loose = [(0.1, 0.2), (0.3, 0.05), (0.05, 0.27), (0.02, 0.5)]
+    return [
+        dict(id="greedy_e16", params=_params(pack=8, block=16), H=2, D=8, kinds=mixed_kinds(4, 60), seed=60,
+             block_rel=loose, sink=[[0, 5, 16, 1], [2.0 ** -12, 0.003]]),
+        dict(id="greedy_e8", params=_params(pack=8, block=16), H=2, D=8, kinds=mixed_kinds(3, 61), seed=61,
+             sink=[[15, 0, 8], [0.01, 0.03]]),
+        dict(id="token_head_sort", params=_params(granularity="token-head", repack="sort", pack=8, block=16),
+             H=3, D=4, kinds=mixed_kinds(3, 62), seed=62, block_rel=loose[:3], sink=[[4, 16, 9], [0.02, 0.01]]),
+        dict(id="token_head_greedy", params=_params(granularity="token-head", pack=8, block=32), H=2, D=8,
+             kinds=mixed_kinds(2, 63), seed=63, threads=64, sink=[[3, 31], [0.01, 0.03]]),
+    ]
 
 
 def _refusal_cases():
@@ -281,6 +316,7 @@ SIM_JOBS["test_simulated_lazy_greedy_picks"] = (_lazy_greedy_cases, ())
 SIM_JOBS["test_simulated_per_block_bounds"] = (_block_bound_cases, ())
 SIM_JOBS["test_simulated_blocks_of_128_and_256_tokens"] = (_large_block_cases, ())
 SIM_JOBS["test_simulated_cache_events_in_one_call"] = (_cache_cases, ())
+SIM_JOBS["test_simulated_sink_tokens"] = (_sink_token_cases, ())
 SIM_JOBS["test_simulated_refusals"] = (_refusal_cases, ())
 
 
@@ -361,8 +397,21 @@ def test_simulated_blocks_of_128_and_256_tokens(simulated, request):
 def test_simulated_cache_events_in_one_call(simulated, request):
     """What the packkv cache's GPU path does, one encoder call per compress event with each block's
     bounds (PackkvCache.block_bounds), writes the arena its grouped CPU path writes."""
-    r = simulated(request.node.name)["cache"]
+    results = simulated(request.node.name)
+    r = results["cache"]
     assert r["identical"] and r["events"] == 2 and r["lanes"] == [16, 8], r
+    for name in ("cache_sink5", "cache_sink21"):     # the first 5 (21) tokens at the sink bounds
+        assert results[name]["identical"] and results[name]["lanes"] == [16, 8], results[name]
+
+
+def test_simulated_sink_tokens(simulated, request):
+    """Per-block counts of first tokens at sink bounds: every record is codec's with those per-token bounds;
+    the lane width follows the tightest bound any token has."""
+    results = simulated(request.node.name)
+    assert results["greedy_e16"]["E"] == 16 and results["greedy_e8"]["E"] == 8
+    for r in results.values():
+        assert r.get("identical"), r
+        assert r["prefix_untouched"], r
 
 
 def test_simulated_refusals(simulated, request):
@@ -421,13 +470,15 @@ def test_max_record_bytes_bounds_real_records():
 # GPU: the compiled kernel on real shapes
 # ----------------------------------------------------------------------------------------------------
 
-def _gpu_encode(k, v, params, used=48, extra=64, arena_size=None, block_rel=None, **options):
+def _gpu_encode(k, v, params, used=48, extra=64, arena_size=None, block_rel=None, sink=None, **options):
     import cupy
     from packkv.kernels.encoder import encode_blocks_device
-    ref, ref_offsets = reference_records(k, v, params, block_rel)
+    ref, ref_offsets = reference_records(k, v, params, block_rel, sink)
     size = arena_size or used + ref.size + extra
     arena = cupy.full(size, 0xA5, dtype=cupy.uint8)
     rel_k, rel_v = (None, None) if block_rel is None else zip(*block_rel)
+    if sink is not None:
+        options = {**options, "sink_tokens": np.array(sink[0]), "sink_rel": sink[1]}
     offsets, new_used = encode_blocks_device(cupy.asarray(k), cupy.asarray(v), params, arena, used, rel_k, rel_v,
                                              **options)
     got = cupy.asnumpy(arena)
@@ -496,6 +547,19 @@ def test_gpu_per_block_bounds(gpu, granularity, sink):
     block_rel = [sink if sink is not None and b % 6 == 0 else layer_rel[b % 8] for b in range(48)]
     k, v = make_blocks(mixed_kinds(48, 9), 8, params.block, 128, seed=9)
     _assert_identical(k, v, params, block_rel=block_rel)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", codec.GRANULARITIES)
+def test_gpu_sink_tokens(gpu, granularity):
+    """SmolLM2's shape at block 128, each block's first 0-128 tokens at (0.01, 0.03) and the rest at a layer's
+    bounds, in one launch: each record is codec's with those per-token bounds."""
+    params = CodecParams(granularity=granularity, block=128)
+    rng = np.random.default_rng(10)
+    block_rel = [(float(rk), float(rv)) for rk, rv in rng.uniform(0.03, 0.4, size=(12, 2))]
+    tokens = [0, 4, 8, 32, 64, 127, 128, 1, 16, 0, 96, 5]
+    k, v = make_blocks(mixed_kinds(12, 10), 3, params.block, 64, seed=10)
+    _assert_identical(k, v, params, block_rel=block_rel, sink=(tokens, (0.01, 0.03)))
 
 
 @pytest.mark.gpu

@@ -475,3 +475,22 @@ def test_spread_windows_sample_the_whole_text(tiny, capsys, tmp_path):
     code, captured = run(capsys, "kl", "--weights", folder, "--text", corpus, "--ctx", CTX, "--windows", 200,
                          "--prefill", PREFILL, "--spread", "--device", "cpu")
     assert code == 2 and "fewer than --ctx" in captured.err.strip().splitlines()[-1]
+
+
+def test_sink_tokens_tuned_saved_and_read(tiny, capsys, tmp_path):
+    """tune --kv-sink-tokens saves the count beside the sink bounds; kl with the profile uses it (and says
+    so in its JSON), --kv-sink-tokens overrides it; fewer sink tokens than the block store fewer bytes."""
+    folder, text = tiny
+    grid = ["--rel-k", "0.1", "--rel-v", "0.2", "--granularities", "token-layer", "--budget-ppl", "100",
+            "--kv-sink", "0.01,0.02"]
+    profile = tmp_path / "sinktok.json"
+    result = eval_json(capsys, tmp_path, "tune", *window_args(folder, text), *FAST, *grid, "--kv-sink-tokens", "4",
+                       "--profile-out", profile)
+    saved = json.loads(profile.read_text())
+    assert saved["sink"] == [0.01, 0.02] and saved["sink_tokens"] == 4 and result["tried"][0]["sink_tokens"] == 4
+    four = eval_json(capsys, tmp_path, "kl", *window_args(folder, text), *FAST, "--cache", "packkv",
+                     "--kv-profile", profile)
+    whole = eval_json(capsys, tmp_path, "kl", *window_args(folder, text), *FAST, "--cache", "packkv",
+                      "--kv-profile", profile, "--kv-sink-tokens", "16")
+    assert four["sink_tokens"] == 4 and whole["sink_tokens"] == 16
+    assert four["block_compression_ratio"] > whole["block_compression_ratio"]

@@ -50,8 +50,8 @@ def test_encoding_groups_one_per_distinct_params():
     cache = packkv(layer_scales=LayerScales([1.0, 1.0], [1.0, 3.0]), sink=(0.01, 0.02))
     owners = [(layer, 0, j) for layer in range(LAYERS) for j in range(3)]
     groups = cache.encoding_groups(owners)
-    assert sorted(len(g) for g, _ in groups) == [2, 2, 2]
-    by_params = {(round(p.rel_k, 9), round(p.rel_v, 9)): sorted(g) for g, p in groups}
+    assert sorted(len(g) for g, _, _ in groups) == [2, 2, 2]
+    by_params = {(round(p.rel_k, 9), round(p.rel_v, 9)): sorted(g) for g, p, _ in groups}
     assert by_params[(0.01, 0.02)] == [0, 3]
     assert by_params[(PARAMS.rel_k, PARAMS.rel_v)] == [1, 2]
     assert by_params[(PARAMS.rel_k, round(3 * PARAMS.rel_v, 9))] == [4, 5]
