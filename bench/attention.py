@@ -178,8 +178,12 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
     scores = cupy.empty((1, Hq, n * T), np.float32)
     p = cupy.asarray((rng.random((1, Hq, n * T)) / (n * T)).astype(np.float16))
     vout = cupy.empty((1, Hq, D), np.float32)
+    # the arena's address in device memory, made once: made per call, its upload cannot be captured, and the
+    # fused kernel fell back to eager launches (cuda_graph false) unnoticed
+    arena_address = cupy.asarray([arena.data.ptr], dtype=np.uint64)
     fused = [lambda t=t: ak.compressed_decode_attention(q, arena, t, nb, wk, wv, wl, PARAMS, out=out, workspace=ws,
-                                                        n_splits=fused_splits, tiles=tiles) for t in tables]
+                                                        n_splits=fused_splits, tiles=tiles,
+                                                        arena_address=arena_address) for t in tables]
     kg = [lambda t=t: ak.k_gemv(q, arena, t, nb, PARAMS, Hkv, out=scores, n_splits=n_splits) for t in tables]
     vg = [lambda t=t: ak.v_gemv(p, arena, t, nb, PARAMS, Hkv, D, out=vout, workspace=ws, n_splits=n_splits)
           for t in tables]
