@@ -76,13 +76,13 @@ Tile mode measured (H100 80GB HBM3): `pytest -m gpu tests/test_kernels_gpu.py` 1
   TILE_ITEMS_PER_WARP (the crossover) is not tuned between the two regimes; at long contexts tile mode loses
   (`python bench/knockout.py --model llama-3.1-8b --kv-data real --tiles both`, knockout_llama-3.1-8b_128k.json
   and _32k_b8.json, 35151e0: this kernel 5784 against 4434 us per step at 128K x 1, 11441 against 9246 at
-  32K x 8). bench/attention.py was not rerun. Item mode below.
-Measured (H100 80GB HBM3, `python3 bench/attention.py`, bench/results/attention.json; one sequence,
+  32K x 8). Item mode below.
+Measured (H100 80GB HBM3, `python3 bench/attention.py`, bench/results/attention.json, 5a886f7; one sequence,
   time per layer as a CUDA graph over layer copies larger than L2):
-  32/8/128, 128K tokens: 157.5 us on the real-valued K/V (SDPA fp16 181.0 us: 1.15x; compressed bytes
-  at 351 GB/s = 12% of the 2976 GB/s device copy), 262 us on random K/V (items overflow the slot, part
-  read from global memory); 32K: 51.6 us (SDPA 52.0). 9/3/64 SmolLM2 real K/V, 128K: 56.8 us (SDPA
-  41.2). Below 16K a floor of ~15-22 us (two launches, pipeline prologue). Targets (3x SDPA, 70% of copy
+  32/8/128, 128K tokens: 145.6 us on the real-valued K/V (SDPA fp16 180.7 us: 1.24x; compressed bytes
+  at 383 GB/s = 13% of the 3010 GB/s device copy), 255.6 us on random K/V (items overflow the slot, part
+  read from global memory); 32K: 44.7 us (SDPA 52.1). 9/3/64 SmolLM2 real K/V, 128K: 38.5 us (SDPA
+  40.9). Below 16K (tile mode) 10.6-32 us against SDPA's 8-31. Targets (3x SDPA, 70% of copy
   bandwidth) are NOT met: the kernel is issue/latency-bound on unpacking with 8 warps per SM (ncu: IPC
   1.9 per SM before the unroll by 2, top stall "wait" = dependent ALU chains), not memory-bound.
 
