@@ -92,7 +92,9 @@ Attempts discarded:
   - two decoder bodies, ld.shared for staged items / generic loads otherwise: 242 us (code size again).
   - o in registers with the V tile loop unrolled (frees 4 KB/warp so random items fit the slot): 164 us
     real / 308 us random, slower than o in shared memory (5.8K instructions).
-  - __launch_bounds__(128, 3) for 12 warps per SM: spills, 292 us. 66 splits instead of 33: 252 us.
+  - __launch_bounds__(128, 3) for 12 warps per SM: spills, 292 us (an earlier body; today's compiles to 164
+    registers with no spills at PK_MINB=3, nvcc 13 -Xptxas -v, session 9: 115.6 KB of shared memory per CTA
+    is what keeps it at 2 CTAs now). 66 splits instead of 33: 252 us.
   - per-lane 16-byte cp.async staging: 10% of the time in issuing copies; replaced by bulk copies (TMA).
   - pk_merge_window folding the splits' states in one round of loads (a thread per (channel pair, slice of
     the splits) merging online, one barrier instead of five after the wait; shared with dense's merge): the
