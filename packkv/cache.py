@@ -711,6 +711,13 @@ class BlockCache(KVCache, ABC):
         return stats
 
 
+def checked_sink_tokens(value, name: str = "sink_tokens") -> int:
+    """How many of a sequence's first tokens are at the sink bounds: a whole number >= 1, else PackkvError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise PackkvError(f"{name} must be a whole number >= 1 (the first tokens at the sink bounds), not {value!r}")
+    return int(value)
+
+
 class PackkvCache(BlockCache):
     """PackKV's compressed cache: blocks in packkv/codec.py's format (token-wise relative-error
     quantization, repacking, bit-packing). On the GPU, decode attention reads the compressed bytes and
@@ -729,11 +736,7 @@ class PackkvCache(BlockCache):
         # many (None: the whole first block); the encoder picks each token's bound, the decoder does not
         # need them, so the format is the same.
         self.sink_params = None if sink is None else replace(params, rel_k=sink[0], rel_v=sink[1])
-        if sink_tokens is not None and (isinstance(sink_tokens, bool) or not isinstance(sink_tokens, (int, np.integer))
-                                        or sink_tokens < 1):
-            raise PackkvError(f"sink_tokens must be a whole number >= 1 (the first tokens at the sink bounds), "
-                              f"not {sink_tokens!r}")
-        self.sink_tokens = None if sink_tokens is None else int(sink_tokens)
+        self.sink_tokens = None if sink_tokens is None else checked_sink_tokens(sink_tokens)
         # Per-layer bounds: the cache's (rel_k, rel_v) times each layer's multipliers (the other blocks).
         self.layer_scales = layer_scales
         self.layer_params = None if layer_scales is None else layer_scales.params(params, shape.layers)

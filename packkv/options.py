@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from packkv import codec
-from packkv.cache import CACHE_KINDS, ChannelScales, LayerScales
+from packkv.cache import CACHE_KINDS, ChannelScales, LayerScales, checked_sink_tokens
 from packkv.errors import PackkvError
 from packkv.quant import QUANT_BITS, QUANT_GROUPS, QuantParams
 
@@ -90,11 +90,7 @@ def sink_token_count(flag: int | None, from_profile) -> int | None:
     """How many first tokens are at the sink bounds: --kv-sink-tokens N, else the profile's, else None (the
     whole first block)."""
     chosen = flag if flag is not None else from_profile
-    if chosen is None:
-        return None
-    if isinstance(chosen, bool) or not isinstance(chosen, int) or chosen < 1:
-        raise PackkvError(f"--kv-sink-tokens: a whole number >= 1 (the first tokens at the sink bounds), not {chosen!r}")
-    return chosen
+    return None if chosen is None else checked_sink_tokens(chosen, "--kv-sink-tokens")
 
 
 def sink_bounds(flag: str | None, from_profile) -> tuple[float, float] | None:
