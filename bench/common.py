@@ -108,6 +108,23 @@ def graph_time_us(cupy, calls, min_ms: float = 60.0) -> tuple[float, bool]:
         return cupy.cuda.get_elapsed_time(start, end) * 1e3 / (reps * len(calls)), used_graph
 
 
+def graph_replay_us(decoder, replays: int, rounds: int = 1, warmup: int = 1) -> float:
+    """A GraphDecoder's captured step replayed back to back: microseconds per replay, the best of `rounds`
+    rounds, after `warmup` steps through decoder.launch (which captures again if the cache's buffers
+    moved). Replays read the cache and never commit, so every one is the same step."""
+    for _ in range(warmup):
+        decoder.launch()
+    decoder.stream.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(replays):
+            decoder.graph.launch(decoder.stream)
+        decoder.stream.synchronize()
+        best = min(best, (time.perf_counter() - start) / replays * 1e6)
+    return best
+
+
 def real_heads(path: Path = REAL_KV):
     """SmolLM2's K and V heads from bench/dump_kv.py's dump: float32 [layers * 3, tokens, 64] each."""
     if not path.is_file():

@@ -19,32 +19,16 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import header, print_table, write_json  # noqa: E402
+from common import graph_replay_us, header, print_table, write_json  # noqa: E402
 
 # The kinds knocked out one at a time, per cache kind, then all of a cache's attention kernels together.
 ATTENTION_KINDS = {"dense": ("dense_attention_split", "dense_attention_merge"),
                    "packkv": ("pk_attention", "pk_merge_window"),
                    "quant": ("qt_attention", "pk_merge_window")}
 WEIGHT_KINDS = ("linear_rows",)                      # the GEMVs (and linear_rows_mma at batch > 1)
-
-
-def graph_us(decoder, replays: int) -> float:
-    """The captured step's time per replay, best of three rounds."""
-    for _ in range(5):
-        decoder.graph.launch(decoder.stream)
-    decoder.stream.synchronize()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(replays):
-            decoder.graph.launch(decoder.stream)
-        decoder.stream.synchronize()
-        best = min(best, (time.perf_counter() - start) / replays * 1e6)
-    return best
 
 
 def knockouts(engine, cache, kinds: tuple[str, ...], replays: int) -> list[tuple[str, float]]:
@@ -60,7 +44,7 @@ def knockouts(engine, cache, kinds: tuple[str, ...], replays: int) -> list[tuple
         if not all(skipped.values()):
             raise SystemExit(f"no kernel of the step is named like {[n for n, k in skipped.items() if not k]}: "
                              f"the kinds of bench/knockout.py must follow the kernels' names")
-        rows.append(("+".join(names) or "-", graph_us(decoder, replays)))
+        rows.append(("+".join(names) or "-", graph_replay_us(decoder, replays, rounds=3, warmup=5)))
         print(f"  {rows[-1][0]:45s} {rows[-1][1]:9.1f} us", file=sys.stderr, flush=True)
     return rows
 

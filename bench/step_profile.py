@@ -26,14 +26,13 @@ import csv
 import io
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_TEXT, RESULTS, header, print_table, write_json  # noqa: E402
+from common import DEFAULT_TEXT, RESULTS, graph_replay_us, header, print_table, write_json  # noqa: E402
 
 
 def prefilled_cache(engine, real: bool, text: Path, context: int, kind: str, steps: int):
@@ -55,13 +54,7 @@ def time_steps(engine, cache, steps: int) -> dict:
     tok_s, _ = timed_decode(engine, cache, [1], steps, decoder)
     out = {"step_us": 1e6 / tok_s, "tok_s": tok_s}
     if isinstance(decoder, GraphDecoder):
-        decoder.launch()                            # the same step again: replays read, never commit
-        decoder.stream.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            decoder.graph.launch(decoder.stream)
-        decoder.stream.synchronize()
-        out["graph_us"] = (time.perf_counter() - start) / steps * 1e6
+        out["graph_us"] = graph_replay_us(decoder, steps)
         out["host_us"] = out["step_us"] - out["graph_us"]
     return out
 
