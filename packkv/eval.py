@@ -41,7 +41,7 @@ from packkv.cache import CacheShape, ChannelScales, DenseCache, LayerScales
 from packkv.errors import PackkvError
 from packkv.generate import PREFILL_CHUNK, Engine, SamplingParams, generate
 from packkv.options import (DEFAULT_WINDOW, add_cache_arguments, cache_params, profile_layer_scales, profile_scales,
-                            read_profile, save_profile, sink_bounds, sink_token_count, weights_folder)
+                            read_profile, save_profile, sink_bounds, sink_tokens_for, weights_folder)
 from packkv.quant import QUANT_BITS, QUANT_GROUPS, QuantParams
 
 KIVI_SETTINGS = [(2, 32), (2, 64), (4, 32), (4, 64)]   # (bits, group): KIVI's common configurations
@@ -638,7 +638,7 @@ def sweep_specs(args) -> list[CacheSpec]:
                 for rel_k, rel_v in rel_pairs(args):
                     params = codec.CodecParams(rel_k, rel_v, granularity, repack, **base)
                     sink = sink_bounds(args.kv_sink, None)
-                    sink_tokens = sink_token_count(args.kv_sink_tokens, None) if sink else None
+                    sink_tokens = sink_tokens_for(args.kv_sink_tokens, None, sink)
                     for scales in sweep_scales(args):
                         specs.append(CacheSpec("packkv", {"params": params, "window": window,
                                                           **({"scales": scales} if scales else {}),
@@ -719,7 +719,7 @@ def tune_command(args) -> dict:
     windows = text_windows(engine, args)
     scales = calibrate_scales(engine, windows) if args.channel_scales == "on" else None
     sink = sink_bounds(args.kv_sink, None)      # --kv-sink: the first blocks' bounds, tuned around, saved
-    sink_tokens = sink_token_count(args.kv_sink_tokens, None) if sink else None   # how many tokens (None: a block)
+    sink_tokens = sink_tokens_for(args.kv_sink_tokens, None, sink)   # how many tokens (None: a block)
     layers = None       # --layer-scales-from: per-layer multipliers (`eval layers`), tuned around, saved
     if args.layer_scales_from:
         layers = profile_layer_scales(read_profile(Path(args.layer_scales_from)))

@@ -80,9 +80,10 @@ def cache_params(args) -> dict:
                          + (["layer scales"] if layers else []))
         print(f"packkv: using the tuned profile {profile[0]} ({shown}); --kv-* flags override it", file=sys.stderr)
     sink = sink_bounds(getattr(args, "kv_sink", None), profile[1].get("sink") if profile else None)
-    tokens = sink_token_count(getattr(args, "kv_sink_tokens", None), profile[1].get("sink_tokens") if profile else None)
+    tokens = sink_tokens_for(getattr(args, "kv_sink_tokens", None), profile[1].get("sink_tokens") if profile else None,
+                             sink)
     return {"params": params, "window": window, **({"scales": scales} if scales else {}),
-            **({"sink": sink} if sink else {}), **({"sink_tokens": tokens} if sink and tokens else {}),
+            **({"sink": sink} if sink else {}), **({"sink_tokens": tokens} if tokens else {}),
             **({"layer_scales": layers} if layers else {})}
 
 
@@ -91,6 +92,16 @@ def sink_token_count(flag: int | None, from_profile) -> int | None:
     whole first block)."""
     chosen = flag if flag is not None else from_profile
     return None if chosen is None else checked_sink_tokens(chosen, "--kv-sink-tokens")
+
+
+def sink_tokens_for(flag: int | None, from_profile, sink) -> int | None:
+    """sink_token_count for a cache with these sink bounds: None without any, where --kv-sink-tokens is an
+    error (it would have nothing to choose)."""
+    if sink is None:
+        if flag is not None:
+            raise PackkvError("--kv-sink-tokens needs sink bounds: --kv-sink rel_k,rel_v, or a profile that has them")
+        return None
+    return sink_token_count(flag, from_profile)
 
 
 def sink_bounds(flag: str | None, from_profile) -> tuple[float, float] | None:

@@ -103,3 +103,11 @@ def test_sink_tokens_checked_and_read_from_flag_and_profile():
         feed(cache, steps)
     for a, b in zip(records(plain), records(counted)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_sink_tokens_flag_without_sink_bounds_is_an_error():
+    from packkv.options import sink_tokens_for
+    assert sink_tokens_for(None, 8, None) is None           # a profile's count, its sink bounds turned off
+    assert sink_tokens_for(16, 8, (0.01, 0.03)) == 16 and sink_tokens_for(None, 8, (0.01, 0.03)) == 8
+    with pytest.raises(PackkvError, match="--kv-sink-tokens needs sink bounds"):
+        sink_tokens_for(16, None, None)
