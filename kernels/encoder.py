@@ -1494,8 +1494,7 @@ def level_bound(rel: float) -> int:
     """An upper bound on any quantized level for relative bound rel (FORMAT.md section 1): the range
     (hi - lo) / step <= 1/rel up to fp32 rounding, plus one for rounding both ends; at least 3 (the
     65504 clamp). The encoder checks it on the device and fails loudly if it were ever exceeded."""
-    r = float(np.float32(rel))
-    return max(3, int(math.floor(1.0 / r * (1 + 1e-6) + 0.01)) + 1)
+    return codec.max_level(rel)   # the format's one definition
 
 
 def block_bounds(params: codec.CodecParams, n_blocks: int, rel_k=None, rel_v=None) -> np.ndarray:

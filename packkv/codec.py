@@ -108,6 +108,29 @@ def round_up_to_fp16(s, xp=np):
     return xp.maximum(h, np.float16(FP16_TINY)).astype(np.float16)
 
 
+def max_level(rel) -> int:
+    """An upper bound on every level quantize_tokens can produce at bound(s) rel (a number or an array:
+    the bound of the smallest), hence on every pack's max - min: the format's "levels at most 1/rel + 1".
+
+    With step >= s >= (hi - lo) * float32(rel) (round_up_to_fp16 rounds up; the offset guard and the
+    constant-token case only make the step larger), (hi - lo) / step <= 1/rel up to fp32 rounding of
+    hi - lo, of the product and of x / step (|x / step| <= ~32767: at most ~2**-9 off each end), and
+    rint of both ends adds at most 1. The one step smaller than s is the 65504 clamp, which needs
+    s > 65504 >= (hi - lo) / 2, i.e. (hi - lo) / step <= 2: hence at least 3. The GPU encoder
+    (kernels/encoder.py, bit-identical) uses the same bound and fails loudly on a level above it.
+    """
+    r = float(np.min(np.asarray(rel, dtype=np.float32)))
+    if not (MIN_REL <= r <= 1.0):
+        raise ValueError(f"rel must be in [2**-12, 1] (a relative error bound), got {r!r}")
+    return max(3, int(np.floor(1.0 / r * (1 + 1e-6) + 0.01)) + 1)
+
+
+def max_pack_width(rel) -> int:
+    """The widest pack (bits per value) any block encoded at bound(s) rel can hold: bit_width(max_level).
+    4 (the decode kernels' NARROW builds) for every rel >= 1/14.98 (the margin for fp32 rounding); 5 from ~1/14.99 down."""
+    return int(bit_width(max_level(rel)))
+
+
 def check_finite(x: np.ndarray, what: str) -> None:
     """Raise ValueError naming the first bad token if x [..., T, C] has NaN/inf or leaves fp16's range.
 

@@ -499,3 +499,97 @@ def test_empty_batch():
     assert buffer.size == 0 and offsets.tolist() == [0] and perm.shape == (0, 2, 64)
     k_hat, _ = decode_blocks(buffer, offsets, CodecParams(), 2, 8)
     assert k_hat.shape == (0, 2, 64, 8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The widest pack a bound can produce (the decode kernels' NARROW builds rely on it)
+# ---------------------------------------------------------------------------------------------------
+
+def record_pack_widths(record: np.ndarray, params: CodecParams, H: int, D: int) -> np.ndarray:
+    """Every pack's width field as written in the record (K and V sections of every head)."""
+    _, n_units, table = codec._parse_header(record)
+    rows, out = params.block // params.pack, []
+    for i in range(2 * H):
+        start = int(table[n_units + i])
+        head = record[start:start + codec.CHANNEL_SECTION_HEADER.itemsize].view(codec.CHANNEL_SECTION_HEADER)[0]
+        wb, mb = int(head["width_bits"]), int(head["min_bits"])
+        fields = unpack_fields(record[start + codec.CHANNEL_SECTION_HEADER.itemsize:], [wb, mb] * (rows * D))
+        out.append(fields.reshape(rows * D, 2)[:, 0])
+    return np.concatenate(out)
+
+
+# Bounds around the NARROW threshold (1/14.98): fp32 neighbours of 1/14 and 1/15 included.
+NEAR_15 = sorted({*np.linspace(1 / 16, 1 / 13, 13).tolist(), 1 / 14, 1 / 14.5, 1 / 14.98, 1 / 14.99, 1 / 15,
+                  1 / 15.5,
+                  float(np.nextafter(np.float32(1 / 15), np.float32(1))),
+                  float(np.nextafter(np.float32(1 / 15), np.float32(0))),
+                  float(np.nextafter(np.float32(1 / 14), np.float32(0))), 0.1, 0.2})
+
+
+def test_max_level_and_pack_width_values():
+    assert codec.max_level(0.1) == 11 and codec.max_level(0.2) == 6 and codec.max_level(1.0) == 3
+    assert codec.max_pack_width(0.1) == 4 and codec.max_pack_width(0.2) == 3
+    assert codec.max_pack_width(1 / 14) == 4 and codec.max_pack_width(1 / 14.98) == 4
+    assert codec.max_pack_width(1 / 14.99) == 5      # the fp32 margin: 1/15 itself reaches level 16 (ties_block)
+    assert codec.max_pack_width(1 / 15) == 5 and codec.max_pack_width(0.01) == 7
+    assert codec.max_pack_width(2.0 ** -12) == 13
+    assert codec.max_pack_width([0.2, 0.1, 0.01]) == 7          # an array: its smallest bound
+    from packkv.kernels.encoder import level_bound              # the GPU encoder's check is the same bound
+    assert all(level_bound(r) == codec.max_level(r) for r in NEAR_15 + [2.0 ** -12, 0.01, 1 / 126, 1.0])
+    for bad in (0.0, 2.0, 2.0 ** -13):
+        with pytest.raises(ValueError):
+            codec.max_level(bad)
+
+
+def test_a_bound_below_one_fifteenth_can_make_a_5_bit_pack():
+    """Why the NARROW build needs the guard: at rel 1/15.5 a token spanning [0.5, 16] steps by 1 and
+    quantizes to levels 0..16 (rint(0.5) = 0, 16 / 1 = 16), a 5-bit pack."""
+    x = np.zeros((1, 1, 16, 4), np.float32)
+    x[..., 0], x[..., 1], x[..., 2], x[..., 3] = 0.5, 16.0, 3.0, 7.0
+    levels, step, _ = codec.quantize_tokens(x, 1 / 15.5)
+    assert levels.max() == 16 and bit_width(levels.max()) == 5 and codec.max_pack_width(1 / 15.5) == 5
+
+
+def ties_block(shape, rng) -> np.ndarray:
+    """Tokens whose ends sit near half-integer multiples of a power-of-two step (rint's worst case),
+    at scales from fp16 subnormals to ~30000, with interior values anywhere between."""
+    H, T, D = shape
+    scale = 2.0 ** rng.integers(-24, 11, size=(H, T, 1))
+    lo = (rng.integers(-40, 40, size=(H, T, 1)) + 0.5) * scale
+    span = rng.uniform(13.0, 17.0, size=(H, T, 1)) * scale
+    x = lo + rng.uniform(0, 1, size=(H, T, D)) * span
+    x[..., :1], x[..., 1:2] = lo, lo + span
+    return np.clip(x, -65504, 65504).astype(np.float16)
+
+
+@pytest.mark.parametrize("rel", NEAR_15)
+def test_max_pack_width_holds_on_adversarial_blocks(rel):
+    """Every level quantize_tokens gives is <= max_level(rel) and every pack width written in a record is
+    <= max_pack_width(rel), on every adversarial kind and on near-tie tokens, at bounds around 1/15."""
+    rng = np.random.default_rng(int(rel * 1e9))
+    H, D, limit = 2, 8, codec.max_level(rel)
+    for pack in codec.PACK_SIZES:
+        params = CodecParams(rel_k=rel, rel_v=rel, pack=pack, block=2 * pack, repack="sort")
+        for kind in KINDS + ("ties",):
+            shape = (H, params.block, D)
+            k = ties_block(shape, rng) if kind == "ties" else make_block(kind, shape, rng)
+            v = make_block("gaussian", shape, rng) if kind == "ties" else ties_block(shape, rng)
+            for x in (k, v):
+                levels, _, _ = codec.quantize_tokens(x.astype(np.float32), rel)
+                assert levels.max() <= limit, (rel, kind)
+            record, _ = encode_block(k, v, params)
+            widths = record_pack_widths(record, params, H, D)
+            assert widths.max() <= codec.max_pack_width(rel), (rel, pack, kind, widths.max())
+
+
+@SETTINGS
+@given(st.sampled_from(NEAR_15), st.sampled_from(KINDS), st.sampled_from(codec.GRANULARITIES),
+       st.integers(0, 2 ** 32 - 1))
+def test_max_pack_width_holds_hypothesis(rel, kind, granularity, seed):
+    rng = np.random.default_rng(seed)
+    params = CodecParams(rel_k=rel, rel_v=min(1.0, 2 * rel), granularity=granularity, pack=16, block=32)
+    H, D = 2, 12
+    k = make_block(kind, (H, 32, D), rng)
+    v = ties_block((H, 32, D), rng)
+    record, _ = encode_block(k, v, params)
+    assert record_pack_widths(record, params, H, D).max() <= codec.max_pack_width(rel)
