@@ -54,6 +54,18 @@ Tile mode (head_dim a multiple of 64; NT = D/64 tiles per warp): per item, once 
   m and l into one state. Two barriers per item (128 tokens); warp 0 stages item it+1 after (A) of item
   it (every warp is then done with item it-1's slot); the item pipeline over a split's items is the same.
   Splits: up to 3 CTAs per SM with at least one item per split (8B shape at 4K: 32 splits x 8 heads).
+NARROW builds (template flag of both split kernels; not yet measured on a GPU): the split body without
+  the wide unpack path. A pack wider than 4 bits needs a level above 15, which the quantizer cannot
+  produce when every bound the records were encoded with is >= 1/14.98 (codec.max_level: levels <=
+  1/rel + 1 up to fp32 rounding; the defaults 0.1/0.2 give 11 and 6). NARROW drops pk_run16_slow /
+  pk_run8x2_slow and the branch around every run (12 inlined slow copies, ~700 static SASS, and a
+  branch that keeps ptxas from interleaving runs) and the F > 16 header branch of pk_fields2/pk_width2
+  (F <= 3 + 4 bits). Measured as code size only (nvcc 13.0 -cubin sm_90, /work/notes/split_kernel_study.md,
+  item mode D=128 P=16): 4,344 -> 3,592 static SASS, 166 registers, no spills; the study's estimate is
+  5-10% of the kernel's time, NOT yet measured on a GPU. The launcher takes `narrow` from its caller:
+  PackkvCache passes cache.narrow (true only when every bound it encodes with, the cache's, each layer's
+  and the sink bounds, has codec.max_pack_width <= 4); any other caller gets the wide build by default.
+  The K/V GEMVs (packkv_gemv.cu) stay wide: they decode arbitrary arenas for the benchmarks.
 Registers (item mode 164 at D=128, 161 at D=64; tile mode 148 at D=64 and D=128 with
   __launch_bounds__(128, 3), P=8 160; nvcc 13.0 sm_90, no spills): 32 score accumulators, the decoded
   runs of one tile pair, softmax state.
@@ -108,25 +120,25 @@ Attempts discarded:
 #include "packkv_split.cuh"
 #include "launch.cuh"
 
-template <int D, int P>
+template <int D, int P, bool NARROW = false>
 __global__ void __launch_bounds__(128, PK_MINB) pk_attention_splits(
     const u16* __restrict__ q, const u8* const* __restrict__ arena_at, const i64* __restrict__ block_offsets,
     const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits,
     int slot_bytes, float qscale, float* __restrict__ ws) {
   // The arena's address is read from device memory: a captured graph replays after the arena moved.
   // (The body waits for the previous kernel after it has started staging its first item.)
-  pk_split_body<D, P, 0>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G, T, token_layer,
+  pk_split_body<D, P, 0, false, NARROW>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G, T, token_layer,
                          n_splits, slot_bytes, qscale, ws);
 }
 
 // Tile mode (short contexts; D a multiple of 64): the same splits and states, the CTA's 4 warps decoding
 // each item together by 16-channel tiles (header: thread mapping, tile mode).
-template <int D, int P>
+template <int D, int P, bool NARROW = false>
 __global__ void __launch_bounds__(128, PK_MINB_TILES) pk_attention_tiles(
     const u16* __restrict__ q, const u8* const* __restrict__ arena_at, const i64* __restrict__ block_offsets,
     const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits,
     int slot_bytes, float qscale, float* __restrict__ ws) {
-  pk_split_body<D, P, 0, true>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G, T,
+  pk_split_body<D, P, 0, true, NARROW>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G, T,
                                token_layer, n_splits, slot_bytes, qscale, ws);
 }
 
@@ -266,16 +278,20 @@ __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
 
 #ifndef __CUDACC_RTC__
 // nvcc compile check (tests/test_kernels_compile.py); at run time nvrtc instantiates what is launched.
-// Both modes of the split kernel for each (head_dim, pack) the tests launch.
-#define PK_INSTANTIATE_SPLITS(D, P)                                                                          \
-  template __global__ void pk_attention_splits<D, P>(const u16*, const u8* const*, const i64*, const int*, int, \
-                                                     int, int, int, int, int, int, float, float*);           \
-  template __global__ void pk_attention_tiles<D, P>(const u16*, const u8* const*, const i64*, const int*, int,  \
-                                                    int, int, int, int, int, int, float, float*);
-PK_INSTANTIATE_SPLITS(64, 16)
-PK_INSTANTIATE_SPLITS(128, 16)
-PK_INSTANTIATE_SPLITS(128, 8)
-PK_INSTANTIATE_SPLITS(128, 32)
+// Both modes of the split kernel, wide and NARROW builds, for each (head_dim, pack) the tests launch.
+#define PK_INSTANTIATE_SPLITS(D, P, N)                                                                         \
+  template __global__ void pk_attention_splits<D, P, N>(const u16*, const u8* const*, const i64*, const int*, \
+                                                        int, int, int, int, int, int, int, float, float*);   \
+  template __global__ void pk_attention_tiles<D, P, N>(const u16*, const u8* const*, const i64*, const int*,  \
+                                                       int, int, int, int, int, int, int, float, float*);
+PK_INSTANTIATE_SPLITS(64, 16, false)
+PK_INSTANTIATE_SPLITS(128, 16, false)
+PK_INSTANTIATE_SPLITS(128, 8, false)
+PK_INSTANTIATE_SPLITS(128, 32, false)
+PK_INSTANTIATE_SPLITS(64, 16, true)
+PK_INSTANTIATE_SPLITS(128, 16, true)
+PK_INSTANTIATE_SPLITS(128, 8, true)
+PK_INSTANTIATE_SPLITS(128, 32, true)
 template __global__ void pk_merge_window<64>(const u16*, const u16*, const u16*, const int*, const float*, int, int,
                                              int, int, float, u16*);
 template __global__ void pk_merge_window<128>(const u16*, const u16*, const u16*, const int*, const float*, int, int,

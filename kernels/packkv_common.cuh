@@ -75,9 +75,13 @@ __device__ __forceinline__ PkSection pk_section(const u8* sec, int R, int D) {
 }
 
 // Width and min of packs i and i+1 (adjacent channels of one pack row).
+// NARROW: the section's packs are at most 4 bits wide and their mins at most 15 (levels <= 15, the
+// host's guarantee: attention_kernels.compressed_decode_attention's `narrow`), so width_bits <= 3,
+// min_bits <= 4 and F <= 7: both fields are always in one window, no branch.
+template <bool NARROW = false>
 __device__ __forceinline__ void pk_fields2(const PkSection& s, u32 i, u32& w0, int& m0, u32& w1, int& m1) {
   u32 x0, x1;
-  if (s.F <= 16) {           // both fields in one 32-bit window
+  if (NARROW || s.F <= 16) { // both fields in one 32-bit window
     x0 = pk_bits32(s.hdr, i * s.F);
     x1 = x0 >> s.F;
   } else {                   // wide fields (min_bits > 11): one window each
@@ -90,9 +94,10 @@ __device__ __forceinline__ void pk_fields2(const PkSection& s, u32 i, u32& w0, i
   m1 = s.min_base + int((x1 >> s.WB) & s.mmask);
 }
 
+template <bool NARROW = false>
 __device__ __forceinline__ void pk_width2(const PkSection& s, u32 i, u32& w0, u32& w1) {
   u32 x0, x1;
-  if (s.F <= 16) {
+  if (NARROW || s.F <= 16) {
     x0 = pk_bits32(s.hdr, i * s.F);
     x1 = x0 >> s.F;
   } else {

@@ -33,13 +33,17 @@ __device__ __forceinline__ u32 pk_f2h2(float lo, float hi) {
 }
 
 // One run (16 storage tokens of one channel) of a pack row layout P, fast path when the widths allow.
-template <int P>
+// NARROW (packkv_attention.cu's header): every pack is at most 4 bits wide (the host guarantees it), so
+// only the fast path is compiled: no slow-path copies, no branch around each run.
+template <int P, bool NARROW = false>
 __device__ __forceinline__ void pk_decode_run(const u8* pa, u32 wa, int ma, const u8* pb, u32 wb, int mb, u32 out[8]) {
   if constexpr (P == 8) {
-    if (__builtin_expect(wa <= 4 && wb <= 4, 1)) pk_run8x2_fast(pa, wa, ma, pb, wb, mb, out);
+    if constexpr (NARROW) pk_run8x2_fast(pa, wa, ma, pb, wb, mb, out);
+    else if (__builtin_expect(wa <= 4 && wb <= 4, 1)) pk_run8x2_fast(pa, wa, ma, pb, wb, mb, out);
     else pk_run8x2_slow(pa, wa, ma, pb, wb, mb, out);
   } else {
-    if (__builtin_expect(wa <= 4, 1)) pk_run16_fast(pa, wa, ma, out);
+    if constexpr (NARROW) pk_run16_fast(pa, wa, ma, out);
+    else if (__builtin_expect(wa <= 4, 1)) pk_run16_fast(pa, wa, ma, out);
     else pk_run16_slow(pa, wa, ma, out);
   }
 }
@@ -90,15 +94,15 @@ __device__ __forceinline__ void pk_rows(int gib, int& ra, int& rb, int& half) {
 }
 
 // Sum of payload bytes of NC adjacent packs starting at channel c0 of row r (P=8: two rows, a | b << 16).
-template <int P, int NC>
+template <int P, int NC, bool NARROW = false>
 __device__ __forceinline__ u32 pk_sizes(const PkSection& S, int D, int ra, int rb, u32 c0) {
   u32 s = 0, sb = 0;
 #pragma unroll
   for (int k = 0; k < NC; k += 2) {
     u32 w0, w1;
-    pk_width2(S, u32(ra) * D + c0 + k, w0, w1);
+    pk_width2<NARROW>(S, u32(ra) * D + c0 + k, w0, w1);
     s += w0 + w1;
-    if constexpr (P == 8) { pk_width2(S, u32(rb) * D + c0 + k, w0, w1); sb += w0 + w1; }
+    if constexpr (P == 8) { pk_width2<NARROW>(S, u32(rb) * D + c0 + k, w0, w1); sb += w0 + w1; }
   }
   if constexpr (P == 8) return s | (sb << 16);
   else return s * u32(P / 8);
@@ -124,7 +128,9 @@ struct PkPass {
 // MODE 0: fused decode attention -> per-split softmax states; 1: K-GEMV scores; 2: V-GEMV partial sums.
 // TILES (tile mode; MODE 0, D a multiple of 64): the CTA's 4 warps decode each item together, warp w the
 // 16-channel tiles w*NT .. w*NT+NT-1 (NT = D/64) of K and of V; otherwise a warp decodes whole items.
-template <int D, int P, int MODE, bool TILES = false>
+// NARROW: every pack of every record read is at most 4 bits wide (levels <= 15; the host's guarantee):
+// the build without the wide unpack path (pk_decode_run, pk_fields2, pk_width2).
+template <int D, int P, int MODE, bool TILES = false, bool NARROW = false>
 __device__ __forceinline__ void pk_split_body(
     const u16* __restrict__ q, const void* __restrict__ pw, int p_half,
     const u8* __restrict__ arena, const i64* __restrict__ block_offsets, const int* __restrict__ n_blocks,
@@ -251,8 +257,8 @@ __device__ __forceinline__ void pk_split_body(
 #pragma unroll 1
         for (int mt = 0; mt < NT; mt += (P == 8 ? 1 : 2)) {
           const u32 c = u32(16 * (t0 + mt) + 2 * gq);
-          u32 v = pk_sizes<P, 2>(ps.S, D, ps.ra, ps.rb, c);
-          if (P != 8 && mt + 1 < NT) v |= pk_sizes<P, 2>(ps.S, D, ps.ra, ps.rb, c + 16u) << 16;
+          u32 v = pk_sizes<P, 2, NARROW>(ps.S, D, ps.ra, ps.rb, c);
+          if (P != 8 && mt + 1 < NT) v |= pk_sizes<P, 2, NARROW>(ps.S, D, ps.ra, ps.rb, c + 16u) << 16;
           u32 incl = v;
 #pragma unroll
           for (int d = 1; d < 8; d <<= 1) {
@@ -291,8 +297,8 @@ __device__ __forceinline__ void pk_split_body(
 #pragma unroll 1
           for (int kt = 0; kt < NT; kt += (P == 8 ? 1 : 2)) {
             const u32 c = u32(16 * (t0 + kt) + 4 * tq);
-            u32 v = pk_sizes<P, 4>(S, D, ra, rb, c);
-            if (P != 8 && kt + 1 < NT) v |= pk_sizes<P, 4>(S, D, ra, rb, c + 16u) << 16;
+            u32 v = pk_sizes<P, 4, NARROW>(S, D, ra, rb, c);
+            if (P != 8 && kt + 1 < NT) v |= pk_sizes<P, 4, NARROW>(S, D, ra, rb, c + 16u) << 16;
             u32 incl = v, y;
             y = __shfl_up_sync(PK_FULL, incl, 1, 4); if (tq >= 1) incl += y;
             y = __shfl_up_sync(PK_FULL, incl, 2, 4); if (tq >= 2) incl += y;
@@ -345,11 +351,11 @@ __device__ __forceinline__ void pk_split_body(
             const uint2 qv = ws.qbuf[kt * 32 + lane];
             u32 w[4], wb[4] = {0, 0, 0, 0};
             int mn[4], mnb[4] = {0, 0, 0, 0};
-            pk_fields2(S, u32(ra) * D + c0, w[0], mn[0], w[1], mn[1]);
-            pk_fields2(S, u32(ra) * D + c0 + 2, w[2], mn[2], w[3], mn[3]);
+            pk_fields2<NARROW>(S, u32(ra) * D + c0, w[0], mn[0], w[1], mn[1]);
+            pk_fields2<NARROW>(S, u32(ra) * D + c0 + 2, w[2], mn[2], w[3], mn[3]);
             if constexpr (P == 8) {
-              pk_fields2(S, u32(rb) * D + c0, wb[0], mnb[0], wb[1], mnb[1]);
-              pk_fields2(S, u32(rb) * D + c0 + 2, wb[2], mnb[2], wb[3], mnb[3]);
+              pk_fields2<NARROW>(S, u32(rb) * D + c0, wb[0], mnb[0], wb[1], mnb[1]);
+              pk_fields2<NARROW>(S, u32(rb) * D + c0 + 2, wb[2], mnb[2], wb[3], mnb[3]);
             }
             u32 pr[4][8];
             if constexpr (P == 8) {
@@ -357,7 +363,7 @@ __device__ __forceinline__ void pk_split_body(
               const u8* ob = S.payload + base_b + (offk >> 16);
 #pragma unroll
               for (int kk = 0; kk < 4; ++kk) {
-                pk_decode_run<8>(oa, w[kk], mn[kk], ob, wb[kk], mnb[kk], pr[kk]);
+                pk_decode_run<8, NARROW>(oa, w[kk], mn[kk], ob, wb[kk], mnb[kk], pr[kk]);
                 oa += w[kk];
                 ob += wb[kk];
               }
@@ -365,7 +371,7 @@ __device__ __forceinline__ void pk_split_body(
               const u8* op = S.payload + base_a + offk;
 #pragma unroll
               for (int kk = 0; kk < 4; ++kk) {
-                pk_decode_run<P>(op + (P == 32 ? half * 2 * w[kk] : 0u), w[kk], mn[kk], nullptr, 0, 0, pr[kk]);
+                pk_decode_run<P, NARROW>(op + (P == 32 ? half * 2 * w[kk] : 0u), w[kk], mn[kk], nullptr, 0, 0, pr[kk]);
                 op += (P / 8) * w[kk];
               }
             }
@@ -578,19 +584,19 @@ __device__ __forceinline__ void pk_split_body(
               float oc[4] = {of.x, of.y, of.z, of.w};
               u32 w0, w1, w0b = 0, w1b = 0;
               int n0, n1, n0b = 0, n1b = 0;
-              pk_fields2(S, u32(ra) * D + c0, w0, n0, w1, n1);
+              pk_fields2<NARROW>(S, u32(ra) * D + c0, w0, n0, w1, n1);
               u32 pr[2][8];
               if constexpr (P == 8) {
-                pk_fields2(S, u32(rb) * D + c0, w0b, n0b, w1b, n1b);
+                pk_fields2<NARROW>(S, u32(rb) * D + c0, w0b, n0b, w1b, n1b);
                 const u8* oa = S.payload + base_a + (offv & 0xffffu);
                 const u8* ob = S.payload + base_b + (offv >> 16);
-                pk_decode_run<8>(oa, w0, n0, ob, w0b, n0b, pr[0]);
-                pk_decode_run<8>(oa + w0, w1, n1, ob + w0b, w1b, n1b, pr[1]);
+                pk_decode_run<8, NARROW>(oa, w0, n0, ob, w0b, n0b, pr[0]);
+                pk_decode_run<8, NARROW>(oa + w0, w1, n1, ob + w0b, w1b, n1b, pr[1]);
               } else {
                 const u8* op = S.payload + base_a + offv;
-                pk_decode_run<P>(op + (P == 32 ? half * 2 * w0 : 0u), w0, n0, nullptr, 0, 0, pr[0]);
+                pk_decode_run<P, NARROW>(op + (P == 32 ? half * 2 * w0 : 0u), w0, n0, nullptr, 0, 0, pr[0]);
                 op += (P / 8) * w0;
-                pk_decode_run<P>(op + (P == 32 ? half * 2 * w1 : 0u), w1, n1, nullptr, 0, 0, pr[1]);
+                pk_decode_run<P, NARROW>(op + (P == 32 ? half * 2 * w1 : 0u), w1, n1, nullptr, 0, 0, pr[1]);
               }
 #pragma unroll
               for (int jj = 0; jj < 4; ++jj)
