@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from packkv import codec
 from packkv.codec import CodecParams
 from packkv.kernels.launch import kernel_source, launch
 
@@ -61,33 +62,40 @@ def _module_with(file: str, names: tuple[str, ...], defines: tuple[str, ...]):
     return cupy.RawModule(code=kernel_source(file), options=("-std=c++17",) + defines, name_expressions=names)
 
 
-def module_names(file: str, D: int = 0, P: int = 0) -> tuple[str, ...]:
-    """The template instances compiled together (one nvrtc run per file and (head_dim, pack))."""
+def split_kernel_name(kernel: str, D: int, P: int, narrow: bool = False) -> str:
+    """The template instance of a split kernel: the NARROW build (no wide unpack path) when narrow."""
+    return f"{kernel}<{D}, {P}, true>" if narrow else f"{kernel}<{D}, {P}>"
+
+
+def module_names(file: str, D: int = 0, P: int = 0, narrow: bool = False) -> tuple[str, ...]:
+    """The template instances compiled together (one nvrtc run per file, (head_dim, pack) and, for the
+    fused kernel, narrow: the NARROW build of the split kernels, packkv_attention.cu's header)."""
     if file == "packkv_attention.cu":
-        tiles = (f"pk_attention_tiles<{D}, {P}>",) if D % TILE_CHANNELS == 0 else ()
-        return (f"pk_attention_splits<{D}, {P}>",) + tiles + (f"pk_merge_window<{D}>",)
+        tiles = (split_kernel_name("pk_attention_tiles", D, P, narrow),) if D % TILE_CHANNELS == 0 else ()
+        return (split_kernel_name("pk_attention_splits", D, P, narrow),) + tiles + (f"pk_merge_window<{D}>",)
     if file == "packkv_gemv.cu":
         return (f"pk_k_gemv<{D}, {P}>", f"pk_v_gemv<{D}, {P}>", "pk_v_reduce")
     return ("pk_decompress<8>", "pk_decompress<16>", "pk_decompress<32>")
 
 
-def _function(file: str, name: str, D: int = 0, P: int = 0, shared: int = 0):
+def _function(file: str, name: str, D: int = 0, P: int = 0, shared: int = 0, narrow: bool = False):
     """The kernel, opted in to `shared` bytes of dynamic shared memory where its static shared memory
     and those bytes together pass the default 48 KiB."""
-    fn = _module(file, module_names(file, D, P)).get_function(name)
-    if shared and shared + _static_shared_bytes(file, name, D, P) > 48 * 1024:
+    fn = _module(file, module_names(file, D, P, narrow)).get_function(name)
+    if shared and shared + _static_shared_bytes(file, name, D, P, narrow) > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = shared
     return fn
 
 
 @lru_cache(maxsize=None)
-def _static_shared_bytes(file: str, name: str, D: int, P: int) -> int:
-    return int(_module(file, module_names(file, D, P)).get_function(name).shared_size_bytes)
+def _static_shared_bytes(file: str, name: str, D: int, P: int, narrow: bool = False) -> int:
+    return int(_module(file, module_names(file, D, P, narrow)).get_function(name).shared_size_bytes)
 
 
-def precompile(head_dim: int, pack: int) -> None:
-    """Compile the modules of (head_dim, pack) now (nvrtc takes seconds per module)."""
-    _module("packkv_attention.cu", module_names("packkv_attention.cu", head_dim, pack))
+def precompile(head_dim: int, pack: int, narrow: bool = False) -> None:
+    """Compile the modules of (head_dim, pack) now (nvrtc takes seconds per module); narrow: the fused
+    kernel's NARROW build (what a cache with narrow bounds launches) instead of the wide one."""
+    _module("packkv_attention.cu", module_names("packkv_attention.cu", head_dim, pack, narrow))
     _module("packkv_gemv.cu", module_names("packkv_gemv.cu", head_dim, pack))
 
 
@@ -201,12 +209,14 @@ def _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits
     return out, workspace, arena_address
 
 
-def _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out):
-    """pk_merge_window: the splits' states and the window, one softmax (both compressed caches)."""
+def _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out, P: int = 16,
+                  narrow: bool = False):
+    """pk_merge_window: the splits' states and the window, one softmax (both compressed caches). P,
+    narrow: the module to take it from (the split kernel's own, so that no other module is compiled)."""
     B, Hq, D = q.shape
     W_cap = window_k.shape[2]
     shared = 4 * (W_cap + n_splits)                      # a weight per window token and per split
-    merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, 16, shared)
+    merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, P, shared, narrow)
     launch(merge_fn, (Hq, B), (MERGE_THREADS,), (q, window_k, window_v, window_len, workspace, np.int32(n_splits),
                                                  np.int32(Hkv), np.int32(Hq // Hkv), np.int32(W_cap), _qscale(D), out),
            shared_mem=shared)
@@ -326,7 +336,8 @@ def attention_workspace(batch: int, n_heads: int, n_kv_heads: int, head_dim: int
 
 def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v, window_len, params,
                                 out=None, workspace=None, n_splits: int | None = None,
-                                slot_bytes: int | None = None, arena_address=None, tiles: bool | None = None):
+                                slot_bytes: int | None = None, arena_address=None, tiles: bool | None = None,
+                                narrow: bool = False):
     """Decode attention of one new token per sequence over its compressed blocks and its fp16 window.
 
     q fp16 [B, Hq, D]; arena uint8 [bytes]; block_offsets int64 [B, max_blocks]; n_blocks int32 [B];
@@ -340,9 +351,20 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     arena moving); made from `arena` when None. tiles: decode each item with all 4 warps of a CTA by
     16-channel tiles (pk_attention_tiles; head_dim a multiple of 64) rather than a warp per item
     (pk_attention_splits); None: tile_mode() of the shapes. Both write the same states.
+    narrow: launch the NARROW build (no unpack path for packs wider than 4 bits; packkv_attention.cu's
+    header). Only for records that cannot hold a wider pack: every block encoded at bounds whose
+    codec.max_pack_width is <= 4 (PackkvCache.narrow says so for its own arena, counting its layer and
+    sink bounds); wrong on wider records (their levels decode as garbage). Refused when params' own bounds
+    allow wider packs. Default False: the wide build, right for any record.
     """
     fn = "compressed_decode_attention"
     _check_params(fn, params)
+    if not isinstance(narrow, (bool, np.bool_)):
+        _fail(fn, f"narrow must be True or False, got {narrow!r}")
+    if narrow and codec.max_pack_width([params.rel_k, params.rel_v]) > 4:
+        _fail(fn, f"narrow=True needs bounds whose packs are at most 4 bits wide (rel >= 1/14.98), but params has "
+                  f"rel_k {params.rel_k}, rel_v {params.rel_v} (codec.max_pack_width "
+                  f"{codec.max_pack_width([params.rel_k, params.rel_v])})")
     _cupy_array(fn, "q", q, np.float16, 3)
     B, Hq, D = q.shape
     _check_head_dim(fn, D)
@@ -362,12 +384,13 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     out, workspace, arena_address = _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits, dev)
     shared = _shared_bytes(slot, D, 0, tiles)
     kernel = "pk_attention_tiles" if tiles else "pk_attention_splits"
-    split_fn = _function("packkv_attention.cu", f"{kernel}<{D}, {P}>", D, P, shared)
+    narrow = bool(narrow)
+    split_fn = _function("packkv_attention.cu", split_kernel_name(kernel, D, P, narrow), D, P, shared, narrow)
     tl = np.int32(params.granularity == "token-layer")
     launch(split_fn, (n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
            (q, arena_address, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T), tl,
             np.int32(n_splits), np.int32(slot), _qscale(D), workspace), shared_mem=shared)
-    return _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out)
+    return _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out, P, narrow)
 
 
 QUANT_HEAD_DIMS = (64, 128)   # D / 32 channels per lane, their codes in one 16-bit load

@@ -740,6 +740,12 @@ class PackkvCache(BlockCache):
         # Per-layer bounds: the cache's (rel_k, rel_v) times each layer's multipliers (the other blocks).
         self.layer_scales = layer_scales
         self.layer_params = None if layer_scales is None else layer_scales.params(params, shape.layers)
+        # Every bound this cache encodes with (block_bounds, token_bounds: the cache's, each layer's, the
+        # sink bounds) keeps every pack <= 4 bits wide: decode attention may launch the NARROW build of the
+        # fused kernel (no wide unpack path; kernels/packkv_attention.cu's header). Fixed at construction:
+        # the bounds never change afterwards, and only this cache's encoders write its arena.
+        bounds = [params] + (self.layer_params or []) + ([self.sink_params] if self.sink_params else [])
+        self.narrow = all(codec.max_pack_width([p.rel_k, p.rel_v]) <= 4 for p in bounds)
         super().__init__(shape, backend, params.block, window, max_new_tokens, keep_decoded=not backend.is_gpu)
         self.scales = None if scales is None else scales.on(backend, shape)
         self.attention_workspace = None      # ((query heads, batch), the decode kernel's workspace), on first use
@@ -779,7 +785,7 @@ class PackkvCache(BlockCache):
         out = compressed_decode_attention(q[:, :, 0], self.arena.data, self.block_offsets[layer],
                                           self.device_n_blocks, self.window_k[layer], self.window_v[layer],
                                           self.window_ends, self.params, workspace=self.attention_workspace[1],
-                                          arena_address=self.arena.address)
+                                          arena_address=self.arena.address, narrow=self.narrow)
         return out[:, :, None]
 
     def decompress(self, offsets):

@@ -113,3 +113,103 @@ def test_gpu_encodes_each_compress_event_in_one_call_as_the_cpu_path_does(gpu, m
         feed(on_gpu, [(k, v)])
     after = (on_gpu.arena.used, on_gpu.n_blocks.tolist(), on_gpu.window_len.tolist(), on_gpu.lengths.tolist())
     assert after == before and on_gpu.compression_totals["events"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# The NARROW decode build: only for a cache whose every bound keeps packs <= 4 bits
+# ---------------------------------------------------------------------------------------------------
+
+def small_cache(backend, params=PARAMS, **kw):
+    return PackkvCache(CacheShape(LAYERS, KV_HEADS, HEAD_DIM, BATCH, 400), backend, params, window=8,
+                       max_new_tokens=128, **kw)
+
+
+def test_narrow_only_when_every_bound_keeps_packs_within_4_bits():
+    """PackkvCache.narrow (the fused kernel's NARROW build): the cache's bounds, each layer's (layer
+    scales) and the sink bounds must all have codec.max_pack_width <= 4 (rel >= 1/14.98)."""
+    assert small_cache(CPU).narrow                                                   # defaults 0.1 / 0.2
+    assert small_cache(CPU, codec.CodecParams(rel_k=1 / 14, rel_v=0.2, block=32, pack=16)).narrow
+    assert not small_cache(CPU, codec.CodecParams(rel_k=0.05, block=32, pack=16)).narrow
+    assert not small_cache(CPU, codec.CodecParams(rel_v=0.01, block=32, pack=16)).narrow
+    assert not small_cache(CPU, sink=(0.01, 0.01)).narrow                            # sink bounds at 0.01
+    assert not small_cache(CPU, sink=(0.1, 0.01), sink_tokens=5).narrow              # sink tokens only
+    assert small_cache(CPU, sink=(0.07, 0.1)).narrow
+    assert not small_cache(CPU, layer_scales=LayerScales([1.0, 0.5, 1.0], [1.0] * 3)).narrow   # 0.05 in layer 1
+    assert small_cache(CPU, layer_scales=LayerScales([0.7, 1.0, 3.0], [0.4, 1.0, 2.0])).narrow  # >= 0.07
+    assert not bounded_cache(CPU).narrow
+    assert bounded_cache(CPU).row(0).narrow is False and small_cache(CPU).row(1).narrow is True
+
+
+def test_a_narrow_caches_records_hold_no_pack_wider_than_4_bits():
+    """End to end on the CPU path: a narrow cache (tightest bound 0.07) fed adversarial K/V (near-tie
+    tokens at every scale, fp16 extremes, constant tokens) writes only packs of <= 4 bits."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_codec import make_block, record_pack_widths, ties_block
+    cache = small_cache(CPU, sink=(0.07, 0.1), sink_tokens=5,
+                        layer_scales=LayerScales([0.7, 1.0, 3.0], [0.35, 1.0, 2.0]))
+    assert cache.narrow
+    rng = np.random.default_rng(7)
+
+    def step(T, kind):
+        make = (lambda s: ties_block(s, rng)) if kind == "ties" else (lambda s: make_block(kind, s, rng))
+        return tuple(np.stack([make((BATCH * KV_HEADS, T, HEAD_DIM)).reshape(BATCH, KV_HEADS, T, HEAD_DIM)
+                               for _ in range(LAYERS)]) for _ in "kv")
+    feed(cache, [step(100, "ties"), step(40, "fp16_extremes"), step(40, "constant_tokens"), step(64, "ties")])
+    arena, widest = cache.arena.data[:cache.arena.used], 0
+    for layer in range(LAYERS):
+        for b in range(BATCH):
+            for j in range(int(cache.n_blocks[b])):
+                start = int(cache.block_offsets[layer, b, j])
+                size = int(arena[start:start + codec.RECORD_HEADER.itemsize].view(codec.RECORD_HEADER)[0]["record_bytes"])
+                record = arena[start:start + size]
+                widest = max(widest, int(record_pack_widths(record, PARAMS, KV_HEADS, HEAD_DIM).max()))
+    assert 3 <= widest <= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sink,narrow", [(None, True), ((0.01, 0.01), False)])
+def test_gpu_cache_launches_the_build_its_bounds_allow(gpu, monkeypatch, sink, narrow):
+    """The cache's decode attention passes its narrow to the launcher (NARROW at the defaults, wide with
+    sink bounds at 0.01) and agrees with the CPU path's attention over the same K/V."""
+    from packkv.kernels import attention_kernels
+    seen = []
+    real = attention_kernels.compressed_decode_attention
+
+    def recorded(*args, **kwargs):
+        seen.append(kwargs.get("narrow"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_kernels, "compressed_decode_attention", recorded)
+    on_gpu, on_cpu = small_cache(gpu, sink=sink), small_cache(CPU, sink=sink)
+    steps = random_steps(3, [100] + [1] * 30)
+    for cache in (on_gpu, on_cpu):
+        feed(cache, steps)
+    (k, v), = random_steps(4, [1])
+    q = np.random.default_rng(5).standard_normal((BATCH, 2 * KV_HEADS, 1, HEAD_DIM)).astype(np.float16)
+    for layer in range(LAYERS):
+        on_gpu.append(layer, gpu.xp.asarray(k[layer]), gpu.xp.asarray(v[layer]))
+        got = gpu.to_numpy(on_gpu.attend(layer, gpu.xp.asarray(q))).astype(np.float32)
+        on_cpu.append(layer, k[layer], v[layer])
+        want = np.asarray(on_cpu.attend(layer, q), np.float32)
+        assert np.abs(got - want).max() <= 2e-2 * max(1.0, float(np.abs(want).max()))
+    assert on_gpu.narrow is narrow and seen == [narrow] * LAYERS
+
+
+def test_launcher_names_and_refuses_the_narrow_build_on_the_cpu():
+    """The NARROW instances the launcher asks nvrtc for are the ones nvcc's compile check instantiates,
+    and narrow=True with bounds that allow 5-bit packs is refused before anything touches a GPU."""
+    from pathlib import Path
+    from packkv.kernels import attention_kernels as ak
+    names = ak.module_names("packkv_attention.cu", 128, 16, narrow=True)
+    assert names[:2] == ("pk_attention_splits<128, 16, true>", "pk_attention_tiles<128, 16, true>")
+    assert ak.module_names("packkv_attention.cu", 128, 16)[0] == "pk_attention_splits<128, 16>"
+    source = (Path(ak.__file__).parent / "packkv_attention.cu").read_text()
+    for D, P in ((64, 16), (128, 16), (128, 8), (128, 32)):
+        assert f"PK_INSTANTIATE_SPLITS({D}, {P}, true)" in source and f"PK_INSTANTIATE_SPLITS({D}, {P}, false)" in source
+    for bad_params in (codec.CodecParams(rel_k=0.01), codec.CodecParams(rel_v=1 / 15)):
+        with pytest.raises(ValueError, match="narrow=True needs bounds"):
+            ak.compressed_decode_attention(None, None, None, None, None, None, None, bad_params, narrow=True)
+    with pytest.raises(ValueError, match="narrow must be True or False"):
+        ak.compressed_decode_attention(None, None, None, None, None, None, None, PARAMS, narrow=1)

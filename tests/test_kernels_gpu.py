@@ -20,13 +20,14 @@ from packkv.codec import CodecParams
 pytestmark = pytest.mark.gpu
 REAL_KV = Path(__file__).resolve().parents[1] / ".stage" / "kv" / "smollm2_brown1024.npz"
 COMBOS = [(64, 16), (128, 16), (128, 8), (128, 32), (80, 16), (256, 16), (64, 8), (64, 32)]
+NARROW_COMBOS = [(64, 16), (128, 16), (128, 8), (128, 32)]     # the NARROW builds nvcc instantiates
 
 
 @pytest.fixture(scope="module")
 def ak(gpu):
     from packkv.kernels import attention_kernels
     with ThreadPoolExecutor(8) as pool:      # nvrtc takes seconds per module: compile them side by side
-        list(pool.map(lambda c: attention_kernels.precompile(*c), COMBOS))
+        list(pool.map(lambda c: attention_kernels.precompile(*c), COMBOS + [c + (True,) for c in NARROW_COMBOS]))
     return attention_kernels
 
 
@@ -95,8 +96,9 @@ def build(rng, params, lengths, H, D, kind="outliers", extra_capacity=1):
 
 
 def fused_case(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_cap=8, n_splits=None, slot_bytes=None,
-               tiles=None, extra_capacity=1):
-    """tiles: force tile mode (True) or item mode (False); None: the launcher's choice from the shapes."""
+               tiles=None, extra_capacity=1, narrow=False):
+    """tiles: force tile mode (True) or item mode (False); None: the launcher's choice from the shapes.
+    narrow: launch the NARROW build (packs of at most 4 bits)."""
     import cupy
     s = build(rng, params, lengths, H, D, kind, extra_capacity)
     B = len(lengths)
@@ -107,7 +109,7 @@ def fused_case(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_ca
     arena, table, nb = s.device()
     out = ak.compressed_decode_attention(cupy.asarray(q), arena, table, nb, cupy.asarray(wk), cupy.asarray(wv),
                                          cupy.asarray(wl), params, n_splits=n_splits, slot_bytes=slot_bytes,
-                                         tiles=tiles)
+                                         tiles=tiles, narrow=narrow)
     got = out.get().astype(np.float32)
     want = compressed_attention_reference(q, s.buffer, s.table, s.n_blocks, wk, wv, wl, params)
     k_hat, v_hat = decode_records(s.buffer, s.table[0, :max(s.n_blocks[0], 0)], params, H, D)
@@ -325,6 +327,31 @@ def test_fused_real_kv(ak, tiles):
     rng = np.random.default_rng(2)
     fused_case(ak, rng, CodecParams(), [15, 4], 3, 3, 64, [6, 2], "real", tiles=tiles)
     fused_case(ak, rng, CodecParams(granularity="token-head"), [9], 3, 3, 64, [1], "real", tiles=tiles)
+
+
+@pytest.mark.parametrize("tiles", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("D,pack", NARROW_COMBOS)
+@pytest.mark.parametrize("kind", ["outliers", "random", "real"])
+def test_fused_narrow_build_equals_the_wide_build(ak, D, pack, kind, tiles):
+    """The NARROW build (no unpack path for packs wider than 4 bits; packkv_attention.cu's header) on
+    records at the default bounds (0.1 / 0.2: packs of at most 4 bits) and at 1/14 (levels up to 15):
+    the same output as the wide build, bit for bit (the same arithmetic; only the never-taken slow path
+    and its branch are gone), and the NumPy twin's within fused_case's tolerance."""
+    for params in (CodecParams(pack=pack, block=max(64, pack)),
+                   CodecParams(rel_k=1 / 14, rel_v=1 / 14, pack=pack, block=max(64, pack), repack="none")):
+        assert codec.max_pack_width([params.rel_k, params.rel_v]) == 4
+        outs = []
+        for narrow in (False, True):
+            rng = np.random.default_rng(D + pack)           # the same records, q and window for both builds
+            outs.append(fused_case(ak, rng, params, [9, 2, 0, 5], 2, 4, D, [3, 0, 4, 1], kind, tiles=tiles,
+                                   narrow=narrow)[0])
+        np.testing.assert_array_equal(outs[1], outs[0])
+
+
+def test_fused_narrow_refuses_bounds_that_allow_wide_packs(ak):
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="narrow=True needs bounds"):
+        fused_case(ak, rng, CodecParams(rel_k=0.01), [2], 2, 4, 64, [1], narrow=True)
 
 
 def test_fused_shares_workspace_and_out(ak):
