@@ -13,6 +13,7 @@ nothing is served from L2 that a real decode step would not find there.
 Methods (each timed as a CUDA graph replaying NL layer copies, NL chosen so the bytes swept exceed ~4x
 the L2; time per layer = total / NL):
   packkv_fused   compressed_decode_attention: scores, softmax, V over all blocks + a 1-token window
+  packkv_fused_narrow  the same, its NARROW build (no > 4-bit unpack path; PARAMS' bounds allow it)
   packkv_k_gemv  K-GEMV: q . K_hat^T over compressed blocks (fp32 scores)
   packkv_v_gemv  V-GEMV: p . V_hat over compressed blocks (fp16 p)
   cublas_k       cupy.matmul fp16 K . q^T (batched over KV heads; K [L, D] row-major as stored, the GQA
@@ -184,6 +185,10 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
     fused = [lambda t=t: ak.compressed_decode_attention(q, arena, t, nb, wk, wv, wl, PARAMS, out=out, workspace=ws,
                                                         n_splits=fused_splits, tiles=tiles,
                                                         arena_address=arena_address) for t in tables]
+    fused_narrow = [lambda t=t: ak.compressed_decode_attention(q, arena, t, nb, wk, wv, wl, PARAMS, out=out,
+                                                               workspace=ws, n_splits=fused_splits, tiles=tiles,
+                                                               arena_address=arena_address, narrow=True)
+                    for t in tables]
     kg = [lambda t=t: ak.k_gemv(q, arena, t, nb, PARAMS, Hkv, out=scores, n_splits=n_splits) for t in tables]
     vg = [lambda t=t: ak.v_gemv(p, arena, t, nb, PARAMS, Hkv, D, out=vout, workspace=ws, n_splits=n_splits)
           for t in tables]
@@ -191,10 +196,11 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
     mean_rec, mean_k, mean_v = float(np.mean(sizes)), float(np.mean(data["k_bytes"])), float(np.mean(data["v_bytes"]))
     rows = []
     for method, calls, fp16_bytes, read_bytes in (("packkv_fused", fused, 2 * fp16_kv, mean_rec * n),
+                                                   ("packkv_fused_narrow", fused_narrow, 2 * fp16_kv, mean_rec * n),
                                                    ("packkv_k_gemv", kg, fp16_kv, mean_k * n),
                                                    ("packkv_v_gemv", vg, fp16_kv, mean_v * n)):
         us, graphed = graph_time_us(cupy, calls)
-        fused_row = method == "packkv_fused"
+        fused_row = method.startswith("packkv_fused")
         rows.append(dict(method=method, us_per_layer=us, fp16_equiv_gbps=fp16_bytes / us / 1e3,
                          read_gbps=read_bytes / us / 1e3, layers_swept=NL, cuda_graph=graphed,
                          n_splits=fused_splits if fused_row else n_splits, tiles=bool(tiles) and fused_row))
@@ -257,7 +263,8 @@ def plot(records, path: Path):
     import matplotlib.pyplot as plt
     shapes = list(SHAPES)
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), squeeze=False)
-    styles = {"packkv_fused": "o-", "packkv_k_gemv": "s--", "packkv_v_gemv": "^--", "cublas_k": "s:",
+    styles = {"packkv_fused": "o-", "packkv_fused_narrow": "x-", "packkv_k_gemv": "s--", "packkv_v_gemv": "^--",
+              "cublas_k": "s:",
               "cublas_v": "^:", "sdpa_fp16": "o:"}
     for i, shape in enumerate(shapes):
         for j, kind in enumerate(("real", "random")):
@@ -296,6 +303,7 @@ def main():
     torch = load_torch()
     for s in args.shapes:
         ak.precompile(SHAPES[s][2], PARAMS.pack)
+        ak.precompile(SHAPES[s][2], PARAMS.pack, narrow=True)
     rng = np.random.default_rng(1)
     copy = copy_gbps(cupy)
     print(f"device {device}; device-to-device copy {copy:.0f} GB/s (read + write)", file=sys.stderr)
