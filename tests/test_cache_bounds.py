@@ -162,8 +162,8 @@ def test_a_narrow_caches_records_hold_no_pack_wider_than_4_bits():
         for b in range(BATCH):
             for j in range(int(cache.n_blocks[b])):
                 start = int(cache.block_offsets[layer, b, j])
-                size = int(arena[start:start + codec.RECORD_HEADER.itemsize].view(codec.RECORD_HEADER)[0]["record_bytes"])
-                record = arena[start:start + size]
+                head = arena[start:start + codec.RECORD_HEADER.itemsize].view(codec.RECORD_HEADER)[0]
+                record = arena[start:start + int(head["record_bytes"])]
                 widest = max(widest, int(record_pack_widths(record, PARAMS, KV_HEADS, HEAD_DIM).max()))
     assert 3 <= widest <= 4
 
