@@ -12,7 +12,10 @@ means anything. saves_us = the whole graph's time - the time without the kind: w
 dependent launches kernels overlap their neighbours' tails, so the savings do not add up to the whole.
 The graphs are replayed back to back (best of 3 rounds of --replays). --tiles both also times packkv's
 split kernel in tile mode (attention_kernels.tile_mode picks it for short contexts only:
-TILE_ITEMS_PER_WARP); `tile_mode` in each record says which mode the split kernel ran in. bench/results/knockout_<model>.json.
+TILE_ITEMS_PER_WARP); `tile_mode` in each record says which mode the split kernel ran in. --narrow both also
+times packkv's split kernel in its wide build (PackkvCache.narrow forced off; at the default bounds the cache
+launches the NARROW build, packkv_attention.cu's header); `narrow` in each record says which build ran.
+bench/results/knockout_<model>.json.
 """
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ def main() -> None:
                     help="the K/V filled in: Gaussian, or SmolLM2's real K/V tiled (bench/generate.py's fill_real)")
     ap.add_argument("--tiles", choices=["default", "both"], default="default",
                     help="both: the compressed caches also with their split kernel in tile mode")
+    ap.add_argument("--narrow", choices=["default", "both"], default="default",
+                    help="both: packkv also with the wide build of its split kernel (the cache's narrow forced off)")
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--out", help="default: knockout_<model>.json")
     args = ap.parse_args()
@@ -73,27 +78,33 @@ def main() -> None:
     default_crossover = attention_kernels.TILE_ITEMS_PER_WARP
     records = []
     for kind in args.caches:
-        for mode in ["default", "tiles"] if args.tiles == "both" and kind == "packkv" else ["default"]:
+        modes = ["default", "tiles"] if args.tiles == "both" and kind == "packkv" else ["default"]
+        builds = ["default", "wide"] if args.narrow == "both" and kind == "packkv" else ["default"]
+        for mode, build in [(m, b) for m in modes for b in builds]:
             # for the whole of the cache's life: its attention workspace (sized at the first step) and the
             # launches must agree on the mode's splits
             attention_kernels.TILE_ITEMS_PER_WARP = float("inf") if mode == "tiles" else default_crossover
             cache = engine.new_cache(kind, batch=args.batch, tokens=args.context + 64)
+            if build == "wide":
+                cache.narrow = False              # always safe: the wide build decodes any record
+            narrow = bool(getattr(cache, "narrow", False))
             tiles = kind == "packkv" and attention_kernels.decode_geometry(
                 args.batch, cache.shape.kv_heads, engine.config.num_attention_heads // cache.shape.kv_heads,
                 cache.shape.head_dim, cache.max_blocks, cache.params.block)[0]
             (fill_real if args.kv_data == "real" else fill_random)(engine, cache, args.context)
-            print(f"{kind}, {mode} split mode, {args.batch} x {args.context} tokens:", file=sys.stderr)
+            print(f"{kind}, {mode} split mode, {'NARROW' if narrow else 'wide'} build, {args.batch} x {args.context} "
+                  f"tokens:", file=sys.stderr)
             rows = knockouts(engine, cache, ATTENTION_KINDS[kind], args.replays)
             whole = rows[0][1]
             records += [{"model": args.model, "cache": kind, "split_mode": mode, "tile_mode": bool(tiles),
-                         "context": args.context,
+                         "narrow": narrow, "context": args.context,
                          "batch": args.batch, "kv_data": args.kv_data, "knocked_out": name, "graph_us": us,
                          "saves_us": whole - us} for name, us in rows]
             del cache
             gc.collect()
             cupy.get_default_memory_pool().free_all_blocks()
     attention_kernels.TILE_ITEMS_PER_WARP = default_crossover
-    print_table(records, ["cache", "split_mode", "knocked_out", "graph_us", "saves_us"])
+    print_table(records, ["cache", "split_mode", "narrow", "knocked_out", "graph_us", "saves_us"])
     write_json(args.out or f"knockout_{args.model}.json",
                {**header(engine.backend.device_name), "replays": args.replays, "records": records})
 
