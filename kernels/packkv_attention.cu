@@ -54,15 +54,18 @@ Tile mode (head_dim a multiple of 64; NT = D/64 tiles per warp): per item, once 
   m and l into one state. Two barriers per item (128 tokens); warp 0 stages item it+1 after (A) of item
   it (every warp is then done with item it-1's slot); the item pipeline over a split's items is the same.
   Splits: up to 3 CTAs per SM with at least one item per split (8B shape at 4K: 32 splits x 8 heads).
-NARROW builds (template flag of both split kernels; not yet measured on a GPU): the split body without
+NARROW builds (template flag of both split kernels): the split body without
   the wide unpack path. A pack wider than 4 bits needs a level above 15, which the quantizer cannot
   produce when every bound the records were encoded with is >= 1/14.98 (codec.max_level: levels <=
   1/rel + 1 up to fp32 rounding; the defaults 0.1/0.2 give 11 and 6). NARROW drops pk_run16_slow /
   pk_run8x2_slow and the branch around every run (12 inlined slow copies, ~700 static SASS, and a
   branch that keeps ptxas from interleaving runs) and the F > 16 header branch of pk_fields2/pk_width2
   (F <= 3 + 4 bits). Measured as code size only (nvcc 13.0 -cubin sm_90, /work/notes/split_kernel_study.md,
-  item mode D=128 P=16): 4,344 -> 3,592 static SASS, 166 registers, no spills; the study's estimate is
-  5-10% of the kernel's time, NOT yet measured on a GPU. The launcher takes `narrow` from its caller:
+  item mode D=128 P=16): 4,344 -> 3,592 static SASS, 166 registers, no spills. Measured (H100, `python3
+  bench/attention.py`, 65543e9, 8B shape, real K/V): 121.0 us per layer at 128K against 144.4 wide (1.19x;
+  SDPA 181.0: 1.50x), 39.8 against 45.0 at 32K; random K/V 170.3 against 253.3 at 128K; SmolLM2's shape
+  34.3 against 38.3 at 128K. The 8B decode step at 128K: 9764 us against 10469 (knockout, --narrow both),
+  1.60x dense in bench/generate.py. The launcher takes `narrow` from its caller:
   PackkvCache passes cache.narrow (true only when every bound it encodes with, the cache's, each layer's
   and the sink bounds, has codec.max_pack_width <= 4); any other caller gets the wide build by default.
   The K/V GEMVs (packkv_gemv.cu) stay wide: they decode arbitrary arenas for the benchmarks.
