@@ -28,7 +28,7 @@ from packkv.codec import CodecParams
 from packkv.kernels.launch import kernel_source, launch
 
 WARPS = 4                     # PK_WARPS in packkv_common.cuh
-MERGE_THREADS = 1024          # PK_MERGE_THREADS in packkv_attention.cu
+MERGE_THREADS = 512           # PK_MERGE_THREADS in packkv_attention.cu
 WARP_EXTRA = 2176 + 1024 + 384 + 64 + 16   # PK_WARP_EXTRA: weights, token table, meta, zero section, mbarriers
 WORK_PER_TILE = {0: 32 * 28, 1: 32 * 12, 2: 32 * 20}   # PK_WORK_PER_TILE(mode): q fragments, offsets, o
 PBUF_BYTES = 2176             # PK_PBUF_BYTES: a warp's fp16 softmax weights
@@ -215,11 +215,9 @@ def _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, o
     narrow: the module to take it from (the split kernel's own, so that no other module is compiled)."""
     B, Hq, D = q.shape
     W_cap = window_k.shape[2]
-    shared = 4 * (W_cap + n_splits)                      # a weight per window token and per split
-    merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, P, shared, narrow)
+    merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, P, narrow=narrow)
     launch(merge_fn, (Hq, B), (MERGE_THREADS,), (q, window_k, window_v, window_len, workspace, np.int32(n_splits),
-                                                 np.int32(Hkv), np.int32(Hq // Hkv), np.int32(W_cap), _qscale(D), out),
-           shared_mem=shared)
+                                                 np.int32(Hkv), np.int32(Hq // Hkv), np.int32(W_cap), _qscale(D), out))
     return out
 
 

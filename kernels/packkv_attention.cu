@@ -146,134 +146,146 @@ __global__ void __launch_bounds__(128, PK_MINB_TILES) pk_attention_tiles(
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Merge: a CTA per (query head, sequence), PK_MERGE_THREADS threads. The window's tokens and the splits'
-// states are all "parts" of one softmax: a part has a max (a token's own score; a split's m), a sum (1;
-// a split's l) and a vector (the token's v; a split's o). The window is attended first, before the wait
-// for the split kernel (launch.cuh: the kernel two launches back, which wrote q and the step's K/V into
-// the window, has finished by the time this one starts), so only the splits' states are left after it:
-//   A1. window scores: a thread per token dots q (shared memory) with the token's k (16-byte loads);
-//   A2. Mw = the largest score (block reduction); weights exp2(score - Mw) into shared memory; Lw = their sum;
-//   A3. ow = sum of weight * v: a thread per (channel pair, slice of the tokens), independent loads;
-//   -- wait for the split kernel --
-//   B1. M = max(Mw, the splits' m); the window's part scaled by exp2(Mw - M), split s by exp2(m_s - M);
-//       L = Lw exp2(Mw - M) + sum of split weight * l_s (block reduction);
-//   B2. o = ow exp2(Mw - M) + sum of split weight * o_s per slice, slices summed through shared memory;
-//       out = o / L in fp16 (0 when nothing was attended).
-// Measured (H100, SmolLM2 9/3/64 at 7.8K tokens, graph replays of the decode step, random weights): with
-// the whole window after the wait, leaving this kernel out of the graph saved 229 us of 1070 (7.6 us per
-// layer); moving the window ahead of the wait (and whole-row weight prefetch in the GEMVs, model_ops.cu)
-// took the step from 1072 to 978 us side by side.
+// Merge: a CTA per (query head, sequence), PK_MERGE_THREADS threads (NW warps). The window's tokens and
+// the splits' states are all "parts" of one softmax: a part has a max (a token's own score; a split's m),
+// a sum (1; a split's l) and a vector (the token's v; a split's o). Each warp folds its share of the parts
+// into one online-softmax state (PkPart), lane l holding the channel pairs l, l + 32, ... of o:
+//   A. before the wait for the split kernel (launch.cuh: the kernel two launches back, which wrote q and
+//      the step's K/V into the window, has finished by the time this one starts): warp w takes the window
+//      tokens w, w + NW, ..., U at a time; per token the lanes load their pairs of k and v (a warp reads
+//      the token's 2D bytes of each, coalesced), the score is a warp all-reduce of the lanes' partial dots
+//      (the U tokens' reductions interleaved), and the token is folded in;
+//   -- wait --
+//   B. warp w folds the splits' states w, w + NW, ... (m, l, o[D] each);
+//   C. the NW warp states through shared memory (one barrier); a thread per channel pair merges them and
+//      writes out = o / L in fp16 (0 when nothing was attended).
+// Bytes: the window's K and V once per query head (G reads of a KV head's window, from L2 after the first)
+// and each split's state once.
+// Measured (H100; 40 registers, 3 CTAs per SM): in the 8B decode step at 32K x 8 (`python3 bench/knockout.py
+// --model llama-3.1-8b --context 32768 --batch 8 --kv-data real`, knockout_llama-3.1-8b_32k_b8.json) this
+// kernel costs 201 us per step (split+merge knocked out against the split alone), the step 14465 us (dense
+// 25911: 1.79x); the version before cost 895 of 15132 (65543e9's run; dense's merge 140). A scratch probe
+// side by side (32 launches in a graph, 32/8/128, W window tokens): batch 1 (33 splits) W = 0 / 160: 2.05 /
+// 3.19 us, before 2.82 / 6.89; batch 8 (4 splits): 1.66 / 5.20 us, before 4.24 / 17.40. The version before:
+// 1024 threads, a thread per token for the scores (128-long dependent FMA chains), weights in shared
+// memory, four block reductions, a thread per (channel pair, slice of the tokens) for o; one CTA per SM
+// for lack of registers at batch 8.
 // (Before that: one thread per channel walking the splits in a chain of dependent merges took 50 us per
 // layer for 9/3/64 at 8K tokens with ~170 splits.)
 // ---------------------------------------------------------------------------------------------------
-#define PK_MERGE_THREADS 1024
+#define PK_MERGE_THREADS 512
+constexpr int PK_MERGE_WARPS = PK_MERGE_THREADS / 32;
+constexpr int PK_MERGE_UNROLL = 4;                       // window tokens in flight per warp
 
-// The max or sum of v over the CTA (every thread gets it). Two barriers; scratch holds a value per warp.
-__device__ __forceinline__ float pk_block_reduce(float v, bool is_max, float* scratch) {
-  auto warp_reduce = [&](float x) {
+// A warp's online-softmax state over the parts it has folded: max m, sum l, o (this lane's channel pairs).
+template <int NP>
+struct PkPart {
+  float m = PK_NEG_INF, l = 0.f;
+  float2 o[NP] = {};
+  // Fold in a part of max m2, sum l2 and vector o2 (an empty part, m2 = -inf, changes nothing).
+  __device__ __forceinline__ void merge(float m2, float l2, const float2 (&o2)[NP]) {
+    if (m2 == PK_NEG_INF) return;
+    const float M = fmaxf(m, m2), a = pk_exp2(m - M), b = pk_exp2(m2 - M);   // exp2(-inf) = 0
+    l = l * a + l2 * b;
 #pragma unroll
-    for (int s = 16; s > 0; s >>= 1) {
-      const float o = __shfl_xor_sync(PK_FULL, x, s);
-      x = is_max ? fmaxf(x, o) : x + o;
-    }
-    return x;
-  };
-  v = warp_reduce(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();                      // scratch may still be read by a previous reduction
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  return warp_reduce(lane < PK_MERGE_THREADS / 32 ? scratch[lane] : (is_max ? PK_NEG_INF : 0.f));
-}
+    for (int j = 0; j < NP; ++j) o[j] = make_float2(o[j].x * a + o2[j].x * b, o[j].y * a + o2[j].y * b);
+    m = M;
+  }
+};
 
 template <int D>
 __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
     const u16* __restrict__ q, const u16* __restrict__ wk, const u16* __restrict__ wv,
     const int* __restrict__ window_len, const float* __restrict__ ws, int n_splits, int Hkv, int G, int W_cap,
     float qscale, u16* __restrict__ out) {
-  constexpr int PAIRS = D / 2, SLICES = PK_MERGE_THREADS / PAIRS;
-  extern __shared__ float weight[];                     // [W_cap] window tokens, then [n_splits] splits
-  float* split_weight = weight + W_cap;
-  __shared__ float qs[D], scratch[32];
-  __shared__ float2 slice_sum[SLICES][PAIRS];
-  const int head = blockIdx.x, b = blockIdx.y, kvh = head / G, Hq = Hkv * G, tid = threadIdx.x;
-  const int pair = tid % PAIRS, slice = tid / PAIRS;     // threads past SLICES * PAIRS idle in A3 and B2
-  for (int d = tid; d < D; d += PK_MERGE_THREADS) qs[d] = pk_h2float(q[(size_t(b) * Hq + head) * D + d]) * qscale;
+  constexpr int PAIRS = D / 2, NP = (PAIRS + 31) / 32, NW = PK_MERGE_WARPS, U = PK_MERGE_UNROLL;
+  __shared__ float part_m[NW], part_l[NW];
+  __shared__ float2 part_o[NW][PAIRS];
+  const int head = blockIdx.x, b = blockIdx.y, kvh = head / G, Hq = Hkv * G;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  auto has = [&](int j) { return lane + 32 * j < PAIRS; };   // this lane's j-th channel pair exists
+  float2 qp[NP];
+  const u32* qrow = reinterpret_cast<const u32*>(q + (size_t(b) * Hq + head) * D);
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    const u32 x = has(j) ? qrow[lane + 32 * j] : 0u;
+    qp[j] = make_float2(pk_h2float(u16(x)) * qscale, pk_h2float(u16(x >> 16)) * qscale);
+  }
   int W = window_len[b];
   W = W < 0 ? 0 : (W > W_cap ? W_cap : W);
-  const size_t kv_base = (size_t(b) * Hkv + kvh) * size_t(W_cap) * D;
-  __syncthreads();
+  const size_t kv_base = (size_t(b) * Hkv + kvh) * size_t(W_cap) * PAIRS;
+  const u32* k32 = reinterpret_cast<const u32*>(wk) + kv_base;
+  const u32* v32 = reinterpret_cast<const u32*>(wv) + kv_base;
+  PkPart<NP> part;
 
-  // ---- A1. window scores (log2 domain) ------------------------------------------------------------
-  float Mw = PK_NEG_INF;
-  for (int t = tid; t < W; t += PK_MERGE_THREADS) {
-    const uint4* k = reinterpret_cast<const uint4*>(wk + kv_base + size_t(t) * D);
-    float s = 0.f;
+  // ---- A. the window's tokens (scores in the log2 domain) -----------------------------------------
+  for (int t0 = warp; t0 < W; t0 += NW * U) {
+    u32 kx[U][NP], vx[U][NP];                             // all U tokens' loads first: one latency
 #pragma unroll
-    for (int c = 0; c < D / 8; ++c) {
-      const uint4 x = k[c];
-      const u32 w4[4] = {x.x, x.y, x.z, x.w};
+    for (int u = 0; u < U; ++u) {
+      const int t = t0 + u * NW;                          // warp-uniform: no divergence at the shuffles
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        s += qs[8 * c + 2 * i] * pk_h2float(u16(w4[i])) + qs[8 * c + 2 * i + 1] * pk_h2float(u16(w4[i] >> 16));
+      for (int j = 0; j < NP; ++j) {
+        const bool in = t < W && has(j);
+        kx[u][j] = in ? k32[size_t(t) * PAIRS + lane + 32 * j] : 0u;
+        vx[u][j] = in ? v32[size_t(t) * PAIRS + lane + 32 * j] : 0u;
+      }
     }
-    weight[t] = s;
-    Mw = fmaxf(Mw, s);
-  }
-  // ---- A2. the window's max, weights and sum --------------------------------------------------------
-  Mw = pk_block_reduce(Mw, true, scratch);
-  float Lw = 0.f;
-  for (int t = tid; t < W; t += PK_MERGE_THREADS) Lw += weight[t] = pk_exp2(weight[t] - Mw);
-  Lw = pk_block_reduce(Lw, false, scratch);          // its barriers also publish the weights
-  // ---- A3. the window's o, per slice ----------------------------------------------------------------
-  float2 o = make_float2(0.f, 0.f);
-  if (slice < SLICES) {
-    const u32* v = reinterpret_cast<const u32*>(wv + kv_base) + pair;
-#pragma unroll 4
-    for (int t = slice; t < W; t += SLICES) {
-      const u32 x = v[size_t(t) * PAIRS];
-      o.x += weight[t] * pk_h2float(u16(x));
-      o.y += weight[t] * pk_h2float(u16(x >> 16));
+    float score[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      score[u] = 0.f;
+#pragma unroll
+      for (int j = 0; j < NP; ++j)
+        score[u] += qp[j].x * pk_h2float(u16(kx[u][j])) + qp[j].y * pk_h2float(u16(kx[u][j] >> 16));
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) score[u] += __shfl_xor_sync(PK_FULL, score[u], off);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (t0 + u * NW >= W) break;
+      float2 v[NP];
+#pragma unroll
+      for (int j = 0; j < NP; ++j) v[j] = make_float2(pk_h2float(u16(vx[u][j])), pk_h2float(u16(vx[u][j] >> 16)));
+      part.merge(score[u], 1.f, v);
     }
   }
 
   wait_for_previous_kernel();                         // the splits' states
+  // ---- B. the splits' states --------------------------------------------------------------------------
   const float* state = ws + (size_t(b) * Hq + head) * size_t(n_splits) * (D + 2);
-  // ---- B1. the common max, the window's scale, the splits' weights, L -------------------------------
-  float M = Mw;
-  for (int s = tid; s < n_splits; s += PK_MERGE_THREADS) M = fmaxf(M, state[size_t(s) * (D + 2) + D]);
-  M = pk_block_reduce(M, true, scratch);
-  const float window_scale = Mw == PK_NEG_INF ? 0.f : pk_exp2(Mw - M);
-  float L = 0.f;
-  if (M != PK_NEG_INF) {
-    for (int s = tid; s < n_splits; s += PK_MERGE_THREADS) {
-      const float m = state[size_t(s) * (D + 2) + D];
-      const float w = m == PK_NEG_INF ? 0.f : pk_exp2(m - M);
-      split_weight[s] = w;
-      L += w * state[size_t(s) * (D + 2) + D + 1];
-    }
+  for (int s = warp; s < n_splits; s += NW) {
+    const float* st = state + size_t(s) * (D + 2);
+    float2 o[NP];
+#pragma unroll
+    for (int j = 0; j < NP; ++j) o[j] = has(j) ? reinterpret_cast<const float2*>(st)[lane + 32 * j] : float2{};
+    part.merge(st[D], st[D + 1], o);
   }
-  L = pk_block_reduce(L, false, scratch) + Lw * window_scale;   // its barriers also publish the weights
-  // ---- B2. o = the window's o scaled + the splits' --------------------------------------------------
-  o.x *= window_scale;
-  o.y *= window_scale;
-  if (L > 0.f && slice < SLICES) {
-#pragma unroll 4
-    for (int s = slice; s < n_splits; s += SLICES) {
-      const float w = split_weight[s];
-      if (w > 0.f) {
-        const float2 x = reinterpret_cast<const float2*>(state + size_t(s) * (D + 2))[pair];
-        o.x += w * x.x;
-        o.y += w * x.y;
+  // ---- C. the warps' states -> out --------------------------------------------------------------------
+  if (lane == 0) { part_m[warp] = part.m; part_l[warp] = part.l; }
+#pragma unroll
+  for (int j = 0; j < NP; ++j)
+    if (has(j)) part_o[warp][lane + 32 * j] = part.o[j];
+  __syncthreads();
+  const int pair = threadIdx.x;
+  if (pair < PAIRS) {
+    float M = PK_NEG_INF;
+    for (int w = 0; w < NW; ++w) M = fmaxf(M, part_m[w]);
+    float L = 0.f;
+    float2 o = make_float2(0.f, 0.f);
+    if (M != PK_NEG_INF) {
+      for (int w = 0; w < NW; ++w) {
+        const float a = pk_exp2(part_m[w] - M);       // 0 for a warp that folded nothing
+        L += part_l[w] * a;
+        o.x += part_o[w][pair].x * a;
+        o.y += part_o[w][pair].y * a;
       }
     }
-  }
-  if (slice < SLICES) slice_sum[slice][pair] = o;
-  __syncthreads();
-  if (tid < PAIRS) {
-    for (int i = 1; i < SLICES; ++i) { o.x += slice_sum[i][tid].x; o.y += slice_sum[i][tid].y; }
     const float inv = L > 0.f ? 1.f / L : 0.f;
-    u16* dst = out + (size_t(b) * Hq + head) * D + 2 * tid;
+    u16* dst = out + (size_t(b) * Hq + head) * D + 2 * pair;
     dst[0] = pk_float2h(o.x * inv);
     dst[1] = pk_float2h(o.y * inv);
   }
