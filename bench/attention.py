@@ -1,6 +1,6 @@
 """Decode attention over a PackKV-compressed cache vs fp16 baselines, per layer, on one GPU.
 
-    python bench/attention.py [--contexts 1024 4096 16384 32768 65536 131072] [--data .stage/bench]
+    python bench/attention.py [--contexts 1024 4096 16384 32768 65536 131072] [--data .stage/bench] [--slots 1 2]
 
 Shapes: Llama-3.1-8B attention (32 query heads, 8 KV heads, head_dim 128) and SmolLM2-135M (9/3/64), one
 sequence. KV data: 'real' = SmolLM2 K/V of Brown-corpus text (bench/dump_kv.py's dump in .stage/kv; for the 8B shape two
@@ -14,6 +14,9 @@ Methods (each timed as a CUDA graph replaying NL layer copies, NL chosen so the 
 the L2; time per layer = total / NL):
   packkv_fused   compressed_decode_attention: scores, softmax, V over all blocks + a 1-token window
   packkv_fused_narrow  the same, its NARROW build (no > 4-bit unpack path; PARAMS' bounds allow it)
+  packkv_fused_2slots, packkv_fused_narrow_2slots  with --slots 2: both with two staging slots per warp in
+                 item mode (the double-buffered pipeline at 2 CTAs per SM instead of one slot at 3; its own
+                 splits); tile mode (short contexts) is the same kernel as the rows above
   packkv_k_gemv  K-GEMV: q . K_hat^T over compressed blocks (fp32 scores)
   packkv_v_gemv  V-GEMV: p . V_hat over compressed blocks (fp16 p)
   cublas_k       cupy.matmul fp16 K . q^T (batched over KV heads; K [L, D] row-major as stored, the GQA
@@ -150,7 +153,7 @@ def torch_graph_time_us(torch, calls, min_ms: float = 60.0) -> float:
 # One (shape, data, context)
 # ---------------------------------------------------------------------------------------------------
 
-def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
+def bench_packkv(cupy, ak, shape_name, data, context, rng, slot_counts=(1,)) -> list[dict]:
     Hq, Hkv, D = SHAPES[shape_name]
     G, T = Hq // Hkv, PARAMS.block
     n = context // T
@@ -172,7 +175,8 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
     wv = cupy.asarray(rng.standard_normal((1, Hkv, 64, D)).astype(np.float16))
     wl = cupy.asarray(np.array([1], np.int32))
     n_splits = ak.default_splits(1, Hkv, G, n, T)                  # the GEMVs (item mode)
-    tiles, fused_splits = ak.decode_geometry(1, Hkv, G, D, n, T)    # the fused kernel's mode and splits
+    geometry = {slots: ak.decode_geometry(1, Hkv, G, D, n, T, slots=slots) for slots in slot_counts}  # fused
+    fused_splits = max(splits for _, splits in geometry.values())
     ws = cupy.empty(max(ak.attention_workspace_size(1, Hq, D, max(n_splits, fused_splits)), Hq * n_splits * D),
                     np.float32)
     out = cupy.empty((1, Hq, D), np.float16)
@@ -182,28 +186,26 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
     # the arena's address in device memory, made once: made per call, its upload cannot be captured, and the
     # fused kernel fell back to eager launches (cuda_graph false) unnoticed
     arena_address = cupy.asarray([arena.data.ptr], dtype=np.uint64)
-    fused = [lambda t=t: ak.compressed_decode_attention(q, arena, t, nb, wk, wv, wl, PARAMS, out=out, workspace=ws,
-                                                        n_splits=fused_splits, tiles=tiles,
-                                                        arena_address=arena_address) for t in tables]
-    fused_narrow = [lambda t=t: ak.compressed_decode_attention(q, arena, t, nb, wk, wv, wl, PARAMS, out=out,
-                                                               workspace=ws, n_splits=fused_splits, tiles=tiles,
-                                                               arena_address=arena_address, narrow=True)
-                    for t in tables]
+    fused = {(narrow, slots): [lambda t=t, narrow=narrow, slots=slots: ak.compressed_decode_attention(
+                 q, arena, t, nb, wk, wv, wl, PARAMS, out=out, workspace=ws, n_splits=geometry[slots][1],
+                 tiles=geometry[slots][0], arena_address=arena_address, narrow=narrow, slots=slots) for t in tables]
+             for slots in slot_counts for narrow in (False, True)}
     kg = [lambda t=t: ak.k_gemv(q, arena, t, nb, PARAMS, Hkv, out=scores, n_splits=n_splits) for t in tables]
     vg = [lambda t=t: ak.v_gemv(p, arena, t, nb, PARAMS, Hkv, D, out=vout, workspace=ws, n_splits=n_splits)
           for t in tables]
     fp16_kv = context * Hkv * D * 2
     mean_rec, mean_k, mean_v = float(np.mean(sizes)), float(np.mean(data["k_bytes"])), float(np.mean(data["v_bytes"]))
     rows = []
-    for method, calls, fp16_bytes, read_bytes in (("packkv_fused", fused, 2 * fp16_kv, mean_rec * n),
-                                                   ("packkv_fused_narrow", fused_narrow, 2 * fp16_kv, mean_rec * n),
-                                                   ("packkv_k_gemv", kg, fp16_kv, mean_k * n),
-                                                   ("packkv_v_gemv", vg, fp16_kv, mean_v * n)):
+    methods = [(f"packkv_fused{'_narrow' if narrow else ''}{'' if slots == 1 else f'_{slots}slots'}",
+                fused[narrow, slots], 2 * fp16_kv, mean_rec * n, slots)
+               for slots in slot_counts for narrow in (False, True)]
+    methods += [("packkv_k_gemv", kg, fp16_kv, mean_k * n, None), ("packkv_v_gemv", vg, fp16_kv, mean_v * n, None)]
+    for method, calls, fp16_bytes, read_bytes, slots in methods:
         us, graphed = graph_time_us(cupy, calls)
-        fused_row = method.startswith("packkv_fused")
+        tiles, splits = geometry[slots] if slots else (False, n_splits)
         rows.append(dict(method=method, us_per_layer=us, fp16_equiv_gbps=fp16_bytes / us / 1e3,
                          read_gbps=read_bytes / us / 1e3, layers_swept=NL, cuda_graph=graphed,
-                         n_splits=fused_splits if fused_row else n_splits, tiles=bool(tiles) and fused_row))
+                         n_splits=splits, tiles=bool(tiles)))
     del arena, tables
     cupy.get_default_memory_pool().free_all_blocks()
     return rows
@@ -263,7 +265,8 @@ def plot(records, path: Path):
     import matplotlib.pyplot as plt
     shapes = list(SHAPES)
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), squeeze=False)
-    styles = {"packkv_fused": "o-", "packkv_fused_narrow": "x-", "packkv_k_gemv": "s--", "packkv_v_gemv": "^--",
+    styles = {"packkv_fused": "o-", "packkv_fused_narrow": "x-", "packkv_fused_2slots": "o-.",
+              "packkv_fused_narrow_2slots": "x-.", "packkv_k_gemv": "s--", "packkv_v_gemv": "^--",
               "cublas_k": "s:",
               "cublas_v": "^:", "sdpa_fp16": "o:"}
     for i, shape in enumerate(shapes):
@@ -290,6 +293,9 @@ def main():
     ap.add_argument("--data", type=Path, default=ROOT / ".stage" / "bench")
     ap.add_argument("--prepare-only", action="store_true", help="encode the datasets (CPU) and stop")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--slots", type=int, nargs="+", choices=[1, 2], default=[1],
+                    help="the fused kernel's staging slots per warp in item mode, a row pair per count (2: the "
+                         "double-buffered pipeline at 2 CTAs per SM, to compare)")
     args = ap.parse_args()
     datasets = {(s, kind): dataset(s, kind, args.data) for s in args.shapes for kind in ("real", "random")}
     if args.prepare_only:
@@ -302,8 +308,9 @@ def main():
     device = get_backend("gpu").device_name
     torch = load_torch()
     for s in args.shapes:
-        ak.precompile(SHAPES[s][2], PARAMS.pack)
-        ak.precompile(SHAPES[s][2], PARAMS.pack, narrow=True)
+        for slots in args.slots:
+            ak.precompile(SHAPES[s][2], PARAMS.pack, slots=slots)
+            ak.precompile(SHAPES[s][2], PARAMS.pack, narrow=True, slots=slots)
     rng = np.random.default_rng(1)
     copy = copy_gbps(cupy)
     print(f"device {device}; device-to-device copy {copy:.0f} GB/s (read + write)", file=sys.stderr)
@@ -313,14 +320,14 @@ def main():
             for row in bench_dense(cupy, torch, shape, context, rng):
                 records.append(dict(shape=shape, kv_data="random", context=context, **row))
             for kind in ("real", "random"):
-                for row in bench_packkv(cupy, ak, shape, datasets[(shape, kind)], context, rng):
+                for row in bench_packkv(cupy, ak, shape, datasets[(shape, kind)], context, rng, args.slots):
                     records.append(dict(shape=shape, kv_data=kind, context=context, **row))
             print(f"  {shape} {context}: done", file=sys.stderr)
     for r in records:
         for key in ("us_per_layer", "fp16_equiv_gbps", "read_gbps"):
             r[key] = round(float(r[key]), 2)
-    print_table(records, ["shape", "kv_data", "context", "method", "tiles", "us_per_layer", "fp16_equiv_gbps",
-                          "read_gbps"])
+    print_table(records, ["shape", "kv_data", "context", "method", "tiles", "n_splits", "us_per_layer",
+                          "fp16_equiv_gbps", "read_gbps"])
     summary = targets(records, copy)
     for line in summary:
         print(line)
