@@ -1,6 +1,6 @@
 """Decode attention over a PackKV-compressed cache vs fp16 baselines, per layer, on one GPU.
 
-    python bench/attention.py [--contexts 1024 4096 16384 32768 65536 131072] [--data .stage/bench]
+    python bench/attention.py [--contexts 1024 4096 16384 32768 65536 131072] [--data .stage/bench] [--slots 1 2]
 
 Shapes: Llama-3.1-8B attention (32 query heads, 8 KV heads, head_dim 128) and SmolLM2-135M (9/3/64), one
 sequence. KV data: 'real' = SmolLM2 K/V of Brown-corpus text (bench/dump_kv.py's dump in .stage/kv; for the 8B shape two
@@ -12,10 +12,13 @@ nothing is served from L2 that a real decode step would not find there.
 
 Methods (each timed as a CUDA graph replaying NL layer copies, NL chosen so the bytes swept exceed ~4x
 the L2; time per layer = total / NL):
-  packkv_fused   compressed_decode_attention: scores, softmax, V over all blocks + a 1-token window, in
-                 the build PackkvCache launches for PARAMS (NARROW, no > 4-bit unpack path, where their
-                 bounds allow it, as PARAMS' do)
+  packkv_fused   compressed_decode_attention: scores, softmax, V over all blocks + a 1-token window, as
+                 PackkvCache launches it for PARAMS: the NARROW build (no > 4-bit unpack path) where their
+                 bounds allow it, as PARAMS' do, and attention_kernels.item_slots' staging slots per warp
   packkv_fused_wide  the same in the wide build (what bounds tighter than 1/14.98 need), for comparison
+  packkv_fused_1slot, packkv_fused_2slots  with --slots 1 2: the first row with one / two staging slots per
+                 warp forced in item mode (one: 3 CTAs per SM, two: the double-buffered pipeline at 2; each
+                 its own splits); tile mode (short contexts) is the same kernel as the first row
   packkv_k_gemv  K-GEMV: q . K_hat^T over compressed blocks (fp32 scores)
   packkv_v_gemv  V-GEMV: p . V_hat over compressed blocks (fp16 p)
   cublas_k       cupy.matmul fp16 K . q^T (batched over KV heads; K [L, D] row-major as stored, the GQA
@@ -153,7 +156,7 @@ def torch_graph_time_us(torch, calls, min_ms: float = 60.0) -> float:
 # One (shape, data, context)
 # ---------------------------------------------------------------------------------------------------
 
-def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
+def bench_packkv(cupy, ak, shape_name, data, context, rng, forced_slots=()) -> list[dict]:
     Hq, Hkv, D = SHAPES[shape_name]
     G, T = Hq // Hkv, PARAMS.block
     n = context // T
@@ -175,7 +178,10 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
     wv = cupy.asarray(rng.standard_normal((1, Hkv, 64, D)).astype(np.float16))
     wl = cupy.asarray(np.array([1], np.int32))
     n_splits = ak.default_splits(1, Hkv, G, n, T)                  # the GEMVs (item mode)
-    tiles, fused_splits = ak.decode_geometry(1, Hkv, G, D, n, T)    # the fused kernel's mode and splits
+    variants = {"packkv_fused": (NARROW, None), "packkv_fused_wide": (False, None),    # method: (narrow, slots)
+                **{f"packkv_fused_{k}slot{'s' if k > 1 else ''}": (NARROW, k) for k in forced_slots}}
+    geometry = {slots: ak.decode_geometry(1, Hkv, G, D, n, T, slots=slots) for _, slots in variants.values()}
+    fused_splits = max(splits for _, splits in geometry.values())
     ws = cupy.empty(max(ak.attention_workspace_size(1, Hq, D, max(n_splits, fused_splits)), Hq * n_splits * D),
                     np.float32)
     out = cupy.empty((1, Hq, D), np.float16)
@@ -185,27 +191,28 @@ def bench_packkv(cupy, ak, shape_name, data, context, rng) -> list[dict]:
     # the arena's address in device memory, made once: made per call, its upload cannot be captured, and the
     # fused kernel fell back to eager launches (cuda_graph false) unnoticed
     arena_address = cupy.asarray([arena.data.ptr], dtype=np.uint64)
-
-    def fused_calls(narrow: bool):
-        return [lambda t=t: ak.compressed_decode_attention(q, arena, t, nb, wk, wv, wl, PARAMS, out=out, workspace=ws,
-                                                           n_splits=fused_splits, tiles=tiles,
-                                                           arena_address=arena_address, narrow=narrow)
-                for t in tables]
+    fused = {method: [lambda t=t, narrow=narrow, slots=slots: ak.compressed_decode_attention(
+                 q, arena, t, nb, wk, wv, wl, PARAMS, out=out, workspace=ws, n_splits=geometry[slots][1],
+                 tiles=geometry[slots][0], arena_address=arena_address, narrow=narrow, slots=slots) for t in tables]
+             for method, (narrow, slots) in variants.items()}
     kg = [lambda t=t: ak.k_gemv(q, arena, t, nb, PARAMS, Hkv, out=scores, n_splits=n_splits) for t in tables]
     vg = [lambda t=t: ak.v_gemv(p, arena, t, nb, PARAMS, Hkv, D, out=vout, workspace=ws, n_splits=n_splits)
           for t in tables]
     fp16_kv = context * Hkv * D * 2
     mean_rec, mean_k, mean_v = float(np.mean(sizes)), float(np.mean(data["k_bytes"])), float(np.mean(data["v_bytes"]))
     rows = []
-    for method, calls, fp16_bytes, read_bytes in (("packkv_fused", fused_calls(NARROW), 2 * fp16_kv, mean_rec * n),
-                                                   ("packkv_fused_wide", fused_calls(False), 2 * fp16_kv, mean_rec * n),
-                                                   ("packkv_k_gemv", kg, fp16_kv, mean_k * n),
-                                                   ("packkv_v_gemv", vg, fp16_kv, mean_v * n)):
+    methods = [(method, fused[method], 2 * fp16_kv, mean_rec * n) for method in variants]
+    methods += [("packkv_k_gemv", kg, fp16_kv, mean_k * n), ("packkv_v_gemv", vg, fp16_kv, mean_v * n)]
+    for method, calls, fp16_bytes, read_bytes in methods:
         us, graphed = graph_time_us(cupy, calls)
-        fused_row = method.startswith("packkv_fused")
-        rows.append(dict(method=method, us_per_layer=us, fp16_equiv_gbps=fp16_bytes / us / 1e3,
-                         read_gbps=read_bytes / us / 1e3, layers_swept=NL, cuda_graph=graphed,
-                         n_splits=fused_splits if fused_row else n_splits, tiles=bool(tiles) and fused_row))
+        row = dict(method=method, us_per_layer=us, fp16_equiv_gbps=fp16_bytes / us / 1e3,
+                   read_gbps=read_bytes / us / 1e3, layers_swept=NL, cuda_graph=graphed, n_splits=n_splits,
+                   tiles=False)
+        if method in variants:
+            slots = variants[method][1]
+            tiles, row["n_splits"] = geometry[slots]
+            row.update(tiles=tiles, slots=None if tiles else ak.item_slots(slots, 1, Hkv, G, n, T))
+        rows.append(row)
     del arena, tables
     cupy.get_default_memory_pool().free_all_blocks()
     return rows
@@ -265,7 +272,8 @@ def plot(records, path: Path):
     import matplotlib.pyplot as plt
     shapes = list(SHAPES)
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), squeeze=False)
-    styles = {"packkv_fused": "o-", "packkv_fused_wide": "x-", "packkv_k_gemv": "s--", "packkv_v_gemv": "^--",
+    styles = {"packkv_fused": "o-", "packkv_fused_wide": "x-", "packkv_fused_1slot": "o-.",
+              "packkv_fused_2slots": "x-.", "packkv_k_gemv": "s--", "packkv_v_gemv": "^--",
               "cublas_k": "s:",
               "cublas_v": "^:", "sdpa_fp16": "o:"}
     for i, shape in enumerate(shapes):
@@ -292,6 +300,9 @@ def main():
     ap.add_argument("--data", type=Path, default=ROOT / ".stage" / "bench")
     ap.add_argument("--prepare-only", action="store_true", help="encode the datasets (CPU) and stop")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--slots", type=int, nargs="*", choices=[1, 2], default=[],
+                    help="also time the fused kernel with this many staging slots per warp forced in item mode "
+                         "(1: 3 CTAs per SM; 2: the double-buffered pipeline at 2), a row per count")
     args = ap.parse_args()
     datasets = {(s, kind): dataset(s, kind, args.data) for s in args.shapes for kind in ("real", "random")}
     if args.prepare_only:
@@ -304,9 +315,10 @@ def main():
     device = get_backend("gpu").device_name
     torch = load_torch()
     for s in args.shapes:
-        ak.precompile(SHAPES[s][2], PARAMS.pack)
-        if NARROW:
-            ak.precompile(SHAPES[s][2], PARAMS.pack, narrow=True)
+        for slots in (1, 2):
+            ak.precompile(SHAPES[s][2], PARAMS.pack, slots=slots)
+            if NARROW:
+                ak.precompile(SHAPES[s][2], PARAMS.pack, narrow=True, slots=slots)
     rng = np.random.default_rng(1)
     copy = copy_gbps(cupy)
     print(f"device {device}; device-to-device copy {copy:.0f} GB/s (read + write)", file=sys.stderr)
@@ -316,14 +328,14 @@ def main():
             for row in bench_dense(cupy, torch, shape, context, rng):
                 records.append(dict(shape=shape, kv_data="random", context=context, **row))
             for kind in ("real", "random"):
-                for row in bench_packkv(cupy, ak, shape, datasets[(shape, kind)], context, rng):
+                for row in bench_packkv(cupy, ak, shape, datasets[(shape, kind)], context, rng, args.slots):
                     records.append(dict(shape=shape, kv_data=kind, context=context, **row))
             print(f"  {shape} {context}: done", file=sys.stderr)
     for r in records:
         for key in ("us_per_layer", "fp16_equiv_gbps", "read_gbps"):
             r[key] = round(float(r[key]), 2)
-    print_table(records, ["shape", "kv_data", "context", "method", "tiles", "us_per_layer", "fp16_equiv_gbps",
-                          "read_gbps"])
+    print_table(records, ["shape", "kv_data", "context", "method", "tiles", "slots", "n_splits", "us_per_layer",
+                          "fp16_equiv_gbps", "read_gbps"])
     summary = targets(records, copy)
     for line in summary:
         print(line)

@@ -15,6 +15,9 @@ split kernel in tile mode (attention_kernels.tile_mode picks it for short contex
 TILE_ITEMS_PER_WARP); `tile_mode` in each record says which mode the split kernel ran in. --narrow both also
 times packkv's split kernel in its wide build (PackkvCache.narrow forced off; at the default bounds the cache
 launches the NARROW build, packkv_attention.cu's header); `narrow` in each record says which build ran.
+--slots both times packkv's split kernel with one staging slot per warp in item mode (3 CTAs per SM) and
+with two (the double-buffered pipeline at 2 CTAs per SM); by default attention_kernels.item_slots chooses
+from the shapes; `slots` in each record says which ran (tile mode, short contexts, has its own slots).
 bench/results/knockout_<model>.json.
 """
 from __future__ import annotations
@@ -65,6 +68,8 @@ def main() -> None:
                     help="both: the compressed caches also with their split kernel in tile mode")
     ap.add_argument("--narrow", choices=["default", "both"], default="default",
                     help="both: packkv also with the wide build of its split kernel (the cache's narrow forced off)")
+    ap.add_argument("--slots", choices=["default", "both"], default="default",
+                    help="both: packkv with one and with two staging slots per warp in its split kernel's item mode")
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--out", help="default: knockout_<model>.json")
     args = ap.parse_args()
@@ -76,35 +81,43 @@ def main() -> None:
     limit = PRESETS[args.model]["max_position_embeddings"]          # the engine refuses a longer context
     engine = Engine(None, device="gpu", max_context=min(args.context + 128, limit), random_weights=args.model)
     default_crossover = attention_kernels.TILE_ITEMS_PER_WARP
+    default_slots = attention_kernels.ITEM_SLOTS
     records = []
     for kind in args.caches:
         modes = ["default", "tiles"] if args.tiles == "both" and kind == "packkv" else ["default"]
         builds = ["default", "wide"] if args.narrow == "both" and kind == "packkv" else ["default"]
-        for mode, build in [(m, b) for m in modes for b in builds]:
+        slot_counts = [1, 2] if args.slots == "both" and kind == "packkv" else [default_slots]
+        for mode, build, slots in [(m, b, n) for m in modes for b in builds for n in slot_counts]:
             # for the whole of the cache's life: its attention workspace (sized at the first step) and the
             # launches must agree on the mode's splits
             attention_kernels.TILE_ITEMS_PER_WARP = float("inf") if mode == "tiles" else default_crossover
+            attention_kernels.ITEM_SLOTS = slots
             cache = engine.new_cache(kind, batch=args.batch, tokens=args.context + 64)
             if build == "wide":
                 cache.narrow = False              # always safe: the wide build decodes any record
             narrow = bool(getattr(cache, "narrow", False))
-            tiles = kind == "packkv" and attention_kernels.decode_geometry(
-                args.batch, cache.shape.kv_heads, engine.config.num_attention_heads // cache.shape.kv_heads,
-                cache.shape.head_dim, cache.max_blocks, cache.params.block)[0]
+            shapes = (args.batch, cache.shape.kv_heads, engine.config.num_attention_heads // cache.shape.kv_heads)
+            if kind == "packkv":
+                tiles = attention_kernels.decode_geometry(*shapes, cache.shape.head_dim, cache.max_blocks,
+                                                          cache.params.block)[0]
+                slots = attention_kernels.item_slots(slots, *shapes, cache.max_blocks, cache.params.block)
+            else:
+                tiles = False
             (fill_real if args.kv_data == "real" else fill_random)(engine, cache, args.context)
-            print(f"{kind}, {mode} split mode, {'NARROW' if narrow else 'wide'} build, {args.batch} x {args.context} "
-                  f"tokens:", file=sys.stderr)
+            print(f"{kind}, {mode} split mode, {'NARROW' if narrow else 'wide'} build, {slots} slot(s) per warp, "
+                  f"{args.batch} x {args.context} tokens:", file=sys.stderr)
             rows = knockouts(engine, cache, ATTENTION_KINDS[kind], args.replays)
             whole = rows[0][1]
             records += [{"model": args.model, "cache": kind, "split_mode": mode, "tile_mode": bool(tiles),
-                         "narrow": narrow, "context": args.context,
+                         "narrow": narrow, "slots": slots, "context": args.context,
                          "batch": args.batch, "kv_data": args.kv_data, "knocked_out": name, "graph_us": us,
                          "saves_us": whole - us} for name, us in rows]
             del cache
             gc.collect()
             cupy.get_default_memory_pool().free_all_blocks()
     attention_kernels.TILE_ITEMS_PER_WARP = default_crossover
-    print_table(records, ["cache", "split_mode", "narrow", "knocked_out", "graph_us", "saves_us"])
+    attention_kernels.ITEM_SLOTS = default_slots
+    print_table(records, ["cache", "split_mode", "narrow", "slots", "knocked_out", "graph_us", "saves_us"])
     write_json(args.out or f"knockout_{args.model}.json",
                {**header(engine.backend.device_name), "replays": args.replays, "records": records})
 

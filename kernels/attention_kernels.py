@@ -29,11 +29,26 @@ from packkv.kernels.launch import kernel_source, launch
 
 WARPS = 4                     # PK_WARPS in packkv_common.cuh
 MERGE_THREADS = 512           # PK_MERGE_THREADS in packkv_attention.cu
-WARP_EXTRA = 2176 + 1024 + 384 + 64 + 16   # PK_WARP_EXTRA: weights, token table, meta, zero section, mbarriers
-WORK_PER_TILE = {0: 32 * 28, 1: 32 * 12, 2: 32 * 20}   # PK_WORK_PER_TILE(mode): q fragments, offsets, o
+META_SLOT_BYTES = 192         # PK_META_SLOT_BYTES: where an item's sections are, per staging slot
+
+
+def warp_extra(slots: int) -> int:
+    """PK_WARP_EXTRA(slots): a warp's weights, token table, meta, zero section and mbarriers."""
+    return 2176 + 1024 + slots * META_SLOT_BYTES + 64 + 16
+
+
+CTA_Q_PER_TILE = {0: 256, 1: 256, 2: 0}    # PK_CTA_Q_PER_TILE(mode): the CTA's q fragments (item mode)
+WORK_PER_TILE = {0: 32 * 20, 1: 32 * 4, 2: 32 * 20}    # PK_WORK_PER_TILE(mode): a warp's offsets, o
 PBUF_BYTES = 2176             # PK_PBUF_BYTES: a warp's fp16 softmax weights
 SMEM_PER_SM = 233472          # H100: 228 KB of shared memory per SM, 1 KB of it reserved per CTA
-CTAS_PER_SM = 2               # PK_MINB: the fused kernel in item mode
+# The fused kernel in item mode, by staging slots per warp (its `slots`): 1 gives 3 CTAs per SM (PK_MINB),
+# 2 the double-buffered pipeline at 2 CTAs per SM (PK_MINB_2SLOTS)
+CTAS_PER_SM = {1: 3, 2: 2}
+ITEM_SLOTS = None             # compressed_decode_attention's slots when not given; None: item_slots chooses
+                              # from the shapes (bench/knockout.py sets 1 or 2 to compare them)
+GEMV_CTAS_PER_SM = 3          # PK_MINB_GEMV: the K/V GEMVs (two slots per warp), which their slots fit
+GEMV_SPLIT_CTAS_PER_SM = 2    # the CTAs per SM the GEMVs' splits aim at, as before the fused kernel went to 3
+                              # (their launch bounds and slots allow 3; not measured)
 # Tile mode of the fused kernel (pk_attention_tiles): the CTA's warps share each item, by 16-channel tiles
 TILE_CTAS_PER_SM = 3          # PK_MINB_TILES
 TILE_CTA_EXTRA = 1024 + 384 + 64 + 16 + WARPS * 8 * 32 * 16 + 256   # PK_CTA_EXTRA: ttab, meta, zero, mbarriers,
@@ -62,40 +77,48 @@ def _module_with(file: str, names: tuple[str, ...], defines: tuple[str, ...]):
     return cupy.RawModule(code=kernel_source(file), options=("-std=c++17",) + defines, name_expressions=names)
 
 
-def split_kernel_name(kernel: str, D: int, P: int, narrow: bool = False) -> str:
-    """The template instance of a split kernel: the NARROW build (no wide unpack path) when narrow."""
+def split_kernel_name(kernel: str, D: int, P: int, narrow: bool = False, slots: int = 1) -> str:
+    """The template instance of a split kernel: the NARROW build (no wide unpack path) when narrow; for
+    pk_attention_splits, the staging slots per warp (1 is the template's default)."""
+    if slots != 1:
+        if kernel != "pk_attention_splits":
+            raise ValueError(f"{kernel} has no slots parameter (only pk_attention_splits has)")
+        return f"{kernel}<{D}, {P}, {'true' if narrow else 'false'}, {slots}>"
     return f"{kernel}<{D}, {P}, true>" if narrow else f"{kernel}<{D}, {P}>"
 
 
-def module_names(file: str, D: int = 0, P: int = 0, narrow: bool = False) -> tuple[str, ...]:
+def module_names(file: str, D: int = 0, P: int = 0, narrow: bool = False, slots: int = 1) -> tuple[str, ...]:
     """The template instances compiled together (one nvrtc run per file, (head_dim, pack) and, for the
-    fused kernel, narrow: the NARROW build of the split kernels, packkv_attention.cu's header)."""
+    fused kernel, narrow: the NARROW build of the split kernels, packkv_attention.cu's header; slots: the
+    item-mode kernel with that many staging slots per warp, where 2 (the double-buffered pipeline, for
+    comparisons) leaves out the tile-mode kernel, which is the same in both)."""
     if file == "packkv_attention.cu":
-        tiles = (split_kernel_name("pk_attention_tiles", D, P, narrow),) if D % TILE_CHANNELS == 0 else ()
-        return (split_kernel_name("pk_attention_splits", D, P, narrow),) + tiles + (f"pk_merge_window<{D}>",)
+        tiles = (split_kernel_name("pk_attention_tiles", D, P, narrow),) if D % TILE_CHANNELS == 0 and slots == 1 else ()
+        return (split_kernel_name("pk_attention_splits", D, P, narrow, slots),) + tiles + (f"pk_merge_window<{D}>",)
     if file == "packkv_gemv.cu":
         return (f"pk_k_gemv<{D}, {P}>", f"pk_v_gemv<{D}, {P}>", "pk_v_reduce")
     return ("pk_decompress<8>", "pk_decompress<16>", "pk_decompress<32>")
 
 
-def _function(file: str, name: str, D: int = 0, P: int = 0, shared: int = 0, narrow: bool = False):
+def _function(file: str, name: str, D: int = 0, P: int = 0, shared: int = 0, narrow: bool = False, slots: int = 1):
     """The kernel, opted in to `shared` bytes of dynamic shared memory where its static shared memory
     and those bytes together pass the default 48 KiB."""
-    fn = _module(file, module_names(file, D, P, narrow)).get_function(name)
-    if shared and shared + _static_shared_bytes(file, name, D, P, narrow) > 48 * 1024:
+    fn = _module(file, module_names(file, D, P, narrow, slots)).get_function(name)
+    if shared and shared + _static_shared_bytes(file, name, D, P, narrow, slots) > 48 * 1024:
         fn.max_dynamic_shared_size_bytes = shared
     return fn
 
 
 @lru_cache(maxsize=None)
-def _static_shared_bytes(file: str, name: str, D: int, P: int, narrow: bool = False) -> int:
-    return int(_module(file, module_names(file, D, P, narrow)).get_function(name).shared_size_bytes)
+def _static_shared_bytes(file: str, name: str, D: int, P: int, narrow: bool = False, slots: int = 1) -> int:
+    return int(_module(file, module_names(file, D, P, narrow, slots)).get_function(name).shared_size_bytes)
 
 
-def precompile(head_dim: int, pack: int, narrow: bool = False) -> None:
+def precompile(head_dim: int, pack: int, narrow: bool = False, slots: int = 1) -> None:
     """Compile the modules of (head_dim, pack) now (nvrtc takes seconds per module); narrow: the fused
-    kernel's NARROW build (what a cache with narrow bounds launches) instead of the wide one."""
-    _module("packkv_attention.cu", module_names("packkv_attention.cu", head_dim, pack, narrow))
+    kernel's NARROW build (what a cache with narrow bounds launches) instead of the wide one; slots: its
+    item mode with that many staging slots per warp (2: the double-buffered pipeline)."""
+    _module("packkv_attention.cu", module_names("packkv_attention.cu", head_dim, pack, narrow, slots))
     _module("packkv_gemv.cu", module_names("packkv_gemv.cu", head_dim, pack))
 
 
@@ -210,12 +233,12 @@ def _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits
 
 
 def _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out, P: int = 16,
-                  narrow: bool = False):
+                  narrow: bool = False, slots: int = 1):
     """pk_merge_window: the splits' states and the window, one softmax (both compressed caches). P,
-    narrow: the module to take it from (the split kernel's own, so that no other module is compiled)."""
+    narrow, slots: the module to take it from (the split kernel's own, so that no other module is compiled)."""
     B, Hq, D = q.shape
     W_cap = window_k.shape[2]
-    merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, P, narrow=narrow)
+    merge_fn = _function("packkv_attention.cu", f"pk_merge_window<{D}>", D, P, narrow=narrow, slots=slots)
     launch(merge_fn, (Hq, B), (MERGE_THREADS,), (q, window_k, window_v, window_len, workspace, np.int32(n_splits),
                                                  np.int32(Hkv), np.int32(Hq // Hkv), np.int32(W_cap), _qscale(D), out))
     return out
@@ -243,72 +266,120 @@ def _ctas_per_split(batch: int, kv_heads: int, group: int) -> int:
     return batch * kv_heads * -(-group // 8)
 
 
-def default_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: int) -> int:
+def default_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: int,
+                   ctas_per_sm: int = GEMV_SPLIT_CTAS_PER_SM) -> int:
     """Splits of each sequence's blocks for the packkv kernels in item mode (the GEMVs; the fused kernel's
-    long-context mode): tiles of 8 query heads, items of blocks_per_item(T) blocks. Depends on shapes only
-    (the table's capacity), never on the lengths."""
-    return splits_over(_ctas_per_split(batch, kv_heads, group), _items(max_blocks, T))
+    long-context mode, with its CTAS_PER_SM): tiles of 8 query heads, items of blocks_per_item(T) blocks.
+    Depends on shapes only (the table's capacity), never on the lengths."""
+    return splits_over(_ctas_per_split(batch, kv_heads, group), _items(max_blocks, T), ctas_per_sm)
 
 
-def splits_over(ctas_per_split: int, items: int, ctas_per_sm: int = CTAS_PER_SM, items_per_split: int = WARPS) -> int:
-    """At most ctas_per_sm CTAs per SM in all (the packkv kernels fit two in item mode), so that the grid is
-    one wave (rounding up left a second, mostly idle wave: 320 CTAs on 264 slots for 8 sequences x 8 KV
-    heads), and at least items_per_split items per split (item mode: one per warp; tile mode: one)."""
-    wanted = ctas_per_sm * multiprocessors() // ctas_per_split
-    return max(1, min(wanted, -(-items // items_per_split)))
+def splits_over(ctas_per_split: int, items: int, ctas_per_sm: int, items_per_split: int = WARPS) -> int:
+    """At most ctas_per_sm CTAs per SM in all, so that the grid is one wave (rounding up left a second,
+    mostly idle wave: 320 CTAs on 264 slots for 8 sequences x 8 KV heads), with the items per split a
+    multiple of items_per_split (item mode: WARPS, so that every warp of a CTA gets the same whole number of
+    items; tile mode: 1): the fewest splits whose longest warp has as few items as that many CTAs allow.
+    The 8B shape at 128K tokens, 3 CTAs per SM: 43 splits of 24 items (6 per warp); 49 splits would give
+    21 items, 6 for the first warp all the same."""
+    items = max(1, items)
+    wanted = max(1, ctas_per_sm * multiprocessors() // ctas_per_split)
+    most = -(-items // wanted)                                     # items per split at `wanted` splits
+    per_split = -(-most // items_per_split) * items_per_split      # rounded up to whole items per warp
+    return -(-items // per_split)
 
 
-def tile_mode(batch: int, kv_heads: int, group: int, head_dim: int, max_blocks: int, T: int) -> bool:
+def item_slots(slots: int | None, batch: int, kv_heads: int, group: int, max_blocks: int, T: int) -> int:
+    """The fused kernel's staging slots per warp in item mode: `slots`, else ITEM_SLOTS, else from the shapes:
+    one slot (3 CTAs per SM) where its grid holds more than 2 CTAs per SM, two (the double-buffered pipeline
+    at 2 CTAs per SM) otherwise: with at most 2 CTAs on an SM the one slot adds no warps and only takes away
+    the second buffer. Measured side by side (H100, 8B shape, real K/V, NARROW, bench/attention.py --slots 1 2
+    and bench/knockout.py --slots both, 676ebb6): 32K x 1 (256 CTAs for 264 places at 2 per SM) 43.9 us one
+    slot against 39.8 two; 128K x 1 (344 CTAs) 119.0 against 120.4; 32K x 8 (384 CTAs) the step's split
+    kernel 7451 us against 8335."""
+    slots = ITEM_SLOTS if slots is None else slots
+    if slots is None:
+        one_slot_grid = _ctas_per_split(batch, kv_heads, group) * default_splits(batch, kv_heads, group, max_blocks,
+                                                                                 T, CTAS_PER_SM[1])
+        return 1 if one_slot_grid > 2 * multiprocessors() else 2
+    return checked_slots(slots)
+
+
+def checked_slots(slots) -> int:
+    if isinstance(slots, (bool, np.bool_)) or slots not in CTAS_PER_SM:
+        raise ValueError(f"slots must be one of {sorted(CTAS_PER_SM)} (staging slots per warp), got {slots!r}")
+    return int(slots)
+
+
+def tile_mode(batch: int, kv_heads: int, group: int, head_dim: int, max_blocks: int, T: int,
+              slots: int | None = None) -> bool:
     """Whether compressed_decode_attention decodes in tile mode by default, from shapes only (the table's
     capacity, never the lengths: a captured graph replays as they grow). Item mode (a warp per item) is
     latency-bound when the GPU has about one item per warp: SmolLM2 (9/3/64) at 8K tokens gives 48 CTAs
     whose warps each decode one item from start to end. Tile mode there: the CTA's 4 warps decode each
-    item together (warp w its 16-channel tiles), ~4x the CTAs. Needs head_dim a multiple of 64."""
+    item together (warp w its 16-channel tiles), ~4x the CTAs. Needs head_dim a multiple of 64. slots:
+    item mode's staging slots per warp, which set its CTAs per SM (None: item_slots' choice)."""
     if head_dim % TILE_CHANNELS:
         return False
-    full_grid_warps = CTAS_PER_SM * WARPS * multiprocessors()
+    full_grid_warps = CTAS_PER_SM[item_slots(slots, batch, kv_heads, group, max_blocks, T)] * WARPS * multiprocessors()
     return _ctas_per_split(batch, kv_heads, group) * _items(max_blocks, T) <= TILE_ITEMS_PER_WARP * full_grid_warps
 
 
 def decode_geometry(batch: int, kv_heads: int, group: int, head_dim: int, max_blocks: int, T: int,
-                    tiles: bool | None = None, n_splits: int | None = None) -> tuple[bool, int]:
+                    tiles: bool | None = None, n_splits: int | None = None,
+                    slots: int | None = None) -> tuple[bool, int]:
     """(tiles, n_splits) of compressed_decode_attention: the given ones, or tile_mode's and
-    attention_splits' from the shapes. attention_workspace sizes its buffer with the same answer."""
+    attention_splits' from the shapes (and item mode's slots per warp, None: item_slots' choice). attention_workspace
+    sizes its buffer with the same answer."""
     if tiles is None:
-        tiles = tile_mode(batch, kv_heads, group, head_dim, max_blocks, T)
-    return bool(tiles), int(n_splits or attention_splits(batch, kv_heads, group, max_blocks, T, bool(tiles)))
+        tiles = tile_mode(batch, kv_heads, group, head_dim, max_blocks, T, slots)
+    return bool(tiles), int(n_splits or attention_splits(batch, kv_heads, group, max_blocks, T, bool(tiles), slots))
 
 
-def attention_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: int, tiles: bool) -> int:
-    """Splits of compressed_decode_attention: default_splits in item mode; in tile mode up to
-    TILE_CTAS_PER_SM CTAs per SM with at least one item per split (a split's items are decoded in turn)."""
+def attention_splits(batch: int, kv_heads: int, group: int, max_blocks: int, T: int, tiles: bool,
+                     slots: int | None = None) -> int:
+    """Splits of compressed_decode_attention: in item mode default_splits with the CTAs per SM of its slots
+    per warp (None: item_slots' choice); in tile mode up to TILE_CTAS_PER_SM CTAs per SM with at least one item per
+    split (a split's items are decoded in turn)."""
     if not tiles:
-        return default_splits(batch, kv_heads, group, max_blocks, T)
+        slots = item_slots(slots, batch, kv_heads, group, max_blocks, T)
+        return default_splits(batch, kv_heads, group, max_blocks, T, CTAS_PER_SM[slots])
     return splits_over(_ctas_per_split(batch, kv_heads, group), _items(max_blocks, T), TILE_CTAS_PER_SM, 1)
 
 
-def default_slot_bytes(T: int, D: int, P: int, mode: int, tiles: bool = False) -> int:
+def default_slot_bytes(T: int, D: int, P: int, mode: int, tiles: bool = False, slots: int = 1) -> int:
     """Bytes of one staging slot: an item's spans at ~2.6 bits per element (real K/V: 1.6-2.3), capped so
-    that two CTAs (fused, 164 registers), three (GEMVs, <= 160 registers) or three in tile mode (<= 160
-    registers, two slots per CTA instead of per warp) fit on an SM. Spans that do not fit are read from
-    global memory (correct, slower). mode: 0 fused, 1 K-GEMV, 2 V-GEMV; tiles: the fused kernel's tile mode."""
+    that the kernel's CTAs per SM fit: the fused kernel in item mode 3 with one slot per warp (`slots` 1;
+    <= 168 registers) or 2 with two, the GEMVs 3 (two slots per warp, <= 160 registers),
+    tile mode 3 (two slots per CTA instead of per warp, <= 168 registers). Spans that do not fit are read
+    from global memory (correct, slower). mode: 0 fused, 1 K-GEMV, 2 V-GEMV; tiles: the fused kernel's tile
+    mode."""
     token = 8 + 4 * T + 2 * T + 32
     section = 4 + (T // P) * D + 4 + math.ceil(T * D * 2.6 / 8) + 16
     block = token + (2 if mode == 0 else 1) * section + 32
     if tiles:
         cap = (SMEM_PER_SM // TILE_CTAS_PER_SM - 1024 - _shared_bytes(0, D, 0, True)) // 2 // 16 * 16
     else:
-        per_warp = (SMEM_PER_SM // (CTAS_PER_SM if mode == 0 else 3) - 1024) // WARPS
-        cap = (per_warp - WARP_EXTRA - (D // 16) * WORK_PER_TILE[mode]) // 2 // 16 * 16
+        n = slots if mode == 0 else 2
+        per_cta = SMEM_PER_SM // (CTAS_PER_SM[n] if mode == 0 else GEMV_CTAS_PER_SM) - 1024
+        cap = (per_cta - _item_layout_bytes(0, D, mode, n)) // (WARPS * n) // 16 * 16
     return int(max(256, min(cap, -(-blocks_per_item(T) * block // 256) * 256)))
 
 
-def _shared_bytes(slot: int, D: int, mode: int, tiles: bool = False) -> int:
+def _item_layout_bytes(slot: int, D: int, mode: int, slots: int) -> int:
+    """pk_warp_smem's layout (item mode): the CTA's q fragments, then per warp `slots` slots of `slot`
+    bytes, the fixed part and the per-tile work."""
+    KT = D // 16
+    return KT * CTA_Q_PER_TILE[mode] + WARPS * (slots * slot + warp_extra(slots) + KT * WORK_PER_TILE[mode])
+
+
+def _shared_bytes(slot: int, D: int, mode: int, tiles: bool = False, slots: int = 2) -> int:
+    """Dynamic shared memory of a split kernel with slots of `slot` bytes: tile mode two per CTA; item mode
+    `slots` per warp; at least what the end's merge of the warps' states needs."""
     merge = WARPS * 8 * D * 4 + WARPS * 8 * 2 * 4          # the CTA's merge of its warps' states (tiles: one)
     if tiles:
         return max(2 * slot + TILE_CTA_EXTRA + WARPS * (PBUF_BYTES + D // TILE_CHANNELS * TILE_WORK_PER_TILE),
                    merge // WARPS)
-    return max(WARPS * (2 * slot + WARP_EXTRA + (D // 16) * WORK_PER_TILE[mode]), merge)
+    return max(_item_layout_bytes(slot, D, mode, slots), merge)
 
 
 def attention_workspace_size(batch: int, n_heads: int, head_dim: int, n_splits: int) -> int:
@@ -318,13 +389,13 @@ def attention_workspace_size(batch: int, n_heads: int, head_dim: int, n_splits: 
 
 
 def attention_workspace(batch: int, n_heads: int, n_kv_heads: int, head_dim: int, max_blocks: int, params,
-                        n_splits: int | None = None, tiles: bool | None = None):
+                        n_splits: int | None = None, tiles: bool | None = None, slots: int | None = None):
     """A float32 workspace for compressed_decode_attention with these shapes (allocate it once, outside a
-    CUDA graph capture, and pass it on every call); n_splits and tiles as the launcher will use them
-    (default: both from the shapes)."""
+    CUDA graph capture, and pass it on every call); n_splits, tiles and slots as the launcher will use them
+    (default: all from the shapes)."""
     import cupy
     _, n_splits = decode_geometry(batch, n_kv_heads, n_heads // n_kv_heads, head_dim, max_blocks, params.block,
-                                  tiles, n_splits)
+                                  tiles, n_splits, slots)
     return cupy.empty(attention_workspace_size(batch, n_heads, head_dim, n_splits), np.float32)
 
 
@@ -335,7 +406,7 @@ def attention_workspace(batch: int, n_heads: int, n_kv_heads: int, head_dim: int
 def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, window_v, window_len, params,
                                 out=None, workspace=None, n_splits: int | None = None,
                                 slot_bytes: int | None = None, arena_address=None, tiles: bool | None = None,
-                                narrow: bool = False):
+                                narrow: bool = False, slots: int | None = None):
     """Decode attention of one new token per sequence over its compressed blocks and its fp16 window.
 
     q fp16 [B, Hq, D]; arena uint8 [bytes]; block_offsets int64 [B, max_blocks]; n_blocks int32 [B];
@@ -354,9 +425,18 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     codec.max_pack_width is <= 4 (PackkvCache.narrow says so for its own arena, counting its layer and
     sink bounds); wrong on wider records (their levels decode as garbage). Refused when params' own bounds
     allow wider packs. Default False: the wide build, right for any record.
+    slots: item mode's staging slots per warp (packkv_attention.cu's header; tile mode has its own two per
+    CTA): 1, 3 CTAs per SM, each warp's next item prefetched into L2 and copied into its slot when the
+    current one is done; 2, the double-buffered pipeline at 2 CTAs per SM (kept to compare the two). None:
+    ITEM_SLOTS, else item_slots' choice from the shapes. The default splits follow it, so a given workspace
+    must be sized with the same slots.
     """
     fn = "compressed_decode_attention"
     _check_params(fn, params)
+    try:
+        slots = slots if slots is None else checked_slots(slots)
+    except ValueError as exc:
+        _fail(fn, str(exc))
     if not isinstance(narrow, (bool, np.bool_)):
         _fail(fn, f"narrow must be True or False, got {narrow!r}")
     if narrow and codec.max_pack_width([params.rel_k, params.rel_v]) > 4:
@@ -375,20 +455,23 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
     max_blocks = block_offsets.shape[1]
     if tiles and D % TILE_CHANNELS:
         _fail(fn, f"tile mode needs a head_dim that is a multiple of {TILE_CHANNELS}, got {D}")
-    tiles, n_splits = decode_geometry(B, Hkv, G, D, max_blocks, T, tiles, n_splits)
-    slot = int(slot_bytes or default_slot_bytes(T, D, P, 0, tiles))
+    slots = item_slots(slots, B, Hkv, G, max_blocks, T)
+    tiles, n_splits = decode_geometry(B, Hkv, G, D, max_blocks, T, tiles, n_splits, slots)
+    slot = int(slot_bytes or default_slot_bytes(T, D, P, 0, tiles, slots))
     if slot % 16 or slot < 256:
         _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
     out, workspace, arena_address = _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits, dev)
-    shared = _shared_bytes(slot, D, 0, tiles)
+    shared = _shared_bytes(slot, D, 0, tiles, slots)
     kernel = "pk_attention_tiles" if tiles else "pk_attention_splits"
     narrow = bool(narrow)
-    split_fn = _function("packkv_attention.cu", split_kernel_name(kernel, D, P, narrow), D, P, shared, narrow)
+    slots = 1 if tiles else slots          # the module: tile mode's kernel is compiled with the 1-slot one
+    split_fn = _function("packkv_attention.cu", split_kernel_name(kernel, D, P, narrow, slots), D, P, shared, narrow,
+                         slots)
     tl = np.int32(params.granularity == "token-layer")
     launch(split_fn, (n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
            (q, arena_address, block_offsets, n_blocks, np.int32(max_blocks), np.int32(Hkv), np.int32(G), np.int32(T), tl,
             np.int32(n_splits), np.int32(slot), _qscale(D), workspace), shared_mem=shared)
-    return _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out, P, narrow)
+    return _merge_window(q, window_k, window_v, window_len, workspace, n_splits, Hkv, out, P, narrow, slots)
 
 
 QUANT_HEAD_DIMS = (64, 128)   # D / 32 channels per lane, their codes in one 16-bit load

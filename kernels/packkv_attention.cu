@@ -38,6 +38,16 @@ Thread mapping, item mode (CTA = 4 warps; a warp owns whole "items" of 128 stora
   per 16-channel tile accumulate o[channel, head] in fp32 (a lane: 2 channels x 2 heads per tile).
   Payload offsets: widths of the lane's packs per tile -> exclusive scan across the 4 (K) or 8 (V) lanes
   sharing a pack row (16-bit SIMD, two tiles per shuffle) -> row bases by a scan of row totals.
+  Staging (warp w takes items w, w+4, w+8, ... of the split; per block of an item two 1-D bulk copies,
+  the token-section span and the K+V span of the KV head, completing on the slot's mbarrier): with one
+  slot per warp (SLOTS = 1, the default) item it+4's spans are prefetched into L2
+  (cp.async.bulk.prefetch.L2) when item it starts and bulk-copied into the slot when it is done, so each
+  item waits for one L2 -> shared copy, for the other 11 warps of the SM to cover; with two (SLOTS = 2,
+  kept to compare: compressed_decode_attention(slots=2)) item it+4 is copied into the other slot while
+  item it is decoded. q's B fragments are the same for the 4 warps: one copy per CTA.
+  Splits (attention_kernels.splits_over): one wave of CTAs (3 per SM with one slot, 2 with two), every
+  warp of a split the same whole number of items: the 8B shape at 128K x 1, 43 splits x 8 KV heads
+  (6 items per warp; 2 slots: 32 splits, 8 per warp), at 32K x 8, 6 splits x 64 (11; 2 slots: 4, 16).
 Tile mode (head_dim a multiple of 64; NT = D/64 tiles per warp): per item, once per CTA: staging (warp 0:
   the same bulk copies into the CTA's two slots, all threads wait on the mbarrier) and the token table
   (a thread per token). Warp w decodes K tiles w*NT .. w*NT+NT-1 with the lane mapping above (lane
@@ -69,14 +79,19 @@ NARROW builds (template flag of both split kernels): the split body without
   PackkvCache passes cache.narrow (true only when every bound it encodes with, the cache's, each layer's
   and the sink bounds, has codec.max_pack_width <= 4); any other caller gets the wide build by default.
   The K/V GEMVs (packkv_gemv.cu) stay wide: they decode arbitrary arenas for the benchmarks.
-Registers (item mode 164 at D=128, 161 at D=64; tile mode 148 at D=64 and D=128 with
-  __launch_bounds__(128, 3), P=8 160; nvcc 13.0 sm_90, no spills): 32 score accumulators, the decoded
-  runs of one tile pair, softmax state.
-Shared memory per warp: two staging slots (the item being decoded / the next, each filled by two 1-D
-  bulk copies (TMA, cp.async.bulk) per block completing on an mbarrier; a span that does not fit is read
-  from global memory instead), q B-fragments, tile offsets and o accumulators per 16-channel tile (the
-  tile loops are rolled to keep the code small), the fp16 weights (2.2 KB), a per-token table (1 KB).
-  115.6 KB per CTA at D=128 (9 KB slots): 2 CTAs = 8 warps per SM. The CTA merges its warps' states.
+Registers (nvcc 13.0 -cubin -arch=sm_90 -Xptxas -v, no spills; wide / NARROW build): item mode with one
+  slot, __launch_bounds__(128, 3): D=128 P=16 165 / 168, P=8 168 / 168, P=32 163 / 168, D=64 P=16 166 /
+  168; with two slots, (128, 2): D=128 P=16 167 / 168, P=8 176 / 200, P=32 165 / 176, D=64 159 / 168;
+  tile mode (128, 3): 148 at D=64 and D=128, P=8 160. 32 score accumulators, the decoded runs of one
+  tile pair, softmax state.
+Shared memory, item mode (packkv_common.cuh: pk_warp_smem): per CTA the q B-fragments (16 B per channel);
+  per warp the staging slot(s) (a span that does not fit what is left of a slot is read from global
+  memory instead), tile offsets and o accumulators per 16-channel tile (the tile loops are rolled to keep
+  the code small), the fp16 weights (2.2 KB), a per-token table (1 KB), the item's section addresses
+  (192 B per slot). One slot: 10,096 B at D=128, 76,800 B per CTA = what 3 CTAs per SM leave (228 KB, 1 KB
+  reserved per CTA): 12 warps per SM; a real-K/V item (~7.6 KB) fits, a random one (~10.8 KB) overflows
+  a little. Two slots: 9,808 B each, 115,648 B per CTA, 2 CTAs = 8 warps per SM. The CTA merges its
+  warps' states in the same memory at the end.
   Tile mode: two slots per CTA (13.8 KB at D=128: a random-data item fits), token table, meta, partial
   scores 16 KB, scan totals; per warp pbuf and NT tiles of q fragments, offsets (K; V's two passes), o:
   62.7 KB at D=128, 45.8 KB at D=64: 3 CTAs = 12 warps per SM.
@@ -92,6 +107,10 @@ Tile mode measured (H100 80GB HBM3): `pytest -m gpu tests/test_kernels_gpu.py` 1
   (`python bench/knockout.py --model llama-3.1-8b --kv-data real --tiles both`, knockout_llama-3.1-8b_128k.json
   and _32k_b8.json, 35151e0: this kernel 5784 against 4434 us per step at 128K x 1, 11441 against 9246 at
   32K x 8). Item mode below.
+One slot per warp at 3 CTAs per SM (the default now): NOT yet measured on a GPU. The study's estimate
+  (/work/notes/split_kernel_study.md, proposal 3): an IPC gain g of 1.25-1.4 from 12 warps per SM gives
+  8g/9 at 128K (6 items per warp instead of 8) and 16g/11 at 32K x 8; the cost is the L2 -> shared copy
+  each item now waits for. The numbers below are the two-slot pipeline's (q per warp then, 9,040 B slots).
 Measured (H100 80GB HBM3, `python3 bench/attention.py`, bench/results/attention.json, 5a886f7; one sequence,
   time per layer as a CUDA graph over layer copies larger than L2):
   32/8/128, 128K tokens: 145.6 us on the real-valued K/V (SDPA fp16 180.7 us: 1.24x; compressed bytes
@@ -107,9 +126,9 @@ Attempts discarded:
   - two decoder bodies, ld.shared for staged items / generic loads otherwise: 242 us (code size again).
   - o in registers with the V tile loop unrolled (frees 4 KB/warp so random items fit the slot): 164 us
     real / 308 us random, slower than o in shared memory (5.8K instructions).
-  - __launch_bounds__(128, 3) for 12 warps per SM: spills, 292 us (an earlier body; today's compiles to 164
-    registers with no spills at PK_MINB=3, nvcc 13 -Xptxas -v, session 9: 115.6 KB of shared memory per CTA
-    is what keeps it at 2 CTAs now). 66 splits instead of 33: 252 us.
+  - __launch_bounds__(128, 3) for 12 warps per SM: spills, 292 us (an earlier body; later ones compile to
+    <= 168 registers with no spills at 3 CTAs, and the two slots' 115.6 KB of shared memory per CTA was
+    what kept it at 2 CTAs until the one-slot layout above). 66 splits instead of 33: 252 us.
   - per-lane 16-byte cp.async staging: 10% of the time in issuing copies; replaced by bulk copies (TMA).
   - pk_merge_window folding the splits' states in one round of loads (a thread per (channel pair, slice of
     the splits) merging online, one barrier instead of five after the wait; shared with dense's merge): the
@@ -123,15 +142,17 @@ Attempts discarded:
 #include "packkv_split.cuh"
 #include "launch.cuh"
 
-template <int D, int P, bool NARROW = false>
-__global__ void __launch_bounds__(128, PK_MINB) pk_attention_splits(
+// SLOTS: staging slots per warp (header: shared memory): 1, 3 CTAs per SM (the default), or 2, the
+// double-buffered pipeline at 2 CTAs per SM (kept to compare the two: compressed_decode_attention(slots=2)).
+template <int D, int P, bool NARROW = false, int SLOTS = 1>
+__global__ void __launch_bounds__(128, SLOTS == 1 ? PK_MINB : PK_MINB_2SLOTS) pk_attention_splits(
     const u16* __restrict__ q, const u8* const* __restrict__ arena_at, const i64* __restrict__ block_offsets,
     const int* __restrict__ n_blocks, int max_blocks, int Hkv, int G, int T, int token_layer, int n_splits,
     int slot_bytes, float qscale, float* __restrict__ ws) {
   // The arena's address is read from device memory: a captured graph replays after the arena moved.
   // (The body waits for the previous kernel after it has started staging its first item.)
-  pk_split_body<D, P, 0, false, NARROW>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G, T, token_layer,
-                         n_splits, slot_bytes, qscale, ws);
+  pk_split_body<D, P, 0, false, NARROW, SLOTS>(q, nullptr, 0, *arena_at, block_offsets, n_blocks, max_blocks, Hkv, G,
+                                               T, token_layer, n_splits, slot_bytes, qscale, ws);
 }
 
 // Tile mode (short contexts; D a multiple of 64): the same splits and states, the CTA's 4 warps decoding
@@ -177,14 +198,22 @@ __global__ void __launch_bounds__(128, PK_MINB_TILES) pk_attention_tiles(
 constexpr int PK_MERGE_WARPS = PK_MERGE_THREADS / 32;
 constexpr int PK_MERGE_UNROLL = 4;                       // window tokens in flight per warp
 
+// -inf for the class template below: a non-template function, so that nvcc's host pass, which parses the
+// template's device code but has no __int_as_float, finds a declaration.
+__device__ __forceinline__ float pk_neg_inf() { return PK_NEG_INF; }
+
 // A warp's online-softmax state over the parts it has folded: max m, sum l, o (this lane's channel pairs).
 template <int NP>
 struct PkPart {
-  float m = PK_NEG_INF, l = 0.f;
-  float2 o[NP] = {};
+  float m, l;
+  float2 o[NP];
+  __device__ __forceinline__ PkPart() : m(pk_neg_inf()), l(0.f) {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) o[j] = make_float2(0.f, 0.f);
+  }
   // Fold in a part of max m2, sum l2 and vector o2 (an empty part, m2 = -inf, changes nothing).
   __device__ __forceinline__ void merge(float m2, float l2, const float2 (&o2)[NP]) {
-    if (m2 == PK_NEG_INF) return;
+    if (m2 == pk_neg_inf()) return;
     const float M = fmaxf(m, m2), a = pk_exp2(m - M), b = pk_exp2(m2 - M);   // exp2(-inf) = 0
     l = l * a + l2 * b;
 #pragma unroll
@@ -297,6 +326,9 @@ __global__ void __launch_bounds__(PK_MERGE_THREADS) pk_merge_window(
 #define PK_INSTANTIATE_SPLITS(D, P, N)                                                                         \
   template __global__ void pk_attention_splits<D, P, N>(const u16*, const u8* const*, const i64*, const int*, \
                                                         int, int, int, int, int, int, int, float, float*);   \
+  template __global__ void pk_attention_splits<D, P, N, 2>(const u16*, const u8* const*, const i64*,          \
+                                                           const int*, int, int, int, int, int, int, int, float, \
+                                                           float*);                                            \
   template __global__ void pk_attention_tiles<D, P, N>(const u16*, const u8* const*, const i64*, const int*,  \
                                                        int, int, int, int, int, int, int, float, float*);
 PK_INSTANTIATE_SPLITS(64, 16, false)

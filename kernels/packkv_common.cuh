@@ -8,8 +8,9 @@
 //      (0x6400 | v) is the fp16 number 1024 + v, so one LOP3 turns two w-bit fields into a half2, and one
 //      add.f16x2 with (min - 1024) gives min + v exactly (integers up to 2048 are exact in fp16);
 //   4. mma.sync m16n8k16 (fp16 in, fp32 accumulate), ex2.approx, mbarriers and 1-D bulk copies (TMA);
-//   5. the per-item staging of compressed spans into shared memory (bulk copies, two slots per warp, or
-//      per CTA in the fused kernel's tile mode).
+//   5. the per-item staging of compressed spans into shared memory (bulk copies into one slot per warp,
+//      the next item prefetched into L2, or two slots per warp, or two per CTA in the fused kernel's tile
+//      mode).
 #pragma once
 
 typedef unsigned char u8;
@@ -262,52 +263,60 @@ __device__ __forceinline__ PkBlockMeta pk_block_meta(const u8* rec, int h, int H
   return m;
 }
 
-// Per-warp shared memory layout of the split kernels:
-//   slot[2][slot_bytes]   staged record spans of the item being decoded / the next one
-//   meta[2][PK_NBMAX][3]  where the token, K and V sections of each block of the item are: byte offsets
-//                         from the start of shared memory when the whole item is staged (the decoder
-//                         then reads with ld.shared, 32-bit addresses), generic addresses otherwise
-//   pbuf                  fp16 weights p*step_v for the V mma, [8 heads][8 groups][16 tokens] (+pad)
-//   ttab[128]             per-token (step_k, step_v, off_k, off_v) of the 8 groups being decoded
-//   zero[64]              an all-zero "section" that blocks past the end point at
+// Shared memory of the split kernels in item mode (a warp decodes whole items):
+//   qbuf[KT][32]          the CTA's q B-fragments (not V-GEMV): the same for all 4 warps, stored once
+//   per warp:
+//     slot[SLOTS][slot_bytes]  staged record spans: SLOTS = 2 double-buffers (the item being decoded / the
+//                              next); SLOTS = 1 holds the item being decoded, the next one is copied in once
+//                              it is done (after an L2 prefetch: pk_prefetch_item)
+//     pbuf                fp16 weights p*step_v for the V mma, [8 heads][8 groups][16 tokens] (+pad)
+//     ttab[128]           per-token (step_k, step_v, off_k, off_v) of the 8 groups being decoded
+//     meta[SLOTS][PK_NBMAX][3]  where the token, K and V sections of each block of the item are: byte
+//                         offsets from the start of shared memory when the whole item is staged (the
+//                         decoder then reads with ld.shared, 32-bit addresses), generic addresses otherwise
+//     zero[64]            an all-zero "section" that blocks past the end point at
+//     mbarriers           one per slot
+//     offbuf[KT][32], obuf[KT][32]   payload offsets and o accumulators of the lane per 16-channel tile
 #define PK_PBUF_HEAD 272     // bytes per head in pbuf: 8 groups * 32 bytes + 16 (bank spread)
 #define PK_PBUF_BYTES (8 * PK_PBUF_HEAD)
 #define PK_TTAB_BYTES (128 * 8)
-#define PK_META_BYTES (2 * PK_NBMAX * 3 * 8)
+#define PK_META_SLOT_BYTES (PK_NBMAX * 3 * 8)
+#define PK_META_BYTES (2 * PK_META_SLOT_BYTES)   // tile mode: two slots per CTA
 #define PK_ZERO_BYTES 64
-#define PK_MBAR_BYTES 16     // one mbarrier per slot
-#define PK_WARP_EXTRA (PK_PBUF_BYTES + PK_TTAB_BYTES + PK_META_BYTES + PK_ZERO_BYTES + PK_MBAR_BYTES)
+#define PK_MBAR_BYTES 16     // one mbarrier per slot (two at most)
+#define PK_WARP_EXTRA(slots) (PK_PBUF_BYTES + PK_TTAB_BYTES + (slots) * PK_META_SLOT_BYTES + PK_ZERO_BYTES + PK_MBAR_BYTES)
 
 struct PkWarpSmem {
   u8* slot0;
   u8* pbuf;
   uint2* ttab;
-  u64* meta;         // [2][PK_NBMAX][3]
+  u64* meta;         // [slots][PK_NBMAX][3]
   u8* zero;
-  u64* bar;          // [2]
+  u64* bar;          // [slots]
   uint2* qbuf;       // [KT][32] q B fragments of the lane (tile loops are rolled: no register arrays)
   u32* offbuf;       // [KT][32] payload offsets of the lane's packs per tile
   float4* obuf;      // [KT][32] o accumulators of the lane per 16-channel tile
   float4* part;      // tile mode: [PK_WARPS][8][32] partial scores (acc) of each warp's tiles; else null
   u32* xchg;         // tile mode: [64] the warps' byte totals of their tiles per pack row (K, V); else null
 };
-// per-warp work bytes per 16-channel tile: q fragments (not V-GEMV), offsets, o (not K-GEMV)
-#define PK_WORK_PER_TILE(mode) (32 * ((mode) == 0 ? 28 : (mode) == 1 ? 12 : 20))
+// the CTA's q fragments (not V-GEMV) and the per-warp work bytes per 16-channel tile: offsets, o (not K-GEMV)
+#define PK_CTA_Q_PER_TILE(mode) ((mode) == 2 ? 0 : 32 * 8)
+#define PK_WORK_PER_TILE(mode) (32 * ((mode) == 1 ? 4 : 20))
 
-__device__ __forceinline__ PkWarpSmem pk_warp_smem(u8* smem, int warp, int slot_bytes, int KT, int mode) {
+__device__ __forceinline__ PkWarpSmem pk_warp_smem(u8* smem, int warp, int slot_bytes, int KT, int mode, int slots) {
   PkWarpSmem s;
-  u8* base = smem + size_t(warp) * (2 * size_t(slot_bytes) + PK_WARP_EXTRA + size_t(KT) * PK_WORK_PER_TILE(mode));
+  u8* base = smem + size_t(KT) * PK_CTA_Q_PER_TILE(mode)
+           + size_t(warp) * (size_t(slots) * slot_bytes + PK_WARP_EXTRA(slots) + size_t(KT) * PK_WORK_PER_TILE(mode));
   s.slot0 = base;
-  s.pbuf = base + 2 * slot_bytes;
+  s.pbuf = base + size_t(slots) * slot_bytes;
   s.ttab = reinterpret_cast<uint2*>(s.pbuf + PK_PBUF_BYTES);
   s.meta = reinterpret_cast<u64*>(s.pbuf + PK_PBUF_BYTES + PK_TTAB_BYTES);
-  s.zero = s.pbuf + PK_PBUF_BYTES + PK_TTAB_BYTES + PK_META_BYTES;
+  s.zero = s.pbuf + PK_PBUF_BYTES + PK_TTAB_BYTES + slots * PK_META_SLOT_BYTES;
   s.bar = reinterpret_cast<u64*>(s.zero + PK_ZERO_BYTES);
-  u8* work = base + 2 * size_t(slot_bytes) + PK_WARP_EXTRA;
-  const int qb = mode == 2 ? 0 : KT * 256;
-  s.qbuf = reinterpret_cast<uint2*>(work);
-  s.offbuf = reinterpret_cast<u32*>(work + qb);
-  s.obuf = reinterpret_cast<float4*>(work + qb + KT * 128);   // 16-aligned: qb, KT*128 multiples of 16
+  u8* work = s.pbuf + PK_WARP_EXTRA(slots);                   // 16-aligned: every part a multiple of 16
+  s.qbuf = reinterpret_cast<uint2*>(smem);
+  s.offbuf = reinterpret_cast<u32*>(work);
+  s.obuf = reinterpret_cast<float4*>(work + KT * 128);
   s.part = nullptr;
   s.xchg = nullptr;
   return s;
@@ -342,6 +351,30 @@ __device__ __forceinline__ PkWarpSmem pk_tile_smem(u8* smem, int warp, int slot_
   return s;
 }
 
+// The two spans of one block that an item reads, as byte offsets from the record start rounded out to
+// 16 bytes (records are 16-byte aligned): the token section [t0, t1) and the channel sections [k0, k1),
+// K and V (mode 0), K only (1) or V only (2).
+__device__ __forceinline__ void pk_block_spans(const PkBlockMeta& bm, int mode, u32& t0, u32& t1, u32& k0, u32& k1) {
+  t0 = bm.tok_s & ~15u;
+  t1 = (bm.tok_e + 15u) & ~15u;
+  const u32 c_s = (mode == 2) ? bm.v_s : bm.k_s;
+  const u32 c_e = (mode == 1) ? bm.v_s : bm.kv_e;
+  k0 = c_s & ~15u;
+  k1 = (c_e + 15u) & ~15u;
+}
+
+// One slot per warp (item mode, SLOTS = 1): the next item cannot be copied into shared memory while the
+// current one is decoded, so its spans are fetched into L2 meanwhile (lanes k < nb: block k), and the bulk
+// copy issued when the slot frees reads them from there. Spans too large for the slot, which the decoder
+// then reads from global memory, are in L2 as well.
+__device__ __forceinline__ void pk_prefetch_item(const PkBlockMeta& bm, int nb, int mode, int lane) {
+  if (lane >= nb || bm.rec == nullptr) return;
+  u32 t0, t1, k0, k1;
+  pk_block_spans(bm, mode, t0, t1, k0, k1);
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(bm.rec + t0), "r"(t1 - t0) : "memory");
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(bm.rec + k0), "r"(k1 - k0) : "memory");
+}
+
 // Lanes k < nb hold PkBlockMeta of the item's blocks; the warp copies what fits into `slot` (two bulk
 // copies per block, completion on the slot's mbarrier) and records in meta[slot] where each block's
 // token/K/V sections are: in the slot, in global memory (span larger than what is left of the slot),
@@ -350,10 +383,8 @@ __device__ __forceinline__ PkWarpSmem pk_tile_smem(u8* smem, int warp, int slot_
 __device__ __forceinline__ bool pk_stage_item(const PkWarpSmem& ws, const u8* smem, int slot, int slot_bytes,
                                               const PkBlockMeta& bm, int nb, int mode, int lane,
                                               bool want_offsets = false) {
-  u32 t0 = bm.tok_s & ~15u, t1 = (bm.tok_e + 15u) & ~15u;
-  u32 c_s = (mode == 2) ? bm.v_s : bm.k_s;
-  u32 c_e = (mode == 1) ? bm.v_s : bm.kv_e;
-  u32 k0 = c_s & ~15u, k1 = (c_e + 15u) & ~15u;
+  u32 t0, t1, k0, k1;
+  pk_block_spans(bm, mode, t0, t1, k0, k1);
   bool have = lane < nb && bm.rec != nullptr;
   u32 need = have ? (t1 - t0) + (k1 - k0) : 0u;
   // exclusive prefix of `need` over lanes (only lanes < nb are non-zero)

@@ -13,11 +13,12 @@ Both are the fused kernel's halves (packkv_split.cuh; thread mapping in packkv_a
   float4 per head and lane (16 consecutive tokens: full 64-byte segments).
   V-GEMV: lane (gq, tq) reads p of 16 tokens (its group) for head n-slot gq, scales by step_v to fp16,
   decodes 16 tokens x 2 channels per tile straight into the mma A layout, accumulates o in fp32.
-Staging, offsets and shared memory as in packkv_attention.cu; only the K (or V) sections and the token
-section are staged. Bytes per token (8 KV heads x 128, defaults): ~300 compressed bytes read per token,
+Staging, offsets and shared memory as in packkv_attention.cu's item mode with two slots per warp (q's
+fragments once per CTA); only the K (or V) sections and the token section are staged. Bytes per token (8 KV heads x 128, defaults): ~300 compressed bytes read per token,
 plus the fp32 scores written (K-GEMV: 4 bytes per query head) or p read (V-GEMV: 2 or 4 bytes per head).
 
-Registers: K-GEMV 160, V-GEMV 111-124 (launch bounds for 3 CTAs = 12 warps per SM; slots sized for it).
+Registers: K-GEMV 157, V-GEMV 108-109 (nvcc 13.0 sm_90 -Xptxas -v, D=64/128; launch bounds for 3 CTAs =
+12 warps per SM; slots sized for it: 6,992 B (K) and 5,200 B (V) at D=128).
 
 Measured (H100 80GB HBM3, `python3 bench/attention.py`, bench/results/attention.json, CUDA graphs over
   layer copies larger than L2), 32/8/128 at 128K tokens, real-valued K/V: K-GEMV 78.3 us (cupy.matmul

@@ -8,7 +8,10 @@
 
 #define PK_NEG_INF (-__int_as_float(0x7f800000))
 #ifndef PK_MINB
-#define PK_MINB 2          // __launch_bounds__ min CTAs per SM of the fused kernel (smem allows 2)
+#define PK_MINB 3          // __launch_bounds__ min CTAs per SM of the fused kernel, one staging slot per warp
+#endif                     // (<= 168 registers; 76.8 KB of shared memory per CTA)
+#ifndef PK_MINB_2SLOTS
+#define PK_MINB_2SLOTS 2   // the fused kernel with two slots per warp (double-buffered; smem allows 2)
 #endif
 #ifndef PK_MINB_TILES
 #define PK_MINB_TILES 3    // the fused kernel's tile mode: 3 CTAs = 12 warps per SM (<= 168 registers)
@@ -130,7 +133,10 @@ struct PkPass {
 // 16-channel tiles w*NT .. w*NT+NT-1 (NT = D/64) of K and of V; otherwise a warp decodes whole items.
 // NARROW: every pack of every record read is at most 4 bits wide (levels <= 15; the host's guarantee):
 // the build without the wide unpack path (pk_decode_run, pk_fields2, pk_width2).
-template <int D, int P, int MODE, bool TILES = false, bool NARROW = false>
+// SLOTS (item mode): staging slots per warp. 2: item it+ISTEP is copied into the other slot while item it
+// is decoded. 1: item it+ISTEP is prefetched into L2 while item it is decoded and copied into the slot
+// when item it is done (shared memory for 3 CTAs per SM instead of 2). Tile mode: two slots per CTA.
+template <int D, int P, int MODE, bool TILES = false, bool NARROW = false, int SLOTS = 2>
 __device__ __forceinline__ void pk_split_body(
     const u16* __restrict__ q, const void* __restrict__ pw, int p_half,
     const u8* __restrict__ arena, const i64* __restrict__ block_offsets, const int* __restrict__ n_blocks,
@@ -138,6 +144,8 @@ __device__ __forceinline__ void pk_split_body(
     float* __restrict__ out) {
   constexpr int KT = D / 16;
   static_assert(!TILES || (MODE == 0 && KT % PK_WARPS == 0), "tile mode: the fused kernel, D a multiple of 64");
+  static_assert(SLOTS == 2 || (SLOTS == 1 && !TILES), "one or two slots per warp (item mode), two per CTA (tiles)");
+  constexpr bool ONE_SLOT = SLOTS == 1;
   constexpr int NT = TILES ? KT / PK_WARPS : KT;   // the 16-channel tiles a warp decodes
   constexpr int ISTEP = TILES ? 1 : PK_WARPS;      // the CTA's items: all warps on each / a warp on every 4th
   extern __shared__ __align__(16) u8 smem[];
@@ -157,7 +165,7 @@ __device__ __forceinline__ void pk_split_body(
   const int t0 = TILES ? warp * NT : 0;        // the warp's first tile
   const int it0 = TILES ? 0 : warp;            // the warp's first item
   const bool stager = !TILES || warp == 0;     // the warp that stages the items and owns the mbarriers
-  const PkWarpSmem ws = TILES ? pk_tile_smem(smem, warp, slot_bytes, NT) : pk_warp_smem(smem, warp, slot_bytes, KT, MODE);
+  const PkWarpSmem ws = TILES ? pk_tile_smem(smem, warp, slot_bytes, NT) : pk_warp_smem(smem, warp, slot_bytes, KT, MODE, SLOTS);
   const int hg = nt * 8 + gq;                  // head (in the KV group) of n-slot gq / B-operand column
   const int hc0 = nt * 8 + 2 * tq;             // heads of the accumulator columns 2tq, 2tq+1
   const i64* offs_b = block_offsets + size_t(b) * max_blocks;
@@ -168,7 +176,7 @@ __device__ __forceinline__ void pk_split_body(
 
   if (stager) {
     if (lane < PK_ZERO_BYTES / 4) reinterpret_cast<u32*>(ws.zero)[lane] = 0u;
-    if (lane == 0) { pk_mbar_init(ws.bar); pk_mbar_init(ws.bar + 1); }
+    if (lane == 0) for (int i = 0; i < SLOTS; ++i) pk_mbar_init(ws.bar + i);
   }
   __syncwarp();
 #ifdef PK_PROF
@@ -181,11 +189,11 @@ __device__ __forceinline__ void pk_split_body(
     return arena + offs_b[blk];
   };
 
-  // ---- Phase 1: prologue of the staging pipeline (item it+ISTEP staged while item it is decoded; the
-  //      section tables of item it+2*ISTEP and the block offsets of item it+3*ISTEP are loaded ahead). It
-  //      runs before the wait for the previous kernel (launch.cuh): the arena, its offset table and
-  //      n_blocks change only between graph replays (compress events), so the first item's bytes are on
-  //      their way while the previous kernel finishes.
+  // ---- Phase 1: prologue of the staging pipeline (item it+ISTEP staged while item it is decoded, or with
+  //      one slot prefetched into L2 then and staged after it; the section tables of item it+2*ISTEP and
+  //      the block offsets of item it+3*ISTEP are loaded ahead). It runs before the wait for the previous
+  //      kernel (launch.cuh): the arena, its offset table and n_blocks change only between graph replays
+  //      (compress events), so the first item's bytes are on their way while the previous kernel finishes.
   PkBlockMeta bm{}, bm_next{};
   const u8* rec_pf = nullptr;
   if (stager && it0 < n_items) {
@@ -197,7 +205,8 @@ __device__ __forceinline__ void pk_split_body(
   wait_for_previous_kernel();                  // q is the previous kernel's output
 
   // ---- Phase 0: q as mma B fragments (k-slots 2tq..2tq+1 | 2tq+8..9 <-> channels 4tq..4tq+3 of a tile)
-  //      of the warp's tiles; sum(q) over all channels
+  //      of the warp's tiles (item mode: of all tiles, one buffer per CTA, tile kt stored by warp kt % 4);
+  //      sum(q) over all channels
   float sumq0 = 0.f, sumq1 = 0.f;
   if constexpr (MODE != 2) {
     float part = 0.f;
@@ -206,7 +215,7 @@ __device__ __forceinline__ void pk_split_body(
     for (int kt = 0; kt < KT; ++kt) {
       uint2 v = make_uint2(0u, 0u);
       if (hg < G) v = *reinterpret_cast<const uint2*>(qrow + 16 * kt + 4 * tq);
-      if (kt >= t0 && kt < t0 + NT) ws.qbuf[(kt - t0) * 32 + lane] = v;
+      if (TILES ? kt >= t0 && kt < t0 + NT : kt % PK_WARPS == warp) ws.qbuf[(kt - t0) * 32 + lane] = v;
       float2 f0 = pk_h2f(v.x), f1 = pk_h2f(v.y);
       part += (f0.x + f0.y) + (f1.x + f1.y);
     }
@@ -215,21 +224,26 @@ __device__ __forceinline__ void pk_split_body(
     sumq0 = __shfl_sync(PK_FULL, part, (2 * tq) * 4);
     sumq1 = __shfl_sync(PK_FULL, part, (2 * tq + 1) * 4);
   }
-  if constexpr (TILES) __syncthreads();       // warp 0's mbarrier init, zero section, first item's meta
+  // tile mode: warp 0's mbarrier init, zero section, first item's meta; item mode: the CTA's q fragments
+  if constexpr (TILES || MODE != 2) __syncthreads();
 
   if (it0 < n_items) {
     int k = 0;
     for (int it = it0; it < n_items; it += ISTEP, ++k) {
-      const int slot = k & 1;
+      const int slot = ONE_SLOT ? 0 : k & 1;
+      const int nb_next = (it + ISTEP < n_items) ? NB : 0;
       PK_TICK(0);
       auto stage_next = [&]() {
-        pk_stage_item(ws, smem, slot ^ 1, slot_bytes, bm_next, (it + ISTEP < n_items) ? NB : 0, MODE, lane);
+        pk_stage_item(ws, smem, ONE_SLOT ? 0 : slot ^ 1, slot_bytes, bm_next, nb_next, MODE, lane);
         bm_next = pk_block_meta(rec_pf, kvh, Hkv, token_layer);
         rec_pf = item_rec(it + 3 * ISTEP);
       };
-      if constexpr (!TILES) stage_next();      // tile mode: warp 0 after barrier (A), when slot^1 is free
+      // two slots: item it+ISTEP into the other slot now (tile mode: warp 0 after barrier (A), when slot^1
+      // is free); one slot: into L2 now, into the slot after this item
+      if constexpr (ONE_SLOT) pk_prefetch_item(bm_next, nb_next, MODE, lane);
+      else if constexpr (!TILES) stage_next();
       PK_TICK(1);
-      pk_mbar_wait(ws.bar + slot, u32(k >> 1) & 1u);
+      pk_mbar_wait(ws.bar + slot, ONE_SLOT ? u32(k) & 1u : u32(k >> 1) & 1u);
       __syncwarp();
       PK_TICK(2);
       const u64* meta = ws.meta + slot * PK_NBMAX * 3;
@@ -610,6 +624,7 @@ __device__ __forceinline__ void pk_split_body(
       }
       };
       body(PkBool<false>());   // one body: two (shared-only / generic) overflowed the instruction cache
+      if constexpr (ONE_SLOT) stage_next();   // the slot is free (the body ends with __syncwarp)
     }
   }
 #ifdef PK_PROF
@@ -649,7 +664,7 @@ __device__ __forceinline__ void pk_split_body(
       oo0 = __shfl_sync(PK_FULL, oog, (2 * tq) * 4);
       oo1 = __shfl_sync(PK_FULL, oog, (2 * tq + 1) * 4);
     }
-    if (stager && lane == 0) { pk_mbar_inval(ws.bar); pk_mbar_inval(ws.bar + 1); }
+    if (stager && lane == 0) for (int i = 0; i < SLOTS; ++i) pk_mbar_inval(ws.bar + i);
     __syncthreads();   // every warp is done with its slots: reuse shared memory
     // Item mode: a state per warp, merged. Tile mode: the warps' m, l (and oo) are the same and their
     // channels disjoint: one state, each warp writing its channels, warp 0 m and l.

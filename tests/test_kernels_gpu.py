@@ -21,13 +21,16 @@ pytestmark = pytest.mark.gpu
 REAL_KV = Path(__file__).resolve().parents[1] / ".stage" / "kv" / "smollm2_brown1024.npz"
 COMBOS = [(64, 16), (128, 16), (128, 8), (128, 32), (80, 16), (256, 16), (64, 8), (64, 32)]
 NARROW_COMBOS = [(64, 16), (128, 16), (128, 8), (128, 32)]     # the NARROW builds nvcc instantiates
+# the item mode with two staging slots per warp (nvcc instantiates it beside each NARROW_COMBOS build)
+TWO_SLOT_MODULES = [c + (narrow, 2) for c in NARROW_COMBOS for narrow in (False, True)]
 
 
 @pytest.fixture(scope="module")
 def ak(gpu):
     from packkv.kernels import attention_kernels
     with ThreadPoolExecutor(8) as pool:      # nvrtc takes seconds per module: compile them side by side
-        list(pool.map(lambda c: attention_kernels.precompile(*c), COMBOS + [c + (True,) for c in NARROW_COMBOS]))
+        list(pool.map(lambda c: attention_kernels.precompile(*c),
+                      COMBOS + [c + (True,) for c in NARROW_COMBOS] + TWO_SLOT_MODULES))
     return attention_kernels
 
 
@@ -95,10 +98,10 @@ def build(rng, params, lengths, H, D, kind="outliers", extra_capacity=1):
     return Setup(params, buffer, table, np.asarray(lengths, np.int32), H, D)
 
 
-def fused_case(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_cap=8, n_splits=None, slot_bytes=None,
-               tiles=None, extra_capacity=1, narrow=False):
-    """tiles: force tile mode (True) or item mode (False); None: the launcher's choice from the shapes.
-    narrow: launch the NARROW build (packs of at most 4 bits)."""
+def fused_runs(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_cap=8, extra_capacity=1, runs=({},)):
+    """One set of records, q and window; compressed_decode_attention launched once per keyword set of
+    `runs` (n_splits, slot_bytes, tiles, narrow, slots), each output checked against the NumPy twin.
+    Returns the outputs (float32) and the twin's."""
     import cupy
     s = build(rng, params, lengths, H, D, kind, extra_capacity)
     B = len(lengths)
@@ -107,18 +110,29 @@ def fused_case(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_ca
     wv = rng.standard_normal((B, H, W_cap, D)).astype(np.float16)
     wl = np.asarray(windows, np.int32)
     arena, table, nb = s.device()
-    out = ak.compressed_decode_attention(cupy.asarray(q), arena, table, nb, cupy.asarray(wk), cupy.asarray(wv),
-                                         cupy.asarray(wl), params, n_splits=n_splits, slot_bytes=slot_bytes,
-                                         tiles=tiles, narrow=narrow)
-    got = out.get().astype(np.float32)
     want = compressed_attention_reference(q, s.buffer, s.table, s.n_blocks, wk, wv, wl, params)
     k_hat, v_hat = decode_records(s.buffer, s.table[0, :max(s.n_blocks[0], 0)], params, H, D)
     scale = max(1.0, float(np.abs(v_hat).max(initial=0)), float(np.abs(wv).max()))
-    err = np.abs(got - want)
-    assert np.all(np.isfinite(got))
-    assert err.max() <= 6e-3 * scale + 1e-2 * np.abs(want).max(), \
-        f"max err {err.max():.4g} at {np.unravel_index(err.argmax(), err.shape)} (scale {scale:.3g})"
-    return got, want
+    outs = []
+    for kwargs in runs:
+        out = ak.compressed_decode_attention(cupy.asarray(q), arena, table, nb, cupy.asarray(wk), cupy.asarray(wv),
+                                             cupy.asarray(wl), params, **kwargs)
+        got = out.get().astype(np.float32)
+        err = np.abs(got - want)
+        assert np.all(np.isfinite(got)), kwargs
+        assert err.max() <= 6e-3 * scale + 1e-2 * np.abs(want).max(), \
+            f"{kwargs}: max err {err.max():.4g} at {np.unravel_index(err.argmax(), err.shape)} (scale {scale:.3g})"
+        outs.append(got)
+    return outs, want
+
+
+def fused_case(ak, rng, params, lengths, H, G, D, windows, kind="outliers", W_cap=8, n_splits=None, slot_bytes=None,
+               tiles=None, extra_capacity=1, narrow=False):
+    """tiles: force tile mode (True) or item mode (False); None: the launcher's choice from the shapes.
+    narrow: launch the NARROW build (packs of at most 4 bits)."""
+    outs, want = fused_runs(ak, rng, params, lengths, H, G, D, windows, kind, W_cap, extra_capacity,
+                            [dict(n_splits=n_splits, slot_bytes=slot_bytes, tiles=tiles, narrow=narrow)])
+    return outs[0], want
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,6 +360,32 @@ def test_fused_narrow_build_equals_the_wide_build(ak, D, pack, kind, tiles):
             outs.append(fused_case(ak, rng, params, [9, 2, 0, 5], 2, 4, D, [3, 0, 4, 1], kind, tiles=tiles,
                                    narrow=narrow)[0])
         np.testing.assert_array_equal(outs[1], outs[0])
+
+
+@pytest.mark.parametrize("D,pack", NARROW_COMBOS)
+@pytest.mark.parametrize("kind", ["outliers", "random", "real"])
+def test_fused_one_staging_slot_equals_two(ak, D, pack, kind):
+    """Item mode with one staging slot per warp (the default: 3 CTAs per SM, each warp's next item
+    prefetched into L2 and copied into the slot when the current one is done) and with two (the
+    double-buffered pipeline at 2 CTAs per SM), wide and NARROW builds: on the same splits the same output
+    bit for bit (the same arithmetic; only where the bytes wait differs), and the NumPy twin's within
+    tolerance. Many items per warp (one split: the single slot's mbarrier phases), 8 blocks of 16 tokens
+    and 2 sub-iterations of 128 per item, slots too small for an item (spans read from global memory;
+    random K/V overflows even the default slot at D=128). The default splits differ (3 CTAs per SM instead
+    of 2): checked against the twin too."""
+    pairs = [((n_splits, slot_bytes), narrow) for narrow in (False, True)
+             for n_splits, slot_bytes in ((1, None), (3, None), (3, 256), (3, 4096))]
+    for params, lengths, windows in (
+            (CodecParams(pack=pack, block=max(64, pack)), [37, 9, 0, 5], [3, 0, 4, 1]),
+            (CodecParams(pack=pack, block=max(16, pack), repack="none"), [75, 2], [2, 7]),
+            (CodecParams(pack=pack, block=256, repack="none"), [9, 4], [1, 0])):
+        runs = [dict(slots=slots, n_splits=n_splits, slot_bytes=slot_bytes, tiles=False, narrow=narrow)
+                for (n_splits, slot_bytes), narrow in pairs for slots in (1, 2)]
+        runs += [dict(slots=slots, tiles=False) for slots in (1, 2)]    # the default splits of each
+        rng = np.random.default_rng(D + pack + params.block)
+        outs, _ = fused_runs(ak, rng, params, lengths, 2, 4, D, windows, kind, runs=runs)
+        for i in range(0, 2 * len(pairs), 2):
+            np.testing.assert_array_equal(outs[i + 1], outs[i], err_msg=str(runs[i]))
 
 
 def test_fused_narrow_refuses_bounds_that_allow_wide_packs(ak):
