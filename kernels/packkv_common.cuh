@@ -48,6 +48,21 @@ __device__ __forceinline__ u32 pk_bits32_at(const u8* p, u32 bit) {
 
 __device__ __forceinline__ u32 pk_ld32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
 
+// Four consecutive n-bit fields (n <= 16) from bit `bit` of the stream that starts at the 4-aligned `base`:
+// one 64-bit window (3 aligned words, 2 funnel shifts), fields 0-1 from its low word, 2-3 from the 32
+// bits at 2n (the clamping funnel shift: 2n = 32 when n = 16). The window may reach up to 12 bytes past
+// the last field: the token sections it reads are followed by a record's channel sections.
+__device__ __forceinline__ void pk_fields4(const u8* base, u32 bit, u32 n, u32 f[4]) {
+  const u32* w = reinterpret_cast<const u32*>(base) + (bit >> 5);
+  const u32 w1 = w[1];
+  const u32 lo = __funnelshift_r(w[0], w1, bit & 31), hi = __funnelshift_r(w1, w[2], bit & 31);
+  const u32 m = (1u << n) - 1u, x2 = __funnelshift_rc(lo, hi, 2u * n);
+  f[0] = lo & m;
+  f[1] = (lo >> n) & m;
+  f[2] = x2 & m;
+  f[3] = (x2 >> n) & m;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // 2. Channel sections: header, pack header fields
 // ---------------------------------------------------------------------------------------------------
