@@ -123,6 +123,24 @@ __device__ __forceinline__ void pk_width2(const PkSection& s, u32 i, u32& w0, u3
   w1 = x1 & s.wmask;
 }
 
+// Sum of the widths of packs i .. i+3 (adjacent channels of one pack row). When 4F <= 32 (always under
+// NARROW: F <= 7) one window holds the 4 fields: the widths at bits 0 and 2F plus those at F and 3F give
+// the pair sums w0 + w1 at bit 0 and w2 + w3 at bit 2F, which cannot overlap (a width is < 2^WB, WB <= F,
+// so a pair sum is < 2^(WB+1) <= 2^(2F)); then the two pair sums are added.
+template <bool NARROW = false>
+__device__ __forceinline__ u32 pk_width4(const PkSection& s, u32 i) {
+  if (NARROW || s.F <= 8) {
+    const u32 x = pk_bits32(s.hdr, i * s.F);
+    const u32 even = s.wmask | (s.wmask << (2u * s.F));   // the width bits of fields 0 and 2
+    const u32 y = (x & even) + ((x >> s.F) & even);
+    return (y & ((1u << (2u * s.F)) - 1u)) + (y >> (2u * s.F));
+  }
+  u32 w0, w1, w2, w3;
+  pk_width2<NARROW>(s, i, w0, w1);
+  pk_width2<NARROW>(s, i + 2, w2, w3);
+  return w0 + w1 + w2 + w3;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // 3. Unpacking runs of 16 storage tokens of one channel -> 8 half2 of exact levels
 // ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,22 @@
 // packkv_split.cuh: the body of the split kernels (fused decode attention, K-GEMV, V-GEMV), included by
 // packkv_attention.cu and packkv_gemv.cu. Read packkv_attention.cu's header first: it describes the
 // thread mapping that this file implements.
+//
+// Token table and K pack widths (/work/notes/split_kernel_study.md proposals 2 and the width-sum part of
+// 4; the compressed format and the results are unchanged; NOT yet measured on a GPU):
+//   - pk_token_table: a lane fills 4 consecutive tokens of one block (header read once, two 32-bit loads
+//     for 4 steps of K and of V, 4 offsets of K and of V from one 64-bit window each, pk_fields4), where
+//     each lane of a warp (or of the CTA in tile mode) filled one token per entry with its own header,
+//     u16 step and offset-window loads. Tile mode: the last warp fills it alone (was all 4 warps).
+//   - pk_group: group -> (block, group in block) by shifts (T < 128 is 16, 32 or 64); the runtime
+//     divisions gi / NG, gi % NG of the table, the K phase, the V passes and their scans are gone.
+//   - pk_sizes of 4 packs (the K offset scan): pk_width4 sums the 4 widths from one header window (two
+//     windows before; the V scan's 2 packs already took one).
+//   nvcc 13.0 -cubin -arch=sm_90, static SASS (.text / 16), pk_attention_splits<128, 16>: NARROW 3,608 ->
+//   3,168, wide 4,360 -> 4,000 (the table alone 400 -> ~104, all executed once per 128-token item and
+//   lane); the other splits instances -7% to -12%, tile mode -1% to -4%. Registers at PK_MINB=2 rise
+//   (NARROW 168 -> 179-181, P=8 198 -> 205: still 2 CTAs per SM); at PK_MINB=3 all fit 168, no spills.
+//   Estimate: ~500 fewer of ~6,800 dynamic instructions per lane and item (D=128, P=16).
 #pragma once
 #include "packkv_common.cuh"
 #include "launch.cuh"
@@ -107,19 +123,19 @@ __device__ __forceinline__ void pk_rows(int gib, int& ra, int& rb, int& half) {
   else { ra = gib >> 1; rb = ra; half = gib & 1; }
 }
 
-// Sum of payload bytes of NC adjacent packs starting at channel c0 of row r (P=8: two rows, a | b << 16).
+// Sum of payload bytes of NC (2 or 4) adjacent packs starting at channel c0 of row r (P=8: two rows, a | b << 16).
 template <int P, int NC, bool NARROW = false>
 __device__ __forceinline__ u32 pk_sizes(const PkSection& S, int D, int ra, int rb, u32 c0) {
-  u32 s = 0, sb = 0;
-#pragma unroll
-  for (int k = 0; k < NC; k += 2) {
+  static_assert(NC == 2 || NC == 4, "pk_sizes: 2 or 4 packs");
+  auto widths = [&](int r) -> u32 {
+    const u32 i = u32(r) * D + c0;
+    if constexpr (NC == 4) return pk_width4<NARROW>(S, i);
     u32 w0, w1;
-    pk_width2<NARROW>(S, u32(ra) * D + c0 + k, w0, w1);
-    s += w0 + w1;
-    if constexpr (P == 8) { pk_width2<NARROW>(S, u32(rb) * D + c0 + k, w0, w1); sb += w0 + w1; }
-  }
-  if constexpr (P == 8) return s | (sb << 16);
-  else return s * u32(P / 8);
+    pk_width2<NARROW>(S, i, w0, w1);
+    return w0 + w1;
+  };
+  if constexpr (P == 8) return widths(ra) | (widths(rb) << 16);
+  else return widths(ra) * u32(P / 8);
 }
 
 template <int P>
