@@ -40,13 +40,13 @@ Thread mapping, item mode (CTA = 4 warps; a warp owns whole "items" of 128 stora
   sharing a pack row (16-bit SIMD, two tiles per shuffle) -> row bases by a scan of row totals.
 Tile mode (head_dim a multiple of 64; NT = D/64 tiles per warp): per item, once per CTA: staging (warp 0:
   the same bulk copies into the CTA's two slots, all threads wait on the mbarrier) and the token table
-  (a thread per token). Warp w decodes K tiles w*NT .. w*NT+NT-1 with the lane mapping above (lane
+  (the last warp, 4 tokens per lane). Warp w decodes K tiles w*NT .. w*NT+NT-1 with the lane mapping above (lane
   (gq, tq): group gq, channels 16kt + 4tq .. +3), so it computes q.level over its channels for all 128
   tokens x 8 heads: 32 partial accumulators per lane, as many as item mode, with NT instead of KT
   tiles of runs and mma. Offsets: a warp scans its own tiles (quad scans as above, relative to its first
   tile) and writes its per-row total; after barrier (A) it adds the totals of the warps before it (the
   bytes of the row's packs in earlier channels) and takes the row total from all four. Partial scores
-  -> shared memory; meanwhile the CTA fills the token table and each warp scans the V offsets of its
+  -> shared memory; meanwhile the last warp fills the token table and each warp scans the V offsets of its
   tiles for both passes (row totals exchanged the same way); after barrier (B) every warp sums the four
   partials in the same order, scales them (step_k, off_k sum(q)) and runs the same online softmax, so
   m, l, oo and the weights (its own pbuf) are the same in all warps; then it decodes V for its own tiles
@@ -66,9 +66,9 @@ NARROW builds (template flag of both split kernels; not yet measured on a GPU): 
   PackkvCache passes cache.narrow (true only when every bound it encodes with, the cache's, each layer's
   and the sink bounds, has codec.max_pack_width <= 4); any other caller gets the wide build by default.
   The K/V GEMVs (packkv_gemv.cu) stay wide: they decode arbitrary arenas for the benchmarks.
-Registers (item mode 164 at D=128, 161 at D=64; tile mode 148 at D=64 and D=128 with
-  __launch_bounds__(128, 3), P=8 160; nvcc 13.0 sm_90, no spills): 32 score accumulators, the decoded
-  runs of one tile pair, softmax state.
+Registers (nvcc 13.0 sm_90, no spills; packkv_split.cuh's header: token table): item mode 168 at D=128,
+  166 at D=64 (NARROW 179-181, P=8 186 / NARROW 205); tile mode with __launch_bounds__(128, 3) 129-145
+  (NARROW 137-142, P=8 158 / 168): 32 score accumulators, the decoded runs of one tile pair, softmax state.
 Shared memory per warp: two staging slots (the item being decoded / the next, each filled by two 1-D
   bulk copies (TMA, cp.async.bulk) per block completing on an mbarrier; a span that does not fit is read
   from global memory instead), q B-fragments, tile offsets and o accumulators per 16-channel tile (the
