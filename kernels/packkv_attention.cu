@@ -50,13 +50,13 @@ Thread mapping, item mode (CTA = 4 warps; a warp owns whole "items" of 128 stora
   (6 items per warp; 2 slots: 32 splits, 8 per warp), at 32K x 8, 6 splits x 64 (11; 2 slots: 4, 16).
 Tile mode (head_dim a multiple of 64; NT = D/64 tiles per warp): per item, once per CTA: staging (warp 0:
   the same bulk copies into the CTA's two slots, all threads wait on the mbarrier) and the token table
-  (a thread per token). Warp w decodes K tiles w*NT .. w*NT+NT-1 with the lane mapping above (lane
+  (the last warp, 4 tokens per lane). Warp w decodes K tiles w*NT .. w*NT+NT-1 with the lane mapping above (lane
   (gq, tq): group gq, channels 16kt + 4tq .. +3), so it computes q.level over its channels for all 128
   tokens x 8 heads: 32 partial accumulators per lane, as many as item mode, with NT instead of KT
   tiles of runs and mma. Offsets: a warp scans its own tiles (quad scans as above, relative to its first
   tile) and writes its per-row total; after barrier (A) it adds the totals of the warps before it (the
   bytes of the row's packs in earlier channels) and takes the row total from all four. Partial scores
-  -> shared memory; meanwhile the CTA fills the token table and each warp scans the V offsets of its
+  -> shared memory; meanwhile the last warp fills the token table and each warp scans the V offsets of its
   tiles for both passes (row totals exchanged the same way); after barrier (B) every warp sums the four
   partials in the same order, scales them (step_k, off_k sum(q)) and runs the same online softmax, so
   m, l, oo and the weights (its own pbuf) are the same in all warps; then it decodes V for its own tiles
@@ -79,11 +79,11 @@ NARROW builds (template flag of both split kernels): the split body without
   PackkvCache passes cache.narrow (true only when every bound it encodes with, the cache's, each layer's
   and the sink bounds, has codec.max_pack_width <= 4); any other caller gets the wide build by default.
   The K/V GEMVs (packkv_gemv.cu) stay wide: they decode arbitrary arenas for the benchmarks.
-Registers (nvcc 13.0 -cubin -arch=sm_90 -Xptxas -v, no spills; wide / NARROW build): item mode with one
-  slot, __launch_bounds__(128, 3): D=128 P=16 165 / 168, P=8 168 / 168, P=32 163 / 168, D=64 P=16 166 /
-  168; with two slots, (128, 2): D=128 P=16 167 / 168, P=8 176 / 200, P=32 165 / 176, D=64 159 / 168;
-  tile mode (128, 3): 148 at D=64 and D=128, P=8 160. 32 score accumulators, the decoded runs of one
-  tile pair, softmax state.
+Registers (nvcc 13.0 -cubin -arch=sm_90 -Xptxas -v; wide / NARROW build; no spills but NARROW P=32 one
+  slot, 8 bytes): item mode with one slot, __launch_bounds__(128, 3): D=128 P=16 164 / 168, P=8 168 / 168,
+  P=32 165 / 168, D=64 P=16 165 / 168; with two slots, (128, 2): D=128 P=16 167 / 179, P=8 185 / 198,
+  P=32 168 / 181, D=64 165 / 176; tile mode (128, 3): D=128 P=16 145 / 140, P=8 158 / 168, P=32 143 / 142,
+  D=64 129 / 137. 32 score accumulators, the decoded runs of one tile pair, softmax state.
 Shared memory, item mode (packkv_common.cuh: pk_warp_smem): per CTA the q B-fragments (16 B per channel);
   per warp the staging slot(s) (a span that does not fit what is left of a slot is read from global
   memory instead), tile offsets and o accumulators per 16-channel tile (the tile loops are rolled to keep

@@ -49,6 +49,21 @@ __device__ __forceinline__ u32 pk_bits32_at(const u8* p, u32 bit) {
 
 __device__ __forceinline__ u32 pk_ld32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
 
+// Four consecutive n-bit fields (n <= 16) from bit `bit` of the stream that starts at the 4-aligned `base`:
+// one 64-bit window (3 aligned words, 2 funnel shifts), fields 0-1 from its low word, 2-3 from the 32
+// bits at 2n (the clamping funnel shift: 2n = 32 when n = 16). The window may reach up to 12 bytes past
+// the last field: the token sections it reads are followed by a record's channel sections.
+__device__ __forceinline__ void pk_fields4(const u8* base, u32 bit, u32 n, u32 f[4]) {
+  const u32* w = reinterpret_cast<const u32*>(base) + (bit >> 5);
+  const u32 w1 = w[1];
+  const u32 lo = __funnelshift_r(w[0], w1, bit & 31), hi = __funnelshift_r(w1, w[2], bit & 31);
+  const u32 m = (1u << n) - 1u, x2 = __funnelshift_rc(lo, hi, 2u * n);
+  f[0] = lo & m;
+  f[1] = (lo >> n) & m;
+  f[2] = x2 & m;
+  f[3] = (x2 >> n) & m;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // 2. Channel sections: header, pack header fields
 // ---------------------------------------------------------------------------------------------------
@@ -107,6 +122,24 @@ __device__ __forceinline__ void pk_width2(const PkSection& s, u32 i, u32& w0, u3
   }
   w0 = x0 & s.wmask;
   w1 = x1 & s.wmask;
+}
+
+// Sum of the widths of packs i .. i+3 (adjacent channels of one pack row). When 4F <= 32 (always under
+// NARROW: F <= 7) one window holds the 4 fields: the widths at bits 0 and 2F plus those at F and 3F give
+// the pair sums w0 + w1 at bit 0 and w2 + w3 at bit 2F, which cannot overlap (a width is < 2^WB, WB <= F,
+// so a pair sum is < 2^(WB+1) <= 2^(2F)); then the two pair sums are added.
+template <bool NARROW = false>
+__device__ __forceinline__ u32 pk_width4(const PkSection& s, u32 i) {
+  if (NARROW || s.F <= 8) {
+    const u32 x = pk_bits32(s.hdr, i * s.F);
+    const u32 even = s.wmask | (s.wmask << (2u * s.F));   // the width bits of fields 0 and 2
+    const u32 y = (x & even) + ((x >> s.F) & even);
+    return (y & ((1u << (2u * s.F)) - 1u)) + (y >> (2u * s.F));
+  }
+  u32 w0, w1, w2, w3;
+  pk_width2<NARROW>(s, i, w0, w1);
+  pk_width2<NARROW>(s, i + 2, w2, w3);
+  return w0 + w1 + w2 + w3;
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,22 @@
 // packkv_split.cuh: the body of the split kernels (fused decode attention, K-GEMV, V-GEMV), included by
 // packkv_attention.cu and packkv_gemv.cu. Read packkv_attention.cu's header first: it describes the
 // thread mapping that this file implements.
+//
+// Token table and K pack widths (/work/notes/split_kernel_study.md proposals 2 and the width-sum part of
+// 4; the compressed format and the results are unchanged; NOT yet measured on a GPU):
+//   - pk_token_table: a lane fills 4 consecutive tokens of one block (header read once, two 32-bit loads
+//     for 4 steps of K and of V, 4 offsets of K and of V from one 64-bit window each, pk_fields4), where
+//     each lane of a warp (or of the CTA in tile mode) filled one token per entry with its own header,
+//     u16 step and offset-window loads. Tile mode: the last warp fills it alone (was all 4 warps).
+//   - pk_group: group -> (block, group in block) by shifts (T < 128 is 16, 32 or 64); the runtime
+//     divisions gi / NG, gi % NG of the table, the K phase, the V passes and their scans are gone.
+//   - pk_sizes of 4 packs (the K offset scan): pk_width4 sums the 4 widths from one header window (two
+//     windows before; the V scan's 2 packs already took one).
+//   nvcc 13.0 -cubin -arch=sm_90, static SASS (.text / 16), pk_attention_splits<128, 16>: NARROW 3,608 ->
+//   3,168, wide 4,360 -> 4,000 (the table alone 400 -> ~104, all executed once per 128-token item and
+//   lane); the other splits instances -7% to -12%, tile mode -1% to -4%. Registers at PK_MINB=2 rise
+//   (NARROW 168 -> 179-181, P=8 198 -> 205: still 2 CTAs per SM); at PK_MINB=3 all fit 168, no spills.
+//   Estimate: ~500 fewer of ~6,800 dynamic instructions per lane and item (D=128, P=16).
 #pragma once
 #include "packkv_common.cuh"
 #include "launch.cuh"
@@ -51,41 +67,55 @@ __device__ __forceinline__ void pk_decode_run(const u8* pa, u32 wa, int ma, cons
   }
 }
 
-// Token parameters of the 8 groups (128 storage tokens) of sub-iteration `sub` of the staged item:
-// ttab[group * 16 + t] = (step_k | step_v << 16 as fp16 bits, off_k | off_v << 16 as int16).
 template <bool SH>
 __device__ __forceinline__ const u8* pk_at(const u8* smem, u64 v) {
   if constexpr (SH) return smem + u32(v);        // shared window: the compiler emits ld.shared
   else return reinterpret_cast<const u8*>(v);
 }
 
-// NTHR threads fill the table: a warp (tid = lane, 32) or the CTA in tile mode (tid = threadIdx.x, 128).
-template <bool SH, int NTHR>
+// Group gi (16 storage tokens) of the item -> its block in the item (bs) and its group in that block
+// (gib). NG = T/16 groups per block: NG >= 8 (T >= 128) is one block per item; otherwise T is 16, 32 or
+// 64 (attention_kernels._check_params), so NG is a power of 2, lgNG = log2(NG): shifts, no division.
+__device__ __forceinline__ void pk_group(int gi, int NG, int lgNG, int& bs, int& gib) {
+  bs = NG >= 8 ? 0 : gi >> lgNG;
+  gib = NG >= 8 ? gi : gi & (NG - 1);
+}
+
+// Token parameters of the 8 groups (128 storage tokens) of sub-iteration `sub` of the staged item:
+// ttab[group * 16 + t] = (step_k | step_v << 16 as fp16 bits, off_k | off_v << 16 as int16).
+// One warp fills it: lane l the 4 consecutive tokens 4l .. 4l+3, which lie in one block (blocks are
+// multiples of 16 tokens), so the lane reads the block's header once, the 4 K and 4 V steps with two
+// 32-bit loads each (the token section is only 4-aligned) and the 4 K and 4 V offsets each from one
+// 64-bit window (pk_fields4); two 16-byte stores.
+template <bool SH>
 __device__ __forceinline__ void pk_token_table(const PkWarpSmem& ws, const u8* smem, int slot, int sub, int T, int NG,
-                                               int tid, int blk0, int blk_hi) {
-#pragma unroll
-  for (int i = 0; i < 128 / NTHR; ++i) {
-    int e = tid + NTHR * i, grp = e >> 4, t16 = e & 15;
-    int gi = sub * 8 + grp;
-    int bs = NG >= 8 ? 0 : gi / NG, gib = NG >= 8 ? gi : gi % NG;
+                                               int lgNG, int lane, int blk0, int blk_hi) {
+  int bs, gib;
+  pk_group(sub * 8 + (lane >> 2), NG, lgNG, bs, gib);
+  uint4 e01 = make_uint4(0u, 0u, 0u, 0u), e23 = e01;
+  if (blk0 + bs < blk_hi) {
+    const u32 tb = u32(gib * 16 + 4 * (lane & 3));   // the first token in the block
     const u8* tok = pk_at<SH>(smem, ws.meta[(slot * PK_NBMAX + bs) * 3 + 0]);
-    uint2 v = make_uint2(0u, 0u);
-    if (blk0 + bs < blk_hi) {
-      u32 tb = u32(gib * 16 + t16);
-      u32 hdr0 = pk_ld32(tok), hdr1 = pk_ld32(tok + 4);
-      int kbase = int(short(hdr0 & 0xffffu)), vbase = int(short(hdr0 >> 16));
-      u32 kb = hdr1 & 0xffu, vb = (hdr1 >> 8) & 0xffu;
-      u32 sk = *reinterpret_cast<const u16*>(tok + 8 + 2 * tb);
-      u32 sv = *reinterpret_cast<const u16*>(tok + 8 + 2 * T + 2 * tb);
-      const u8* ks = tok + 8 + 4 * T;
-      const u8* vs = ks + (u32(T) * kb) / 8u;
-      int ko = kbase + int(pk_bits32(ks, tb * kb) & ((1u << kb) - 1u));
-      int vo = vbase + int(pk_bits32_at(vs, tb * vb) & ((1u << vb) - 1u));
-      v.x = sk | (sv << 16);
-      v.y = (u32(ko) & 0xffffu) | (u32(vo) << 16);
-    }
-    ws.ttab[e] = v;
+    const u32 hdr0 = pk_ld32(tok), hdr1 = pk_ld32(tok + 4);
+    const u32 kb = hdr1 & 0xffu, vb = (hdr1 >> 8) & 0xffu;
+    const u8* sk = tok + 8 + 2 * tb;
+    const u32 sk01 = pk_ld32(sk), sk23 = pk_ld32(sk + 4), sv01 = pk_ld32(sk + 2 * T), sv23 = pk_ld32(sk + 2 * T + 4);
+    // the offset streams, addressed from tok (4-aligned) in bits: K at byte 8 + 4T, V T*kb bits on
+    const u32 kbit = 8u * (8u + 4u * u32(T));
+    u32 fk[4], fv[4];
+    pk_fields4(tok, kbit + tb * kb, kb, fk);
+    pk_fields4(tok, kbit + u32(T) * kb + tb * vb, vb, fv);
+    // offset = base + field, kept to 16 bits: k from the low half of hdr0 + fk, v from the high half of
+    // hdr0 + (fv << 16) (no carry reaches the half that is kept)
+    u32 o[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) o[j] = __byte_perm(hdr0 + fk[j], hdr0 + (fv[j] << 16), 0x7610);
+    e01 = make_uint4(__byte_perm(sk01, sv01, 0x5410), o[0], __byte_perm(sk01, sv01, 0x7632), o[1]);
+    e23 = make_uint4(__byte_perm(sk23, sv23, 0x5410), o[2], __byte_perm(sk23, sv23, 0x7632), o[3]);
   }
+  uint4* dst = reinterpret_cast<uint4*>(ws.ttab) + 2 * lane;
+  dst[0] = e01;
+  dst[1] = e23;
 }
 
 // Rows of the pack layout that group `gib` (16 tokens) of a block covers.
@@ -96,19 +126,19 @@ __device__ __forceinline__ void pk_rows(int gib, int& ra, int& rb, int& half) {
   else { ra = gib >> 1; rb = ra; half = gib & 1; }
 }
 
-// Sum of payload bytes of NC adjacent packs starting at channel c0 of row r (P=8: two rows, a | b << 16).
+// Sum of payload bytes of NC (2 or 4) adjacent packs starting at channel c0 of row r (P=8: two rows, a | b << 16).
 template <int P, int NC, bool NARROW = false>
 __device__ __forceinline__ u32 pk_sizes(const PkSection& S, int D, int ra, int rb, u32 c0) {
-  u32 s = 0, sb = 0;
-#pragma unroll
-  for (int k = 0; k < NC; k += 2) {
+  static_assert(NC == 2 || NC == 4, "pk_sizes: 2 or 4 packs");
+  auto widths = [&](int r) -> u32 {
+    const u32 i = u32(r) * D + c0;
+    if constexpr (NC == 4) return pk_width4<NARROW>(S, i);
     u32 w0, w1;
-    pk_width2<NARROW>(S, u32(ra) * D + c0 + k, w0, w1);
-    s += w0 + w1;
-    if constexpr (P == 8) { pk_width2<NARROW>(S, u32(rb) * D + c0 + k, w0, w1); sb += w0 + w1; }
-  }
-  if constexpr (P == 8) return s | (sb << 16);
-  else return s * u32(P / 8);
+    pk_width2<NARROW>(S, i, w0, w1);
+    return w0 + w1;
+  };
+  if constexpr (P == 8) return widths(ra) | (widths(rb) << 16);
+  else return widths(ra) * u32(P / 8);
 }
 
 template <int P>
@@ -154,6 +184,7 @@ __device__ __forceinline__ void pk_split_body(
   const int split = blockIdx.x, kvh = blockIdx.y / ntile, nt = blockIdx.y % ntile, b = blockIdx.z;
   const int Hq = Hkv * G;
   const int NG = T >> 4, R = T / P;
+  const int lgNG = 31 - __clz(NG);             // log2(NG) where NG < 8 (pk_group)
   const int NB = T >= 128 ? 1 : 128 / T;
   const int SUBS = T >= 128 ? T >> 7 : 1;
   int nb = n_blocks[b];
@@ -255,9 +286,8 @@ __device__ __forceinline__ void pk_split_body(
       // V pass vp of sub-iteration sub: lane (gq, tq) decodes group 4vp+tq, channels 16mt + 2gq, +1
       auto v_pass = [&](int sub, int vp) -> PkPass {
         PkPass ps;
-        const int gv = sub * 8 + 4 * vp + tq;
-        const int bsv = NG >= 8 ? 0 : gv / NG;
-        ps.gib = NG >= 8 ? gv : gv % NG;
+        int bsv;
+        pk_group(sub * 8 + 4 * vp + tq, NG, lgNG, bsv, ps.gib);
         ps.blk = blk_lo + it * NB + bsv;
         ps.S = pk_section(pk_at<SH>(smem, meta[bsv * 3 + 2]), R, D);
         pk_rows<P>(ps.gib, ps.ra, ps.rb, ps.half);
@@ -291,8 +321,8 @@ __device__ __forceinline__ void pk_split_body(
       };
       for (int sub = 0; sub < SUBS; ++sub) {
         float alpha0 = 1.f, alpha1 = 1.f;
-        if constexpr (!TILES) {                 // tile mode: the CTA fills it after the K mma
-          pk_token_table<SH, 32>(ws, smem, slot, sub, T, NG, lane, blk_lo + it * NB, blk_hi);
+        if constexpr (!TILES) {                 // tile mode: the last warp fills it after the K mma
+          pk_token_table<SH>(ws, smem, slot, sub, T, NG, lgNG, lane, blk_lo + it * NB, blk_hi);
           __syncwarp();
         }
         PK_TICK(3);
@@ -300,8 +330,8 @@ __device__ __forceinline__ void pk_split_body(
         if constexpr (MODE != 2) {
           // ---- Phase 2 (K): lane (gq, tq) decodes group gq (16 tokens), channels 16kt + 4tq .. +3 of the
           //      warp's tiles kt
-          const int gi = sub * 8 + gq;
-          const int bs = NG >= 8 ? 0 : gi / NG, gib = NG >= 8 ? gi : gi % NG;
+          int bs, gib;
+          pk_group(sub * 8 + gq, NG, lgNG, bs, gib);
           const bool gvalid = blk_lo + it * NB + bs < blk_hi;
           const PkSection S = pk_section(pk_at<SH>(smem, meta[bs * 3 + 1]), R, D);
           int ra, rb, half;
@@ -340,7 +370,7 @@ __device__ __forceinline__ void pk_split_body(
           }
           // 2b: row bases: exclusive scan of row totals over the groups of the block (quads)
           u32 c = pk_row_contrib<P>(run, gib);
-          const int pos = NG >= 8 ? gq : gq % NG;
+          const int pos = NG >= 8 ? gq : gq & (NG - 1);
           u32 v = c;
 #pragma unroll
           for (int d = 1; d < 8; d <<= 1) {
@@ -399,14 +429,15 @@ __device__ __forceinline__ void pk_split_body(
 
           PK_TICK(5);
           if constexpr (TILES) {
-            // partial scores (q.level over the warp's channels) -> shared memory; meanwhile the CTA fills
-            // the token table and each warp scans the V offsets of its tiles (both passes) and publishes
+            // partial scores (q.level over the warp's channels) -> shared memory; meanwhile the last warp
+            // fills the token table and each warp scans the V offsets of its tiles (both passes) and publishes
             // their row totals; after (B) every warp sums the 4 partials in the same order, so that all
             // warps compute the same scores, softmax and weights.
 #pragma unroll
             for (int j = 0; j < 8; ++j)
               ws.part[(warp * 8 + j) * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
-            pk_token_table<SH, 128>(ws, smem, slot, sub, T, NG, threadIdx.x, blk_lo + it * NB, blk_hi);
+            if (warp == PK_WARPS - 1)   // the last warp: warp 0 also stages
+              pk_token_table<SH>(ws, smem, slot, sub, T, NG, lgNG, lane, blk_lo + it * NB, blk_hi);
 #pragma unroll 1
             for (int vp = 0; vp < 2; ++vp) {
               const u32 r = v_offsets(v_pass(sub, vp), vp * NT);
@@ -525,9 +556,9 @@ __device__ __forceinline__ void pk_split_body(
             } else {
               run = v_offsets(ps, 0);
             }
-            if (((sub * 8 + 4 * vp) % NG) == 0) carryV = 0;
+            if (NG < 8 || sub * 8 + 4 * vp == 0) carryV = 0;   // the pass starts a block
             u32 c = pk_row_contrib<P>(run, ps.gib);
-            const int posv = NG >= 4 ? tq : tq % NG;
+            const int posv = NG >= 4 ? tq : tq & (NG - 1);
             u32 v = c, y;
             y = __shfl_up_sync(PK_FULL, v, 1, 4); if (posv >= 1) v += y;
             y = __shfl_up_sync(PK_FULL, v, 2, 4); if (posv >= 2) v += y;
