@@ -107,18 +107,25 @@ Tile mode measured (H100 80GB HBM3): `pytest -m gpu tests/test_kernels_gpu.py` 1
   (`python bench/knockout.py --model llama-3.1-8b --kv-data real --tiles both`, knockout_llama-3.1-8b_128k.json
   and _32k_b8.json, 35151e0: this kernel 5784 against 4434 us per step at 128K x 1, 11441 against 9246 at
   32K x 8). Item mode below.
-One slot per warp at 3 CTAs per SM (the default now): NOT yet measured on a GPU. The study's estimate
-  (/work/notes/split_kernel_study.md, proposal 3): an IPC gain g of 1.25-1.4 from 12 warps per SM gives
-  8g/9 at 128K (6 items per warp instead of 8) and 16g/11 at 32K x 8; the cost is the L2 -> shared copy
-  each item now waits for. The numbers below are the two-slot pipeline's (q per warp then, 9,040 B slots).
-Measured (H100 80GB HBM3, `python3 bench/attention.py`, bench/results/attention.json, 5a886f7; one sequence,
+One slot per warp at 3 CTAs per SM, or two at 2: attention_kernels.item_slots takes one slot where its grid
+  holds more than 2 CTAs per SM (with at most 2 the one slot adds no warps and loses the second buffer).
+  Measured side by side (H100, 8B shape, real K/V, NARROW; `python3 bench/attention.py --slots 1 2` and
+  `python3 bench/knockout.py --model llama-3.1-8b --kv-data real --slots both`, 676ebb6): 32K x 1 (256
+  CTAs) 43.9 us one slot against 39.8 two; 128K x 1 (344 CTAs) 119.0 against 120.4, random K/V 145.4
+  against 171.2 (its items overflow less); 32K x 8 (384 CTAs) the step's split kernel 7451 us against 8335.
+Measured (H100 80GB HBM3, `python3 bench/attention.py --slots 1 2`, bench/results/attention.json, 1cc10cc:
+  NARROW, item_slots' choice, the token table by 4 tokens per lane, the new window merge; one sequence,
   time per layer as a CUDA graph over layer copies larger than L2):
-  32/8/128, 128K tokens: 145.6 us on the real-valued K/V (SDPA fp16 180.7 us: 1.24x; compressed bytes
-  at 383 GB/s = 13% of the 3010 GB/s device copy), 255.6 us on random K/V (items overflow the slot, part
-  read from global memory); 32K: 44.7 us (SDPA 52.1). 9/3/64 SmolLM2 real K/V, 128K: 38.5 us (SDPA
-  40.9). Below 16K (tile mode) 10.6-32 us against SDPA's 8-31. Targets (3x SDPA, 70% of copy
-  bandwidth) are NOT met: the kernel is issue/latency-bound on unpacking with 8 warps per SM (ncu: IPC
-  1.9 per SM before the unroll by 2, top stall "wait" = dependent ALU chains), not memory-bound.
+  32/8/128, 128K tokens: 110.3 us on the real-valued K/V (SDPA fp16 181.2 us: 1.64x; compressed bytes
+  at 505 GB/s = 17% of the 3007 GB/s device copy), 135.5 us on random K/V; 32K: 33.0 us (SDPA 52.1:
+  1.58x). 9/3/64 SmolLM2 real K/V, 128K: 27.0 us (SDPA 40.9). Below 32K (tile mode) 8.8-27 us against
+  SDPA's 8-31. In the 8B decode step (bench/knockout.py, 1cc10cc): this kernel 3279 us at 128K x 1
+  (step 9134, dense 15666: 1.72x), 7043 at 32K x 8 (step 13262, dense 25894: 1.95x). Targets (3x SDPA,
+  70% of copy bandwidth) are NOT met: the kernel is issue/latency-bound on unpacking (the study: ~6.6
+  instructions per element before NARROW and the token table, the integer ALU pipe the ceiling; ncu: IPC
+  1.9 per SM with 8 warps, top stall "wait" = dependent ALU chains), not memory-bound.
+  (5a886f7, wide build, two slots, before the token table: 145.6 us at 128K, 44.7 at 32K; 65543e9 NARROW:
+  121.0 and 39.8.)
 
 Attempts discarded:
   - fully unrolled tile loops with q fragments, offsets and o in registers (255 registers): 230 us; ncu's
