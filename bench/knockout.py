@@ -100,7 +100,8 @@ def main() -> None:
             if kind == "packkv":
                 tiles = attention_kernels.decode_geometry(*shapes, cache.shape.head_dim, cache.max_blocks,
                                                           cache.params.block)[0]
-                slots = attention_kernels.item_slots(slots, *shapes, cache.max_blocks, cache.params.block)
+                slots = None if tiles else attention_kernels.item_slots(slots, *shapes, cache.max_blocks,
+                                                                         cache.params.block)
             else:
                 tiles = False
             (fill_real if args.kv_data == "real" else fill_random)(engine, cache, args.context)

@@ -372,14 +372,15 @@ def _item_layout_bytes(slot: int, D: int, mode: int, slots: int) -> int:
     return KT * CTA_Q_PER_TILE[mode] + WARPS * (slots * slot + warp_extra(slots) + KT * WORK_PER_TILE[mode])
 
 
-def _shared_bytes(slot: int, D: int, mode: int, tiles: bool = False, slots: int = 2) -> int:
+def _shared_bytes(slot: int, D: int, mode: int, tiles: bool = False, slots: int = 1) -> int:
     """Dynamic shared memory of a split kernel with slots of `slot` bytes: tile mode two per CTA; item mode
-    `slots` per warp; at least what the end's merge of the warps' states needs."""
+    `slots` per warp for the fused kernel (mode 0; as default_slot_bytes), two for the GEMVs; at least what
+    the end's merge of the warps' states needs."""
     merge = WARPS * 8 * D * 4 + WARPS * 8 * 2 * 4          # the CTA's merge of its warps' states (tiles: one)
     if tiles:
         return max(2 * slot + TILE_CTA_EXTRA + WARPS * (PBUF_BYTES + D // TILE_CHANNELS * TILE_WORK_PER_TILE),
                    merge // WARPS)
-    return max(_item_layout_bytes(slot, D, mode, slots), merge)
+    return max(_item_layout_bytes(slot, D, mode, slots if mode == 0 else 2), merge)
 
 
 def attention_workspace_size(batch: int, n_heads: int, head_dim: int, n_splits: int) -> int:
@@ -532,6 +533,8 @@ def k_gemv(q, arena, block_offsets, n_blocks, params, n_kv_heads: int, out=None,
     out = _out_array(fn, out, (B, Hq, max_blocks * T), np.float32, dev, "[B, Hq, max_blocks * block]")
     n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
     slot = int(slot_bytes or default_slot_bytes(T, D, P, 1))
+    if slot % 16 or slot < 256:
+        _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
     shared = _shared_bytes(slot, D, 1)
     kernel = _function("packkv_gemv.cu", f"pk_k_gemv<{D}, {P}>", D, P, shared)
     kernel((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
@@ -564,6 +567,8 @@ def v_gemv(p, arena, block_offsets, n_blocks, params, n_kv_heads: int, head_dim:
     workspace = _workspace_array(fn, workspace, B * Hq * n_splits * D, "B * Hq * n_splits * D", dev)
     out = _out_array(fn, out, (B, Hq, D), np.float32, dev)
     slot = int(slot_bytes or default_slot_bytes(T, D, P, 2))
+    if slot % 16 or slot < 256:
+        _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
     shared = _shared_bytes(slot, D, 2)
     kernel = _function("packkv_gemv.cu", f"pk_v_gemv<{D}, {P}>", D, P, shared)
     kernel((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),

@@ -293,6 +293,18 @@ def test_fused_8b_shape_short_and_long_tables(ak):
         fused_case(ak, rng, params, [37, 20], 8, 4, 128, [3, 1], "outliers", extra_capacity=capacity - 37)
 
 
+@pytest.mark.parametrize("D", [16, 48, 80, 256])
+def test_fused_long_windows_and_odd_head_dims(ak, D):
+    """pk_merge_window past one round of its 16 warps x 4 window tokens (64), up to 200 tokens, at head dims
+    whose channel pairs do not fill a warp (16, 48), fill it partly twice (80) or 4 times (256); a sequence
+    with no compressed block; the default splits and 7."""
+    params = CodecParams(repack="none")
+    for n_splits in (None, 7):
+        rng = np.random.default_rng(D)
+        fused_case(ak, rng, params, [3, 1, 2, 0, 4, 2], 2, 3, D, [0, 1, 64, 65, 130, 200], "outliers", W_cap=200,
+                   n_splits=n_splits)
+
+
 def test_fused_edge_cases(ak):
     rng = np.random.default_rng(5)
     params = CodecParams(repack="none")
