@@ -58,18 +58,19 @@ block order) takes one block (one record) at a time:
    far, which every evaluation atomicMin's (the atomic returns it: the other warps' evaluations
    tighten the bound as they land; exact: the others cannot win). In a NumPy model of the 8B
    shape's synthetic KV (8 blocks) that evaluates 55% of the (pick, candidate) pairs at 16 warps per
-   unit, from 72% with each warp's own best as its bound. After one __syncthreads the unit's BEST
-   is the winner (BEST is triple-buffered by pick: during a pick warp 0 resets the next pick's,
-   whose last readers, two picks back, were done before the previous barrier); every warp grows its lo/hi by the picked row (read from LV: no second barrier) and the
-   owner drops the pick from its slice. At the pack's end each warp writes its slice's remaining
-   tokens back to REM at the slice start minus the picks of the earlier slices (tokens below its
-   first one): REM stays ascending. Barriers per pack: 2 for the seed, pack - 1 for the picks, 1
-   at the end.
+   unit, from 72% with each warp's own best as its bound. After a __syncthreads the unit's BEST is
+   the winner (double-buffered by pick: warp 0 resets the next pick's during a pick); the owner
+   drops the pick from its slice, and the pack's lo/hi grow once, in a shared copy (the unit's
+   threads a word each), a second __syncthreads, then every warp reloads its registers from it:
+   before, each of the 16 warps grew all 256 words of its own copy, ~20% of the picks' instructions
+   with the 32-bit SWAR. At the pack's end each warp writes its slice's remaining tokens back to
+   REM at the slice start minus the picks of the earlier slices (tokens below its first one): REM
+   stays ascending. Barriers per pack: 2 for the seed, 2 per pick (1 for the last), 1 at the end.
    Measured (H100, below, git bd6c614): repack 165 ms at the 8B shape's 128K prefill with int64 SWAR
    and each warp's own bound, from 276 ms with the CTA-wide design. Counted from that build's SASS
    (/work/notes/encoder_study.md): ~1.05M warp instructions per block, ~0.40 issued per scheduler
    per cycle, near the integer pipe's 0.5: issue-bound. This build (32-bit SWAR, the CTA-wide
-   bound, REDUX, DP4A seeds): estimated ~0.37M, not yet measured.
+   bound, REDUX, one shared lo/hi, DP4A seeds): ~0.35M counted from its SASS, not yet measured.
    Token-head at the 8B shape (8 units of 32 words): 2 warps per unit, one word per lane, and the
    level matrix fits in shared memory; SmolLM2 token-head (rows of 16 words): 2 candidates per warp
    at a time, no lazy skip;
@@ -127,7 +128,7 @@ _META_FIELDS = (
     "NP", "GSQ", "GS", "NWU", "UPR", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode",
     # region offsets in bytes: in shared memory, or in the CTA's global scratch for LV / PACK*
     "o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk", "o_stepv", "o_offk",
-    "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best", "o_seci", "o_toki", "o_misc", "o_scan",
+    "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best", "o_box", "o_seci", "o_toki", "o_misc", "o_scan",
 )
 M = {name: i for i, name in enumerate(_META_FIELDS)}
 SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, payload prefix, -
@@ -527,10 +528,10 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     iGSQ, iGS, iNWU, iUPR, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "NWU", "UPR", "used0", "cap",
                                                               "scr64"))
     iDQSH, iDSH, iMODE = M["dq_shift"], M["d_shift"], M["mode"]
-    oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oST, oBE, oSE, oTK, oMI, oSN = (
+    oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oST, oBE, oBX, oSE, oTK, oMI, oSN = (
         M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
                        "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best",
-                       "o_seci", "o_toki", "o_misc", "o_scan"))
+                       "o_box", "o_seci", "o_toki", "o_misc", "o_scan"))
 
     # ------------------------------------------------------------------------------------------
     # 1. quantize: LV rows (token-major, unit-major words), per-token steps/offsets, sums, norms
@@ -887,12 +888,13 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         return width_sum(r0) + width_sum(r1)
 
     @cuda.jit(device=True)
-    def grow(q, lo, hi, k):
-        """The pack's lo/hi of word k grow by the LV word q."""
-        lo[2 * k] = lanes_min(np.int64(lo[2 * k]), q & LOW32)
-        hi[2 * k] = lanes_max(np.int64(hi[2 * k]), q & LOW32)
-        lo[2 * k + 1] = lanes_min(np.int64(lo[2 * k + 1]), q >> 32 & LOW32)
-        hi[2 * k + 1] = lanes_max(np.int64(hi[2 * k + 1]), q >> 32 & LOW32)
+    def words_min(a, b):
+        """Lane-wise min of two int64 LV words, by their 32-bit halves."""
+        return lanes_min(a & LOW32, b & LOW32) | (lanes_min(a >> 32 & LOW32, b >> 32 & LOW32) << 32)
+
+    @cuda.jit(device=True)
+    def words_max(a, b):
+        return lanes_max(a & LOW32, b & LOW32) | (lanes_max(a >> 32 & LOW32, b >> 32 & LOW32) << 32)
 
     @cuda.jit(device=True)
     def warp_seed(sh32, shf, meta, u, n_rem, lane):
@@ -974,7 +976,10 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 landed = KEY_BIG
                 if lane == (j1 & 31):   # the lane that holds slot j1: its stale cost, its least again
                     sh32[sb + j1] = np.int32(key >> 32)
-                    least = lane_least(sh32, cb, sb, n_c, lane)
+                    if n_c <= 32:       # slot j1 is its only one
+                        least = key
+                    else:
+                        least = lane_least(sh32, cb, sb, n_c, lane)
                     landed = cuda.atomic.min(sh64, bi, key)
                 bound = min(bound, min(key, shfl_idx(landed, j1 & 31)))
             return mine
@@ -1001,10 +1006,11 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         the slice [a, b) = [r * n / NWU, (r + 1) * n / NWU) of it as its candidates (CAND, its private
         copy, the picked ones removed by the warp itself), keeps the pack's lo/hi of its lanes' words
         in registers (32-bit halves), and per pick atomicMin's the keys it evaluates into the unit's
-        BEST; after one CTA barrier every warp of the unit reads the winner there and grows lo/hi by
-        it. BEST is triple-buffered by pick: during a pick warp 0 resets the next pick's buffer, which
-        every warp last read (two picks back) before the previous pick's barrier; with two buffers the
-        reset would race the slower warps' reads of the pick just done. At the pack's end
+        BEST; after a CTA barrier every warp of the unit reads the winner there, the unit's threads
+        grow the shared copy of lo/hi (BOX) by it, a word each, and after a second barrier every warp
+        reloads its registers from BOX (the last pick of a pack skips the growth and the second
+        barrier: the next seed starts over). BEST is double-buffered by pick: during a pick warp 0 resets the next pick's, which
+        every warp last read before this pick's barriers. At the pack's end
         each warp writes its slice's remaining tokens back to REM (still ascending). Units beyond
         NW / NWU wait for a later round of the same pack."""
         T = meta[iT]
@@ -1025,11 +1031,12 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         ul = warp // NWU
         r = warp - ul * NWU
         sub = lane % G
+        box = (meta[oBX] >> 3) + ul * 2 * WU    # the pack's lo (WU words), then hi, of the unit in slot ul
         lo = cuda.local.array(HALVES, nb_uint32)
         hi = cuda.local.array(HALVES, nb_uint32)
         for i in range(tid, UT, NT):
             sh32[rm0 + i] = np.int32(i % T)
-        for i in range(tid, 3 * NW, NT):
+        for i in range(tid, 2 * NW, NT):
             sh64[be0 + i] = KEY_BIG
         cuda.syncthreads()
         par = 0
@@ -1067,7 +1074,12 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                         removed_before += 1
                     if n_c > 0:
                         t_first = np.int64(sh32[rb + a])
-                    row = lv0 + t * W + u * WU + sub
+                    row = lv0 + t * W + u * WU
+                    for w in range(r * 32 + lane, WU, NWU * 32):   # this warp's share of the unit's box
+                        q = LVA[np.uint64(row + w)]
+                        sh64[box + w] = q
+                        sh64[box + WU + w] = q
+                    row += sub
                     for k in range(WPL):
                         q = np.int64(0)
                         if EXACT or sub + G * k < WU:
@@ -1084,12 +1096,9 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     mine = KEY_BIG
                     if active:
                         mine = warp_best(LVA, lv0, sh32, sh64, meta, cb, sb, n_c, lo, hi, u, lane, bi)
-                    nxt = par + 1
-                    if nxt == 3:
-                        nxt = 0
                     if warp == 0 and lane < UPR:
-                        sh64[be0 + nxt * NW + lane] = KEY_BIG
-                    cuda.syncthreads()
+                        sh64[be0 + (1 - par) * NW + lane] = KEY_BIG
+                    cuda.syncthreads()   # BEST is the winner; no lane reads BOX until the next barrier
                     if active:
                         key = sh64[bi]
                         t = (key & LOW32) >> 12
@@ -1110,13 +1119,26 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             syncwarp()
                         elif t < t_first:
                             removed_before += 1
-                        row = lv0 + t * W + u * WU + sub
-                        for k in range(WPL):
-                            if EXACT or sub + G * k < WU:
-                                grow(LVA[np.uint64(row + G * k)], lo, hi, k)
                         if r == 0 and lane == 0:
                             sh32[or0 + u * T + pos] = np.int32(t)
-                    par = nxt
+                    if pos < start + P - 1:   # (after the pack's last pick the next seed starts over)
+                        if active:
+                            row = lv0 + t * W + u * WU
+                            for w in range(r * 32 + lane, WU, NWU * 32):   # the box grows by the winner, once
+                                q = LVA[np.uint64(row + w)]
+                                sh64[box + w] = words_min(sh64[box + w], q)
+                                sh64[box + WU + w] = words_max(sh64[box + WU + w], q)
+                        cuda.syncthreads()
+                        if active:
+                            for k in range(WPL):
+                                if EXACT or sub + G * k < WU:
+                                    lw = sh64[np.uint64(box + sub + G * k)]
+                                    hw = sh64[np.uint64(box + WU + sub + G * k)]
+                                    lo[2 * k] = lw & LOW32
+                                    lo[2 * k + 1] = lw >> 32 & LOW32
+                                    hi[2 * k] = hw & LOW32
+                                    hi[2 * k + 1] = hw >> 32 & LOW32
+                    par = 1 - par
                 if active:   # the slice's remaining tokens back to REM (nobody reads REM until the barrier)
                     for j in range(lane, n_c, 32):
                         sh32[rb + a - removed_before + j] = sh32[cb + j]
@@ -1149,16 +1171,12 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             u = wi // WU
             ob = or0 + u * T + r * P
             q = LVA[np.uint64(lv0 + sh32[ob] * W + wi)]
-            mn0 = mx0 = q & LOW32
-            mn1 = mx1 = q >> 32 & LOW32
+            mn = q
+            mx = q
             for j in range(1, P):
                 q = LVA[np.uint64(lv0 + sh32[ob + j] * W + wi)]
-                mn0 = lanes_min(mn0, q & LOW32)
-                mx0 = lanes_max(mx0, q & LOW32)
-                mn1 = lanes_min(mn1, q >> 32 & LOW32)
-                mx1 = lanes_max(mx1, q >> 32 & LOW32)
-            mn = mn0 | (mn1 << 32)
-            mx = mx0 | (mx1 << 32)
+                mn = words_min(mn, q)
+                mx = words_max(mx, q)
             wj = wi - u * WU
             kv = np.int64(0)
             if wj >= WK:
@@ -1796,7 +1814,8 @@ class _Plan:
             "lv": T * W * 8, "pinfo": NP * 4, "poff": NP * 4,
             "mw": W * 8, "nrm": UT * 8, "key": UT * 8, "score": UT * 8,
             "stepk": UT * 4, "stepv": UT * 4, "offk": UT * 4, "offv": UT * 4, "order": UT * 4,
-            "rem": UT * 4, "cand": UT * 4, "stale": UT * 4, "best": 3 * NW * 8,
+            "rem": UT * 4, "cand": UT * 4, "stale": UT * 4, "best": 2 * NW * 8,
+            "box": UPR * 2 * WU * 8 if params.repack == "greedy" else 0,
             "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
             "scan": (NW + 1) * 8,
         }
