@@ -933,7 +933,9 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     def lane_least(sh32, cb, sb, n_c, lane):
         """The least stale key (STALE << 32 | CAND << 12 | j) of this lane's slots j = lane + 32 i."""
         least = KEY_BIG
-        for j in range(lane, n_c, 32):
+        if lane < n_c:      # (slices are rarely longer than a warp: no loop set-up for the first slot)
+            least = (np.int64(sh32[np.uint64(sb + lane)]) << 32) | (np.int64(sh32[np.uint64(cb + lane)]) << 12) | lane
+        for j in range(lane + 32, n_c, 32):
             least = min(least, (np.int64(sh32[np.uint64(sb + j)]) << 32) | (np.int64(sh32[np.uint64(cb + j)]) << 12) | j)
         return least
 
@@ -975,7 +977,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 mine = min(mine, key)
                 landed = KEY_BIG
                 if lane == (j1 & 31):   # the lane that holds slot j1: its stale cost, its least again
-                    sh32[sb + j1] = np.int32(key >> 32)
+                    sh32[np.uint64(sb + j1)] = np.int32(key >> 32)
                     if n_c <= 32:       # slot j1 is its only one
                         least = key
                     else:
