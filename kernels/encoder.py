@@ -335,11 +335,11 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     # The SWAR arithmetic works on 32-bit words (the integer ALU's width: an int64 add or shift is two
     # instructions). The greedy's widths: a range of up to E - 1 bits is smeared down its lane and the
     # set bits counted; when every level fits half a lane (NARROW: levels <= 15 for E = 8, the default
-    # bounds' <= 11), two words' ranges share one word first, each in lanes of F = E / 2 bits.
+    # bounds' <= 11), two words' ranges share one word first, each in lanes of CW = E / 2 bits.
     HB32 = np.int64(_lanes32(E, 1 << (E - 1)))
-    F = E // 2 if NARROW else E
-    SMEAR = F.bit_length() - 1          # smear steps (shifts 1, 2, 4, 8) that fill F bits
-    SM_1, SM_2, SM_4, SM_8 = (np.int64(_lanes32(F, (1 << max(F - s, 0)) - 1)) for s in (1, 2, 4, 8))
+    CW = E // 2 if NARROW else E        # the lanes whose widths are counted
+    SMEAR = CW.bit_length() - 1         # smear steps (shifts 1, 2, 4, 8) that fill CW bits
+    SM_1, SM_2, SM_4, SM_8 = (np.int64(_lanes32(CW, (1 << max(CW - s, 0)) - 1)) for s in (1, 2, 4, 8))
     sign_lanes = SIGN_LANES[E]
     EVEN = np.int64(_lanes32(2 * E, (1 << E) - 1))   # the even lanes of a 32-bit word, in lanes of 2E bits
     MEAN_CHUNK = 65535 // LANE_MAX if E == 8 else 1 << 13   # tokens summed before a 16-bit lane could overflow
@@ -374,7 +374,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
 
     @cuda.jit(device=True)
     def width_sum(r):
-        """Sum over the F-bit lanes of a 32-bit word of bit_length(lane): smear each lane's top bit
+        """Sum over the CW-bit lanes of a 32-bit word of bit_length(lane): smear each lane's top bit
         down, count the bits."""
         r |= (r >> 1) & SM_1
         if SMEAR >= 2:
@@ -432,6 +432,12 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         if gs > 1:
             v = max(v, shfl_xor(v, 1))
         return v
+
+    @cuda.jit(device=True)
+    def udiv(x, d):
+        """x // d for 0 <= x < 2**32 and 0 < d < 2**32 (bit positions in a record, field widths): a
+        32-bit division, not the int64 subroutine call that `//` on int64 compiles to."""
+        return np.int64(np.uint32(x) // np.uint32(d))
 
     @cuda.jit(device=True)
     def divmod_p2(x, d, sh):
@@ -804,14 +810,15 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             s1 = np.int64(0)
             s2 = np.int64(0)
             s3 = np.int64(0)
+            tb = rb + u * T
             for c0 in range(0, n_rem, MEAN_CHUNK):
                 ev = np.int64(0)
                 od = np.int64(0)
                 for i in range(c0, min(c0 + MEAN_CHUNK, n_rem)):
-                    t = np.int64(sh32[rb + u * T + i])
+                    t = np.int64(sh32[np.uint64(tb + i)])
                     w = np.int64(LV32[np.uint64(rowb + 2 * W * t)]) & LOW32
-                    ev += w & EVEN
-                    od += (w >> E_) & EVEN
+                    ev = (ev + (w & EVEN)) & LOW32        # (32-bit adds: the sums fit)
+                    od = (od + ((w >> E_) & EVEN)) & LOW32
                 if E == 8:
                     s0 += ev & 0xFFFF
                     s1 += od & 0xFFFF
@@ -884,7 +891,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         r0 = lanes_max(q & LOW32, np.int64(hi[2 * k])) - lanes_min(q & LOW32, np.int64(lo[2 * k]))
         r1 = lanes_max(q >> 32 & LOW32, np.int64(hi[2 * k + 1])) - lanes_min(q >> 32 & LOW32, np.int64(lo[2 * k + 1]))
         if NARROW:   # the lanes of r1 into the empty upper halves of r0's (an add: one LEA)
-            return width_sum(r0 + (r1 << F))
+            return width_sum(r0 + (r1 << CW))
         return width_sum(r0) + width_sum(r1)
 
     @cuda.jit(device=True)
@@ -1439,7 +1446,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     bit0 = 32 * (j - 2 - T)
                     val = np.int64(0)
                     if kb > 0:
-                        for f in range(bit0 // kb, min((bit0 + 31) // kb, T - 1) + 1):
+                        for f in range(udiv(bit0, kb), min(udiv(bit0 + 31, kb), T - 1) + 1):
                             fv = sh32[ok0 + u * T + sh32[ob + f]] - kbase
                             sft = f * kb - bit0
                             if sft >= 0:
@@ -1448,7 +1455,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                                 val |= fv >> (-sft)
                     vbit0 = bit0 - T * kb
                     if vb > 0 and vbit0 + 31 >= 0:
-                        for f in range(max(vbit0, 0) // vb, min((vbit0 + 31) // vb, T - 1) + 1):
+                        for f in range(udiv(max(vbit0, 0), vb), min(udiv(vbit0 + 31, vb), T - 1) + 1):
                             fv = sh32[ov0 + u * T + sh32[ob + f]] - vbase
                             sft = f * vb - vbit0
                             if sft >= 0:
@@ -1494,7 +1501,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     bit0 = 32 * (j - 1)
                     val = np.int64(0)
                     if F > 0:
-                        for f in range(bit0 // F, min((bit0 + 31) // F, RD - 1) + 1):
+                        for f in range(udiv(bit0, F), min(udiv(bit0 + 31, F), RD - 1) + 1):
                             info = np.int64(PK[pi0 + gb + f])
                             fv = (info & 0xFF) | (((info >> 8) - mbase) << WB)
                             sft = f * F - bit0
@@ -1536,7 +1543,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             ln = d % LPW_
                         rel_bit = 8 * (byte0 - poff)     # the word's first bit, relative to the pack
                         ob = or0 + uu * T + r * P
-                        for vj in range(max(rel_bit, 0) // w, min((rel_bit + 31) // w, P - 1) + 1):
+                        for vj in range(udiv(max(rel_bit, 0), w), min(udiv(rel_bit + 31, w), P - 1) + 1):
                             t = sh32[ob + vj]
                             lev = ((LVA[lv0 + t * W + wi] >> (E_ * ln)) & LM) - pmin
                             sft = vj * w - rel_bit
