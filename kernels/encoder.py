@@ -70,7 +70,8 @@ block order) takes one block (one record) at a time:
    and each warp's own bound, from 276 ms with the CTA-wide design. Counted from that build's SASS
    (/work/notes/encoder_study.md): ~1.05M warp instructions per block, ~0.40 issued per scheduler
    per cycle, near the integer pipe's 0.5: issue-bound. This build (32-bit SWAR, the CTA-wide
-   bound, REDUX, one shared lo/hi, DP4A seeds): ~0.35M counted from its SASS, not yet measured.
+   bound, REDUX, one shared lo/hi, DP4A seeds): ~0.42M estimated (its SASS per step times the
+   model's evaluation counts), with a larger share on the FMA pipe (IMAD, VIADD); not yet measured.
    Token-head at the 8B shape (8 units of 32 words): 2 warps per unit, one word per lane, and the
    level matrix fits in shared memory; SmolLM2 token-head (rows of 16 words): 2 candidates per warp
    at a time, no lazy skip;
