@@ -236,7 +236,7 @@ def _lazy_greedy_cases():
     by its warps), with ties, one, two and four warps per unit, 8-bit lanes with levels of up to 4 bits
     (two words' ranges counted in one) and up to 7, 16-bit lanes with levels of up to 8 and 13 bits, rows
     of 2 words per lane with a partial last one, small levels. A job of its own, and not in the default run
-    (-m long_simulation): these take ~15 minutes on one core under the simulator. On a GPU,
+    (-m long_simulation): these took ~3.5 minutes beside the default jobs on 2 shared cores here. On a GPU,
     test_gpu_greedy_real_shapes_byte_identical and test_gpu_greedy_lane_builds run the lazy picks at
     SmolLM2's and the 8B shape's rows (token-layer and token-head)."""
     return [dict(id=name, params=_params(granularity=granularity, pack=8, block=block, rel_k=rel_k), H=H, D=D,
