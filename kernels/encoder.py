@@ -1904,9 +1904,10 @@ def _stream():
 
 
 class BlockEncoder:
-    """Compiles (once per lane width) and runs the encoder for one (params, n_kv_heads, head_dim)
-    configuration. Each call's lane width follows its tightest block bound (8-bit lanes at the default
-    bounds, 16-bit below rel ~1/126); `plan` and `kernel` are those of the latest call."""
+    """Compiles (once per lane width and narrow flag: up to 4 builds) and runs the encoder for one
+    (params, n_kv_heads, head_dim) configuration. Each call's lane width follows its tightest block
+    bound (8-bit lanes at the default bounds, 16-bit below rel ~1/126), and so does the greedy's narrow
+    build (levels of half a lane: rel >= ~1/14 at 8 bits); `plan` and `kernel` are the latest call's."""
 
     def __init__(self, params: codec.CodecParams, n_kv_heads: int, head_dim: int, threads: int = 512,
                  force_global: bool = False, max_ctas: int | None = None, chunks_per_lane: int = 8):
