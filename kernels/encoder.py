@@ -280,7 +280,10 @@ if SIMULATOR:
 else:
     from llvmlite import ir as _ir
     from numba import types as _types
-    from numba.cuda.extending import intrinsic as _intrinsic
+    try:
+        from numba.cuda.extending import intrinsic as _intrinsic
+    except ImportError:   # numba-cuda releases before numba.cuda.extending: numba's generic intrinsic
+        from numba.core.extending import intrinsic as _intrinsic
 
     def _ptx_u32(text: str, n_args: int, convergent: bool = False):
         """Lowering of a uint32(uint32 x n_args) that is one PTX instruction ($0 the result)."""
