@@ -1,6 +1,6 @@
 """GB/s of the GPU encoder (kernels/encoder.py): fp16 K+V input compressed per second.
 
-    python bench/encoder.py [--threads 512] [--reps 3] [--quick]
+    python bench/encoder.py [--threads 512] [--reps 3] [--quick] [--breakdown] [--out encoder.json]
 
 Shapes: Llama-3.1-8B (32 layers, 8 KV heads, head_dim 128) and SmolLM2-135M (30 layers, 3 KV heads,
 head_dim 64); batches of one decode step's blocks (every layer's block at once), an 8K-token prefill
@@ -18,7 +18,8 @@ the last token only), causal attention 2 (QK^T, PV) * 2 * tokens^2 / 2 * head_di
 That estimate assumes the whole prefill runs at matmul peak, so it underestimates the prefill time and
 the fraction is an upper bound.
 
-Writes bench/results/encoder.json (device, records with shape, params, blocks, seconds, input_gbps).
+Writes bench/results/encoder.json, or --out (device, records with shape, params, blocks, seconds,
+input_gbps): a build's numbers beside the committed ones.
 """
 from __future__ import annotations
 
@@ -108,6 +109,7 @@ def main():
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the 8B 128K batch with phases switched off (quantize only, + repack, "
                          "+ pack statistics, + look-back): where the time goes")
+    ap.add_argument("--out", default="encoder.json", help="file name under bench/results")
     args = ap.parse_args()
 
     import cupy as cp
@@ -210,7 +212,7 @@ def main():
               f"{tflops:.0f} TFLOP/s; compressing its KV cache takes {r['seconds']:.3f} s = "
               f"{100 * r['seconds'] / est:.2f}% of it")
     print_table(records, ["model", "batch", "threads", "blocks", "seconds", "input_gbps", "ratio"])
-    write_json("encoder.json", {**header(device), "matmul_tflops_fp16": tflops, "records": records,
+    write_json(args.out, {**header(device), "matmul_tflops_fp16": tflops, "records": records,
                                 "prefill_128k": prefill, "phase_breakdown_8b_128k_seconds": breakdown,
                                 "target": "100 GB/s of fp16 K+V input for llama-3.1-8b, token-layer, greedy, "
                                           "pack 16, block 64"})

@@ -37,34 +37,44 @@ block order) takes one block (one record) at a time:
    fp16, fp32 magic-number rint), and write the integer levels to a level matrix LV (shared memory when
    it fits, else per-CTA global scratch), token-major, 8 (or 4) levels per int64 word (SWAR lanes of 8
    bits when every block's rel >= ~1/126, else 16); NaN/inf is detected here and reported after the launch;
-2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, int64 dots,
-   float64 cosine, lowest index on ties; mean and scores CTA-wide), then pack-1 picks of the
-   candidate with the least cost[t] = sum_c width(max(hi,q)-min(lo,q)), lowest token on ties. The
-   picks run warp-synchronously, one CTA barrier per pick: NWU = NW / n_units warps per unit (16 for
-   one unit at 512 threads; units beyond NW / NWU take later rounds of the same pack). Warp r of a
-   unit takes the slice [r*n/NWU, (r+1)*n/NWU) of the unit's remaining tokens (ascending) as its
-   candidates (a private copy, CAND, from which the warp removes its own picks); lane groups of G =
-   min(32, row words) lanes take one candidate each, a lane holds the pack's lo/hi of its WPL words
-   (sub, sub + G, ...) in registers and costs each on SWAR words (per-lane max/min by the borrow trick,
-   widths by smearing bits, one popc per 8 channels), the group sums, and the warp keeps the least
+2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, integer dots
+   (DP4A on 8-bit lanes), float64 cosine, lowest index on ties; mean and scores CTA-wide), then
+   pack-1 picks of the candidate with the least cost[t] = sum_c width(max(hi,q)-min(lo,q)), lowest
+   token on ties. The picks run warp-synchronously, one CTA barrier per pick: NWU = NW / n_units
+   warps per unit (16 for one unit at 512 threads; units beyond NW / NWU take later rounds of the
+   same pack). Warp r of a unit takes the slice [r*n/NWU, (r+1)*n/NWU) of the unit's remaining
+   tokens (ascending) as its candidates (a private copy, CAND, from which the warp removes its own
+   picks); lane groups of G = min(32, row words) lanes take one candidate each, a lane holds the
+   pack's lo/hi of its WPL words (sub, sub + G, ...) in registers as 32-bit halves and costs each
+   on 32-bit SWAR words (the integer ALU's width): per-lane max/min by q + 0x80.. - hi (a lane's top
+   bit says q >= hi), a PRMT that spreads that bit over the lane and a select; widths by smearing
+   bits and one POPC; when every level fits half a lane (levels <= 15 at 8 bits, the default
+   bounds' <= 11) two words' ranges share one word first. 21 instructions per 8 levels, from 51
+   with int64 SWAR (SASS, 8B shape). The group sums (REDUX at G = 32), and the warp keeps the least
    (cost << 32 | token << 12 | slice index) key. With G = 32 (rows of 32 words or more) the warp
    picks lazily: STALE keeps each candidate's cost at its last evaluation in the pack, a lower bound
-   of its cost now (lo/hi only grow), and the warp evaluates the candidate of the least stale key,
-   then only those whose stale key is below its best key so far (exact: the others cannot win). In a
-   NumPy model of the 8B shape's synthetic KV (6 blocks) that evaluates 72% of the (pick, candidate)
-   pairs at 16 warps per unit (token-layer), 40% at 2 (token-head). Lane 0 posts the warp's key to
-   SLOT (double-buffered by pick parity), one __syncthreads, then every warp of the unit takes the min
-   of its unit's NWU keys, grows its lo/hi by the picked row (read from LV: no second barrier) and
-   the owner drops the pick from its slice. At the pack's end each warp writes its slice's remaining tokens back to REM at the slice
-   start minus the picks of the earlier slices (tokens below its first one): REM stays ascending.
-   Barriers per pack: 2 for the seed, pack - 1 for the picks, 1 at the end (the old design: ~2 per
-   pick plus shared atomics for change lists).
-   Measured (H100, below): repack 165 ms at the 8B shape's 128K prefill, from 276 ms with the
-   CTA-wide design (1.7x; the estimate had been ~55-70 ms if issue-bound): the word cost arithmetic
-   and the 16 replicated lo/hi updates per pick remain the bulk (not yet profiled).
+   of its cost now (lo/hi only grow); the warp evaluates its least stale key (two REDUX.MIN) while
+   that is below its bound, the least of its own keys and BEST, the unit's least key of the pick so
+   far, which every evaluation atomicMin's (the atomic returns it: the other warps' evaluations
+   tighten the bound as they land; exact: the others cannot win). In a NumPy model of the 8B
+   shape's synthetic KV (8 blocks) that evaluates 55% of the (pick, candidate) pairs at 16 warps per
+   unit, from 72% with each warp's own best as its bound. After a __syncthreads the unit's BEST is
+   the winner (double-buffered by pick: warp 0 resets the next pick's during a pick); the owner
+   drops the pick from its slice, and the pack's lo/hi grow once, in a shared copy (the unit's
+   threads a word each), a second __syncthreads, then every warp reloads its registers from it:
+   before, each of the 16 warps grew all 256 words of its own copy, ~20% of the picks' instructions
+   with the 32-bit SWAR. At the pack's end each warp writes its slice's remaining tokens back to
+   REM at the slice start minus the picks of the earlier slices (tokens below its first one): REM
+   stays ascending. Barriers per pack: 2 for the seed, 2 per pick (1 for the last), 1 at the end.
+   Measured (H100, below, git bd6c614): repack 165 ms at the 8B shape's 128K prefill with int64 SWAR
+   and each warp's own bound, from 276 ms with the CTA-wide design. Counted from that build's SASS
+   (/work/notes/encoder_study.md): ~1.05M warp instructions per block, ~0.40 issued per scheduler
+   per cycle, near the integer pipe's 0.5: issue-bound. This build (32-bit SWAR, the CTA-wide
+   bound, REDUX, one shared lo/hi, DP4A seeds): ~0.42M estimated (its SASS per step times the
+   model's evaluation counts), with a larger share on the FMA pipe (IMAD, VIADD); not yet measured.
    Token-head at the 8B shape (8 units of 32 words): 2 warps per unit, one word per lane, and the
-   level matrix now fits in shared memory (223 KiB with the change lists gone; it was in global
-   scratch); SmolLM2 token-head (rows of 16 words): 2 candidates per warp at a time, no lazy skip;
+   level matrix fits in shared memory; SmolLM2 token-head (rows of 16 words): 2 candidates per warp
+   at a time, no lazy skip;
 3. pack statistics (min and width per pack of P tokens x 1 channel), section sizes, record size;
 4. decoupled look-back over the tiles' record sizes gives the record's arena offset (a single-pass
    prefix sum: no second launch, no host round trip);
@@ -72,7 +82,7 @@ block order) takes one block (one record) at a time:
    payload words found by binary search over the packs' byte offsets) and stored coalesced.
 
 Speed (bench/results/encoder.json, H100, `python3 bench/encoder.py --reps 2 --breakdown`, git bd6c614 =
-this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V) in 0.297 s with the greedy
+this encoder with int64 SWAR and per-warp bounds in the greedy; this build is not yet measured): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V) in 0.297 s with the greedy
 (57.9 GB/s; 3.54% of the prefill's matmul-bound time), 0.126 s with none or sort (136.4 and 135.7 GB/s);
 token-head greedy 44.2 GB/s; 8K prefill 53.1 GB/s. The breakdown: quantize 43.5 ms, repack 164.8,
 pack statistics 16.8, look-back 6.4, write 66.7. The previous greedy (CTA-wide phases per pick, costs
@@ -80,7 +90,8 @@ kept per token and updated by change lists; git 5ba9b04) took 0.41 s (42.3 GB/s)
 Without repacking the other phases alone cost 126 ms: 100 GB/s needs repack under ~45 ms.
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set before numba.cuda is imported) the same
-kernel runs on the CPU; warp shuffles, which the simulator lacks, go through a per-warp barrier there.
+kernel runs on the CPU; warp shuffles and reductions, which the simulator lacks, go through a per-warp
+barrier there, and the inline PTX (PRMT, REDUX, DP4A) through pure-Python twins.
 
 Attempts that lost (measured or estimated, then removed):
 - the CTA-wide greedy above (per pick: full cost evaluations by lane groups over (candidate, segment)
@@ -91,7 +102,8 @@ Attempts that lost (measured or estimated, then removed):
 - lazy greedy over the whole candidate set (stale costs as lower bounds, evaluate candidates in bound
   order until the best exact cost beats every bound): ~31% of the evaluations in a NumPy model, but
   needs a sorted candidate order per pick and serial rounds in the CTA-wide design; the warp
-  picks use the per-warp form (least stale key first, then skip by the bound).
+  picks use the per-warp form with a CTA-wide bound (BEST): 55% at the 8B shape, where the
+  whole-set form needs 44% in this build's model.
 - skipping changed channels whose width function over q in [0, Lmax] is unchanged: 2% of them.
 """
 from __future__ import annotations
@@ -106,7 +118,7 @@ from packkv import codec
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM", "0") == "1"
 
 from numba import cuda  # noqa: E402  (after reading the simulator switch)
-from numba import float64 as nb_float64, int32 as nb_int32, int64 as nb_int64  # noqa: E402
+from numba import float64 as nb_float64, int32 as nb_int32, int64 as nb_int64, uint32 as nb_uint32  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Layout of the small int64 meta array (runtime dimensions and region offsets) and of the work array
@@ -117,7 +129,7 @@ _META_FIELDS = (
     "NP", "GSQ", "GS", "NWU", "UPR", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode",
     # region offsets in bytes: in shared memory, or in the CTA's global scratch for LV / PACK*
     "o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk", "o_stepv", "o_offk",
-    "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_slot", "o_seci", "o_toki", "o_misc", "o_scan",
+    "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best", "o_box", "o_seci", "o_toki", "o_misc", "o_scan",
 )
 M = {name: i for i, name in enumerate(_META_FIELDS)}
 SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, payload prefix, -
@@ -182,6 +194,14 @@ if SIMULATOR:
         barrier.wait()
         return out
 
+    def shfl_idx(v, src):
+        barrier, table, lane = _warp()
+        table[lane] = v
+        barrier.wait()
+        out = table[int(src)]
+        barrier.wait()
+        return out
+
     def syncwarp():
         barrier, _, _ = _warp()
         barrier.wait()
@@ -198,6 +218,10 @@ else:
         return cuda.shfl_up_sync(0xFFFFFFFF, v, off)
 
     @cuda.jit(device=True)
+    def shfl_idx(v, src):
+        return cuda.shfl_sync(0xFFFFFFFF, v, src)
+
+    @cuda.jit(device=True)
     def syncwarp():
         cuda.syncwarp(0xFFFFFFFF)
 
@@ -207,24 +231,123 @@ else:
 
 
 # ----------------------------------------------------------------------------------------------------
+# PTX the compiler does not emit from Python (inline PTX, as numba-cuda's own cache hints), each with
+# the pure-Python twin the simulator runs (and tests/test_encoder.py checks the PTX against on a GPU):
+# - sign_lanes(x, E): each E-bit lane of a 32-bit word all ones where its top bit is set, else zero:
+#   one PRMT with sign-replicating selectors (libdevice's __nv_byte_perm masks the selector's sign bits
+#   away, so it cannot do this);
+# - redux_add / redux_min: a warp's sum / least of an unsigned 32-bit value (REDUX, sm_80+), every lane;
+# - dot4(a, b, c): c + the dot product of a's and b's 4 unsigned bytes (DP4A).
+# ----------------------------------------------------------------------------------------------------
+
+_U32 = (1 << 32) - 1
+_SIGN_SELECTOR = {8: 0xBA98, 16: 0xBB99}   # result byte i <- sign of byte i (8-bit lanes) / of its lane's top byte
+
+
+def sign_lanes_reference(x, E: int) -> int:
+    x = int(x) & _U32
+    lane = (1 << E) - 1
+    return sum(lane << s for s in range(0, 32, E) if (x >> (s + E - 1)) & 1)
+
+
+def dot4_reference(a, b, c) -> int:
+    a, b = int(a) & _U32, int(b) & _U32
+    return (int(c) + sum(((a >> s) & 0xFF) * ((b >> s) & 0xFF) for s in range(0, 32, 8))) & _U32
+
+
+if SIMULATOR:
+    def _sign_lanes(E):
+        def sign_lanes(x):
+            return np.uint32(sign_lanes_reference(x, E))
+        return sign_lanes
+
+    def _warp_reduce(v, op):
+        barrier, table, lane = _warp()
+        table[lane] = int(v) & _U32
+        barrier.wait()
+        out = op(table)
+        barrier.wait()
+        return np.uint32(out)
+
+    def redux_add(v):
+        return _warp_reduce(v, lambda t: sum(t) & _U32)
+
+    def redux_min(v):
+        return _warp_reduce(v, min)
+
+    def dot4(a, b, c):
+        return np.uint32(dot4_reference(a, b, c))
+else:
+    from llvmlite import ir as _ir
+    from numba import types as _types
+    try:
+        from numba.cuda.extending import intrinsic as _intrinsic
+    except ImportError:   # numba-cuda releases before numba.cuda.extending: numba's generic intrinsic
+        from numba.core.extending import intrinsic as _intrinsic
+
+    def _ptx_u32(text: str, n_args: int, convergent: bool = False):
+        """Lowering of a uint32(uint32 x n_args) that is one PTX instruction ($0 the result)."""
+        def codegen(context, builder, signature, values):
+            i32 = _ir.IntType(32)
+            asm = _ir.InlineAsm(_ir.FunctionType(i32, [i32] * n_args), text,
+                                ",".join(["=r"] + ["r"] * n_args), side_effect=convergent)
+            # a warp-collective instruction must not be moved into divergent code
+            return builder.call(asm, values, attrs=("convergent",) if convergent else ())
+        return _types.uint32(*([_types.uint32] * n_args)), codegen
+
+    def _sign_lanes(E):
+        text = f"prmt.b32 $0, $1, 0, {_SIGN_SELECTOR[E]:#x};"
+
+        @_intrinsic
+        def sign_lanes(typingctx, x):
+            return _ptx_u32(text, 1)
+        return sign_lanes
+
+    @_intrinsic
+    def redux_add(typingctx, v):
+        return _ptx_u32("redux.sync.add.u32 $0, $1, 0xffffffff;", 1, convergent=True)
+
+    @_intrinsic
+    def redux_min(typingctx, v):
+        return _ptx_u32("redux.sync.min.u32 $0, $1, 0xffffffff;", 1, convergent=True)
+
+    @_intrinsic
+    def dot4(typingctx, a, b, c):
+        return _ptx_u32("dp4a.u32.u32 $0, $1, $2, $3;", 3)
+
+SIGN_LANES = {E: _sign_lanes(E) for E in (8, 16)}
+
+
+# ----------------------------------------------------------------------------------------------------
 # The kernel (built per lane width E and CTA size; dimensions are runtime values from `meta`)
 # ----------------------------------------------------------------------------------------------------
 
 _KERNELS: dict = {}
 
 
-def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, WPL: int):
+def _lanes32(E: int, bits: int) -> int:
+    """A 32-bit word with the given bit pattern repeated in every E-bit lane."""
+    return sum(bits << (E * i) for i in range(32 // E))
+
+
+def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, WPL: int, EXACT: bool,
+                  NARROW: bool):
     LPW = 64 // E                       # levels per int64 word
     NG = 32 // G                        # greedy: candidates a warp evaluates at once (lane groups of G)
     LM = np.int64((1 << E) - 1)         # lane mask
     LANE_MAX = (1 << (E - 1)) - 1       # SWAR compare needs the lane's top bit clear
-    HB = _lanes(E, 1 << (E - 1))
-    ONES = _lanes(E, 1)
-    SM1 = _lanes(E, (1 << (E - 1)) - 1)
-    SM2 = _lanes(E, (1 << (E - 2)) - 1)
-    SM3 = _lanes(E, (1 << (E - 4)) - 1)
-    SM4 = _lanes(E, (1 << (E - 8)) - 1) if E == 16 else np.int64(0)
-    F32A = _s64(0x000000FF000000FF) if E == 8 else _s64(0x0000FFFF0000FFFF)
+    # The SWAR arithmetic works on 32-bit words (the integer ALU's width: an int64 add or shift is two
+    # instructions). The greedy's widths: a range of up to E - 1 bits is smeared down its lane and the
+    # set bits counted; when every level fits half a lane (NARROW: levels <= 15 for E = 8, the default
+    # bounds' <= 11), two words' ranges share one word first, each in lanes of CW = E / 2 bits.
+    HB32 = np.int64(_lanes32(E, 1 << (E - 1)))
+    CW = E // 2 if NARROW else E        # the lanes whose widths are counted
+    SMEAR = CW.bit_length() - 1         # smear steps (shifts 1, 2, 4, 8) that fill CW bits
+    SM_1, SM_2, SM_4, SM_8 = (np.int64(_lanes32(CW, (1 << max(CW - s, 0)) - 1)) for s in (1, 2, 4, 8))
+    sign_lanes = SIGN_LANES[E]
+    EVEN = np.int64(_lanes32(2 * E, (1 << E) - 1))   # the even lanes of a 32-bit word, in lanes of 2E bits
+    MEAN_CHUNK = 65535 // LANE_MAX if E == 8 else 1 << 13   # tokens summed before a 16-bit lane could overflow
+    HALVES = 2 * WPL                    # 32-bit words of a unit's row per lane (greedy's lo/hi registers)
     LOW32 = np.int64(0xFFFFFFFF)
     NW = NT // 32
     FULL = 0xFFFFFFFF
@@ -242,26 +365,29 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     F_MAGIC = np.float32(1.5 * 2.0 ** 23)
 
     @cuda.jit(device=True)
-    def swar_max(a, b):
-        ge = ((a | HB) - b) & HB                      # lane top bit set where a >= b
-        m = (ge - ((ge >> (E_ - 1)) & ONES)) | ge     # whole lane set where a >= b
+    def lanes_max(a, b):
+        """Lane-wise max of two 32-bit words of E-bit lanes (top bits clear): a + HB - b has a lane's top
+        bit set where a >= b (no borrow crosses a lane); PRMT spreads it over the lane; select."""
+        m = np.int64(sign_lanes((a + HB32 - b) & LOW32))
         return b ^ ((a ^ b) & m)
 
     @cuda.jit(device=True)
-    def swar_min(a, b):
-        ge = ((a | HB) - b) & HB
-        m = (ge - ((ge >> (E_ - 1)) & ONES)) | ge
+    def lanes_min(a, b):
+        m = np.int64(sign_lanes((a + HB32 - b) & LOW32))
         return a ^ ((a ^ b) & m)
 
     @cuda.jit(device=True)
-    def swar_width_sum(r):
-        """Sum over the lanes of bit_length(lane): smear each lane's top bit down, count the bits."""
-        r |= (r >> 1) & SM1
-        r |= (r >> 2) & SM2
-        r |= (r >> 4) & SM3
-        if E == 16:
-            r |= (r >> 8) & SM4
-        return np.int64(cuda.popc(r))
+    def width_sum(r):
+        """Sum over the CW-bit lanes of a 32-bit word of bit_length(lane): smear each lane's top bit
+        down, count the bits."""
+        r |= (r >> 1) & SM_1
+        if SMEAR >= 2:
+            r |= (r >> 2) & SM_2
+        if SMEAR >= 3:
+            r |= (r >> 4) & SM_4
+        if SMEAR >= 4:
+            r |= (r >> 8) & SM_8
+        return np.int64(cuda.popc(np.uint32(r)))
 
     @cuda.jit(device=True)
     def width(x):
@@ -310,6 +436,12 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         if gs > 1:
             v = max(v, shfl_xor(v, 1))
         return v
+
+    @cuda.jit(device=True)
+    def udiv(x, d):
+        """x // d for 0 <= x < 2**32 and 0 < d < 2**32 (bit positions in a record, field widths): a
+        32-bit division, not the int64 subroutine call that `//` on int64 compiles to."""
+        return np.int64(np.uint32(x) // np.uint32(d))
 
     @cuda.jit(device=True)
     def divmod_p2(x, d, sh):
@@ -406,10 +538,10 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     iGSQ, iGS, iNWU, iUPR, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "NWU", "UPR", "used0", "cap",
                                                               "scr64"))
     iDQSH, iDSH, iMODE = M["dq_shift"], M["d_shift"], M["mode"]
-    oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oST, oSL, oSE, oTK, oMI, oSN = (
+    oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oST, oBE, oBX, oSE, oTK, oMI, oSN = (
         M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
-                       "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_slot",
-                       "o_seci", "o_toki", "o_misc", "o_scan"))
+                       "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best",
+                       "o_box", "o_seci", "o_toki", "o_misc", "o_scan"))
 
     # ------------------------------------------------------------------------------------------
     # 1. quantize: LV rows (token-major, unit-major words), per-token steps/offsets, sums, norms
@@ -667,46 +799,57 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 sh32[or0 + i] = np.int32(i % T)
 
     @cuda.jit(device=True)
-    def ph_mean(LVA, lv0, sh64, sh32, meta, rb, n_rem, tid):
-        """MW = per-channel rounded mean (2*sum + n) // (2n) of the remaining tokens, packed like LV."""
+    def ph_mean(LV32, lv0, sh32, meta, rb, n_rem, tid):
+        """MW = per-channel rounded mean (2*sum + n) // (2n) of the remaining tokens, packed like LV: a
+        thread per 32-bit word, whose even and odd lanes it sums in lanes of 2E bits (flushed into
+        int64 totals before a lane could overflow)."""
         T = meta[iT]
         WU = meta[iWU]
         W = meta[iW]
-        mw0 = meta[oMW] >> 3
-        for wi in range(tid, W, NT):
-            u = wi // WU
-            a0 = np.int64(0)
-            a1 = np.int64(0)
-            a2 = np.int64(0)
-            a3 = np.int64(0)
-            for i in range(n_rem):
-                t = sh32[rb + u * T + i]
-                w = LVA[np.uint64(lv0 + t * W + wi)]
-                a0 += w & F32A
-                a1 += (w >> E_) & F32A
+        mw0 = meta[oMW] >> 2
+        for wi in range(tid, 2 * W, NT):
+            u = wi // (2 * WU)
+            rowb = 2 * lv0 + wi
+            s0 = np.int64(0)
+            s1 = np.int64(0)
+            s2 = np.int64(0)
+            s3 = np.int64(0)
+            tb = rb + u * T
+            for c0 in range(0, n_rem, MEAN_CHUNK):
+                ev = np.int64(0)
+                od = np.int64(0)
+                for i in range(c0, min(c0 + MEAN_CHUNK, n_rem)):
+                    t = np.int64(sh32[np.uint64(tb + i)])
+                    w = np.int64(LV32[np.uint64(rowb + 2 * W * t)]) & LOW32
+                    ev = (ev + (w & EVEN)) & LOW32        # (32-bit adds: the sums fit)
+                    od = (od + ((w >> E_) & EVEN)) & LOW32
                 if E == 8:
-                    a2 += (w >> 16) & F32A
-                    a3 += (w >> 24) & F32A
-            mw = np.int64(0)
-            for l in range(LPW):
-                part = l % (LPW // 2)
-                if part == 0:
-                    acc = a0
-                elif part == 1:
-                    acc = a1
-                elif part == 2:
-                    acc = a2
+                    s0 += ev & 0xFFFF
+                    s1 += od & 0xFFFF
+                    s2 += ev >> 16
+                    s3 += od >> 16
                 else:
-                    acc = a3
-                if l >= LPW // 2:
-                    acc = acc >> 32
-                m = (2 * (acc & LOW32) + n_rem) // (2 * n_rem)
-                mw |= m << (E_ * l)
-            sh64[mw0 + wi] = mw
+                    s0 += ev
+                    s1 += od
+            n2 = np.uint32(2 * n_rem)
+            mw = np.int64(0)
+            for l in range(32 // E):
+                if l == 0:
+                    acc = s0
+                elif l == 1:
+                    acc = s1
+                elif l == 2:
+                    acc = s2
+                else:
+                    acc = s3
+                # < 2**28: a 32-bit division
+                mw |= np.int64(np.uint32(2 * acc + n_rem) // n2) << (E_ * l)
+            sh32[mw0 + wi] = np.int32(mw)
 
     @cuda.jit(device=True)
     def ph_scores(LVA, lv0, sh64, sh32, shf, meta, rb, n_rem, tid):
-        """SCORE[u][i] = float64(q_t . m) / sqrt(float64(|q_t|^2)) (0 for an all-zero token)."""
+        """SCORE[u][i] = float64(q_t . m) / sqrt(float64(|q_t|^2)) (0 for an all-zero token); with 8-bit
+        lanes the products by DP4A, 4 per instruction (levels and means < 128: no sign, no overflow)."""
         T = meta[iT]
         WU = meta[iWU]
         W = meta[iW]
@@ -732,8 +875,11 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 for wi in range(u * WU + sub, (u + 1) * WU, GS):
                     q = LVA[np.uint64(rowb + wi)]
                     m = sh64[np.uint64(mw0 + wi)]
-                    for l in range(LPW):
-                        dot += ((q >> (E_ * l)) & LM) * ((m >> (E_ * l)) & LM)
+                    if E == 8:
+                        dot += np.int64(dot4(q & LOW32, m & LOW32, dot4((q >> 32) & LOW32, (m >> 32) & LOW32, 0)))
+                    else:
+                        for l in range(LPW):
+                            dot += ((q >> (E_ * l)) & LM) * ((m >> (E_ * l)) & LM)
             dot = grp_sum(dot, GS)
             if it < n_items and sub == 0:
                 nrm = sh64[nrm0 + u * T + t]
@@ -743,8 +889,23 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 shf[sc0 + u * T + i] = sc
 
     @cuda.jit(device=True)
-    def word_cost(q, lo, hi):
-        return swar_width_sum(swar_max(q, hi) - swar_min(q, lo))
+    def word_cost(q, lo, hi, k):
+        """Sum over the levels of one int64 LV word q of width(max(hi, q) - min(lo, q)), the pack's lo/hi
+        of its two 32-bit halves at lo[2k], lo[2k + 1] (hi likewise)."""
+        r0 = lanes_max(q & LOW32, np.int64(hi[2 * k])) - lanes_min(q & LOW32, np.int64(lo[2 * k]))
+        r1 = lanes_max(q >> 32 & LOW32, np.int64(hi[2 * k + 1])) - lanes_min(q >> 32 & LOW32, np.int64(lo[2 * k + 1]))
+        if NARROW:   # the lanes of r1 into the empty upper halves of r0's (an add: one LEA)
+            return width_sum(r0 + (r1 << CW))
+        return width_sum(r0) + width_sum(r1)
+
+    @cuda.jit(device=True)
+    def words_min(a, b):
+        """Lane-wise min of two int64 LV words, by their 32-bit halves."""
+        return lanes_min(a & LOW32, b & LOW32) | (lanes_min(a >> 32 & LOW32, b >> 32 & LOW32) << 32)
+
+    @cuda.jit(device=True)
+    def words_max(a, b):
+        return lanes_max(a & LOW32, b & LOW32) | (lanes_max(a >> 32 & LOW32, b >> 32 & LOW32) << 32)
 
     @cuda.jit(device=True)
     def warp_seed(sh32, shf, meta, u, n_rem, lane):
@@ -769,50 +930,74 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
 
     @cuda.jit(device=True)
     def cand_cost(LVA, row, WU, lo, hi, sub):
-        """This lane's share of a candidate's cost: its words sub, sub + G, ... of the row at `row`."""
+        """A candidate's cost, every lane of its group of G gets it: the lane's words sub, sub + G, ...
+        of the row at `row` (all G * WPL of them when EXACT), summed over the group."""
         acc = np.int64(0)
         for k in range(WPL):
-            if sub + G * k < WU:
-                acc += word_cost(LVA[np.uint64(row + G * k)], lo[k], hi[k])
-        return grp_sum(acc, G)
+            if EXACT or sub + G * k < WU:
+                acc += word_cost(LVA[np.uint64(row + G * k)], lo, hi, k)
+        if G == 32:
+            return np.int64(redux_add(acc))
+        return np.int64(grp_sum(np.int32(acc), G))   # 32-bit shuffles
 
     @cuda.jit(device=True)
-    def warp_best(LVA, lv0, sh32, meta, cb, sb, n_c, lo, hi, u, lane):
-        """The least (cost << 32 | t << 12 | j) over this warp's n_c candidates t = CAND[cb + j].
+    def lane_least(sh32, cb, sb, n_c, lane):
+        """The least stale key (STALE << 32 | CAND << 12 | j) of this lane's slots j = lane + 32 i."""
+        least = KEY_BIG
+        if lane < n_c:      # (slices are rarely longer than a warp: no loop set-up for the first slot)
+            least = (np.int64(sh32[np.uint64(sb + lane)]) << 32) | (np.int64(sh32[np.uint64(cb + lane)]) << 12) | lane
+        for j in range(lane + 32, n_c, 32):
+            least = min(least, (np.int64(sh32[np.uint64(sb + j)]) << 32) | (np.int64(sh32[np.uint64(cb + j)]) << 12) | j)
+        return least
+
+    @cuda.jit(device=True)
+    def warp_best(LVA, lv0, sh32, sh64, meta, cb, sb, n_c, lo, hi, u, lane, bi):
+        """This warp's least key (cost << 32 | t << 12 | j) over the candidates t = CAND[cb + j] it
+        evaluates (KEY_BIG if none); each is also atomicMin'ed into BEST = sh64[bi], the unit's least key
+        of the pick so far (the winner once every warp of the unit is done).
 
         G = 32 (rows of 32 words or more): one candidate at a time, lazily. STALE[sb + j] is the
-        candidate's cost at its last evaluation in this pack, a lower bound of its cost now (the
-        pack's lo/hi only grow); the warp evaluates the candidate of the least stale key first, then
-        only those whose stale key is below the best key so far (the others cannot win), and
-        stores the costs it evaluated. Smaller rows: lane groups of G lanes take a candidate each
-        (NG at a time), every candidate evaluated."""
+        candidate's cost at its last evaluation in this pack, a lower bound of its cost now (the pack's
+        lo/hi only grow), so stale << 32 | t << 12 | j bounds its key from below. The warp evaluates its
+        least stale key while that is below its bound, the least of BEST and its own keys (the others
+        cannot win: every key is unique); the atomic returns BEST, so the other warps' evaluations
+        tighten the bound as they land. An evaluated candidate's stale key is its key, never below the
+        bound again: each is evaluated at most once per pick. Each lane keeps the least stale key of its
+        slots (j = lane + 32 i) in a register, and only the lane of an evaluated slot recomputes it; the
+        warp's least is two REDUX.MIN: its cost, then its t << 12 | j among the lanes of that cost. No
+        other lane reads STALE before the pick's barrier. Smaller rows: lane groups of G lanes take a
+        candidate each (NG at a time), every candidate evaluated."""
         WU = meta[iWU]
         W = meta[iW]
         base = lv0 + u * WU
+        mine = KEY_BIG
         if NG == 1:
-            first = KEY_BIG
-            for j in range(lane, n_c, 32):
-                first = min(first, (np.int64(sh32[sb + j]) << 32) | (np.int64(sh32[cb + j]) << 12) | j)
-            first = grp_min(first, 32)
-            best = KEY_BIG
-            if first < KEY_BIG:
-                j1 = first & 0xFFF
-                t = (first & LOW32) >> 12
-                cost = cand_cost(LVA, base + t * W + lane, WU, lo, hi, lane)
-                best = (cost << 32) | (t << 12) | j1
-                if lane == 0:
-                    sh32[sb + j1] = np.int32(cost)
-                for j in range(n_c):
-                    t = np.int64(sh32[cb + j])
-                    if j != j1 and ((np.int64(sh32[sb + j]) << 32) | (t << 12) | j) < best:
-                        cost = cand_cost(LVA, base + t * W + lane, WU, lo, hi, lane)
-                        best = min(best, (cost << 32) | (t << 12) | j)
-                        if lane == 0:
-                            sh32[sb + j] = np.int32(cost)
-            return best
+            bound = shfl_idx(sh64[bi], 0)
+            least = lane_least(sh32, cb, sb, n_c, lane)
+            while True:
+                c_min = np.int64(redux_min(least >> 32))
+                tj = LOW32
+                if least >> 32 == c_min:
+                    tj = least & LOW32
+                f = (c_min << 32) | np.int64(redux_min(tj))
+                if f >= bound:
+                    break
+                j1 = f & 0xFFF
+                t = (f & LOW32) >> 12
+                key = (cand_cost(LVA, base + t * W + lane, WU, lo, hi, lane) << 32) | (f & LOW32)
+                mine = min(mine, key)
+                landed = KEY_BIG
+                if lane == (j1 & 31):   # the lane that holds slot j1: its stale cost, its least again
+                    sh32[np.uint64(sb + j1)] = np.int32(key >> 32)
+                    if n_c <= 32:       # slot j1 is its only one
+                        least = key
+                    else:
+                        least = lane_least(sh32, cb, sb, n_c, lane)
+                    landed = cuda.atomic.min(sh64, bi, key)
+                bound = min(bound, min(key, shfl_idx(landed, j1 & 31)))
+            return mine
         g = lane // G
         sub = lane - g * G
-        best = KEY_BIG
         for it in range((n_c + NG - 1) // NG):
             j = it * NG + g
             t = np.int64(0)
@@ -820,20 +1005,27 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 t = np.int64(sh32[cb + j])
             cost = cand_cost(LVA, base + t * W + sub, WU, lo, hi, sub)
             if j < n_c:
-                best = min(best, (cost << 32) | (t << 12) | j)
-        return grp_min(best, 32)
+                mine = min(mine, (cost << 32) | (t << 12) | j)
+        mine = grp_min(mine, 32)
+        if lane == 0 and mine < KEY_BIG:
+            cuda.atomic.min(sh64, bi, mine)
+        return mine
 
     @cuda.jit(device=True)
-    def ph_greedy(LVA, lv0, sh64, sh32, shf, meta, tid):
+    def ph_greedy(LVA, LV32, lv0, sh64, sh32, shf, meta, tid):
         """Per pack: seed (CTA-wide mean and scores), then pack-1 picks, each by NWU warps per unit.
 
         REM holds each unit's remaining tokens (ascending) at the pack's start; warp r of a unit takes
         the slice [a, b) = [r * n / NWU, (r + 1) * n / NWU) of it as its candidates (CAND, its private
         copy, the picked ones removed by the warp itself), keeps the pack's lo/hi of its lanes' words
-        in registers, and per pick posts its best key to SLOT; after one CTA barrier every warp of the
-        unit reads its unit's NWU keys and grows lo/hi by the same pick. At the pack's end each warp
-        writes its slice's remaining tokens back to REM (still ascending). Units beyond NW / NWU wait
-        for a later round of the same pack."""
+        in registers (32-bit halves), and per pick atomicMin's the keys it evaluates into the unit's
+        BEST; after a CTA barrier every warp of the unit reads the winner there, the unit's threads
+        grow the shared copy of lo/hi (BOX) by it, a word each, and after a second barrier every warp
+        reloads its registers from BOX (the last pick of a pack skips the growth and the second
+        barrier: the next seed starts over). BEST is double-buffered by pick: during a pick warp 0 resets the next pick's, which
+        every warp last read before this pick's barriers. At the pack's end
+        each warp writes its slice's remaining tokens back to REM (still ascending). Units beyond
+        NW / NWU wait for a later round of the same pack."""
         T = meta[iT]
         P = meta[iP]
         WU = meta[iWU]
@@ -845,22 +1037,25 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         rm0 = meta[oRM] >> 2
         cd0 = meta[oCD] >> 2
         st0 = meta[oST] >> 2
-        sl0 = meta[oSL] >> 3
+        be0 = meta[oBE] >> 3
         or0 = meta[oOR] >> 2
         lane = tid & 31
         warp = tid >> 5
         ul = warp // NWU
         r = warp - ul * NWU
         sub = lane % G
-        lo = cuda.local.array(WPL, nb_int64)
-        hi = cuda.local.array(WPL, nb_int64)
+        box = (meta[oBX] >> 3) + ul * 2 * WU    # the pack's lo (WU words), then hi, of the unit in slot ul
+        lo = cuda.local.array(HALVES, nb_uint32)
+        hi = cuda.local.array(HALVES, nb_uint32)
         for i in range(tid, UT, NT):
             sh32[rm0 + i] = np.int32(i % T)
+        for i in range(tid, 2 * NW, NT):
+            sh64[be0 + i] = KEY_BIG
         cuda.syncthreads()
         par = 0
         n_rem = T
         for start in range(0, T - P, P):
-            ph_mean(LVA, lv0, sh64, sh32, meta, rm0, n_rem, tid)
+            ph_mean(LV32, lv0, sh32, meta, rm0, n_rem, tid)
             cuda.syncthreads()
             ph_scores(LVA, lv0, sh64, sh32, shf, meta, rm0, n_rem, tid)
             cuda.syncthreads()
@@ -892,28 +1087,33 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                         removed_before += 1
                     if n_c > 0:
                         t_first = np.int64(sh32[rb + a])
-                    row = lv0 + t * W + u * WU + sub
+                    row = lv0 + t * W + u * WU
+                    for w in range(r * 32 + lane, WU, NWU * 32):   # this warp's share of the unit's box
+                        q = LVA[np.uint64(row + w)]
+                        sh64[box + w] = q
+                        sh64[box + WU + w] = q
+                    row += sub
                     for k in range(WPL):
                         q = np.int64(0)
-                        if sub + G * k < WU:
+                        if EXACT or sub + G * k < WU:
                             q = LVA[np.uint64(row + G * k)]
-                        lo[k] = q
-                        hi[k] = q
+                        lo[2 * k] = q & LOW32
+                        lo[2 * k + 1] = q >> 32 & LOW32
+                        hi[2 * k] = q & LOW32
+                        hi[2 * k + 1] = q >> 32 & LOW32
                     if r == 0 and lane == 0:
                         sh32[or0 + u * T + start] = np.int32(t)
                     syncwarp()
                 for pos in range(start + 1, start + P):
+                    bi = be0 + par * NW + ul
                     mine = KEY_BIG
                     if active:
-                        mine = warp_best(LVA, lv0, sh32, meta, cb, sb, n_c, lo, hi, u, lane)
-                        if lane == 0:
-                            sh64[sl0 + par * NW + warp] = mine
-                    cuda.syncthreads()
+                        mine = warp_best(LVA, lv0, sh32, sh64, meta, cb, sb, n_c, lo, hi, u, lane, bi)
+                    if warp == 0 and lane < UPR:
+                        sh64[be0 + (1 - par) * NW + lane] = KEY_BIG
+                    cuda.syncthreads()   # BEST is the winner; no lane reads BOX until the next barrier
                     if active:
-                        key = KEY_BIG
-                        if lane < NWU:
-                            key = sh64[sl0 + par * NW + ul * NWU + lane]
-                        key = grp_min(key, 32)
+                        key = sh64[bi]
                         t = (key & LOW32) >> 12
                         if key == mine:                  # ours: remove candidate j from the slice
                             j0 = key & 0xFFF
@@ -932,14 +1132,25 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             syncwarp()
                         elif t < t_first:
                             removed_before += 1
-                        row = lv0 + t * W + u * WU + sub
-                        for k in range(WPL):
-                            if sub + G * k < WU:
-                                q = LVA[np.uint64(row + G * k)]
-                                lo[k] = swar_min(q, lo[k])
-                                hi[k] = swar_max(q, hi[k])
                         if r == 0 and lane == 0:
                             sh32[or0 + u * T + pos] = np.int32(t)
+                    if pos < start + P - 1:   # (after the pack's last pick the next seed starts over)
+                        if active:
+                            row = lv0 + t * W + u * WU
+                            for w in range(r * 32 + lane, WU, NWU * 32):   # the box grows by the winner, once
+                                q = LVA[np.uint64(row + w)]
+                                sh64[box + w] = words_min(sh64[box + w], q)
+                                sh64[box + WU + w] = words_max(sh64[box + WU + w], q)
+                        cuda.syncthreads()
+                        if active:
+                            for k in range(WPL):
+                                if EXACT or sub + G * k < WU:
+                                    lw = sh64[np.uint64(box + sub + G * k)]
+                                    hw = sh64[np.uint64(box + WU + sub + G * k)]
+                                    lo[2 * k] = lw & LOW32
+                                    lo[2 * k + 1] = lw >> 32 & LOW32
+                                    hi[2 * k] = hw & LOW32
+                                    hi[2 * k + 1] = hw >> 32 & LOW32
                     par = 1 - par
                 if active:   # the slice's remaining tokens back to REM (nobody reads REM until the barrier)
                     for j in range(lane, n_c, 32):
@@ -977,8 +1188,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             mx = q
             for j in range(1, P):
                 q = LVA[np.uint64(lv0 + sh32[ob + j] * W + wi)]
-                mn = swar_min(mn, q)
-                mx = swar_max(mx, q)
+                mn = words_min(mn, q)
+                mx = words_max(mx, q)
             wj = wi - u * WU
             kv = np.int64(0)
             if wj >= WK:
@@ -1239,7 +1450,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     bit0 = 32 * (j - 2 - T)
                     val = np.int64(0)
                     if kb > 0:
-                        for f in range(bit0 // kb, min((bit0 + 31) // kb, T - 1) + 1):
+                        for f in range(udiv(bit0, kb), min(udiv(bit0 + 31, kb), T - 1) + 1):
                             fv = sh32[ok0 + u * T + sh32[ob + f]] - kbase
                             sft = f * kb - bit0
                             if sft >= 0:
@@ -1248,7 +1459,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                                 val |= fv >> (-sft)
                     vbit0 = bit0 - T * kb
                     if vb > 0 and vbit0 + 31 >= 0:
-                        for f in range(max(vbit0, 0) // vb, min((vbit0 + 31) // vb, T - 1) + 1):
+                        for f in range(udiv(max(vbit0, 0), vb), min(udiv(vbit0 + 31, vb), T - 1) + 1):
                             fv = sh32[ov0 + u * T + sh32[ob + f]] - vbase
                             sft = f * vb - vbit0
                             if sft >= 0:
@@ -1294,7 +1505,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     bit0 = 32 * (j - 1)
                     val = np.int64(0)
                     if F > 0:
-                        for f in range(bit0 // F, min((bit0 + 31) // F, RD - 1) + 1):
+                        for f in range(udiv(bit0, F), min(udiv(bit0 + 31, F), RD - 1) + 1):
                             info = np.int64(PK[pi0 + gb + f])
                             fv = (info & 0xFF) | (((info >> 8) - mbase) << WB)
                             sft = f * F - bit0
@@ -1336,7 +1547,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             ln = d % LPW_
                         rel_bit = 8 * (byte0 - poff)     # the word's first bit, relative to the pack
                         ob = or0 + uu * T + r * P
-                        for vj in range(max(rel_bit, 0) // w, min((rel_bit + 31) // w, P - 1) + 1):
+                        for vj in range(udiv(max(rel_bit, 0), w), min(udiv(rel_bit + 31, w), P - 1) + 1):
                             t = sh32[ob + vj]
                             lev = ((LVA[lv0 + t * W + wi] >> (E_ * ln)) & LM) - pmin
                             sft = vj * w - rel_bit
@@ -1390,7 +1601,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             bad = sh64[mi0 + 1]
             if bad == 0 and (mode & 8) == 0:
                 if greedy:
-                    ph_greedy(LVA, lv0, sh64, sh32, shf, meta, tid)
+                    ph_greedy(LVA, LV32, lv0, sh64, sh32, shf, meta, tid)
                 else:
                     ph_order_simple(sh64, sh32, meta, tid)
                 cuda.syncthreads()
@@ -1413,13 +1624,15 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
 
 
 def get_kernel(E: int, NT: int, lv_shared: bool, pack_shared: bool, chunks_per_lane: int = 8, group: int = 32,
-               words_per_lane: int = 1):
+               words_per_lane: int = 1, exact_rows: bool = False, narrow: bool = False):
     """The kernel for lane width E, NT threads, the level matrix / pack tables in shared memory or not,
-    chunks_per_lane 8-byte input words per lane held in registers while quantizing a token, and the
-    greedy's lane groups (group lanes per candidate, words_per_lane words of a unit's row per lane)."""
-    key = (E, NT, lv_shared, pack_shared, chunks_per_lane, group, words_per_lane)
+    chunks_per_lane 8-byte input words per lane held in registers while quantizing a token, the
+    greedy's lane groups (group lanes per candidate, words_per_lane words of a unit's row per lane;
+    exact_rows: a row is exactly group * words_per_lane words, no lane's word is past its end) and
+    narrow: every level fits half a lane (E / 2 bits), so two words' ranges are counted as one."""
+    key = (E, NT, lv_shared, pack_shared, chunks_per_lane, group, words_per_lane, exact_rows, narrow)
     if key not in _KERNELS:
-        _KERNELS[key] = _build_kernel(E, NT, lv_shared, pack_shared, chunks_per_lane, group, words_per_lane)
+        _KERNELS[key] = _build_kernel(*key)
     return _KERNELS[key]
 
 
@@ -1551,6 +1764,12 @@ def lane_bits(params: codec.CodecParams, bounds: np.ndarray | None = None) -> in
     return 8 if _largest_level(params, bounds) <= 127 else 16
 
 
+def narrow_levels(params: codec.CodecParams, bounds: np.ndarray | None = None) -> bool:
+    """Whether every level fits half a lane of lane_bits (<= 15 in 8-bit lanes: rel >= ~1/14, e.g. the
+    defaults' <= 11): the greedy then counts two words' ranges at once (kernel build option)."""
+    return _largest_level(params, bounds).bit_length() <= lane_bits(params, bounds) // 2
+
+
 def max_record_bytes(params: codec.CodecParams, n_kv_heads: int, head_dim: int,
                      bounds: np.ndarray | None = None) -> int:
     """An upper bound on one record's length for these params (to size an arena so that encoding a
@@ -1607,7 +1826,8 @@ class _Plan:
             "lv": T * W * 8, "pinfo": NP * 4, "poff": NP * 4,
             "mw": W * 8, "nrm": UT * 8, "key": UT * 8, "score": UT * 8,
             "stepk": UT * 4, "stepv": UT * 4, "offk": UT * 4, "offv": UT * 4, "order": UT * 4,
-            "rem": UT * 4, "cand": UT * 4, "stale": UT * 4, "slot": 2 * NW * 8,
+            "rem": UT * 4, "cand": UT * 4, "stale": UT * 4, "best": 2 * NW * 8,
+            "box": UPR * 2 * WU * 8 if params.repack == "greedy" else 0,
             "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
             "scan": (NW + 1) * 8,
         }
@@ -1686,9 +1906,10 @@ def _stream():
 
 
 class BlockEncoder:
-    """Compiles (once per lane width) and runs the encoder for one (params, n_kv_heads, head_dim)
-    configuration. Each call's lane width follows its tightest block bound (8-bit lanes at the default
-    bounds, 16-bit below rel ~1/126); `plan` and `kernel` are those of the latest call."""
+    """Compiles (once per lane width and narrow flag: up to 4 builds) and runs the encoder for one
+    (params, n_kv_heads, head_dim) configuration. Each call's lane width follows its tightest block
+    bound (8-bit lanes at the default bounds, 16-bit below rel ~1/126), and so does the greedy's narrow
+    build (levels of half a lane: rel >= ~1/14 at 8 bits); `plan` and `kernel` are the latest call's."""
 
     def __init__(self, params: codec.CodecParams, n_kv_heads: int, head_dim: int, threads: int = 512,
                  force_global: bool = False, max_ctas: int | None = None, chunks_per_lane: int = 8):
@@ -1709,14 +1930,17 @@ class BlockEncoder:
         self._pinned = self._job = None
         self._device = {}        # buffers kept between launches: scratch, uploads, offsets (_device_buffer)
         self._event = None
-        self._use_lanes(lane_bits(params))
+        self._use_lanes(lane_bits(params), narrow_levels(params))
 
-    def _use_lanes(self, E: int) -> None:
-        """Make the plan (kept per lane width) and kernel with E-bit lanes the current ones."""
+    def _use_lanes(self, E: int, narrow: bool) -> None:
+        """Make the plan (kept per lane width) and kernel with E-bit lanes (narrow: levels of E / 2 bits)
+        the current ones."""
         if E not in self._plans:
             self._plans[E] = _Plan(self.params, self.H, self.D, self.NT, E, self.smem_limit, self.force_global)
         self.plan = p = self._plans[E]
-        self.kernel = get_kernel(p.E, self.NT, p.lv_shared, p.pack_shared, self.qch, p.G, p.WPL)
+        self.narrow = narrow
+        self.kernel = get_kernel(p.E, self.NT, p.lv_shared, p.pack_shared, self.qch, p.G, p.WPL,
+                                 p.values["WU"] == p.G * p.WPL, narrow)
         per_sm = max(1, min(2048 // self.NT, self.info["smem_sm"] // (p.shared_bytes + 1024)))
         self.max_ctas = self.ctas_asked or self.info["sms"] * per_sm
 
@@ -1786,7 +2010,8 @@ class BlockEncoder:
             return EncodeJob.finished_with(offsets, used, params, self.H)
         if not (dk.is_c_contiguous() and dv.is_c_contiguous()):
             raise ValueError("k and v must be C-contiguous")
-        self._use_lanes(lane_bits(params, tightest_bounds(bounds, sink)))
+        tightest = tightest_bounds(bounds, sink)
+        self._use_lanes(lane_bits(params, tightest), narrow_levels(params, tightest))
         p = self.plan
         k64, v64 = dk.reshape(-1).view(np.int64), dv.reshape(-1).view(np.int64)
         cap = da.shape[0] // 4 * 4
@@ -1811,7 +2036,7 @@ class BlockEncoder:
             warnings.warn(f"packkv GPU encoder: launch with {p.shared_bytes} bytes of shared memory failed "
                           f"({type(exc).__name__}: {exc}); using global scratch for the level matrix")
             self.smem_limit, self.force_global, self._plans = 48 * 1024, True, {}
-            self._use_lanes(p.E)
+            self._use_lanes(p.E, self.narrow)
             p = self.plan
             meta = self._upload("meta", p.meta(n, used, cap, _phase_mode), stream)
             scratch = self._scratch_views(grid, stream)

@@ -10,8 +10,9 @@ of 8 to 256 tokens, blocks of one launch with bounds of their own (and the packk
 global-scratch placement, NaN/inf refusals and a full arena.
 
 GPU (`-m gpu`): the compiled kernel on real shapes (SmolLM2 3 KV heads x 64, Llama-3.1-8B 8 x 128),
-both granularities, all repack methods and pack sizes, blocks 128 and 256, many blocks at once (the look-back
-across concurrent CTAs), per-block bounds, NaN/inf and a full arena.
+both granularities, all repack methods and pack sizes, the four greedy builds (lane widths, narrow levels),
+blocks 128 and 256, many blocks at once (the look-back across concurrent CTAs), per-block bounds, NaN/inf and
+a full arena; and the greedy's inline PTX against the Python twins the simulator runs instead.
 """
 from __future__ import annotations
 
@@ -224,20 +225,29 @@ def _greedy_cases():
                           kinds=[("gaussian", "outlier_channels")], seed=34, threads=threads))
     cases.append(dict(id="small_ints", params=_params(rel_k=0.3, rel_v=1.0, pack=8, block=16), H=2, D=12,
                       kinds=[("subnormals", "fp16_extremes")], seed=31, threads=32))
+    # levels of up to 8 bits in 16-bit lanes: two words' ranges counted in one (the narrow build)
+    cases.append(dict(id="e16_narrow", params=_params(rel_k=0.005, rel_v=0.05, pack=8, block=16), H=1, D=8,
+                      kinds=[("gaussian", "outlier_channels")], seed=32, threads=32))
     return cases
 
 
 def _lazy_greedy_cases():
-    """Rows of 32 words or more: lazy picks (stale costs as lower bounds), with ties, 16-bit lanes, one
-    and two warps per unit, small levels. A job of its own, and not in the default run (-m long_simulation):
-    these four take ~11 minutes on one core under the simulator. On a GPU, test_gpu_greedy_real_shapes_
-    byte_identical runs the lazy picks at SmolLM2's and the 8B shape's rows (token-layer and token-head)."""
+    """Rows of 32 words or more: lazy picks (stale costs as lower bounds, the unit's best key so far shared
+    by its warps), with ties, one, two and four warps per unit, 8-bit lanes with levels of up to 4 bits
+    (two words' ranges counted in one) and up to 7, 16-bit lanes with levels of up to 8 and 13 bits, rows
+    of 2 words per lane with a partial last one, small levels. A job of its own, and not in the default run
+    (-m long_simulation): these took ~3.5 minutes beside the default jobs on 2 shared cores here. On a GPU,
+    test_gpu_greedy_real_shapes_byte_identical and test_gpu_greedy_lane_builds run the lazy picks at
+    SmolLM2's and the 8B shape's rows (token-layer and token-head)."""
     return [dict(id=name, params=_params(granularity=granularity, pack=8, block=block, rel_k=rel_k), H=H, D=D,
                  kinds=[("gaussian", "far_from_zero")], seed=35, threads=threads, repeat=repeat)
             for name, granularity, H, D, block, threads, repeat, rel_k in (
                 ("lazy", "token-layer", 2, 64, 32, 64, 0, 0.1), ("lazy_ties", "token-layer", 2, 64, 32, 64, 3, 0.1),
                 ("lazy_e16", "token-layer", 1, 64, 32, 32, 0, 2.0 ** -12),
-                ("lazy_small", "token-layer", 2, 64, 32, 64, 0, 0.5))]
+                ("lazy_small", "token-layer", 2, 64, 32, 64, 0, 0.5),
+                ("lazy_warps4", "token-layer", 2, 64, 24, 128, 2, 0.1),
+                ("lazy_partial_words", "token-layer", 2, 72, 16, 64, 0, 0.03),
+                ("lazy_e16_narrow", "token-layer", 1, 64, 16, 32, 0, 0.005))]
 
 
 def _block_bound_cases():
@@ -358,7 +368,8 @@ def test_simulated_lane_widths_placements_and_odd_shapes(simulated, request):
 def test_simulated_greedy_picks_and_ties(simulated, request):
     """The greedy order (every work split, ties) equals codec's, byte for byte."""
     results = simulated(request.node.name)
-    assert len(results) == 11
+    assert len(results) == 12
+    assert results["e16_narrow"]["E"] == 16
     for r in results.values():
         assert r.get("identical"), r
 
@@ -367,7 +378,9 @@ def test_simulated_greedy_picks_and_ties(simulated, request):
 def test_simulated_lazy_greedy_picks(simulated, request):
     """The lazy picks (rows of 32 words or more) give codec's greedy order, byte for byte."""
     results = simulated(request.node.name)
-    assert len(results) == 4
+    assert len(results) == 7
+    assert results["lazy_e16"]["E"] == 16 and results["lazy_e16_narrow"]["E"] == 16
+    assert results["lazy_partial_words"]["E"] == 8
     for r in results.values():
         assert r.get("identical"), r
 
@@ -501,6 +514,51 @@ def test_gpu_greedy_real_shapes_byte_identical(gpu, H, D, granularity):
     params = CodecParams(granularity=granularity)   # greedy, pack 16, block 64
     k, v = make_blocks(mixed_kinds(12, H), H, params.block, D, seed=D + H)
     _assert_identical(k, v, params)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", codec.GRANULARITIES)
+@pytest.mark.parametrize("rel", [(0.1, 0.2), (0.03, 0.05), (0.005, 0.01), (2.0 ** -10, 0.003)])
+def test_gpu_greedy_lane_builds(gpu, granularity, rel):
+    """The 8B shape with bounds that pick each greedy build: 8-bit lanes with levels of <= 4 bits (two words'
+    ranges counted in one) and <= 7 bits, 16-bit lanes with <= 8 bits (two in one) and <= 13 bits."""
+    from packkv.kernels.encoder import lane_bits, narrow_levels
+    params = CodecParams(granularity=granularity, rel_k=rel[0], rel_v=rel[1])
+    assert (lane_bits(params), narrow_levels(params)) == {0.1: (8, True), 0.03: (8, False), 0.005: (16, True),
+                                                          2.0 ** -10: (16, False)}[rel[0]]
+    k, v = make_blocks(mixed_kinds(8, 11), 8, params.block, 128, seed=11)
+    _assert_identical(k, v, params)
+
+
+@pytest.mark.gpu
+def test_gpu_ptx_primitives_match_their_twins(gpu):
+    """The inline PTX of the greedy (PRMT sign lanes, REDUX sum and min, DP4A) against the pure-Python twins
+    that the simulator runs: what makes the simulator tests speak for the GPU build."""
+    from numba import cuda
+    from packkv.kernels import encoder
+    sign8, sign16 = encoder.SIGN_LANES[8], encoder.SIGN_LANES[16]
+    redux_add, redux_min, dot4 = encoder.redux_add, encoder.redux_min, encoder.dot4
+
+    @cuda.jit
+    def probe(x, y, z, out):
+        i = cuda.threadIdx.x
+        out[0, i] = sign8(x[i])
+        out[1, i] = sign16(x[i])
+        out[2, i] = redux_add(x[i])
+        out[3, i] = redux_min(x[i])
+        out[4, i] = dot4(x[i], y[i], z[i])
+
+    rng = np.random.default_rng(12)
+    for _ in range(4):
+        x, y, z = (rng.integers(0, 1 << 32, size=32, dtype=np.uint64).astype(np.uint32) for _ in range(3))
+        out = np.zeros((5, 32), np.uint32)
+        probe[1, 32](x, y, z, out)
+        for i in range(32):
+            assert out[0, i] == encoder.sign_lanes_reference(x[i], 8)
+            assert out[1, i] == encoder.sign_lanes_reference(x[i], 16)
+            assert out[4, i] == encoder.dot4_reference(x[i], y[i], z[i])
+        assert (out[2] == np.uint32(int(x.astype(np.uint64).sum()) & 0xFFFFFFFF)).all()
+        assert (out[3] == x.min()).all()
 
 
 @pytest.mark.gpu
