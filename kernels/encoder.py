@@ -71,7 +71,8 @@ block order) takes one block (one record) at a time:
    (/work/notes/encoder_study.md): ~1.05M warp instructions per block, ~0.40 issued per scheduler
    per cycle, near the integer pipe's 0.5: issue-bound. This build (32-bit SWAR, the CTA-wide
    bound, REDUX, one shared lo/hi, DP4A seeds): ~0.42M estimated (its SASS per step times the
-   model's evaluation counts), with a larger share on the FMA pipe (IMAD, VIADD); not yet measured.
+   model's evaluation counts), with a larger share on the FMA pipe (IMAD, VIADD); measured: repack
+   91.2 ms (below).
    Token-head at the 8B shape (8 units of 32 words): 2 warps per unit, one word per lane, and the
    level matrix fits in shared memory; SmolLM2 token-head (rows of 16 words): 2 candidates per warp
    at a time, no lazy skip;
@@ -81,13 +82,15 @@ block order) takes one block (one record) at a time:
 5. write: every 32-bit word of the record is assembled by one thread (headers, steps, bit streams,
    payload words found by binary search over the packs' byte offsets) and stored coalesced.
 
-Speed (bench/results/encoder.json, H100, `python3 bench/encoder.py --reps 2 --breakdown`, git bd6c614 =
-this encoder with int64 SWAR and per-warp bounds in the greedy; this build is not yet measured): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V) in 0.297 s with the greedy
-(57.9 GB/s; 3.54% of the prefill's matmul-bound time), 0.126 s with none or sort (136.4 and 135.7 GB/s);
-token-head greedy 44.2 GB/s; 8K prefill 53.1 GB/s. The breakdown: quantize 43.5 ms, repack 164.8,
-pack statistics 16.8, look-back 6.4, write 66.7. The previous greedy (CTA-wide phases per pick, costs
-kept per token and updated by change lists; git 5ba9b04) took 0.41 s (42.3 GB/s), repack 276 ms.
-Without repacking the other phases alone cost 126 ms: 100 GB/s needs repack under ~45 ms.
+Speed (bench/results/encoder_repack2.json, H100, `python3 bench/encoder.py --reps 2 --breakdown --out
+encoder_repack2.json`, git 7b17898 = this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB
+of K+V) in 0.218 s with the greedy (77.3 GB/s; 2.73% of the prefill's matmul-bound time), 0.127 / 0.124 s
+with none / sort (128.5 / 132.3 GB/s); token-head greedy 44.8 GB/s; 8K prefill 67.9 GB/s. The breakdown:
+quantize 47.8 ms, repack 91.2, pack statistics 18.8, look-back 1.9, write 58.7. Issue 4's 100 GB/s needs
+172 ms: the repack would have to fall to ~45 ms, or the other phases (127 ms) shrink with it.
+Before (encoder.json, git bd6c614: int64 SWAR, each warp's own lazy bound, 16 copies of lo/hi): 0.297 s
+(57.9 GB/s), repack 164.8 ms, write 66.7. The greedy before that (CTA-wide phases per pick, costs kept per
+token and updated by change lists; git 5ba9b04) took 0.41 s (42.3 GB/s), repack 276 ms.
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set before numba.cuda is imported) the same
 kernel runs on the CPU; warp shuffles and reductions, which the simulator lacks, go through a per-warp
