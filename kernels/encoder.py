@@ -79,13 +79,26 @@ block order) takes one block (one record) at a time:
 3. pack statistics (min and width per pack of P tokens x 1 channel), section sizes, record size;
 4. decoupled look-back over the tiles' record sizes gives the record's arena offset (a single-pass
    prefix sum: no second launch, no host round trip);
-5. write: every 32-bit word of the record is assembled by one thread (headers, steps, bit streams,
-   payload words found by binary search over the packs' byte offsets) and stored coalesced.
+5. write: every 32-bit word of the headers, steps and bit streams is assembled by one thread and
+   stored coalesced; the payload section by section: a thread per pack gathers its P levels, VCH
+   (4 at 8-bit lanes) per chunk with the loads independent, into a bit accumulator and ORs each
+   filled 32-bit word into the section's payload staged in shared memory (atomics: a word can hold
+   several packs' bits; R * D * P * (E - 1) / 32 words, 7 KiB at the 8B shape; in the CTA's global
+   scratch, with the pack tables, when those do not fit), then after a barrier the staged words are
+   stored coalesced and zeroed. Before (encoder_repack2.json: write
+   58.7 ms at the 8B 128K prefill) one thread per payload word found its packs by a binary search
+   over their byte offsets and assembled the word value by value: ~750 SASS instructions a word,
+   their loads in dependent chains (9 search steps, then per value two dependent LDS), with 16 warps
+   per SM, and lanes of a warp diverging (each its own number of packs and values). Now ~380
+   instructions a pack of 16 (SASS, 8B shape): ~3.1M thread instructions a block instead of ~6.2M
+   (8.3k payload words), 4 loads in flight per chunk, no divergence but the packs' widths, 2
+   barriers per section (32 per block). Not yet measured.
 
 Speed (bench/results/encoder_repack2.json, H100, `python3 bench/encoder.py --reps 2 --breakdown --out
-encoder_repack2.json`, git 7b17898 = this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB
-of K+V) in 0.218 s with the greedy (77.3 GB/s; 2.73% of the prefill's matmul-bound time), 0.127 / 0.124 s
-with none / sort (128.5 / 132.3 GB/s); token-head greedy 44.8 GB/s; 8K prefill 67.9 GB/s. The breakdown:
+encoder_repack2.json`, git 7b17898: this encoder before step 5's staged payload write, which is not
+yet measured): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V) in 0.218 s with the
+greedy (77.3 GB/s; 2.73% of the prefill's matmul-bound time), 0.127 / 0.124 s with none / sort
+(128.5 / 132.3 GB/s); token-head greedy 44.8 GB/s; 8K prefill 67.9 GB/s. The breakdown:
 quantize 47.8 ms, repack 91.2, pack statistics 18.8, look-back 1.9, write 58.7. Issue 4's 100 GB/s needs
 172 ms: the repack would have to fall to ~45 ms, or the other phases (127 ms) shrink with it.
 Before (encoder.json, git bd6c614: int64 SWAR, each warp's own lazy bound, 16 copies of lo/hi): 0.297 s
@@ -129,10 +142,11 @@ from numba import float64 as nb_float64, int32 as nb_int32, int64 as nb_int64, u
 
 _META_FIELDS = (
     "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec",
-    "NP", "GSQ", "GS", "NWU", "UPR", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode",
+    "NP", "GSQ", "GS", "NWU", "UPR", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode", "SW",
     # region offsets in bytes: in shared memory, or in the CTA's global scratch for LV / PACK*
     "o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk", "o_stepv", "o_offk",
     "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best", "o_box", "o_seci", "o_toki", "o_misc", "o_scan",
+    "o_stage",
 )
 M = {name: i for i, name in enumerate(_META_FIELDS)}
 SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, payload prefix, -
@@ -356,6 +370,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     FULL = 0xFFFFFFFF
     E_ = np.int64(E)
     LPW_ = np.int64(LPW)
+    HLPW = np.int64(LPW // 2)           # levels per 32-bit half of an LV word
+    VCH = 32 // E                       # write: values per chunk, VCH * (E - 1) < 32 bits (P is a multiple)
     F_BIG = np.float32(1e30)
     F_65504 = np.float32(65504.0)
     F_32767 = np.float32(32767.0)
@@ -540,7 +556,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec", "NP"))
     iGSQ, iGS, iNWU, iUPR, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "NWU", "UPR", "used0", "cap",
                                                               "scr64"))
-    iDQSH, iDSH, iMODE = M["dq_shift"], M["d_shift"], M["mode"]
+    iDQSH, iDSH, iMODE, iSW, oSTG = M["dq_shift"], M["d_shift"], M["mode"], M["SW"], M["o_stage"]
     oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oST, oBE, oBX, oSE, oTK, oMI, oSN = (
         M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
                        "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best",
@@ -1472,8 +1488,9 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 arena32[tsw + j] = np.uint32(val & LOW32)
 
     @cuda.jit(device=True)
-    def ph_write_sections(arena32, LVA, lv0, PK, pi0, po0, sh64, sh32, meta, tid):
-        """Channel sections: header word, pack header stream, payload (binary search over POFF)."""
+    def ph_write_sections(arena32, LV32, lv0, PK, pi0, po0, st0, sh64, sh32, meta, tid):
+        """Channel sections: header word, pack header stream, payload (staged in PK from st0 on, zero
+        there between sections; every thread of the CTA calls it: it has barriers)."""
         H = meta[iH]
         T = meta[iT]
         D = meta[iD]
@@ -1489,6 +1506,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         rw = sh64[mi0 + 2] >> 2
         RD = R * D
         dsh = meta[iDSH]
+        W2 = 2 * W
         for s in range(2 * H):
             e0 = se0 + s * SECI_FIELDS
             WB = np.int64(sh32[e0 + 0])
@@ -1517,49 +1535,59 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             else:
                                 val |= fv >> (-sft)
                 arena32[csw + j] = np.uint32(val & LOW32)
+            # payload: one thread per pack appends its P values (w bits each, LSB first) to a bit
+            # accumulator and ORs every filled 32-bit word into the section's staged payload (a word
+            # can hold bits of several packs, hence the atomics); after a barrier the staged
+            # words are stored coalesced and zeroed for the next section. Before: one thread per
+            # payload word found its packs by a binary search over POFF (~750 instructions a word).
+            for f in range(tid, RD, NT):
+                info = np.int64(PK[pi0 + gb + f])
+                w = info & 0xFF
+                if w > 0:
+                    pmin = info >> 8
+                    r, d = divmod_p2(f, D, dsh)
+                    if layer:
+                        c = h * D + d
+                        uu = np.int64(0)
+                        wi = kv * WK + c // LPW_
+                        ln = c % LPW_
+                    else:
+                        uu = h
+                        wi = h * WU + kv * WK + d // LPW_
+                        ln = d % LPW_
+                    # the level's 32-bit half of its LV word (LV32 index lvb + 2 W t), its shift there;
+                    # unsigned indices: no negative-index wraparound code in the per-value loop
+                    half = ln // HLPW
+                    lsh = E_ * (ln - half * HLPW)
+                    lvb = 2 * (lv0 + wi) + half
+                    ob = or0 + uu * T + r * P
+                    poff = np.int64(PK[po0 + gb + f])
+                    sw = st0 + (poff >> 2)
+                    bit = 8 * (poff & 3)
+                    acc = np.int64(0)
+                    for v0 in range(0, P, VCH):
+                        # VCH values (independent loads) make a chunk of < 32 bits; the accumulator
+                        # then holds < 64 bits and fills at most one word per chunk
+                        chunk = np.int64(0)
+                        for i in range(VCH):
+                            t = np.int64(sh32[np.uint64(ob + v0 + i)])
+                            lev = ((np.int64(LV32[np.uint64(lvb + t * W2)]) >> lsh) & LM) - pmin
+                            chunk |= lev << (w * i)
+                        acc |= chunk << bit
+                        bit += VCH * w
+                        if bit >= 32:
+                            cuda.atomic.or_(PK, np.uint64(sw), np.int32(acc & LOW32))
+                            acc >>= 32
+                            bit -= 32
+                            sw += 1
+                    if bit > 0:
+                        cuda.atomic.or_(PK, np.uint64(sw), np.int32(acc & LOW32))
+            cuda.syncthreads()
             pw_base = csw + nh
             for j in range(tid, (pbytes + 3) // 4, NT):
-                byte0 = 4 * j
-                lo_i = np.int64(0)     # the last pack whose payload starts at or before byte0
-                hi_i = RD - 1
-                while lo_i < hi_i:
-                    mid = (lo_i + hi_i + 1) >> 1
-                    if PK[po0 + gb + mid] <= byte0:
-                        lo_i = mid
-                    else:
-                        hi_i = mid - 1
-                val = np.int64(0)
-                f = lo_i
-                while f < RD:
-                    poff = np.int64(PK[po0 + gb + f])
-                    if poff >= byte0 + 4:
-                        break
-                    info = np.int64(PK[pi0 + gb + f])
-                    w = info & 0xFF
-                    if w > 0:
-                        pmin = info >> 8
-                        r, d = divmod_p2(f, D, dsh)
-                        if layer:
-                            c = h * D + d
-                            uu = np.int64(0)
-                            wi = kv * WK + c // LPW_
-                            ln = c % LPW_
-                        else:
-                            uu = h
-                            wi = h * WU + kv * WK + d // LPW_
-                            ln = d % LPW_
-                        rel_bit = 8 * (byte0 - poff)     # the word's first bit, relative to the pack
-                        ob = or0 + uu * T + r * P
-                        for vj in range(udiv(max(rel_bit, 0), w), min(udiv(rel_bit + 31, w), P - 1) + 1):
-                            t = sh32[ob + vj]
-                            lev = ((LVA[lv0 + t * W + wi] >> (E_ * ln)) & LM) - pmin
-                            sft = vj * w - rel_bit
-                            if sft >= 0:
-                                val |= lev << sft
-                            else:
-                                val |= lev >> (-sft)
-                    f += 1
-                arena32[pw_base + j] = np.uint32(val & LOW32)
+                arena32[pw_base + j] = np.uint32(PK[st0 + j])
+                PK[st0 + j] = 0
+            cuda.syncthreads()
 
     # ------------------------------------------------------------------------------------------
     # the kernel: a persistent loop over tiles (blocks, in order)
@@ -1583,14 +1611,18 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             PK = sh32
             pi0 = meta[oPI] >> 2
             po0 = meta[oPO] >> 2
+            st0 = meta[oSTG] >> 2
         else:
             PK = g32
             pi0 = 2 * slot + (meta[oPI] >> 2)
             po0 = 2 * slot + (meta[oPO] >> 2)
+            st0 = 2 * slot + (meta[oSTG] >> 2)
         mi0 = meta[oMI] >> 3
         repack = meta[iREPACK]
         greedy = repack == 2 and meta[iT] > meta[iP]
         mode = meta[iMODE]     # 0; for timing phases only: 1 no write, 2 no look-back, 4 no stats, 8 no repack
+        for i in range(tid, meta[iSW], NT):   # the write's staged payload: zero, and zeroed after each use
+            PK[st0 + i] = 0
         while True:
             if tid == 0:
                 sh64[mi0 + 0] = cuda.atomic.add(work, W_TILE, 1)
@@ -1618,7 +1650,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             cuda.syncthreads()
             if sh64[mi0 + 4] == 0 and (mode & 15) == 0:
                 ph_write_head(arena32, sh64, sh32, meta, tid)
-                ph_write_sections(arena32, LVA, lv0, PK, pi0, po0, sh64, sh32, meta, tid)
+                ph_write_sections(arena32, LV32, lv0, PK, pi0, po0, st0, sh64, sh32, meta, tid)
             cuda.syncthreads()
 
     if SIMULATOR:
@@ -1833,10 +1865,14 @@ class _Plan:
             "box": UPR * 2 * WU * 8 if params.repack == "greedy" else 0,
             "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
             "scan": (NW + 1) * 8,
+            # write: one section's payload, staged (widths <= E - 1 bits: levels < 2**(E-1))
+            "stage": self.stage_words(R * D, P, E) * 4,
         }
-        # placement: 0 all shared, 1 LV global, 2 LV and PACK* global, 3 does not fit
-        small = sum(al(n) for name, n in regions.items() if name not in ("lv", "pinfo", "poff"))
-        lv, pk = al(regions["lv"]), al(regions["pinfo"]) + al(regions["poff"])
+        # placement: 0 all shared, 1 LV global, 2 LV and PACK* (pack tables, staged payload) global,
+        # 3 does not fit
+        pack_regions = ("pinfo", "poff", "stage")
+        small = sum(al(n) for name, n in regions.items() if name != "lv" and name not in pack_regions)
+        lv, pk = al(regions["lv"]), sum(al(regions[name]) for name in pack_regions)
         if not force_global and small + lv + pk <= smem_limit:
             where = 0
         else:
@@ -1847,7 +1883,7 @@ class _Plan:
         self.lv_shared, self.pack_shared = where == 0, where <= 1
         offsets, shared_at, global_at = {}, 0, 0
         for name, n in regions.items():
-            in_global = (name == "lv" and not self.lv_shared) or (name in ("pinfo", "poff") and not self.pack_shared)
+            in_global = (name == "lv" and not self.lv_shared) or (name in pack_regions and not self.pack_shared)
             if in_global:
                 offsets[name], global_at = global_at, global_at + al(n)
             else:
@@ -1858,7 +1894,13 @@ class _Plan:
                            WU=WU, W=W, n_sec=n_units + 2 * H, NP=NP, GSQ=GSQ, GS=GS, NWU=NWU, UPR=UPR,
                            used0=0, cap=0, scr64=global_at // 8,
                            dq_shift=_log2_or(D // 4), d_shift=_log2_or(D), mode=0,
+                           SW=self.stage_words(R * D, P, E),
                            **{f"o_{name}": off for name, off in offsets.items()})
+
+    @staticmethod
+    def stage_words(packs: int, P: int, E: int) -> int:
+        """32-bit words of the largest section payload: `packs` packs of P values of at most E - 1 bits."""
+        return -(-packs * P * (E - 1) // 32)
 
     def meta(self, n_blocks: int, used0: int, cap: int, mode: int = 0) -> np.ndarray:
         values = dict(self.values, n_blocks=n_blocks, used0=used0, cap=cap, mode=mode)
