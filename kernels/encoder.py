@@ -92,15 +92,17 @@ block order) takes one block (one record) at a time:
    per SM, and lanes of a warp diverging (each its own number of packs and values). Now ~380
    instructions a pack of 16 (SASS, 8B shape): ~3.1M thread instructions a block instead of ~6.2M
    (8.3k payload words), 4 loads in flight per chunk, no divergence but the packs' widths, 2
-   barriers per section (32 per block). Not yet measured.
+   barriers per section (32 per block). Measured: write 58.7 -> 25.2 ms at the 8B 128K prefill (below).
 
-Speed (bench/results/encoder_repack2.json, H100, `python3 bench/encoder.py --reps 2 --breakdown --out
-encoder_repack2.json`, git 7b17898: this encoder before step 5's staged payload write, which is not
-yet measured): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB of K+V) in 0.218 s with the
-greedy (77.3 GB/s; 2.73% of the prefill's matmul-bound time), 0.127 / 0.124 s with none / sort
-(128.5 / 132.3 GB/s); token-head greedy 44.8 GB/s; 8K prefill 67.9 GB/s. The breakdown:
-quantize 47.8 ms, repack 91.2, pack statistics 18.8, look-back 1.9, write 58.7. Issue 4's 100 GB/s needs
-172 ms: the repack would have to fall to ~45 ms, or the other phases (127 ms) shrink with it.
+Speed (bench/results/encoder_round2.json, H100, `python3 bench/encoder.py --reps 2 --breakdown --out
+encoder_round2.json`, git 067868a = this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB
+of K+V) in 0.186 s with the greedy (91.2 GB/s; 2.24% of the prefill's matmul-bound time), 0.100 / 0.101 s
+with none / sort (171.3 / 170.3 GB/s); token-head greedy 51.6 GB/s; 8K prefill 81.0 GB/s. The breakdown:
+quantize 47.7 ms, repack 92.2, write 25.2 (pack statistics and look-back, measured as differences of
+partial runs, split noisily: 26.5 and -5.2). Issue 4's 100 GB/s needs 172 ms: 14 ms to go; quantize is
+instruction-bound (~45 SASS per value in each of its two passes), the repack issue-bound.
+Before: encoder_repack2.json (git 7b17898, the payload written a thread per word with a binary search over
+the packs' offsets): 0.218 s (77.3 GB/s), write 58.7 ms.
 Before (encoder.json, git bd6c614: int64 SWAR, each warp's own lazy bound, 16 copies of lo/hi): 0.297 s
 (57.9 GB/s), repack 164.8 ms, write 66.7. The greedy before that (CTA-wide phases per pick, costs kept per
 token and updated by change lists; git 5ba9b04) took 0.41 s (42.3 GB/s), repack 276 ms.
