@@ -36,7 +36,15 @@ block order) takes one block (one record) at a time:
    (16 loads in flight per lane), reduce min/max, compute step/offset (fp32, no FMA, integer round-up to
    fp16, fp32 magic-number rint), and write the integer levels to a level matrix LV (shared memory when
    it fits, else per-CTA global scratch), token-major, 8 (or 4) levels per int64 word (SWAR lanes of 8
-   bits when every block's rel >= ~1/126, else 16); NaN/inf is detected here and reported after the launch;
+   bits when every block's rel >= ~1/126, else 16); NaN/inf is detected here and reported after the launch.
+   The min/max works on fp16 pairs: per 8-byte word one NaN/inf test of its 4 exponent fields (SWAR)
+   and min/max.f16x2 of its halves (2 fused VHMNMX per word; the token's code, for the error, is only
+   computed in the rare branch), converting only the final pairs to fp32; the levels convert each value
+   with one cvt.f32.f16 and keep levels and a chunk's sums in 32 bits. SASS (8B shape, sm_90): the
+   min/max's ~15 instructions per value (a branch, a conversion by shift and multiply, two FMNMX, and
+   per word the 64-bit NaN codes) became ~2.5 (~20 a word pair: the exponent tests, a branch, 4 VHMNMX)
+   plus the unchanged chunk selection; the levels pass, led by the IEEE division (~9 per value), lost
+   its 64-bit level arithmetic (~4 per value). Not yet measured on a GPU;
 2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, integer dots
    (DP4A on 8-bit lanes), float64 cosine, lowest index on ties; mean and scores CTA-wide), then
    pack-1 picks of the candidate with the least cost[t] = sum_c width(max(hi,q)-min(lo,q)), lowest
@@ -99,8 +107,9 @@ encoder_round2.json`, git 067868a = this encoder): Llama-3.1-8B 128K-token prefi
 of K+V) in 0.186 s with the greedy (91.2 GB/s; 2.24% of the prefill's matmul-bound time), 0.100 / 0.101 s
 with none / sort (171.3 / 170.3 GB/s); token-head greedy 51.6 GB/s; 8K prefill 81.0 GB/s. The breakdown:
 quantize 47.7 ms, repack 92.2, write 25.2 (pack statistics and look-back, measured as differences of
-partial runs, split noisily: 26.5 and -5.2). Issue 4's 100 GB/s needs 172 ms: 14 ms to go; quantize is
-instruction-bound (~45 SASS per value in each of its two passes), the repack issue-bound.
+partial runs, split noisily: 26.5 and -5.2). Issue 4's 100 GB/s needs 172 ms: 14 ms to go; quantize was
+instruction-bound (~45 SASS per value in each of its two passes; since cut: step 1, not yet measured), the
+repack issue-bound.
 Before: encoder_repack2.json (git 7b17898, the payload written a thread per word with a binary search over
 the packs' offsets): 0.218 s (77.3 GB/s), write 58.7 ms.
 Before (encoder.json, git bd6c614: int64 SWAR, each warp's own lazy bound, 16 copies of lo/hi): 0.297 s
@@ -109,7 +118,8 @@ token and updated by change lists; git 5ba9b04) took 0.41 s (42.3 GB/s), repack 
 
 Under Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1, set before numba.cuda is imported) the same
 kernel runs on the CPU; warp shuffles and reductions, which the simulator lacks, go through a per-warp
-barrier there, and the inline PTX (PRMT, REDUX, DP4A) through pure-Python twins.
+barrier there, and the inline PTX (PRMT, REDUX, DP4A, min/max.f16x2, cvt.f32.f16) through pure-Python
+twins.
 
 Attempts that lost (measured or estimated, then removed):
 - the CTA-wide greedy above (per pick: full cost evaluations by lane groups over (candidate, segment)
@@ -256,7 +266,10 @@ else:
 #   one PRMT with sign-replicating selectors (libdevice's __nv_byte_perm masks the selector's sign bits
 #   away, so it cannot do this);
 # - redux_add / redux_min: a warp's sum / least of an unsigned 32-bit value (REDUX, sm_80+), every lane;
-# - dot4(a, b, c): c + the dot product of a's and b's 4 unsigned bytes (DP4A).
+# - dot4(a, b, c): c + the dot product of a's and b's 4 unsigned bytes (DP4A);
+# - hmin2 / hmax2(a, b): lane-wise min / max of two words of two fp16 values each (HMNMX2, sm_80+; the
+#   quantize's ranges, on finite values: a word with NaN/inf is refused before its min/max counts);
+# - half_lo / half_hi(x): the float32 bits of x's low / high fp16 half (one conversion, exact).
 # ----------------------------------------------------------------------------------------------------
 
 _U32 = (1 << 32) - 1
@@ -272,6 +285,27 @@ def sign_lanes_reference(x, E: int) -> int:
 def dot4_reference(a, b, c) -> int:
     a, b = int(a) & _U32, int(b) & _U32
     return (int(c) + sum(((a >> s) & 0xFF) * ((b >> s) & 0xFF) for s in range(0, 32, 8))) & _U32
+
+
+def _halves(x) -> np.ndarray:
+    return np.array([int(x) & 0xFFFF, (int(x) >> 16) & 0xFFFF], np.uint16).view(np.float16)
+
+
+def _pack_halves(h) -> int:
+    b = np.asarray(h, np.float16).view(np.uint16)
+    return int(b[0]) | int(b[1]) << 16
+
+
+def hmin2_reference(a, b) -> int:
+    return _pack_halves(np.minimum(_halves(a), _halves(b)))
+
+
+def hmax2_reference(a, b) -> int:
+    return _pack_halves(np.maximum(_halves(a), _halves(b)))
+
+
+def half_f32_reference(x, hi: bool) -> int:
+    return int(np.float32(_halves(x)[int(hi)]).view(np.uint32))
 
 
 if SIMULATOR:
@@ -296,6 +330,18 @@ if SIMULATOR:
 
     def dot4(a, b, c):
         return np.uint32(dot4_reference(a, b, c))
+
+    def hmin2(a, b):
+        return np.uint32(hmin2_reference(a, b))
+
+    def hmax2(a, b):
+        return np.uint32(hmax2_reference(a, b))
+
+    def half_lo(x):
+        return np.uint32(half_f32_reference(x, False))
+
+    def half_hi(x):
+        return np.uint32(half_f32_reference(x, True))
 else:
     from llvmlite import ir as _ir
     from numba import types as _types
@@ -333,6 +379,22 @@ else:
     @_intrinsic
     def dot4(typingctx, a, b, c):
         return _ptx_u32("dp4a.u32.u32 $0, $1, $2, $3;", 3)
+
+    @_intrinsic
+    def hmin2(typingctx, a, b):
+        return _ptx_u32("min.f16x2 $0, $1, $2;", 2)
+
+    @_intrinsic
+    def hmax2(typingctx, a, b):
+        return _ptx_u32("max.f16x2 $0, $1, $2;", 2)
+
+    @_intrinsic
+    def half_lo(typingctx, x):
+        return _ptx_u32("{.reg .b16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, l;}", 1)
+
+    @_intrinsic
+    def half_hi(typingctx, x):
+        return _ptx_u32("{.reg .b16 l, h; mov.b32 {l, h}, $1; cvt.f32.f16 $0, h;}", 1)
 
 SIGN_LANES = {E: _sign_lanes(E) for E in (8, 16)}
 
@@ -374,16 +436,19 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     LPW_ = np.int64(LPW)
     HLPW = np.int64(LPW // 2)           # levels per 32-bit half of an LV word
     VCH = 32 // E                       # write: values per chunk, VCH * (E - 1) < 32 bits (P is a multiple)
-    F_BIG = np.float32(1e30)
     F_65504 = np.float32(65504.0)
     F_32767 = np.float32(32767.0)
     F_2P24 = np.float32(2.0 ** 24)
     F_2M24 = np.float32(2.0 ** -24)
     F_2M14 = np.float32(2.0 ** -14)
-    F_2P112 = np.float32(2.0 ** 112)
     I_BIG = np.int64(1 << 40)
     KEY_BIG = np.int64(1 << 62)
     F_MAGIC = np.float32(1.5 * 2.0 ** 23)
+    EXP4 = _lanes(16, 0x7C00)           # quantize: the exponent fields of a word's 4 fp16 values,
+    EXP4_LSB = _lanes(16, 0x0400)       # their lowest bits,
+    SIGN4 = _lanes(16, 0x8000)          # and sign bits
+    H2_MAX = np.uint32(0x7BFF7BFF)      # fp16 pairs (65504, 65504) and (-65504, -65504)
+    H2_MIN = np.uint32(0xFBFFFBFF)
 
     @cuda.jit(device=True)
     def lanes_max(a, b):
@@ -476,16 +541,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     def rint32(y):
         """rint of a float32 |y| < 2**22, in fp32 arithmetic: adding 1.5 * 2**23 rounds to an integer
         (half to even), subtracting it back is exact."""
-        return np.int64((y + F_MAGIC) - F_MAGIC)
-
-    @cuda.jit(device=True)
-    def half_to_f32(h):
-        """fp16 bits (finite) -> float32, exactly: the magnitude bits shifted into fp32 position are
-        the value times 2**-112 (normal and subnormal alike)."""
-        x = np.int32((h & 0x7FFF) << 13).view(np.float32) * F_2P112
-        if h & 0x8000:
-            x = -x
-        return x
+        return np.int32((y + F_MAGIC) - F_MAGIC)   # 32-bit: F2I.S32 and 32-bit arithmetic after it
 
     @cuda.jit(device=True)
     def quant_step(lo, hi, rel):
@@ -579,25 +635,51 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         return X[np.uint64(((b * H + h) * T + t) * DQ + wd)]
 
     @cuda.jit(device=True)
-    def chunk_minmax(ck, cv, j, NCH, lok, hik, lov, hiv, bad_code, bad_k, bad_v):
-        """Fold 4 K and 4 V fp16 values into the running ranges; NaN/inf lower bad_code."""
+    def chunk_minmax(ck, cv, j, NCH, lok2, hik2, lov2, hiv2, bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT):
+        """Fold 4 K and 4 V fp16 values into the running ranges (fp16 pairs, HMNMX2 on the words'
+        halves: 4 instructions a word, fused to 2 VHMNMX); a word with NaN/inf (an exponent field of
+        all ones: adding 1 to it carries into the lane's sign bit, one test for 4 values) lowers
+        bad_code to its (array, block, head, token) code, and the token is not quantized. Before: a
+        branch, a conversion and two float min/max per value, and the codes computed for every word."""
         if j < NCH:
-            for i in range(4):
-                hk = (ck >> (16 * i)) & 0xFFFF
-                hv = (cv >> (16 * i)) & 0xFFFF
-                if (hk & 0x7C00) == 0x7C00:
-                    bad_code = min(bad_code, bad_k)
-                else:
-                    x = half_to_f32(hk)
-                    lok = min(lok, x)
-                    hik = max(hik, x)
-                if (hv & 0x7C00) == 0x7C00:
-                    bad_code = min(bad_code, bad_v)
-                else:
-                    x = half_to_f32(hv)
-                    lov = min(lov, x)
-                    hiv = max(hiv, x)
-        return lok, hik, lov, hiv, bad_code
+            bad_k = ((ck & EXP4) + EXP4_LSB) & SIGN4
+            bad_v = ((cv & EXP4) + EXP4_LSB) & SIGN4
+            if bad_k | bad_v:
+                h = u
+                if layer:
+                    h, _ = divmod_p2(j, DQ, dqsh)
+                code = (b * H + h) * T + t
+                if bad_v:
+                    code += NBHT
+                if bad_k:   # K's codes first: the codec names K before V
+                    code = (b * H + h) * T + t
+                bad_code = min(bad_code, code)
+            k_lo = np.uint32(ck & LOW32)
+            k_hi = np.uint32((ck >> 32) & LOW32)
+            v_lo = np.uint32(cv & LOW32)
+            v_hi = np.uint32((cv >> 32) & LOW32)
+            lok2 = hmin2(lok2, hmin2(k_lo, k_hi))
+            hik2 = hmax2(hik2, hmax2(k_lo, k_hi))
+            lov2 = hmin2(lov2, hmin2(v_lo, v_hi))
+            hiv2 = hmax2(hiv2, hmax2(v_lo, v_hi))
+        return lok2, hik2, lov2, hiv2, bad_code
+
+    @cuda.jit(device=True)
+    def pair_min(x2):
+        """The smaller of a word's two fp16 values, as float32."""
+        return min(half_lo(x2).view(np.float32), half_hi(x2).view(np.float32))
+
+    @cuda.jit(device=True)
+    def pair_max(x2):
+        return max(half_lo(x2).view(np.float32), half_hi(x2).view(np.float32))
+
+    @cuda.jit(device=True)
+    def half_f32(c, i):
+        """fp16 value i (0..3, a compile-time constant) of the 8-byte word c, as float32 (one conversion)."""
+        w = np.uint32((c >> (32 * (i >> 1))) & LOW32)
+        if i & 1:
+            return half_hi(w).view(np.float32)
+        return half_lo(w).view(np.float32)
 
     @cuda.jit(device=True)
     def chunk_levels(ck, cv, j, NCH, stk, stv, offk, offv, row, WK, LVA, LV32, work, ssum, ssq):
@@ -605,17 +687,24 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         if j < NCH:
             pk = np.int64(0)
             pv = np.int64(0)
+            csum = np.int32(0)   # the chunk's sums in 32 bits (8 levels < 2**15), added once
+            csq = np.int32(0)    # (8-bit lanes only: 8 squares of levels < 2**7)
             for i in range(4):
-                qk = rint32(half_to_f32((ck >> (16 * i)) & 0xFFFF) / stk) - offk
-                qv = rint32(half_to_f32((cv >> (16 * i)) & 0xFFFF) / stv) - offv
-                if qk < 0 or qk > LANE_MAX or qv < 0 or qv > LANE_MAX:
+                qk = np.int32(rint32(half_f32(ck, i) / stk) - offk)
+                qv = np.int32(rint32(half_f32(cv, i) / stv) - offv)
+                if (qk | qv) & ~LANE_MAX:   # either below 0 or above LANE_MAX: one test
                     cuda.atomic.max(work, W_INTERNAL, 1)
-                    qk = min(max(qk, 0), LANE_MAX)
-                    qv = min(max(qv, 0), LANE_MAX)
-                ssum += qk + qv
-                ssq += qk * qk + qv * qv
-                pk |= qk << (E_ * i)
-                pv |= qv << (E_ * i)
+                    qk = np.int32(min(max(qk, 0), LANE_MAX))
+                    qv = np.int32(min(max(qv, 0), LANE_MAX))
+                csum = np.int32(csum + qk + qv)
+                if E == 8:
+                    csq = np.int32(csq + qk * qk + qv * qv)
+                else:
+                    ssq += np.int64(qk) * qk + np.int64(qv) * qv
+                pk |= np.int64(qk) << (E_ * i)
+                pv |= np.int64(qv) << (E_ * i)
+            ssum += csum
+            ssq += csq
             if E == 8:   # 4 levels = half a word
                 LV32[2 * row + j] = np.int32(pk)
                 LV32[2 * (row + WK) + j] = np.int32(pv)
@@ -664,10 +753,10 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             valid = it < UT
             u = it // T
             t = it - u * T
-            lok = F_BIG
-            hik = -F_BIG
-            lov = F_BIG
-            hiv = -F_BIG
+            lok2 = H2_MAX   # fp16 pairs: every finite value is within [-65504, 65504]
+            hik2 = H2_MIN
+            lov2 = H2_MAX
+            hiv2 = H2_MIN
             bad_code = NO_NAN
             k0 = k1 = k2 = k3 = k4 = k5 = k6 = k7 = z
             v0 = v1 = v2 = v3 = v4 = v5 = v6 = v7 = z
@@ -695,11 +784,6 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     k7 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, nch)
                     v7 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, nch)
                 for c in range(QCH):
-                    jc = j + c * GSQ
-                    hh = u
-                    if layer:
-                        hh, _ = divmod_p2(jc, DQ, dqsh)
-                    bk = (b * H + hh) * T + t
                     if c == 0:
                         ck, cv = k0, v0
                     elif c == 1:
@@ -716,12 +800,13 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                         ck, cv = k6, v6
                     else:
                         ck, cv = k7, v7
-                    lok, hik, lov, hiv, bad_code = chunk_minmax(ck, cv, jc, nch, lok, hik, lov, hiv, bad_code,
-                                                                bk, n_blocks * H * T + bk)
-            lok = grp_min(lok, GSQ)
-            hik = grp_max(hik, GSQ)
-            lov = grp_min(lov, GSQ)
-            hiv = grp_max(hiv, GSQ)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(ck, cv, j + c * GSQ, nch, lok2, hik2, lov2,
+                                                                    hiv2, bad_code, b, H, T, t, u, DQ, dqsh, layer,
+                                                                    n_blocks * H * T)
+            lok = grp_min(pair_min(lok2), GSQ)
+            hik = grp_max(pair_max(hik2), GSQ)
+            lov = grp_min(pair_min(lov2), GSQ)
+            hiv = grp_max(pair_max(hiv2), GSQ)
             bad_code = grp_min(bad_code, GSQ)
             if valid and bad_code < NO_NAN and sub == 0:
                 cuda.atomic.min(work, W_NAN, bad_code)
@@ -730,8 +815,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             ssq = z
             stk = np.float32(1)
             stv = np.float32(1)
-            offk = z
-            offv = z
+            offk = np.int32(0)
+            offv = np.int32(0)
             if valid and bad_code == NO_NAN:
                 if t < n_sink:
                     stk = quant_step(lok, hik, sink_k)

@@ -12,7 +12,8 @@ global-scratch placement, NaN/inf refusals and a full arena.
 GPU (`-m gpu`): the compiled kernel on real shapes (SmolLM2 3 KV heads x 64, Llama-3.1-8B 8 x 128),
 both granularities, all repack methods and pack sizes, the four greedy builds (lane widths, narrow levels),
 blocks 128 and 256, many blocks at once (the look-back across concurrent CTAs), per-block bounds, NaN/inf and
-a full arena; and the greedy's inline PTX against the Python twins the simulator runs instead.
+a full arena; and the inline PTX (the greedy's, the quantize's fp16 min/max and conversions) against the
+Python twins the simulator runs instead.
 """
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ def _simulate_blocks(case, encoder):
         k, v = k[:, :, pick].copy(), v[:, :, pick].copy()
     for name, where in case.get("poison", []):   # (array, [block, head, token, channel]) -> NaN / inf
         (k if name == "k" else v)[tuple(where)] = np.float16(np.inf if where[-1] % 2 else np.nan)
+    for name, where, bits in case.get("bits", []):   # (array, [block, head, token], fp16 bit patterns)
+        (k if name == "k" else v)[tuple(where)] = np.array(bits, np.uint16).view(np.float16)
     used = case.get("used", 48)
     out = {"id": case["id"]}
     block_rel = case.get("block_rel")
@@ -315,6 +318,19 @@ def _refusal_cases():
     base = dict(params=_params(pack=8, block=16), H=2, D=8, kinds=mixed_kinds(3, 9), seed=11)
     return [dict(base, id="nan_v", poison=[("v", [2, 0, 3, 4]), ("v", [1, 1, 9, 1])]),
             dict(base, id="inf_k", poison=[("k", [1, 1, 5, 7]), ("v", [0, 0, 0, 0])]),
+            dict(base, id="nan_kv", poison=[("v", [2, 1, 6, 2]), ("k", [2, 1, 6, 0])]),
+            # the quantize's ranges work on fp16 bit patterns: signed zeros, subnormals, fp16's extremes
+            dict(base, id="extremes", bits=[
+                ("k", [0, 0, 0], [0x8000] * 8),
+                ("k", [0, 0, 1], [0x0000, 0x8000, 0x0001, 0x8001, 0x03FF, 0x83FF, 0x0400, 0x8400]),
+                ("k", [0, 1, 2], [0x7BFF, 0xFBFF, 0x0000, 0x3C00, 0x8001, 0xBC00, 0x7BFE, 0x0001]),
+                ("v", [1, 0, 3], [0x7BFF] * 8),
+                ("v", [1, 1, 4], [0xFBFF, 0x7BFF] * 4),
+                ("k", [2, 0, 5], [0x0001, 0x0002, 0x0003, 0x8001, 0x0010, 0x8200, 0x0000, 0x0007]),
+                ("v", [2, 1, 6], [0x0001] * 8),
+                ("v", [0, 1, 7], [0xFBFF] * 8),
+                ("k", [1, 0, 8], [0x8000, 0xFBFF, 0x8000, 0x8000, 0x8000, 0x8000, 0x8000, 0x8000]),
+                ("v", [2, 0, 9], [0x0000, 0x7BFF, 0x0000, 0x0000, 0x0000, 0x0000, 0x8000, 0x0000])]),
             dict(base, id="full", arena=64 + 48)]
 
 
@@ -436,6 +452,9 @@ def test_simulated_refusals(simulated, request):
     assert "v has a non-finite" in r["nan_v"]["error"] and "block 1, head 1, token 9" in r["nan_v"]["error"]
     assert r["inf_k"]["error"] == r["inf_k"]["ref_error"] and "k has a non-finite" in r["inf_k"]["error"]
     assert "block 1, head 1, token 5" in r["inf_k"]["error"]
+    assert r["nan_kv"]["error"] == r["nan_kv"]["ref_error"] and "k has a non-finite" in r["nan_kv"]["error"]
+    assert "block 2, head 1, token 6" in r["nan_kv"]["error"]
+    assert r["extremes"].get("identical") and r["extremes"]["prefix_untouched"], r["extremes"]
     assert r["full"]["error_type"] == "ArenaFullError" and r["full"]["needed"] == 48 + r["full"]["ref_bytes"]
 
 
@@ -559,6 +578,46 @@ def test_gpu_ptx_primitives_match_their_twins(gpu):
             assert out[4, i] == encoder.dot4_reference(x[i], y[i], z[i])
         assert (out[2] == np.uint32(int(x.astype(np.uint64).sum()) & 0xFFFFFFFF)).all()
         assert (out[3] == x.min()).all()
+
+
+
+@pytest.mark.gpu
+def test_gpu_half_primitives_match_their_twins(gpu):
+    """The quantize's fp16 PTX (min/max.f16x2, cvt.f32.f16 of either half) against the Python twins, on every
+    finite fp16 value (signed zeros, subnormals, +-65504) paired with shuffled others; zeros of either sign
+    compare equal (the ranges' sign of zero does not reach a record)."""
+    from numba import cuda
+    from packkv.kernels import encoder
+    hmin2, hmax2, half_lo, half_hi = encoder.hmin2, encoder.hmax2, encoder.half_lo, encoder.half_hi
+
+    @cuda.jit
+    def probe(x, y, out):
+        i = cuda.grid(1)
+        if i < x.size:
+            out[0, i] = hmin2(x[i], y[i])
+            out[1, i] = hmax2(x[i], y[i])
+            out[2, i] = half_lo(x[i])
+            out[3, i] = half_hi(x[i])
+
+    bits = np.arange(1 << 16, dtype=np.uint32)
+    finite = bits[(bits & 0x7C00) != 0x7C00]
+    rng = np.random.default_rng(13)
+    x = finite | (rng.permutation(finite) << 16)
+    y = rng.permutation(finite) | (rng.permutation(finite) << 16)
+    out = np.zeros((4, x.size), np.uint32)
+    probe[(x.size + 255) // 256, 256](x, y, out)
+    as_f16 = lambda w: np.stack([w & 0xFFFF, w >> 16]).astype(np.uint16).view(np.float16)
+    assert np.array_equal(as_f16(out[0]), np.minimum(as_f16(x), as_f16(y)))   # == : -0.0 == 0.0
+    assert np.array_equal(as_f16(out[1]), np.maximum(as_f16(x), as_f16(y)))
+    assert np.array_equal(out[2].view(np.float32), as_f16(x)[0].astype(np.float32))
+    assert np.array_equal(out[2], as_f16(x)[0].astype(np.float32).view(np.uint32))   # bit for bit
+    assert np.array_equal(out[3], as_f16(x)[1].astype(np.float32).view(np.uint32))
+    for i in rng.integers(0, x.size, 200):   # the twins the simulator runs
+        assert encoder.half_f32_reference(x[i], False) == out[2, i]
+        assert encoder.half_f32_reference(x[i], True) == out[3, i]
+        for got, ref in ((out[0, i], encoder.hmin2_reference(x[i], y[i])),
+                         (out[1, i], encoder.hmax2_reference(x[i], y[i]))):
+            assert np.array_equal(as_f16(np.uint32(got)), as_f16(np.uint32(ref)))
 
 
 @pytest.mark.gpu
