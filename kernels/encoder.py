@@ -44,7 +44,7 @@ block order) takes one block (one record) at a time:
    min/max's ~15 instructions per value (a branch, a conversion by shift and multiply, two FMNMX, and
    per word the 64-bit NaN codes) became ~2.5 (~20 a word pair: the exponent tests, a branch, 4 VHMNMX)
    plus the unchanged chunk selection; the levels pass, led by the IEEE division (~9 per value), lost
-   its 64-bit level arithmetic (~4 per value). Not yet measured on a GPU;
+   its 64-bit level arithmetic (~4 per value). Measured: quantize 47.7 -> 35.1 ms at the 8B 128K prefill;
 2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, integer dots
    (DP4A on 8-bit lanes), float64 cosine, lowest index on ties; mean and scores CTA-wide), then
    pack-1 picks of the candidate with the least cost[t] = sum_c width(max(hi,q)-min(lo,q)), lowest
@@ -102,14 +102,15 @@ block order) takes one block (one record) at a time:
    (8.3k payload words), 4 loads in flight per chunk, no divergence but the packs' widths, 2
    barriers per section (32 per block). Measured: write 58.7 -> 25.2 ms at the 8B 128K prefill (below).
 
-Speed (bench/results/encoder_round2.json, H100, `python3 bench/encoder.py --reps 2 --breakdown --out
-encoder_round2.json`, git 067868a = this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB
-of K+V) in 0.186 s with the greedy (91.2 GB/s; 2.24% of the prefill's matmul-bound time), 0.100 / 0.101 s
-with none / sort (171.3 / 170.3 GB/s); token-head greedy 51.6 GB/s; 8K prefill 81.0 GB/s. The breakdown:
-quantize 47.7 ms, repack 92.2, write 25.2 (pack statistics and look-back, measured as differences of
-partial runs, split noisily: 26.5 and -5.2). Issue 4's 100 GB/s needs 172 ms: 14 ms to go; quantize was
-instruction-bound (~45 SASS per value in each of its two passes; since cut: step 1, not yet measured), the
-repack issue-bound.
+Speed (bench/results/encoder_round3.json, H100, `python3 bench/encoder.py --reps 2 --breakdown --out
+encoder_round3.json`, git 1391702 = this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB
+of K+V) in 0.175 s with the greedy (98.3 GB/s; 2.16% of the prefill's matmul-bound time), 0.097 s with
+none (192.3 GB/s), sort 196.3 GB/s; token-head greedy 54.7 GB/s; 8K prefill 86.1 GB/s. The breakdown:
+quantize 35.1 ms, repack 93.2, write 9.1 (pack statistics and look-back, measured as differences of
+partial runs, split noisily: 19.4 and 17.6). Issue 4's 100 GB/s needs 172 ms: ~2.5 ms to go; the repack
+(issue-bound picks) is now over half of it.
+Before: encoder_round2.json (git 067868a, quantize with a per-value NaN branch and 64-bit levels): 0.186 s
+(91.2 GB/s), quantize 47.7 ms.
 Before: encoder_repack2.json (git 7b17898, the payload written a thread per word with a binary search over
 the packs' offsets): 0.218 s (77.3 GB/s), write 58.7 ms.
 Before (encoder.json, git bd6c614: int64 SWAR, each warp's own lazy bound, 16 copies of lo/hi): 0.297 s
