@@ -44,7 +44,7 @@ block order) takes one block (one record) at a time:
    min/max's ~15 instructions per value (a branch, a conversion by shift and multiply, two FMNMX, and
    per word the 64-bit NaN codes) became ~2.5 (~20 a word pair: the exponent tests, a branch, 4 VHMNMX)
    plus the unchanged chunk selection; the levels pass, led by the IEEE division (~9 per value), lost
-   its 64-bit level arithmetic (~4 per value). Measured: quantize 47.7 -> 35.1 ms at the 8B 128K prefill;
+   its 64-bit level arithmetic (~4 per value). Measured: quantize 47.7 -> 35.1 ms at the 8B 128K prefill.
 2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, integer dots
    (DP4A on 8-bit lanes), float64 cosine, lowest index on ties; mean and scores CTA-wide), then
    pack-1 picks of the candidate with the least cost[t] = sum_c width(max(hi,q)-min(lo,q)), lowest
