@@ -365,6 +365,15 @@ def default_slot_bytes(T: int, D: int, P: int, mode: int, tiles: bool = False, s
     return int(max(256, min(cap, -(-blocks_per_item(T) * block // 256) * 256)))
 
 
+def _checked_slot_bytes(fn: str, slot) -> int:
+    """A staging slot's bytes as the split kernels need them: the bulk copies into a slot and the token
+    table's 16-byte stores behind it want a multiple of 16; an item's headers want at least 256."""
+    slot = int(slot)
+    if slot % 16 or slot < 256:
+        _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
+    return slot
+
+
 def _item_layout_bytes(slot: int, D: int, mode: int, slots: int) -> int:
     """pk_warp_smem's layout (item mode): the CTA's q fragments, then per warp `slots` slots of `slot`
     bytes, the fixed part and the per-tile work."""
@@ -458,9 +467,7 @@ def compressed_decode_attention(q, arena, block_offsets, n_blocks, window_k, win
         _fail(fn, f"tile mode needs a head_dim that is a multiple of {TILE_CHANNELS}, got {D}")
     slots = item_slots(slots, B, Hkv, G, max_blocks, T)
     tiles, n_splits = decode_geometry(B, Hkv, G, D, max_blocks, T, tiles, n_splits, slots)
-    slot = int(slot_bytes or default_slot_bytes(T, D, P, 0, tiles, slots))
-    if slot % 16 or slot < 256:
-        _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
+    slot = _checked_slot_bytes(fn, slot_bytes or default_slot_bytes(T, D, P, 0, tiles, slots))
     out, workspace, arena_address = _decode_buffers(fn, out, workspace, arena, arena_address, B, Hq, D, n_splits, dev)
     shared = _shared_bytes(slot, D, 0, tiles, slots)
     kernel = "pk_attention_tiles" if tiles else "pk_attention_splits"
@@ -532,9 +539,7 @@ def k_gemv(q, arena, block_offsets, n_blocks, params, n_kv_heads: int, out=None,
     max_blocks = block_offsets.shape[1]
     out = _out_array(fn, out, (B, Hq, max_blocks * T), np.float32, dev, "[B, Hq, max_blocks * block]")
     n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
-    slot = int(slot_bytes or default_slot_bytes(T, D, P, 1))
-    if slot % 16 or slot < 256:
-        _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
+    slot = _checked_slot_bytes(fn, slot_bytes or default_slot_bytes(T, D, P, 1))
     shared = _shared_bytes(slot, D, 1)
     kernel = _function("packkv_gemv.cu", f"pk_k_gemv<{D}, {P}>", D, P, shared)
     kernel((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
@@ -566,9 +571,7 @@ def v_gemv(p, arena, block_offsets, n_blocks, params, n_kv_heads: int, head_dim:
     n_splits = int(n_splits or default_splits(B, Hkv, G, max_blocks, T))
     workspace = _workspace_array(fn, workspace, B * Hq * n_splits * D, "B * Hq * n_splits * D", dev)
     out = _out_array(fn, out, (B, Hq, D), np.float32, dev)
-    slot = int(slot_bytes or default_slot_bytes(T, D, P, 2))
-    if slot % 16 or slot < 256:
-        _fail(fn, f"slot_bytes must be a multiple of 16 of at least 256, got {slot}")
+    slot = _checked_slot_bytes(fn, slot_bytes or default_slot_bytes(T, D, P, 2))
     shared = _shared_bytes(slot, D, 2)
     kernel = _function("packkv_gemv.cu", f"pk_v_gemv<{D}, {P}>", D, P, shared)
     kernel((n_splits, Hkv * (-(-G // 8)), B), (WARPS * 32,),
