@@ -1286,9 +1286,9 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         W = meta[iW]
         or0 = meta[oOR] >> 2
         for it in range(tid, R * W, NT):
-            r = it // W
+            r = udiv(it, W)                  # 32-bit divisions: int64 `//` is a ~70-instruction call
             wi = it - r * W
-            u = wi // WU
+            u = udiv(wi, WU)
             ob = or0 + u * T + r * P
             q = LVA[np.uint64(lv0 + sh32[ob] * W + wi)]
             mn = q
@@ -1305,7 +1305,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             h = u
             d = c
             if layer:
-                h = c // D
+                h = udiv(c, D)
                 d = c - h * D
             for l in range(LPW):
                 if c + l < CU:
