@@ -31,7 +31,9 @@
 //                  spends ~100 instructions per 16 weight bytes (a fp32 FMA per weight and row) and is
 //                  issue-bound, while one mma.m16n8k16 multiplies a 16 x 16 weight tile by 8 rows. A CTA
 //                  of 8 warps owns 16 output features (and their 16 up rows with swiglu); warp w walks the
-//                  32-input steps w, w + 8, ... (split-K), two steps' loads in flight, and the CTA adds
+//                  32-input steps w, w + 8, ... (split-K), 4 steps' loads in flight (2 with gate/up, whose
+//                  steps are twice the bytes; 2 for all before: rows 8 164.9 us per 8B layer against 176.1,
+//                  bench/results/linear.json, H100; mma_inputs says why), and the CTA adds
 //                  the 8 warps' partial tiles in shared memory. Lane (g, t) = (lane / 4, lane % 4) loads
 //                  16 bytes of W rows o0 + g and o0 + g + 8 and of x rows g (and g + 8) at the same 8
 //                  inputs, 32s + 8t .. +7: mma's k-slots (2t, 2t+1 | 2t+8, 2t+9) then carry inputs
@@ -295,8 +297,9 @@ struct MmaStep {
     uint4 w[2][2], x[2];     // w[gate | up][row g | g + 8], x[row g | g + 8]
 };
 
+template <bool SWIGLU>
 __device__ __forceinline__ MmaStep load_step(const uint4* __restrict__ W, const uint4* __restrict__ x, int chunk,
-                                             int chunks, int o0, int g, int rows, int out, int swiglu) {
+                                             int chunks, int o0, int g, int rows, int out) {
     MmaStep s;
     const uint4 zero = make_uint4(0, 0, 0, 0);
     const bool in_range = chunk < chunks;
@@ -305,7 +308,7 @@ __device__ __forceinline__ MmaStep load_step(const uint4* __restrict__ W, const 
         #pragma unroll
         for (int half = 0; half < 2; ++half) {
             int o = o0 + g + 8 * half;
-            bool ok = in_range && o < out && (part == 0 || swiglu);
+            bool ok = in_range && o < out && (part == 0 || SWIGLU);
             s.w[part][half] = ok ? __ldg(W + (size_t)(o + part * out) * chunks + chunk) : zero;
         }
     #pragma unroll
@@ -316,13 +319,35 @@ __device__ __forceinline__ MmaStep load_step(const uint4* __restrict__ W, const 
     return s;
 }
 
-__device__ __forceinline__ void mma_step(float acc[2][2][4], const MmaStep& s, int rows, int swiglu) {
+template <bool SWIGLU>
+__device__ __forceinline__ void mma_step(float acc[2][2][4], const MmaStep& s, int rows) {
     #pragma unroll
     for (int part = 0; part < 2; ++part) {
-        if (part == 1 && !swiglu) break;
+        if (part == 1 && !SWIGLU) break;
         mma_32_inputs(acc[part][0], s.w[part][0], s.w[part][1], s.x[0]);
         if (rows > 8) mma_32_inputs(acc[part][1], s.w[part][0], s.w[part][1], s.x[1]);
     }
+}
+
+// Phase 1 of linear_rows_mma: the warp's 32-input steps warp, warp + MMA_WARPS, ..., DEPTH steps' loads in flight
+// before the first is multiplied. A step is 1 KB of weights per warp (2 KB with gate/up), and a CTA per SM (two at
+// most: the normalised rows take 64 KB of shared memory at in = 4096) needs ~40 KB in flight to cover the memory's
+// latency at its share of the bandwidth: gate/up keeps 2 steps (4 KB per warp), the others 4. With 2 in flight for
+// all (before) the 8 rows' o, down and qkv projections streamed their weights at 69-77% of the device copy (cold
+// weights, H100, .stage/exp/s11_probe.py: 14.75, 54.6, 24.6 us) while gate/up reached ~96%.
+template <bool SWIGLU, int DEPTH>
+__device__ __forceinline__ void mma_inputs(float acc[2][2][4], const uint4* __restrict__ Wc, const uint4* __restrict__ xc,
+                                           int warp, int steps, int chunks, int o0, int g, int t, int rows, int out) {
+    int s = warp;
+    for (; s + (DEPTH - 1) * MMA_WARPS < steps; s += DEPTH * MMA_WARPS) {
+        MmaStep step[DEPTH];
+        #pragma unroll
+        for (int i = 0; i < DEPTH; ++i)
+            step[i] = load_step<SWIGLU>(Wc, xc, 4 * (s + i * MMA_WARPS) + t, chunks, o0, g, rows, out);
+        #pragma unroll
+        for (int i = 0; i < DEPTH; ++i) mma_step<SWIGLU>(acc, step[i], rows);
+    }
+    for (; s < steps; s += MMA_WARPS) mma_step<SWIGLU>(acc, load_step<SWIGLU>(Wc, xc, 4 * s + t, chunks, o0, g, rows, out), rows);
 }
 
 extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
@@ -348,15 +373,9 @@ linear_rows_mma(const void* __restrict__ x_in, const float* __restrict__ norm_w,
     const uint4* Wc = (const uint4*)W;
     const uint4* xc = (const uint4*)x;
     float acc[2][2][4] = {};                                 // [gate | up][n-tile][mma C fragment]
-    // Phase 1: this warp's share of the inputs, two steps' loads issued before either is multiplied.
-    int s = warp;
-    for (; s + MMA_WARPS < steps; s += 2 * MMA_WARPS) {
-        MmaStep a = load_step(Wc, xc, 4 * s + t, chunks, o0, g, rows, out, swiglu);
-        MmaStep b = load_step(Wc, xc, 4 * (s + MMA_WARPS) + t, chunks, o0, g, rows, out, swiglu);
-        mma_step(acc, a, rows, swiglu);
-        mma_step(acc, b, rows, swiglu);
-    }
-    if (s < steps) mma_step(acc, load_step(Wc, xc, 4 * s + t, chunks, o0, g, rows, out, swiglu), rows, swiglu);
+    // Phase 1: this warp's share of the inputs, STEPS_IN_FLIGHT steps' loads issued before any is multiplied.
+    if (swiglu) mma_inputs<true, 2>(acc, Wc, xc, warp, steps, chunks, o0, g, t, rows, out);
+    else mma_inputs<false, 4>(acc, Wc, xc, warp, steps, chunks, o0, g, t, rows, out);
     // Phase 2: the C fragments (feature g | g + 8, rows 2t, 2t + 1 of each n-tile) into shared memory.
     #pragma unroll
     for (int part = 0; part < 2; ++part)
