@@ -332,9 +332,9 @@ __device__ __forceinline__ void mma_step(float acc[2][2][4], const MmaStep& s, i
 // Phase 1 of linear_rows_mma: the warp's 32-input steps warp, warp + MMA_WARPS, ..., DEPTH steps' loads in flight
 // before the first is multiplied. A step is 1 KB of weights per warp (2 KB with gate/up), and a CTA per SM (two at
 // most: the normalised rows take 64 KB of shared memory at in = 4096) needs ~40 KB in flight to cover the memory's
-// latency at its share of the bandwidth: gate/up keeps 2 steps (4 KB per warp), the others 4. With 2 in flight for
-// all (before) the 8 rows' o, down and qkv projections streamed their weights at 69-77% of the device copy (cold
-// weights, H100, .stage/exp/s11_probe.py: 14.75, 54.6, 24.6 us) while gate/up reached ~96%.
+// latency at its share of the bandwidth: gate/up keeps 2 steps (4 KB per warp), the others 4 (2 for all before:
+// the layer's four products at 8 rows 176.1 -> 164.9 us, bench/linear.py, H100; timed one by one on cold weights in
+// a scratch probe, o, down and qkv had streamed at 69-77% of the device copy, gate/up at ~96%).
 template <bool SWIGLU, int DEPTH>
 __device__ __forceinline__ void mma_inputs(float acc[2][2][4], const uint4* __restrict__ Wc, const uint4* __restrict__ xc,
                                            int warp, int steps, int chunks, int o0, int g, int t, int rows, int out) {
