@@ -31,6 +31,8 @@ from packkv.generate import Engine, SamplingParams, Sampler, decode_steps, make_
 from packkv.weights.random import PRESETS  # noqa: E402
 
 WORKSPACE_BYTES = 2 << 30    # set aside for activations, logits and kernel workspaces in capacity estimates
+WARMUP_STEPS = 4             # untimed decode steps after the first, which fill the step pipeline
+ROOM = 2 + WARMUP_STEPS + 4   # cache tokens beyond context + steps: the untimed steps, those queued at the end (PIPELINE_DEPTH 3)
 
 
 def prompt_of_length(engine: Engine, text_path: Path, tokens: int) -> list[int]:
@@ -44,7 +46,7 @@ def real_prompt_decode(engine, text, context, batch, cache_kind, steps) -> tuple
     """Prefill `batch` real prompts of `context` tokens (shifted apart in the text), then time `steps`
     decode steps."""
     ids = prompt_of_length(engine, text, context + 64 * batch)
-    cache = engine.new_cache(cache_kind, batch=batch, tokens=context + steps + 2)
+    cache = engine.new_cache(cache_kind, batch=batch, tokens=context + steps + ROOM)
     first = [prefill(engine, ids[64 * b: 64 * b + context], cache.row(b), show_progress=False)[0, -1]
              for b in range(batch)]
     sampler = Sampler(SamplingParams(), engine.backend)
@@ -94,7 +96,7 @@ def fill_real(engine, cache, context: int) -> None:
 
 
 def synthetic_kv_decode(engine, context, batch, cache_kind, steps, kv_data: str) -> tuple[float, dict]:
-    cache = engine.new_cache(cache_kind, batch=batch, tokens=context + steps + 2)
+    cache = engine.new_cache(cache_kind, batch=batch, tokens=context + steps + ROOM)
     (fill_real if kv_data == "real" else fill_random)(engine, cache, context)
     return timed_decode(engine, cache, [1] * batch, steps)
 
@@ -103,11 +105,15 @@ def timed_decode(engine, cache, ids: list[int], steps: int, decoder=None) -> tup
     """Greedy decode tok/s over `steps` steps, as generate runs them (packkv.generate.decode_steps: on a
     captured graph, pipelined up to GraphDecoder.PIPELINE_DEPTH steps ahead of the host), with `decoder` or
     make_decoder's; the first step, which captures the CUDA graph (or warms up), is not timed: a generation
-    pays it once."""
+    pays it once. The clock runs from one step's ids to the ids `steps` steps later with the pipeline full
+    at both ends, so it holds exactly `steps` steps of device work. (Until 2026-11-24 it started after a
+    synchronize that let the PIPELINE_DEPTH steps queued behind the first finish off the clock: `steps`
+    tokens over steps - 3 steps of time, tok/s too high by steps / (steps - 3), 23% at --steps 16, the same
+    for every cache kind, so the ratios between them held.)"""
     decoder = decoder or make_decoder(engine, cache)
     tokens = decode_steps(decoder, Sampler(SamplingParams(), engine.backend), ids)
-    next(tokens)
-    engine.backend.synchronize()
+    for _ in range(1 + WARMUP_STEPS):
+        next(tokens)
     start = time.perf_counter()
     for _ in range(steps):
         ids = next(tokens)
