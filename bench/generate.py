@@ -202,7 +202,7 @@ def main() -> None:
     args = ap.parse_args()
 
     real = args.model == "smollm2"
-    longest = max(args.contexts) + args.steps + 2          # random KV: no prompt shift, no prefill
+    longest = max(args.contexts) + args.steps + ROOM       # random KV: no prompt shift, no prefill
     engine = Engine(args.weights, device="gpu", max_context=None if real else longest,
                     random_weights=None if real else args.model)
     model_name = "smollm2-135m" if real else args.model

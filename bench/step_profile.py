@@ -37,9 +37,9 @@ from common import DEFAULT_TEXT, RESULTS, graph_replay_us, header, print_table, 
 
 def prefilled_cache(engine, real: bool, text: Path, context: int, kind: str, steps: int):
     """`steps`: the decode steps it must hold past the context."""
-    from generate import ROOM, fill_random, prompt_of_length
+    from generate import fill_random, prompt_of_length
     from packkv.generate import prefill
-    cache = engine.new_cache(kind, batch=1, tokens=context + steps + ROOM)
+    cache = engine.new_cache(kind, batch=1, tokens=context + steps)
     if real:
         prefill(engine, prompt_of_length(engine, text, context), cache, show_progress=False)
     else:
