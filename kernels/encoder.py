@@ -84,7 +84,13 @@ block order) takes one block (one record) at a time:
    Token-head at the 8B shape (8 units of 32 words): 2 warps per unit, one word per lane, and the
    level matrix fits in shared memory; SmolLM2 token-head (rows of 16 words): 2 candidates per warp
    at a time, no lazy skip;
-3. pack statistics (min and width per pack of P tokens x 1 channel), section sizes, record size;
+3. pack statistics (min and width per pack of P tokens x 1 channel: a thread per LV word and pack
+   row, its LPW entries stored by a running 32-bit index), then a warp per section: the section's
+   sizes and, by a running warp scan over its packs, each pack's payload offset; after one barrier
+   warp 0 scans the sections' sizes into their starts and the record size. Before: the payload
+   offsets by a CTA-wide scan (each thread 16 consecutive packs: 16-way shared bank conflicts, 3
+   barriers, an int64 division call) and the section starts by one thread in int64 (SASS, 8B shape:
+   4455 static instructions for the phase, now 1887). Not yet measured on a GPU;
 4. decoupled look-back over the tiles' record sizes gives the record's arena offset (a single-pass
    prefix sum: no second launch, no host round trip);
 5. write: every 32-bit word of the headers, steps and bit streams is assembled by one thread and
@@ -155,14 +161,14 @@ from numba import float64 as nb_float64, int32 as nb_int32, int64 as nb_int64, u
 
 _META_FIELDS = (
     "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec",
-    "NP", "GSQ", "GS", "NWU", "UPR", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode", "SW",
+    "GSQ", "GS", "NWU", "UPR", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode", "SW",
     # region offsets in bytes: in shared memory, or in the CTA's global scratch for LV / PACK*
     "o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk", "o_stepv", "o_offk",
-    "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best", "o_box", "o_seci", "o_toki", "o_misc", "o_scan",
+    "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best", "o_box", "o_seci", "o_toki", "o_misc",
     "o_stage",
 )
 M = {name: i for i, name in enumerate(_META_FIELDS)}
-SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, payload prefix, -
+SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, -, -
 TOKI_FIELDS = 8   # per unit: k_base, v_base, k_bits, v_bits, start, -, -, -
 MISC_FIELDS = 8   # tile, bad, base, size, skip, -, -, -
 # work array (int64): [0] end offset of the last record, [1] first NaN code, [2] arena overflow,
@@ -575,51 +581,16 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         b = np.int64(step.view(np.int32))
         return (b >> 13) - (112 << 10)
 
-    @cuda.jit(device=True)
-    def block_excl_scan(val, scan, s0, tid):
-        """Exclusive prefix sum of one int64 per thread over the CTA; returns (exclusive, total)."""
-        lane = tid & 31
-        warp = tid >> 5
-        x = val
-        off = 1
-        while off < 32:
-            y = shfl_up(x, off)
-            if lane >= off:
-                x += y
-            off <<= 1
-        if lane == 31:
-            scan[s0 + warp] = x
-        cuda.syncthreads()
-        if warp == 0:
-            t = np.int64(0)
-            if lane < NW:
-                t = scan[s0 + lane]
-            z = t
-            off = 1
-            while off < 32:
-                y = shfl_up(z, off)
-                if lane >= off:
-                    z += y
-                off <<= 1
-            if lane < NW:
-                scan[s0 + lane] = z - t          # exclusive prefix of the warp totals
-            if lane == NW - 1:
-                scan[s0 + NW] = z
-        cuda.syncthreads()
-        res = scan[s0 + warp] + x - val
-        cuda.syncthreads()
-        return res
-
     # meta indices (compile-time constants)
-    iN, iH, iT, iD, iP, iR, iLAYER, iREPACK, iNU, iCU, iWK, iWU, iW, iNSEC, iNP = (M[k] for k in (
-        "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec", "NP"))
+    iN, iH, iT, iD, iP, iR, iLAYER, iREPACK, iNU, iCU, iWK, iWU, iW, iNSEC = (M[k] for k in (
+        "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec"))
     iGSQ, iGS, iNWU, iUPR, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "NWU", "UPR", "used0", "cap",
                                                               "scr64"))
     iDQSH, iDSH, iMODE, iSW, oSTG = M["dq_shift"], M["d_shift"], M["mode"], M["SW"], M["o_stage"]
-    oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oST, oBE, oBX, oSE, oTK, oMI, oSN = (
+    oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oST, oBE, oBX, oSE, oTK, oMI = (
         M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
                        "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best",
-                       "o_box", "o_seci", "o_toki", "o_misc", "o_scan"))
+                       "o_box", "o_seci", "o_toki", "o_misc"))
 
     # ------------------------------------------------------------------------------------------
     # 1. quantize: LV rows (token-major, unit-major words), per-token steps/offsets, sums, norms
@@ -1307,20 +1278,42 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             if layer:
                 h = udiv(c, D)
                 d = c - h * D
+            # the word's levels are channels d, d + 1, ... of head h: PINFO entries idx, idx + 1, ..., but
+            # past the head's last channel the next head's section pair, 2 R D - D entries on (layer
+            # granularity, D not a multiple of LPW); 32-bit halves of mn / mx, no int64 per level
+            idx = np.int32(((2 * h + kv) * R + r) * D + d)   # from pi0
+            jump = np.int32((2 * R - 1) * D)
+            dd = np.int32(d)
+            n_lv = np.int32(min(LPW_, CU - c))
             for l in range(LPW):
-                if c + l < CU:
-                    lo_l = (mn >> (E_ * l)) & LM
-                    hi_l = (mx >> (E_ * l)) & LM
-                    PK[pi0 + ((2 * h + kv) * R + r) * D + d] = np.int32((lo_l << 8) | width(hi_l - lo_l))
-                d += 1
-                if d == D:
-                    d = 0
-                    h += 1
+                if l < n_lv:
+                    lo_l = np.int32((mn >> (E_ * l)) & LM)
+                    hi_l = np.int32((mx >> (E_ * l)) & LM)
+                    PK[pi0 + idx] = np.int32((lo_l << 8) | width(hi_l - lo_l))
+                idx = np.int32(idx + 1)
+                dd = np.int32(dd + 1)
+                if dd == D:
+                    dd = np.int32(0)
+                    idx = np.int32(idx + jump)
 
     @cuda.jit(device=True)
-    def ph_sections(PK, pi0, sh64, sh32, meta, tid):
-        """Per section: WB, MB, min_base, payload bytes; per unit: offset bases and bits; then (one
-        thread) every section's start, the record size and the payload prefix over sections."""
+    def warp_incl_scan(v, lane):
+        """Inclusive prefix sum of an int32 v over the warp's lanes (every lane of the warp calls it)."""
+        for off in (1, 2, 4, 8, 16):
+            y = shfl_up(v, off)
+            if lane >= off:
+                v = np.int32(v + y)   # (Numba widens int32 sums to int64: 32-bit shuffles need the cast)
+        return v
+
+    @cuda.jit(device=True)
+    def ph_sections(PK, pi0, po0, sh64, sh32, meta, tid):
+        """A warp per section: WB, MB, min_base, payload bytes, and POFF[g], each pack's payload byte
+        offset in its section (a running warp scan over the section's packs, 32 at a time, in 32-bit:
+        a section's payload is < 2**31 bytes); a warp per unit: offset bases and bits. After a barrier
+        warp 0 scans the sections' sizes (the units' token sections, then the channel sections) into
+        their starts and the record size (publishing it to itself: the look-back is warp 0's).
+        Before: a CTA-wide scan over the packs (each thread 16 consecutive ones: 16-way bank conflicts,
+        3 barriers, an int64 division call) and the starts by one thread (int64, Python-style %)."""
         T = meta[iT]
         D = meta[iD]
         P = meta[iP]
@@ -1336,20 +1329,27 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         lane = tid & 31
         warp = tid >> 5
         RD = R * D
+        PB = np.int32(P >> 3)          # payload bytes per bit of a pack's width (P is 8, 16 or 32)
         for s in range(warp, 2 * H, NW):
-            wmax = np.int64(0)
-            mnmin = I_BIG
-            mnmax = np.int64(0)
-            wsum = np.int64(0)
-            for i in range(lane, RD, 32):
-                info = np.int64(PK[pi0 + s * RD + i])
-                w = info & 0xFF
-                mnv = info >> 8
-                wsum += w
-                wmax = max(wmax, w)
-                mnmin = min(mnmin, mnv)
-                mnmax = max(mnmax, mnv)
-            wsum = grp_sum(wsum, 32)
+            g0 = s * RD
+            wmax = np.int32(0)
+            mnmin = np.int32(1 << 30)
+            mnmax = np.int32(0)
+            run = np.int32(0)          # the widths of the section's packs before this round
+            for i0 in range(0, RD, 32):
+                i = i0 + lane
+                w = np.int32(0)
+                if i < RD:
+                    info = PK[pi0 + g0 + i]
+                    w = np.int32(info & 0xFF)
+                    mnv = np.int32(info >> 8)
+                    wmax = max(wmax, w)
+                    mnmin = min(mnmin, mnv)
+                    mnmax = max(mnmax, mnv)
+                incl = warp_incl_scan(w, lane)
+                if i < RD:
+                    PK[po0 + g0 + i] = np.int32((run + incl - w) * PB)
+                run = np.int32(run + shfl_idx(incl, 31))
             wmax = grp_max(wmax, 32)
             mnmin = grp_min(mnmin, 32)
             mnmax = grp_max(mnmax, 32)
@@ -1357,16 +1357,16 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 e0 = se0 + s * SECI_FIELDS
                 sh32[e0 + 0] = np.int32(width(wmax))
                 sh32[e0 + 1] = np.int32(width(mnmax - mnmin))
-                sh32[e0 + 2] = np.int32(mnmin)
-                sh32[e0 + 3] = np.int32(wsum * P // 8)
+                sh32[e0 + 2] = mnmin
+                sh32[e0 + 3] = np.int32(run * PB)
         for u in range(warp, n_units, NW):
-            kmin = I_BIG
-            kmax = -I_BIG
-            vmin = I_BIG
-            vmax = -I_BIG
+            kmin = np.int32(1 << 30)
+            kmax = np.int32(-(1 << 30))
+            vmin = np.int32(1 << 30)
+            vmax = np.int32(-(1 << 30))
             for t in range(lane, T, 32):
-                ok = np.int64(sh32[ok0 + u * T + t])
-                ov = np.int64(sh32[ov0 + u * T + t])
+                ok = sh32[ok0 + u * T + t]
+                ov = sh32[ov0 + u * T + t]
                 kmin = min(kmin, ok)
                 kmax = max(kmax, ok)
                 vmin = min(vmin, ov)
@@ -1377,57 +1377,32 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             vmax = grp_max(vmax, 32)
             if lane == 0:
                 e0 = tk0 + u * TOKI_FIELDS
-                sh32[e0 + 0] = np.int32(kmin)
-                sh32[e0 + 1] = np.int32(vmin)
+                sh32[e0 + 0] = kmin
+                sh32[e0 + 1] = vmin
                 sh32[e0 + 2] = np.int32(width(kmax - kmin))
                 sh32[e0 + 3] = np.int32(width(vmax - vmin))
         cuda.syncthreads()
-        if tid == 0:
-            off = np.int64(12 + 4 * n_sec)
-            for u in range(n_units):
-                e0 = tk0 + u * TOKI_FIELDS
-                sh32[e0 + 4] = np.int32(off)
-                size = 8 + 4 * T + T * (np.int64(sh32[e0 + 2]) + sh32[e0 + 3]) // 8
-                off += size + (-size) % 4
-            ppre = np.int64(0)
-            for s in range(2 * H):
-                e0 = se0 + s * SECI_FIELDS
-                sh32[e0 + 4] = np.int32(off)
-                hb = 4 + (RD * (np.int64(sh32[e0 + 0]) + sh32[e0 + 1]) + 7) // 8
-                ps = hb + (-hb) % 4
-                sh32[e0 + 5] = np.int32(ps)
-                sh32[e0 + 6] = np.int32(ppre)
-                pb = np.int64(sh32[e0 + 3])
-                ppre += pb
-                off += ps + pb + (-pb) % 4
-            sh64[mi0 + 3] = off + (-off) % 16
-            sh64[mi0 + 5] = off
-
-    @cuda.jit(device=True)
-    def ph_pack_offsets(PK, pi0, po0, sh64, sh32, meta, tid):
-        """POFF[g] = byte offset of pack g's payload inside its section's payload (CTA scan)."""
-        P = meta[iP]
-        RD = meta[iR] * meta[iD]
-        NP = meta[iNP]
-        se0 = meta[oSE] >> 2
-        sn0 = meta[oSN] >> 3
-        chunk = (NP + NT - 1) // NT
-        g0 = tid * chunk
-        g1 = min(g0 + chunk, NP)
-        local = np.int64(0)
-        for gi in range(g0, g1):
-            local += np.int64(PK[pi0 + gi] & 0xFF)
-        run = block_excl_scan(local * P // 8, sh64, sn0, tid)
-        s = g0 // RD
-        s_end = (s + 1) * RD
-        base = np.int64(sh32[se0 + s * SECI_FIELDS + 6]) if g0 < g1 else np.int64(0)
-        for gi in range(g0, g1):
-            if gi >= s_end:
-                s += 1
-                s_end += RD
-                base = np.int64(sh32[se0 + s * SECI_FIELDS + 6])
-            PK[po0 + gi] = np.int32(run - base)
-            run += (PK[pi0 + gi] & 0xFF) * P // 8
+        if warp == 0:   # (32-bit: the format's section starts are 32-bit words)
+            carry = np.int32(12 + 4 * n_sec)   # the header and section table
+            for i0 in range(0, n_sec, 32):
+                i = i0 + lane
+                size = np.int32(0)
+                e0 = tk0 + i * TOKI_FIELDS
+                if i < n_units:   # token section: header, steps, K and V offset bit streams, to 4 bytes
+                    size = np.int32((8 + 4 * T + ((T * (sh32[e0 + 2] + sh32[e0 + 3])) >> 3) + 3) & ~3)
+                elif i < n_sec:   # channel section: header and pack header stream (to 4), payload (to 4)
+                    e0 = se0 + (i - n_units) * SECI_FIELDS
+                    ps = np.int32((4 + ((RD * (sh32[e0 + 0] + sh32[e0 + 1]) + 7) >> 3) + 3) & ~3)
+                    sh32[e0 + 5] = ps
+                    size = np.int32(ps + ((sh32[e0 + 3] + 3) & ~3))
+                incl = warp_incl_scan(size, lane)
+                if i < n_sec:
+                    sh32[e0 + 4] = np.int32(carry + incl - size)
+                carry = np.int32(carry + shfl_idx(incl, 31))
+            if lane == 0:
+                sh64[mi0 + 3] = (np.int64(carry) + 15) & ~np.int64(15)
+                sh64[mi0 + 5] = carry
+            syncwarp()
 
     # ------------------------------------------------------------------------------------------
     # 4. look-back (thread 0): the record's offset in the arena
@@ -1731,8 +1706,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             if bad == 0 and (mode & 4) == 0:
                 ph_pack_stats(LVA, lv0, PK, pi0, sh32, meta, tid)
                 cuda.syncthreads()
-                ph_sections(PK, pi0, sh64, sh32, meta, tid)
-                ph_pack_offsets(PK, pi0, po0, sh64, sh32, meta, tid)
+                ph_sections(PK, pi0, po0, sh64, sh32, meta, tid)
             if tid < 32 and (mode & 6) == 0:
                 ph_lookback(b, bad, sh64, meta, work, offsets, tid)
             cuda.syncthreads()
@@ -1952,7 +1926,6 @@ class _Plan:
             "rem": UT * 4, "cand": UT * 4, "stale": UT * 4, "best": 2 * NW * 8,
             "box": UPR * 2 * WU * 8 if params.repack == "greedy" else 0,
             "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
-            "scan": (NW + 1) * 8,
             # write: one section's payload, staged (widths <= E - 1 bits: levels < 2**(E-1))
             "stage": self.stage_words(R * D, P, E) * 4,
         }
@@ -1979,7 +1952,7 @@ class _Plan:
         self.shared_bytes, self.scratch_bytes = shared_at, global_at
         self.values = dict(n_blocks=0, H=H, T=T, D=D, P=P, R=R, layer=int(layer),
                            repack=codec.REPACK_METHODS.index(params.repack), n_units=n_units, CU=CU, WK=WK,
-                           WU=WU, W=W, n_sec=n_units + 2 * H, NP=NP, GSQ=GSQ, GS=GS, NWU=NWU, UPR=UPR,
+                           WU=WU, W=W, n_sec=n_units + 2 * H, GSQ=GSQ, GS=GS, NWU=NWU, UPR=UPR,
                            used0=0, cap=0, scr64=global_at // 8,
                            dq_shift=_log2_or(D // 4), d_shift=_log2_or(D), mode=0,
                            SW=self.stage_words(R * D, P, E),
