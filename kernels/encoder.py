@@ -91,10 +91,17 @@ block order) takes one block (one record) at a time:
    offsets by a CTA-wide scan (each thread 16 consecutive packs: 16-way shared bank conflicts, 3
    barriers, an int64 division call) and the section starts by one thread in int64 (SASS, 8B shape:
    4455 static instructions for the phase, now 1887). Not yet measured on a GPU;
-4. decoupled look-back over the tiles' record sizes gives the record's arena offset (a single-pass
-   prefix sum: no second launch, no host round trip);
-5. write: every 32-bit word of the headers, steps and bit streams is assembled by one thread and
-   stored coalesced; the payload section by section: a thread per pack gathers its P levels, VCH
+4. the tile publishes its record size; decoupled look-back over the tiles' record sizes gives a
+   record's arena offset (a single-pass prefix sum: no second launch, no host round trip), one tile
+   later: the record is written to the CTA's global scratch (REC, a record bound per CTA: 18 MB
+   at the 8B shape, L2-resident) and copied to the arena (4 independent 32-bit loads a thread in
+   flight) when the CTA has finished its next tile's statistics. Before, the look-back came right
+   after publishing, while predecessors whose greedy took longer were still running: with the write
+   off it measured 17.6 ms at the 8B 128K prefill with the greedy, 0.8 ms with repack none (equal
+   block times). The deferred copy costs a read and write of the compressed bytes (~2 GiB there,
+   mostly L2) and one barrier a tile. Not yet measured on a GPU;
+5. write (into REC): every 32-bit word of the headers, steps and bit streams is assembled by one
+   thread and stored coalesced; the payload section by section: a thread per pack gathers its P levels, VCH
    (4 at 8-bit lanes) per chunk with the loads independent, into a bit accumulator and ORs each
    filled 32-bit word into the section's payload staged in shared memory (atomics: a word can hold
    several packs' bits; R * D * P * (E - 1) / 32 words, 7 KiB at the 8B shape; in the CTA's global
@@ -165,7 +172,7 @@ _META_FIELDS = (
     # region offsets in bytes: in shared memory, or in the CTA's global scratch for LV / PACK*
     "o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk", "o_stepv", "o_offk",
     "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best", "o_box", "o_seci", "o_toki", "o_misc",
-    "o_stage",
+    "o_stage", "o_rec",
 )
 M = {name: i for i, name in enumerate(_META_FIELDS)}
 SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, -, -
@@ -586,7 +593,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec"))
     iGSQ, iGS, iNWU, iUPR, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "NWU", "UPR", "used0", "cap",
                                                               "scr64"))
-    iDQSH, iDSH, iMODE, iSW, oSTG = M["dq_shift"], M["d_shift"], M["mode"], M["SW"], M["o_stage"]
+    iDQSH, iDSH, iMODE, iSW, oSTG, oREC = (M[k] for k in ("dq_shift", "d_shift", "mode", "SW", "o_stage", "o_rec"))
     oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oST, oBE, oBX, oSE, oTK, oMI = (
         M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
                        "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best",
@@ -1405,22 +1412,25 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             syncwarp()
 
     # ------------------------------------------------------------------------------------------
-    # 4. look-back (thread 0): the record's offset in the arena
+    # 4. look-back (warp 0): the record's offset in the arena, one tile later
     # ------------------------------------------------------------------------------------------
     @cuda.jit(device=True)
-    def ph_lookback(b, bad, sh64, meta, work, offsets, lane):
-        """Warp 0: publish this tile's size, then sum the predecessors' sizes 32 tiles at a time until
-        one that knows its inclusive prefix (decoupled look-back); publish the inclusive prefix."""
-        n_blocks = meta[iN]
-        mi0 = meta[oMI] >> 3
-        size = np.int64(0)
-        if bad == 0:
-            size = sh64[mi0 + 3]
+    def ph_publish(b, size, work, lane):
+        """Warp 0: publish tile b's record size (its inclusive prefix when b == 0)."""
         if lane == 0:
             if b == 0:
                 cuda.atomic.add(work, W_STATUS + b, FLAG_PRE | size)
             else:
                 cuda.atomic.add(work, W_STATUS + b, FLAG_AGG | size)
+
+    @cuda.jit(device=True)
+    def ph_lookback(b, bad, size, sh64, meta, work, offsets, lane):
+        """Warp 0, for tile b (published before with this size; bad: no record): sum the predecessors'
+        sizes 32 tiles at a time until one that knows its inclusive prefix (decoupled look-back);
+        publish the inclusive prefix; the record's arena offset to MISC[2], its skip flag (no record,
+        or past the arena's end) to MISC[4]."""
+        n_blocks = meta[iN]
+        mi0 = meta[oMI] >> 3
         excl = np.int64(0)
         top = b - 1
         if lane == 0 and top >= 0:
@@ -1471,7 +1481,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     # 5. write: every 32-bit word of the record by one thread
     # ------------------------------------------------------------------------------------------
     @cuda.jit(device=True)
-    def ph_write_head(arena32, sh64, sh32, meta, tid):
+    def ph_write_head(out32, rw, sh64, sh32, meta, tid):
         """Record header, section table, token sections."""
         H = meta[iH]
         T = meta[iT]
@@ -1488,7 +1498,6 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         ov0 = meta[oOV] >> 2
         or0 = meta[oOR] >> 2
         mi0 = meta[oMI] >> 3
-        rw = sh64[mi0 + 2] >> 2
         total = sh64[mi0 + 3]
         body = sh64[mi0 + 5]
         flags = layer | ((width(P) - 4) << 1)
@@ -1503,9 +1512,9 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 val = np.int64(sh32[tk0 + (j - 3) * TOKI_FIELDS + 4])
             else:
                 val = np.int64(sh32[se0 + (j - 3 - n_units) * SECI_FIELDS + 4])
-            arena32[rw + j] = np.uint32(val & LOW32)
+            out32[rw + j] = np.int32(val & LOW32)
         for j in range(tid, (total - body) >> 2, NT):   # zero padding to 16
-            arena32[rw + (body >> 2) + j] = np.uint32(0)
+            out32[rw + (body >> 2) + j] = 0
         for u in range(n_units):
             e0 = tk0 + u * TOKI_FIELDS
             kbase = np.int64(sh32[e0 + 0])
@@ -1548,10 +1557,10 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                                 val |= fv << sft
                             else:
                                 val |= fv >> (-sft)
-                arena32[tsw + j] = np.uint32(val & LOW32)
+                out32[tsw + j] = np.int32(val & LOW32)
 
     @cuda.jit(device=True)
-    def ph_write_sections(arena32, LV32, lv0, PK, pi0, po0, st0, sh64, sh32, meta, tid):
+    def ph_write_sections(out32, rw, LV32, lv0, PK, pi0, po0, st0, sh32, meta, tid):
         """Channel sections: header word, pack header stream, payload (staged in PK from st0 on, zero
         there between sections; every thread of the CTA calls it: it has barriers)."""
         H = meta[iH]
@@ -1565,8 +1574,6 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         W = meta[iW]
         se0 = meta[oSE] >> 2
         or0 = meta[oOR] >> 2
-        mi0 = meta[oMI] >> 3
-        rw = sh64[mi0 + 2] >> 2
         RD = R * D
         dsh = meta[iDSH]
         W2 = 2 * W
@@ -1597,7 +1604,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                                 val |= fv << sft
                             else:
                                 val |= fv >> (-sft)
-                arena32[csw + j] = np.uint32(val & LOW32)
+                out32[csw + j] = np.int32(val & LOW32)
             # payload: one thread per pack appends its P values (w bits each, LSB first) to a bit
             # accumulator and ORs every filled 32-bit word into the section's staged payload (a word
             # can hold bits of several packs, hence the atomics); after a barrier the staged
@@ -1648,9 +1655,27 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             cuda.syncthreads()
             pw_base = csw + nh
             for j in range(tid, (pbytes + 3) // 4, NT):
-                arena32[pw_base + j] = np.uint32(PK[st0 + j])
+                out32[pw_base + j] = PK[st0 + j]
                 PK[st0 + j] = 0
             cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def copy_record(arena32, REC, rec0, sh64, mi0, size, tid):
+        """The record in REC (size bytes, a multiple of 16) to the arena at MISC[2] unless MISC[4] says
+        skip; 4 independent loads per thread in flight (REC is read back from L2)."""
+        if sh64[mi0 + 4] != 0:
+            return
+        aw = sh64[mi0 + 2] >> 2
+        nw = size >> 2
+        for j0 in range(4 * tid, nw, 4 * NT):   # (nw is a multiple of 4)
+            w0 = REC[rec0 + j0]
+            w1 = REC[rec0 + j0 + 1]
+            w2 = REC[rec0 + j0 + 2]
+            w3 = REC[rec0 + j0 + 3]
+            arena32[aw + j0] = np.uint32(w0)
+            arena32[aw + j0 + 1] = np.uint32(w1)
+            arena32[aw + j0 + 2] = np.uint32(w2)
+            arena32[aw + j0 + 3] = np.uint32(w3)
 
     # ------------------------------------------------------------------------------------------
     # the kernel: a persistent loop over tiles (blocks, in order)
@@ -1684,6 +1709,11 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         repack = meta[iREPACK]
         greedy = repack == 2 and meta[iT] > meta[iP]
         mode = meta[iMODE]     # 0; for timing phases only: 1 no write, 2 no look-back, 4 no stats, 8 no repack
+        REC = g32                # the record, written here, copied to the arena one tile later
+        rec0 = 2 * slot + (meta[oREC] >> 2)
+        pend = np.int64(-1)      # the tile whose record waits in REC, its record size and bad flag
+        pend_size = np.int64(0)
+        pend_bad = np.int64(0)
         for i in range(tid, meta[iSW], NT):   # the write's staged payload: zero, and zeroed after each use
             PK[st0 + i] = 0
         while True:
@@ -1692,27 +1722,48 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 sh64[mi0 + 1] = 0
             cuda.syncthreads()
             b = sh64[mi0 + 0]
-            if b >= n_blocks:
-                break
-            ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, bounds, tid)
-            cuda.syncthreads()
-            bad = sh64[mi0 + 1]
-            if bad == 0 and (mode & 8) == 0:
-                if greedy:
-                    ph_greedy(LVA, LV32, lv0, sh64, sh32, shf, meta, tid)
-                else:
-                    ph_order_simple(sh64, sh32, meta, tid)
+            done = b >= n_blocks    # (one more round: the last tile's record still waits in REC)
+            bad = np.int64(0)
+            if not done:
+                ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, bounds, tid)
                 cuda.syncthreads()
-            if bad == 0 and (mode & 4) == 0:
-                ph_pack_stats(LVA, lv0, PK, pi0, sh32, meta, tid)
-                cuda.syncthreads()
-                ph_sections(PK, pi0, po0, sh64, sh32, meta, tid)
+                bad = sh64[mi0 + 1]
+                if bad == 0 and (mode & 8) == 0:
+                    if greedy:
+                        ph_greedy(LVA, LV32, lv0, sh64, sh32, shf, meta, tid)
+                    else:
+                        ph_order_simple(sh64, sh32, meta, tid)
+                    cuda.syncthreads()
+                if bad == 0 and (mode & 4) == 0:
+                    ph_pack_stats(LVA, lv0, PK, pi0, sh32, meta, tid)
+                    cuda.syncthreads()
+                    ph_sections(PK, pi0, po0, sh64, sh32, meta, tid)
+            # The record goes to the CTA's scratch (REC) and is copied to the arena one tile later: its
+            # look-back then finds its predecessors' sizes published (tiles start in order, but a greedy
+            # block's time varies: the look-back right after publishing, its predecessors still running,
+            # measured 17.6 ms of 174.5 at the 8B 128K prefill with the write off, 0.8 ms with repack none)
             if tid < 32 and (mode & 6) == 0:
-                ph_lookback(b, bad, sh64, meta, work, offsets, tid)
+                if not done:
+                    size = np.int64(0)
+                    if bad == 0:
+                        size = sh64[mi0 + 3]
+                    ph_publish(b, size, work, tid)
+                if pend >= 0:
+                    ph_lookback(pend, pend_bad, pend_size, sh64, meta, work, offsets, tid)
             cuda.syncthreads()
-            if sh64[mi0 + 4] == 0 and (mode & 15) == 0:
-                ph_write_head(arena32, sh64, sh32, meta, tid)
-                ph_write_sections(arena32, LV32, lv0, PK, pi0, po0, st0, sh64, sh32, meta, tid)
+            if pend >= 0 and (mode & 15) == 0:
+                copy_record(arena32, REC, rec0, sh64, mi0, pend_size, tid)
+                cuda.syncthreads()   # REC is free
+            if done:
+                break
+            pend = b
+            pend_bad = bad
+            pend_size = np.int64(0)
+            if bad == 0 and (mode & 4) == 0:
+                pend_size = sh64[mi0 + 3]
+            if bad == 0 and (mode & 15) == 0:
+                ph_write_head(REC, rec0, sh64, sh32, meta, tid)
+                ph_write_sections(REC, rec0, LV32, lv0, PK, pi0, po0, st0, sh32, meta, tid)
             cuda.syncthreads()
 
     if SIMULATOR:
@@ -1872,10 +1923,14 @@ def max_record_bytes(params: codec.CodecParams, n_kv_heads: int, head_dim: int,
     """An upper bound on one record's length for these params (to size an arena so that encoding a
     batch of n blocks never overflows: reserve n * max_record_bytes). With per-block bounds
     (block_bounds), the bound of the tightest block, which holds for all."""
-    H, T, D, P = n_kv_heads, params.block, head_dim, params.pack
+    return _record_bound(params, n_kv_heads, head_dim, _largest_level(params, bounds).bit_length())
+
+
+def _record_bound(params: codec.CodecParams, H: int, D: int, wmax: int) -> int:
+    """An upper bound on a record's length when no pack is wider than wmax bits."""
+    T, P = params.block, params.pack
     n_units = 1 if params.granularity == "token-layer" else H
     R = T // P
-    wmax = _largest_level(params, bounds).bit_length()
     tok = 8 + 4 * T + T * 32 // 8 + 3
     sec = 4 + -(-R * D * (5 + 16) // 8) + 3 + P * R * D * wmax // 8 + 3
     total = 12 + 4 * (n_units + 2 * H) + n_units * tok + 2 * H * sec
@@ -1928,11 +1983,13 @@ class _Plan:
             "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
             # write: one section's payload, staged (widths <= E - 1 bits: levels < 2**(E-1))
             "stage": self.stage_words(R * D, P, E) * 4,
+            # the record, in global scratch until its arena offset is known (widths < E bits)
+            "rec": _record_bound(params, H, D, E - 1),
         }
         # placement: 0 all shared, 1 LV global, 2 LV and PACK* (pack tables, staged payload) global,
         # 3 does not fit
         pack_regions = ("pinfo", "poff", "stage")
-        small = sum(al(n) for name, n in regions.items() if name != "lv" and name not in pack_regions)
+        small = sum(al(n) for name, n in regions.items() if name not in ("lv", "rec") and name not in pack_regions)
         lv, pk = al(regions["lv"]), sum(al(regions[name]) for name in pack_regions)
         if not force_global and small + lv + pk <= smem_limit:
             where = 0
@@ -1944,7 +2001,8 @@ class _Plan:
         self.lv_shared, self.pack_shared = where == 0, where <= 1
         offsets, shared_at, global_at = {}, 0, 0
         for name, n in regions.items():
-            in_global = (name == "lv" and not self.lv_shared) or (name in pack_regions and not self.pack_shared)
+            in_global = (name == "rec" or (name == "lv" and not self.lv_shared)
+                         or (name in pack_regions and not self.pack_shared))
             if in_global:
                 offsets[name], global_at = global_at, global_at + al(n)
             else:
