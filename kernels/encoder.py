@@ -28,6 +28,9 @@ readback lands in pinned host memory behind it on the stream, and `job.result()`
 step's blocks this way while the next steps run). `max_record_bytes(params, H, D)` bounds one record, to size an arena beforehand.
 `BlockEncoder(params, H, D)` is the same with the compiled kernel and scratch kept (encode_blocks_device
 caches one per configuration). The first call of a configuration compiles the kernel (~20-40 s).
+Diagnostics: `BlockEncoder(..., profile=True)` builds the kernel with per-phase clock64 sums (thread 0 of
+each CTA, one global atomic per phase and tile; the plain build has none of it), read by
+`phase_cycles()` after a launch (`python3 bench/encoder.py --profile` prints them for the 8B 128K batch).
 
 Method. One launch does everything. Each CTA (persistent grid, tiles taken from an atomic counter in
 block order) takes one block (one record) at a time:
@@ -180,7 +183,11 @@ TOKI_FIELDS = 8   # per unit: k_base, v_base, k_bits, v_bits, start, -, -, -
 MISC_FIELDS = 8   # tile, bad, base, size, skip, -, -, -
 # work array (int64): [0] end offset of the last record, [1] first NaN code, [2] arena overflow,
 # [3] internal error, [4] tile counter, then one look-back status word per block
-W_END, W_NAN, W_OVER, W_INTERNAL, W_TILE, W_STATUS = 0, 1, 2, 3, 4, 8
+W_END, W_NAN, W_OVER, W_INTERNAL, W_TILE, W_PROF, W_STATUS = 0, 1, 2, 3, 4, 8, 16
+# profile builds (BlockEncoder(profile=True), diagnostics only): work[W_PROF + i] sums, over the CTAs, the
+# clock64 cycles thread 0 spent in phase i of its tiles (until the barrier that ends the phase; the
+# statistics until warp 0 has the record size)
+PROF_PHASES = ("tile fetch", "quantize", "repack", "statistics", "publish + look-back", "copy", "write")
 # the launch's bounds (float32), BSTRIDE per block: rel_k, rel_v, sink rel_k, sink rel_v, n_sink (its first n_sink
 # tokens at the sink bounds), unused
 BSTRIDE = 6
@@ -412,6 +419,21 @@ else:
 
 SIGN_LANES = {E: _sign_lanes(E) for E in (8, 16)}
 
+# clock64() (profile builds): the SM's cycle counter (volatile inline PTX, not moved across the phases)
+if SIMULATOR:
+    import time as _time
+
+    def clock64():
+        return np.int64(_time.perf_counter_ns())
+else:
+    @_intrinsic
+    def clock64(typingctx):
+        def codegen(context, builder, signature, values):
+            i64 = _ir.IntType(64)
+            asm = _ir.InlineAsm(_ir.FunctionType(i64, []), "mov.u64 $0, %clock64;", "=l", side_effect=True)
+            return builder.call(asm, [])
+        return _types.int64(), codegen
+
 
 # ----------------------------------------------------------------------------------------------------
 # The kernel (built per lane width E and CTA size; dimensions are runtime values from `meta`)
@@ -426,7 +448,7 @@ def _lanes32(E: int, bits: int) -> int:
 
 
 def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, WPL: int, EXACT: bool,
-                  NARROW: bool):
+                  NARROW: bool, PROF: bool):
     LPW = 64 // E                       # levels per int64 word
     NG = 32 // G                        # greedy: candidates a warp evaluates at once (lane groups of G)
     LM = np.int64((1 << E) - 1)         # lane mask
@@ -1680,6 +1702,14 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     # ------------------------------------------------------------------------------------------
     # the kernel: a persistent loop over tiles (blocks, in order)
     # ------------------------------------------------------------------------------------------
+    @cuda.jit(device=True)
+    def prof_mark(work, i, tp, tid):
+        """Profile builds: add the cycles since tp to phase i's sum (thread 0); returns now."""
+        now = clock64()
+        if tid == 0:
+            cuda.atomic.add(work, W_PROF + i, now - tp)
+        return now
+
     def encode_kernel(K64, V64, arena32, meta, work, offsets, g64, g32, bounds):
         sh64 = cuda.shared.array(0, nb_int64)
         sh32 = cuda.shared.array(0, nb_int32)
@@ -1716,17 +1746,24 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         pend_bad = np.int64(0)
         for i in range(tid, meta[iSW], NT):   # the write's staged payload: zero, and zeroed after each use
             PK[st0 + i] = 0
+        tp = np.int64(0)
+        if PROF:
+            tp = clock64()
         while True:
             if tid == 0:
                 sh64[mi0 + 0] = cuda.atomic.add(work, W_TILE, 1)
                 sh64[mi0 + 1] = 0
             cuda.syncthreads()
+            if PROF:
+                tp = prof_mark(work, 0, tp, tid)
             b = sh64[mi0 + 0]
             done = b >= n_blocks    # (one more round: the last tile's record still waits in REC)
             bad = np.int64(0)
             if not done:
                 ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, bounds, tid)
                 cuda.syncthreads()
+                if PROF:
+                    tp = prof_mark(work, 1, tp, tid)
                 bad = sh64[mi0 + 1]
                 if bad == 0 and (mode & 8) == 0:
                     if greedy:
@@ -1734,10 +1771,14 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     else:
                         ph_order_simple(sh64, sh32, meta, tid)
                     cuda.syncthreads()
+                if PROF:
+                    tp = prof_mark(work, 2, tp, tid)
                 if bad == 0 and (mode & 4) == 0:
                     ph_pack_stats(LVA, lv0, PK, pi0, sh32, meta, tid)
                     cuda.syncthreads()
                     ph_sections(PK, pi0, po0, sh64, sh32, meta, tid)
+                if PROF:
+                    tp = prof_mark(work, 3, tp, tid)
             # The record goes to the CTA's scratch (REC) and is copied to the arena one tile later: its
             # look-back then finds its predecessors' sizes published (tiles start in order, but a greedy
             # block's time varies: the look-back right after publishing, its predecessors still running,
@@ -1751,9 +1792,13 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 if pend >= 0:
                     ph_lookback(pend, pend_bad, pend_size, sh64, meta, work, offsets, tid)
             cuda.syncthreads()
+            if PROF:
+                tp = prof_mark(work, 4, tp, tid)
             if pend >= 0 and (mode & 15) == 0:
                 copy_record(arena32, REC, rec0, sh64, mi0, pend_size, tid)
                 cuda.syncthreads()   # REC is free
+            if PROF:
+                tp = prof_mark(work, 5, tp, tid)
             if done:
                 break
             pend = b
@@ -1765,6 +1810,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 ph_write_head(REC, rec0, sh64, sh32, meta, tid)
                 ph_write_sections(REC, rec0, LV32, lv0, PK, pi0, po0, st0, sh32, meta, tid)
             cuda.syncthreads()
+            if PROF:
+                tp = prof_mark(work, 6, tp, tid)
 
     if SIMULATOR:
         return cuda.jit(encode_kernel)
@@ -1772,13 +1819,14 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
 
 
 def get_kernel(E: int, NT: int, lv_shared: bool, pack_shared: bool, chunks_per_lane: int = 8, group: int = 32,
-               words_per_lane: int = 1, exact_rows: bool = False, narrow: bool = False):
+               words_per_lane: int = 1, exact_rows: bool = False, narrow: bool = False, profile: bool = False):
     """The kernel for lane width E, NT threads, the level matrix / pack tables in shared memory or not,
     chunks_per_lane 8-byte input words per lane held in registers while quantizing a token, the
     greedy's lane groups (group lanes per candidate, words_per_lane words of a unit's row per lane;
     exact_rows: a row is exactly group * words_per_lane words, no lane's word is past its end) and
-    narrow: every level fits half a lane (E / 2 bits), so two words' ranges are counted as one."""
-    key = (E, NT, lv_shared, pack_shared, chunks_per_lane, group, words_per_lane, exact_rows, narrow)
+    narrow: every level fits half a lane (E / 2 bits), so two words' ranges are counted as one;
+    profile: the diagnostics build that sums each phase's cycles (PROF_PHASES)."""
+    key = (E, NT, lv_shared, pack_shared, chunks_per_lane, group, words_per_lane, exact_rows, narrow, profile)
     if key not in _KERNELS:
         _KERNELS[key] = _build_kernel(*key)
     return _KERNELS[key]
@@ -2076,7 +2124,8 @@ class BlockEncoder:
     build (levels of half a lane: rel >= ~1/14 at 8 bits); `plan` and `kernel` are the latest call's."""
 
     def __init__(self, params: codec.CodecParams, n_kv_heads: int, head_dim: int, threads: int = 512,
-                 force_global: bool = False, max_ctas: int | None = None, chunks_per_lane: int = 8):
+                 force_global: bool = False, max_ctas: int | None = None, chunks_per_lane: int = 8,
+                 profile: bool = False):
         if not isinstance(params, codec.CodecParams):
             raise ValueError(f"params must be a codec.CodecParams, got {type(params).__name__}")
         if not (1 <= n_kv_heads <= 255):
@@ -2089,7 +2138,7 @@ class BlockEncoder:
         self.params, self.H, self.D, self.NT = params, n_kv_heads, head_dim, threads
         self.info = _device_info()
         self.smem_limit, self.force_global = self.info["smem_block"], force_global
-        self.qch, self.ctas_asked = chunks_per_lane, max_ctas
+        self.qch, self.ctas_asked, self.profile = chunks_per_lane, max_ctas, profile
         self._plans: dict = {}
         self._pinned = self._job = None
         self._device = {}        # buffers kept between launches: scratch, uploads, offsets (_device_buffer)
@@ -2104,7 +2153,7 @@ class BlockEncoder:
         self.plan = p = self._plans[E]
         self.narrow = narrow
         self.kernel = get_kernel(p.E, self.NT, p.lv_shared, p.pack_shared, self.qch, p.G, p.WPL,
-                                 p.values["WU"] == p.G * p.WPL, narrow)
+                                 p.values["WU"] == p.G * p.WPL, narrow, self.profile)
         per_sm = max(1, min(2048 // self.NT, self.info["smem_sm"] // (p.shared_bytes + 1024)))
         self.max_ctas = self.ctas_asked or self.info["sms"] * per_sm
 
@@ -2213,6 +2262,16 @@ class BlockEncoder:
             offsets.copy_to_host(ary=host[4:], stream=stream)
         self._job = EncodeJob(offsets, host, cap, params, self.H, stream, keep=(dk, dv, da), event=self._reused_event())
         return self._job
+
+    def phase_cycles(self) -> dict:
+        """A profile build's (profile=True) cycles per phase (PROF_PHASES), summed over the CTAs, of the
+        latest launch (waits for it)."""
+        if not self.profile:
+            raise ValueError("phase_cycles needs an encoder built with profile=True")
+        if self._job is not None:
+            self._job.wait()
+        sums = self._device["work"][W_PROF:W_PROF + len(PROF_PHASES)].copy_to_host()
+        return {name: int(c) for name, c in zip(PROF_PHASES, sums)}
 
     def _device_buffer(self, name: str, count: int, stream):
         """The first `count` int64 of a device buffer kept between launches (grown by doubling)."""
