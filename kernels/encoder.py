@@ -48,6 +48,11 @@ block order) takes one block (one record) at a time:
    per word the 64-bit NaN codes) became ~2.5 (~20 a word pair: the exponent tests, a branch, 4 VHMNMX)
    plus the unchanged chunk selection; the levels pass, led by the IEEE division (~9 per value), lost
    its 64-bit level arithmetic (~4 per value). Measured: quantize 47.7 -> 35.1 ms at the 8B 128K prefill.
+   Then x / step became x r plus one FMA correction (r = 1 / step, once per token; quotient(): the
+   same bits as the division for every fp16 x and step, checked exhaustively) and rint's second FADD
+   and F2I an integer subtraction: per value 6 instructions (cvt, FMUL, 2 FFMA, FADD, IADD) instead
+   of ~16 (MUFU.RCP, 5 FFMA, FCHK and its branch, 2 FADD, F2I, IADD; SASS, 8B shape), among them
+   two quarter-rate ones (MUFU.RCP, F2I: ~16k cycles a block on their pipe). Not yet measured on a GPU.
 2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, integer dots
    (DP4A on 8-bit lanes), float64 cosine, lowest index on ties; mean and scores CTA-wide), then
    pack-1 picks of the candidate with the least cost[t] = sum_c width(max(hi,q)-min(lo,q)), lowest
@@ -419,6 +424,35 @@ else:
 
 SIGN_LANES = {E: _sign_lanes(E) for E in (8, 16)}
 
+if SIMULATOR:
+    def fma32(a, b, c):
+        """float32 a * b + c rounded once, as the device's fma.rn.f32 (the simulator's cuda.fma rounds the
+        product first). Through float64: the product is exact there (48 bits); the sum is rounded twice,
+        which for the encoder's uses (quotient: a residual that fits float32, and a correction that
+        quotient_reference finds never lands on a float32 midpoint in float64) gives the same bits."""
+        return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+else:
+    @cuda.jit(device=True)
+    def fma32(a, b, c):
+        return cuda.fma(a, b, c)
+
+
+def quotient_reference() -> int:
+    """How many pairs of fp16 significands (x, s in [1, 2047]) kernel quotient() gets wrong against the
+    IEEE division, the sum computed in float64 as the simulator's fma32 (and how many of those sums sit
+    on a float32 midpoint, where float64's rounding could differ from one fma's): 0 expected."""
+    m = np.arange(1, 2048, dtype=np.float32)
+    wrong = 0
+    for s in m:
+        r = np.float32(1) / s
+        y = m * r
+        e64 = m.astype(np.float64) - y.astype(np.float64) * np.float64(s)
+        e = e64.astype(np.float32)                # the residual: must fit float32 (fma's is exact)
+        d = e.astype(np.float64) * np.float64(r) + y.astype(np.float64)
+        on_midpoint = (d.view(np.uint64) & np.uint64((1 << 29) - 1)) == np.uint64(1 << 28)
+        wrong += int(((d.astype(np.float32) != m / s) | on_midpoint | (e.astype(np.float64) != e64)).sum())
+    return wrong
+
 # clock64() (profile builds): the SM's cycle counter (volatile inline PTX, not moved across the phases)
 if SIMULATOR:
     import time as _time
@@ -480,6 +514,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     I_BIG = np.int64(1 << 40)
     KEY_BIG = np.int64(1 << 62)
     F_MAGIC = np.float32(1.5 * 2.0 ** 23)
+    I_MAGIC = np.int32(F_MAGIC.view(np.int32))
     EXP4 = _lanes(16, 0x7C00)           # quantize: the exponent fields of a word's 4 fp16 values,
     EXP4_LSB = _lanes(16, 0x0400)       # their lowest bits,
     SIGN4 = _lanes(16, 0x8000)          # and sign bits
@@ -575,9 +610,21 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
 
     @cuda.jit(device=True)
     def rint32(y):
-        """rint of a float32 |y| < 2**22, in fp32 arithmetic: adding 1.5 * 2**23 rounds to an integer
-        (half to even), subtracting it back is exact."""
-        return np.int32((y + F_MAGIC) - F_MAGIC)   # 32-bit: F2I.S32 and 32-bit arithmetic after it
+        """rint of a float32 |y| < 2**22: adding 1.5 * 2**23 rounds to an integer (half to even) and
+        leaves the sum in [2**23, 2**24), where its bits minus the constant's are that integer: one
+        FADD and an integer subtraction (merged with the caller's), not a second FADD and an F2I
+        (a quarter-rate conversion; once per quantized value)."""
+        return np.int32((y + F_MAGIC).view(np.int32) - I_MAGIC)
+
+    @cuda.jit(device=True)
+    def quotient(x, s, r):
+        """x / s in float32, correctly rounded (the IEEE division's result), from r = 1 / s correctly
+        rounded: y = x r, then one Markstein correction y + r (x - y s), the residual exact by FMA; 3
+        instructions instead of the division's ~9 and its range check. For fp16 values x and steps s
+        (finite, s >= 2**-24) the result equals x / s: quotient_reference checks every pair of 11-bit
+        significands (exponents only scale, no intermediate leaves fp32's normal range)."""
+        y = x * r
+        return fma32(fma32(-y, s, x), r, y)
 
     @cuda.jit(device=True)
     def quant_step(lo, hi, rel):
@@ -683,16 +730,17 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         return half_lo(w).view(np.float32)
 
     @cuda.jit(device=True)
-    def chunk_levels(ck, cv, j, NCH, stk, stv, offk, offv, row, WK, LVA, LV32, work, ssum, ssq):
-        """Quantize 4 K and 4 V values and store them as LV lanes; returns the running sums."""
+    def chunk_levels(ck, cv, j, NCH, stk, stv, rk, rv, offk, offv, row, WK, LVA, LV32, work, ssum, ssq):
+        """Quantize 4 K and 4 V values (x / step by quotient(): rk, rv the steps' reciprocals) and store
+        them as LV lanes; returns the running sums."""
         if j < NCH:
             pk = np.int64(0)
             pv = np.int64(0)
             csum = np.int32(0)   # the chunk's sums in 32 bits (8 levels < 2**15), added once
             csq = np.int32(0)    # (8-bit lanes only: 8 squares of levels < 2**7)
             for i in range(4):
-                qk = np.int32(rint32(half_f32(ck, i) / stk) - offk)
-                qv = np.int32(rint32(half_f32(cv, i) / stv) - offv)
+                qk = np.int32(rint32(quotient(half_f32(ck, i), stk, rk)) - offk)
+                qv = np.int32(rint32(quotient(half_f32(cv, i), stv, rv)) - offv)
                 if (qk | qv) & ~LANE_MAX:   # either below 0 or above LANE_MAX: one test
                     cuda.atomic.max(work, W_INTERNAL, 1)
                     qk = np.int32(min(max(qk, 0), LANE_MAX))
@@ -816,6 +864,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             ssq = z
             stk = np.float32(1)
             stv = np.float32(1)
+            rk = np.float32(1)
+            rv = np.float32(1)
             offk = np.int32(0)
             offv = np.int32(0)
             if valid and bad_code == NO_NAN:
@@ -827,6 +877,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     stv = quant_step(lov, hiv, rel_v)
                 offk = rint32(lok / stk)
                 offv = rint32(lov / stv)
+                rk = np.float32(1) / stk   # correctly rounded (IEEE division), once per token
+                rv = np.float32(1) / stv
                 row = lv0 + t * W + u * WU
                 for j0 in range(0, NCH, span):
                     j = j0 + sub
@@ -865,7 +917,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             ck, cv = k6, v6
                         else:
                             ck, cv = k7, v7
-                        ssum, ssq = chunk_levels(ck, cv, j + c * GSQ, NCH, stk, stv, offk, offv, row, WK, LVA,
+                        ssum, ssq = chunk_levels(ck, cv, j + c * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK, LVA,
                                                  LV32, work, ssum, ssq)
                 if E == 8 and (NCH & 1) != 0 and sub == 0:   # zero the unused half of the last words
                     LV32[2 * (row + WK) - 1] = 0
