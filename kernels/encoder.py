@@ -52,7 +52,10 @@ block order) takes one block (one record) at a time:
    same bits as the division for every fp16 x and step, checked exhaustively) and rint's second FADD
    and F2I an integer subtraction: per value 6 instructions (cvt, FMUL, 2 FFMA, FADD, IADD) instead
    of ~16 (MUFU.RCP, 5 FFMA, FCHK and its branch, 2 FADD, F2I, IADD; SASS, 8B shape), among them
-   two quarter-rate ones (MUFU.RCP, F2I: ~16k cycles a block on their pipe). Not yet measured on a GPU.
+   two quarter-rate ones (MUFU.RCP, F2I: ~16k cycles a block on their pipe). Both passes over a
+   lane's 8 chunks are written out: as loops they compiled to a chain of compares and moves per chunk
+   picking its registers (~25 instructions a chunk and pass, about the levels' own arithmetic for 8
+   values); quantize's SASS grew from ~6.6k to ~7.9k static instructions. Not yet measured on a GPU.
 2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, integer dots
    (DP4A on 8-bit lanes), float64 cosine, lowest index on ties; mean and scores CTA-wide), then
    pack-1 picks of the candidate with the least cost[t] = sum_c width(max(hi,q)-min(lo,q)), lowest
@@ -797,6 +800,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         span = GSQ * QCH           # chunks a lane group holds in registers (QCH per lane) at a time
         iters = (UT + groups - 1) // groups
         z = np.int64(0)
+        NBHT = n_blocks * H * T   # V's NaN codes follow K's
         for it_k in range(iters):
             it = g + groups * it_k
             valid = it < UT
@@ -832,26 +836,25 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     v6 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 6 * GSQ, nch)
                     k7 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, nch)
                     v7 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, nch)
-                for c in range(QCH):
-                    if c == 0:
-                        ck, cv = k0, v0
-                    elif c == 1:
-                        ck, cv = k1, v1
-                    elif c == 2:
-                        ck, cv = k2, v2
-                    elif c == 3:
-                        ck, cv = k3, v3
-                    elif c == 4:
-                        ck, cv = k4, v4
-                    elif c == 5:
-                        ck, cv = k5, v5
-                    elif c == 6:
-                        ck, cv = k6, v6
-                    else:
-                        ck, cv = k7, v7
-                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(ck, cv, j + c * GSQ, nch, lok2, hik2, lov2,
-                                                                    hiv2, bad_code, b, H, T, t, u, DQ, dqsh, layer,
-                                                                    n_blocks * H * T)
+                # the chunks written out, not a loop: the loop compiled to a chain of selects per chunk
+                # (~25 instructions a chunk, picking its registers), as many as the levels' arithmetic
+                lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k0, v0, j, nch, lok2, hik2, lov2, hiv2,
+                                                                bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                if QCH == 8:
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k1, v1, j + GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k2, v2, j + 2 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k3, v3, j + 3 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k4, v4, j + 4 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k5, v5, j + 5 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k6, v6, j + 6 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k7, v7, j + 7 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
             lok = grp_min(pair_min(lok2), GSQ)
             hik = grp_max(pair_max(hik2), GSQ)
             lov = grp_min(pair_min(lov2), GSQ)
@@ -900,25 +903,23 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             v6 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 6 * GSQ, NCH)
                             k7 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, NCH)
                             v7 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, NCH)
-                    for c in range(QCH):
-                        if c == 0:
-                            ck, cv = k0, v0
-                        elif c == 1:
-                            ck, cv = k1, v1
-                        elif c == 2:
-                            ck, cv = k2, v2
-                        elif c == 3:
-                            ck, cv = k3, v3
-                        elif c == 4:
-                            ck, cv = k4, v4
-                        elif c == 5:
-                            ck, cv = k5, v5
-                        elif c == 6:
-                            ck, cv = k6, v6
-                        else:
-                            ck, cv = k7, v7
-                        ssum, ssq = chunk_levels(ck, cv, j + c * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK, LVA,
-                                                 LV32, work, ssum, ssq)
+                    ssum, ssq = chunk_levels(k0, v0, j, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                             LVA, LV32, work, ssum, ssq)
+                    if QCH == 8:   # (written out, as the min/max's)
+                        ssum, ssq = chunk_levels(k1, v1, j + GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k2, v2, j + 2 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k3, v3, j + 3 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k4, v4, j + 4 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k5, v5, j + 5 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k6, v6, j + 6 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k7, v7, j + 7 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
                 if E == 8 and (NCH & 1) != 0 and sub == 0:   # zero the unused half of the last words
                     LV32[2 * (row + WK) - 1] = 0
                     LV32[2 * (row + WU) - 1] = 0
