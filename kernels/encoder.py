@@ -125,6 +125,9 @@ block order) takes one block (one record) at a time:
    instructions a pack of 16 (SASS, 8B shape): ~3.1M thread instructions a block instead of ~6.2M
    (8.3k payload words), 4 loads in flight per chunk, no divergence but the packs' widths, 2
    barriers per section (32 per block). Measured: write 58.7 -> 25.2 ms at the 8B 128K prefill (below).
+   Now two staging buffers (14 KiB at the 8B shape; shared memory 221.5 of 227 KiB) that sections
+   alternate: the barrier after a section's staging also ends the previous section's store and
+   zeroing, so one barrier a section (16 per block instead of 32). Not yet measured on a GPU.
 
 Speed (bench/results/encoder_round3.json, H100, `python3 bench/encoder.py --reps 2 --breakdown --out
 encoder_round3.json`, git 1391702 = this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB
@@ -1636,8 +1639,10 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
 
     @cuda.jit(device=True)
     def ph_write_sections(out32, rw, LV32, lv0, PK, pi0, po0, st0, sh32, meta, tid):
-        """Channel sections: header word, pack header stream, payload (staged in PK from st0 on, zero
-        there between sections; every thread of the CTA calls it: it has barriers)."""
+        """Channel sections: header word, pack header stream, payload (staged in PK from st0 on, in two
+        buffers of SW words that sections alternate: one barrier a section, the staging of a section
+        overlapping the store of the one before; zero there between uses; every thread of the CTA calls
+        it: it has barriers)."""
         H = meta[iH]
         T = meta[iT]
         D = meta[iD]
@@ -1652,8 +1657,10 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         RD = R * D
         dsh = meta[iDSH]
         W2 = 2 * W
+        SW = meta[iSW]
         for s in range(2 * H):
             e0 = se0 + s * SECI_FIELDS
+            stg = st0 + (s & 1) * SW   # this section's staging buffer
             WB = np.int64(sh32[e0 + 0])
             MB = np.int64(sh32[e0 + 1])
             mbase = np.int64(sh32[e0 + 2])
@@ -1707,7 +1714,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     lvb = 2 * (lv0 + wi) + half
                     ob = or0 + uu * T + r * P
                     poff = np.int64(PK[po0 + gb + f])
-                    sw = st0 + (poff >> 2)
+                    sw = stg + (poff >> 2)
                     bit = 8 * (poff & 3)
                     acc = np.int64(0)
                     for v0 in range(0, P, VCH):
@@ -1727,12 +1734,11 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             sw += 1
                     if bit > 0:
                         cuda.atomic.or_(PK, np.uint64(sw), np.int32(acc & LOW32))
-            cuda.syncthreads()
+            cuda.syncthreads()   # (also: the section before this one has stored and zeroed its buffer)
             pw_base = csw + nh
             for j in range(tid, (pbytes + 3) // 4, NT):
-                out32[pw_base + j] = PK[st0 + j]
-                PK[st0 + j] = 0
-            cuda.syncthreads()
+                out32[pw_base + j] = PK[stg + j]
+                PK[stg + j] = 0
 
     @cuda.jit(device=True)
     def copy_record(arena32, REC, rec0, sh64, mi0, size, tid):
@@ -1797,7 +1803,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         pend = np.int64(-1)      # the tile whose record waits in REC, its record size and bad flag
         pend_size = np.int64(0)
         pend_bad = np.int64(0)
-        for i in range(tid, meta[iSW], NT):   # the write's staged payload: zero, and zeroed after each use
+        for i in range(tid, 2 * meta[iSW], NT):   # the write's staging buffers: zero, and zeroed after each use
             PK[st0 + i] = 0
         tp = np.int64(0)
         if PROF:
@@ -2082,8 +2088,8 @@ class _Plan:
             "rem": UT * 4, "cand": UT * 4, "stale": UT * 4, "best": 2 * NW * 8,
             "box": UPR * 2 * WU * 8 if params.repack == "greedy" else 0,
             "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
-            # write: one section's payload, staged (widths <= E - 1 bits: levels < 2**(E-1))
-            "stage": self.stage_words(R * D, P, E) * 4,
+            # write: a section's payload, staged (widths <= E - 1 bits: levels < 2**(E-1))
+            "stage": 2 * self.stage_words(R * D, P, E) * 4,   # two buffers, sections alternate
             # the record, in global scratch until its arena offset is known (widths < E bits)
             "rec": _record_bound(params, H, D, E - 1),
         }
