@@ -1,6 +1,6 @@
 """GB/s of the GPU encoder (kernels/encoder.py): fp16 K+V input compressed per second.
 
-    python bench/encoder.py [--threads 512] [--reps 3] [--quick] [--breakdown] [--out encoder.json]
+    python bench/encoder.py [--threads 512] [--reps 3] [--quick] [--breakdown] [--profile] [--out encoder.json]
 
 Shapes: Llama-3.1-8B (32 layers, 8 KV heads, head_dim 128) and SmolLM2-135M (30 layers, 3 KV heads,
 head_dim 64); batches of one decode step's blocks (every layer's block at once), an 8K-token prefill
@@ -109,6 +109,9 @@ def main():
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the 8B 128K batch with phases switched off (quantize only, + repack, "
                          "+ pack statistics, + look-back): where the time goes")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run the 8B 128K greedy batch with the encoder's profile build (each phase's "
+                         "clock64 cycles, summed over the CTAs; diagnostics: the timing is not the plain build's)")
     ap.add_argument("--out", default="encoder.json", help="file name under bench/results")
     args = ap.parse_args()
 
@@ -164,16 +167,33 @@ def main():
               flush=True)
         del arena
 
-    breakdown = None
-    if args.breakdown and not args.quick:
-        s = SHAPES["llama-3.1-8b"]
-        H, D, L = s["kv_heads"], s["head_dim"], s["layers"]
-        n = L * (131072 // block)
+    breakdown = profile = None
+    s = SHAPES["llama-3.1-8b"]
+    H, D, L = s["kv_heads"], s["head_dim"], s["layers"]
+    n = L * (131072 // block)
+    if (args.breakdown or args.profile) and not args.quick:
         if (("llama-3.1-8b", n)) not in data:
             data.clear()
             cp.get_default_memory_pool().free_all_blocks()
             data[("llama-3.1-8b", n)] = synthetic_blocks(cp, n, H, block, D, seed=n)
         k, v = data[("llama-3.1-8b", n)]
+    if args.profile and not args.quick:
+        arena = cp.zeros(n * max_record_bytes(base, H, D) + 16, dtype=cp.uint8)
+        encoder = BlockEncoder(base, H, D, threads=args.threads[0], profile=True)
+        seconds, _, _ = time_encode(cp, encoder, k, v, arena, 1)
+        cycles = encoder.phase_cycles()
+        from numba import cuda
+        khz = cuda.get_current_device().CLOCK_RATE   # the largest SM clock, kHz
+        total = sum(cycles.values())
+        profile = dict(seconds=seconds, ctas=encoder.max_ctas, max_sm_clock_khz=khz, blocks=n,
+                       phases={name: dict(cycles_per_block=c / n, share=c / total,
+                                          ms_per_sm_at_max_clock=c / encoder.max_ctas / khz)
+                               for name, c in cycles.items()})
+        print(f"8B 128K greedy, profile build ({seconds * 1e3:.1f} ms, {encoder.max_ctas} CTAs): " +
+              ", ".join(f"{name} {c / n / 1e3:.1f}k cycles/block ({100 * c / total:.1f}%)"
+                        for name, c in cycles.items()), flush=True)
+        del arena
+    if args.breakdown and not args.quick:
         arena = cp.zeros(n * max_record_bytes(base, H, D) + 16, dtype=cp.uint8)
         breakdown = {}
         for params in (base, replace(base, repack="none")):
@@ -214,6 +234,7 @@ def main():
     print_table(records, ["model", "batch", "threads", "blocks", "seconds", "input_gbps", "ratio"])
     write_json(args.out, {**header(device), "matmul_tflops_fp16": tflops, "records": records,
                                 "prefill_128k": prefill, "phase_breakdown_8b_128k_seconds": breakdown,
+                                "phase_profile_8b_128k": profile,
                                 "target": "100 GB/s of fp16 K+V input for llama-3.1-8b, token-layer, greedy, "
                                           "pack 16, block 64"})
 

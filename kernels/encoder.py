@@ -28,6 +28,9 @@ readback lands in pinned host memory behind it on the stream, and `job.result()`
 step's blocks this way while the next steps run). `max_record_bytes(params, H, D)` bounds one record, to size an arena beforehand.
 `BlockEncoder(params, H, D)` is the same with the compiled kernel and scratch kept (encode_blocks_device
 caches one per configuration). The first call of a configuration compiles the kernel (~20-40 s).
+Diagnostics: `BlockEncoder(..., profile=True)` builds the kernel with per-phase clock64 sums (thread 0 of
+each CTA, one global atomic per phase and tile; the plain build has none of it), read by
+`phase_cycles()` after a launch (`python3 bench/encoder.py --profile` prints them for the 8B 128K batch).
 
 Method. One launch does everything. Each CTA (persistent grid, tiles taken from an atomic counter in
 block order) takes one block (one record) at a time:
@@ -45,6 +48,14 @@ block order) takes one block (one record) at a time:
    per word the 64-bit NaN codes) became ~2.5 (~20 a word pair: the exponent tests, a branch, 4 VHMNMX)
    plus the unchanged chunk selection; the levels pass, led by the IEEE division (~9 per value), lost
    its 64-bit level arithmetic (~4 per value). Measured: quantize 47.7 -> 35.1 ms at the 8B 128K prefill.
+   Then x / step became x r plus one FMA correction (r = 1 / step, once per token; quotient(): the
+   same bits as the division for every fp16 x and step, checked exhaustively) and rint's second FADD
+   and F2I an integer subtraction: per value 6 instructions (cvt, FMUL, 2 FFMA, FADD, IADD) instead
+   of ~16 (MUFU.RCP, 5 FFMA, FCHK and its branch, 2 FADD, F2I, IADD; SASS, 8B shape), among them
+   two quarter-rate ones (MUFU.RCP, F2I: ~16k cycles a block on their pipe). Both passes over a
+   lane's 8 chunks are written out: as loops they compiled to a chain of compares and moves per chunk
+   picking its registers (~25 instructions a chunk and pass, about the levels' own arithmetic for 8
+   values); quantize's SASS grew from ~6.6k to ~7.9k static instructions. Not yet measured on a GPU.
 2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, integer dots
    (DP4A on 8-bit lanes), float64 cosine, lowest index on ties; mean and scores CTA-wide), then
    pack-1 picks of the candidate with the least cost[t] = sum_c width(max(hi,q)-min(lo,q)), lowest
@@ -84,11 +95,24 @@ block order) takes one block (one record) at a time:
    Token-head at the 8B shape (8 units of 32 words): 2 warps per unit, one word per lane, and the
    level matrix fits in shared memory; SmolLM2 token-head (rows of 16 words): 2 candidates per warp
    at a time, no lazy skip;
-3. pack statistics (min and width per pack of P tokens x 1 channel), section sizes, record size;
-4. decoupled look-back over the tiles' record sizes gives the record's arena offset (a single-pass
-   prefix sum: no second launch, no host round trip);
-5. write: every 32-bit word of the headers, steps and bit streams is assembled by one thread and
-   stored coalesced; the payload section by section: a thread per pack gathers its P levels, VCH
+3. pack statistics (min and width per pack of P tokens x 1 channel: a thread per LV word and pack
+   row, its LPW entries stored by a running 32-bit index), then a warp per section: the section's
+   sizes and, by a running warp scan over its packs, each pack's payload offset; after one barrier
+   warp 0 scans the sections' sizes into their starts and the record size. Before: the payload
+   offsets by a CTA-wide scan (each thread 16 consecutive packs: 16-way shared bank conflicts, 3
+   barriers, an int64 division call) and the section starts by one thread in int64 (SASS, 8B shape:
+   4455 static instructions for the phase, now 1887). Not yet measured on a GPU;
+4. the tile publishes its record size; decoupled look-back over the tiles' record sizes gives a
+   record's arena offset (a single-pass prefix sum: no second launch, no host round trip), one tile
+   later: the record is written to the CTA's global scratch (REC, a record bound per CTA: 18 MB
+   at the 8B shape, L2-resident) and copied to the arena (4 independent 32-bit loads a thread in
+   flight) when the CTA has finished its next tile's statistics. Before, the look-back came right
+   after publishing, while predecessors whose greedy took longer were still running: with the write
+   off it measured 17.6 ms at the 8B 128K prefill with the greedy, 0.8 ms with repack none (equal
+   block times). The deferred copy costs a read and write of the compressed bytes (~2 GiB there,
+   mostly L2) and one barrier a tile. Not yet measured on a GPU;
+5. write (into REC): every 32-bit word of the headers, steps and bit streams is assembled by one
+   thread and stored coalesced; the payload section by section: a thread per pack gathers its P levels, VCH
    (4 at 8-bit lanes) per chunk with the loads independent, into a bit accumulator and ORs each
    filled 32-bit word into the section's payload staged in shared memory (atomics: a word can hold
    several packs' bits; R * D * P * (E - 1) / 32 words, 7 KiB at the 8B shape; in the CTA's global
@@ -101,6 +125,9 @@ block order) takes one block (one record) at a time:
    instructions a pack of 16 (SASS, 8B shape): ~3.1M thread instructions a block instead of ~6.2M
    (8.3k payload words), 4 loads in flight per chunk, no divergence but the packs' widths, 2
    barriers per section (32 per block). Measured: write 58.7 -> 25.2 ms at the 8B 128K prefill (below).
+   Now two staging buffers (14 KiB at the 8B shape; shared memory 221.5 of 227 KiB) that sections
+   alternate: the barrier after a section's staging also ends the previous section's store and
+   zeroing, so one barrier a section (16 per block instead of 32). Not yet measured on a GPU.
 
 Speed (bench/results/encoder_round3.json, H100, `python3 bench/encoder.py --reps 2 --breakdown --out
 encoder_round3.json`, git 1391702 = this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB
@@ -155,19 +182,23 @@ from numba import float64 as nb_float64, int32 as nb_int32, int64 as nb_int64, u
 
 _META_FIELDS = (
     "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec",
-    "NP", "GSQ", "GS", "NWU", "UPR", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode", "SW",
+    "GSQ", "GS", "NWU", "UPR", "used0", "cap", "scr64", "dq_shift", "d_shift", "mode", "SW",
     # region offsets in bytes: in shared memory, or in the CTA's global scratch for LV / PACK*
     "o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk", "o_stepv", "o_offk",
-    "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best", "o_box", "o_seci", "o_toki", "o_misc", "o_scan",
-    "o_stage",
+    "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best", "o_box", "o_seci", "o_toki", "o_misc",
+    "o_stage", "o_rec",
 )
 M = {name: i for i, name in enumerate(_META_FIELDS)}
-SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, payload prefix, -
+SECI_FIELDS = 8   # per section: WB, MB, min_base, payload bytes, start, payload start, -, -
 TOKI_FIELDS = 8   # per unit: k_base, v_base, k_bits, v_bits, start, -, -, -
 MISC_FIELDS = 8   # tile, bad, base, size, skip, -, -, -
 # work array (int64): [0] end offset of the last record, [1] first NaN code, [2] arena overflow,
 # [3] internal error, [4] tile counter, then one look-back status word per block
-W_END, W_NAN, W_OVER, W_INTERNAL, W_TILE, W_STATUS = 0, 1, 2, 3, 4, 8
+W_END, W_NAN, W_OVER, W_INTERNAL, W_TILE, W_PROF, W_STATUS = 0, 1, 2, 3, 4, 8, 16
+# profile builds (BlockEncoder(profile=True), diagnostics only): work[W_PROF + i] sums, over the CTAs, the
+# clock64 cycles thread 0 spent in phase i of its tiles (until the barrier that ends the phase; the
+# statistics until warp 0 has the record size)
+PROF_PHASES = ("tile fetch", "quantize", "repack", "statistics", "publish + look-back", "copy", "write")
 # the launch's bounds (float32), BSTRIDE per block: rel_k, rel_v, sink rel_k, sink rel_v, n_sink (its first n_sink
 # tokens at the sink bounds), unused
 BSTRIDE = 6
@@ -399,6 +430,50 @@ else:
 
 SIGN_LANES = {E: _sign_lanes(E) for E in (8, 16)}
 
+if SIMULATOR:
+    def fma32(a, b, c):
+        """float32 a * b + c rounded once, as the device's fma.rn.f32 (the simulator's cuda.fma rounds the
+        product first). Through float64: the product is exact there (48 bits); the sum is rounded twice,
+        which for the encoder's uses (quotient: a residual that fits float32, and a correction that
+        quotient_reference finds never lands on a float32 midpoint in float64) gives the same bits."""
+        return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+else:
+    @cuda.jit(device=True)
+    def fma32(a, b, c):
+        return cuda.fma(a, b, c)
+
+
+def quotient_reference() -> int:
+    """How many pairs of fp16 significands (x, s in [1, 2047]) kernel quotient() gets wrong against the
+    IEEE division, the sum computed in float64 as the simulator's fma32 (and how many of those sums sit
+    on a float32 midpoint, where float64's rounding could differ from one fma's): 0 expected."""
+    m = np.arange(1, 2048, dtype=np.float32)
+    wrong = 0
+    for s in m:
+        r = np.float32(1) / s
+        y = m * r
+        e64 = m.astype(np.float64) - y.astype(np.float64) * np.float64(s)
+        e = e64.astype(np.float32)                # the residual: must fit float32 (fma's is exact)
+        d = e.astype(np.float64) * np.float64(r) + y.astype(np.float64)
+        on_midpoint = (d.view(np.uint64) & np.uint64((1 << 29) - 1)) == np.uint64(1 << 28)
+        wrong += int(((d.astype(np.float32) != m / s) | on_midpoint | (e.astype(np.float64) != e64)).sum())
+    return wrong
+
+# clock64() (profile builds): the SM's cycle counter (volatile inline PTX, not moved across the phases)
+if SIMULATOR:
+    import time as _time
+
+    def clock64():
+        return np.int64(_time.perf_counter_ns())
+else:
+    @_intrinsic
+    def clock64(typingctx):
+        def codegen(context, builder, signature, values):
+            i64 = _ir.IntType(64)
+            asm = _ir.InlineAsm(_ir.FunctionType(i64, []), "mov.u64 $0, %clock64;", "=l", side_effect=True)
+            return builder.call(asm, [])
+        return _types.int64(), codegen
+
 
 # ----------------------------------------------------------------------------------------------------
 # The kernel (built per lane width E and CTA size; dimensions are runtime values from `meta`)
@@ -413,7 +488,7 @@ def _lanes32(E: int, bits: int) -> int:
 
 
 def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, WPL: int, EXACT: bool,
-                  NARROW: bool):
+                  NARROW: bool, PROF: bool):
     LPW = 64 // E                       # levels per int64 word
     NG = 32 // G                        # greedy: candidates a warp evaluates at once (lane groups of G)
     LM = np.int64((1 << E) - 1)         # lane mask
@@ -445,6 +520,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     I_BIG = np.int64(1 << 40)
     KEY_BIG = np.int64(1 << 62)
     F_MAGIC = np.float32(1.5 * 2.0 ** 23)
+    I_MAGIC = np.int32(F_MAGIC.view(np.int32))
     EXP4 = _lanes(16, 0x7C00)           # quantize: the exponent fields of a word's 4 fp16 values,
     EXP4_LSB = _lanes(16, 0x0400)       # their lowest bits,
     SIGN4 = _lanes(16, 0x8000)          # and sign bits
@@ -540,9 +616,21 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
 
     @cuda.jit(device=True)
     def rint32(y):
-        """rint of a float32 |y| < 2**22, in fp32 arithmetic: adding 1.5 * 2**23 rounds to an integer
-        (half to even), subtracting it back is exact."""
-        return np.int32((y + F_MAGIC) - F_MAGIC)   # 32-bit: F2I.S32 and 32-bit arithmetic after it
+        """rint of a float32 |y| < 2**22: adding 1.5 * 2**23 rounds to an integer (half to even) and
+        leaves the sum in [2**23, 2**24), where its bits minus the constant's are that integer: one
+        FADD and an integer subtraction (merged with the caller's), not a second FADD and an F2I
+        (a quarter-rate conversion; once per quantized value)."""
+        return np.int32((y + F_MAGIC).view(np.int32) - I_MAGIC)
+
+    @cuda.jit(device=True)
+    def quotient(x, s, r):
+        """x / s in float32, correctly rounded (the IEEE division's result), from r = 1 / s correctly
+        rounded: y = x r, then one Markstein correction y + r (x - y s), the residual exact by FMA; 3
+        instructions instead of the division's ~9 and its range check. For fp16 values x and steps s
+        (finite, s >= 2**-24) the result equals x / s: quotient_reference checks every pair of 11-bit
+        significands (exponents only scale, no intermediate leaves fp32's normal range)."""
+        y = x * r
+        return fma32(fma32(-y, s, x), r, y)
 
     @cuda.jit(device=True)
     def quant_step(lo, hi, rel):
@@ -575,51 +663,16 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         b = np.int64(step.view(np.int32))
         return (b >> 13) - (112 << 10)
 
-    @cuda.jit(device=True)
-    def block_excl_scan(val, scan, s0, tid):
-        """Exclusive prefix sum of one int64 per thread over the CTA; returns (exclusive, total)."""
-        lane = tid & 31
-        warp = tid >> 5
-        x = val
-        off = 1
-        while off < 32:
-            y = shfl_up(x, off)
-            if lane >= off:
-                x += y
-            off <<= 1
-        if lane == 31:
-            scan[s0 + warp] = x
-        cuda.syncthreads()
-        if warp == 0:
-            t = np.int64(0)
-            if lane < NW:
-                t = scan[s0 + lane]
-            z = t
-            off = 1
-            while off < 32:
-                y = shfl_up(z, off)
-                if lane >= off:
-                    z += y
-                off <<= 1
-            if lane < NW:
-                scan[s0 + lane] = z - t          # exclusive prefix of the warp totals
-            if lane == NW - 1:
-                scan[s0 + NW] = z
-        cuda.syncthreads()
-        res = scan[s0 + warp] + x - val
-        cuda.syncthreads()
-        return res
-
     # meta indices (compile-time constants)
-    iN, iH, iT, iD, iP, iR, iLAYER, iREPACK, iNU, iCU, iWK, iWU, iW, iNSEC, iNP = (M[k] for k in (
-        "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec", "NP"))
+    iN, iH, iT, iD, iP, iR, iLAYER, iREPACK, iNU, iCU, iWK, iWU, iW, iNSEC = (M[k] for k in (
+        "n_blocks", "H", "T", "D", "P", "R", "layer", "repack", "n_units", "CU", "WK", "WU", "W", "n_sec"))
     iGSQ, iGS, iNWU, iUPR, iUSED, iCAP, iSCR = (M[k] for k in ("GSQ", "GS", "NWU", "UPR", "used0", "cap",
                                                               "scr64"))
-    iDQSH, iDSH, iMODE, iSW, oSTG = M["dq_shift"], M["d_shift"], M["mode"], M["SW"], M["o_stage"]
-    oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oST, oBE, oBX, oSE, oTK, oMI, oSN = (
+    iDQSH, iDSH, iMODE, iSW, oSTG, oREC = (M[k] for k in ("dq_shift", "d_shift", "mode", "SW", "o_stage", "o_rec"))
+    oLV, oPI, oPO, oMW, oNRM, oKEY, oSC, oSK, oSV, oOK, oOV, oOR, oRM, oCD, oST, oBE, oBX, oSE, oTK, oMI = (
         M[k] for k in ("o_lv", "o_pinfo", "o_poff", "o_mw", "o_nrm", "o_key", "o_score", "o_stepk",
                        "o_stepv", "o_offk", "o_offv", "o_order", "o_rem", "o_cand", "o_stale", "o_best",
-                       "o_box", "o_seci", "o_toki", "o_misc", "o_scan"))
+                       "o_box", "o_seci", "o_toki", "o_misc"))
 
     # ------------------------------------------------------------------------------------------
     # 1. quantize: LV rows (token-major, unit-major words), per-token steps/offsets, sums, norms
@@ -683,16 +736,17 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         return half_lo(w).view(np.float32)
 
     @cuda.jit(device=True)
-    def chunk_levels(ck, cv, j, NCH, stk, stv, offk, offv, row, WK, LVA, LV32, work, ssum, ssq):
-        """Quantize 4 K and 4 V values and store them as LV lanes; returns the running sums."""
+    def chunk_levels(ck, cv, j, NCH, stk, stv, rk, rv, offk, offv, row, WK, LVA, LV32, work, ssum, ssq):
+        """Quantize 4 K and 4 V values (x / step by quotient(): rk, rv the steps' reciprocals) and store
+        them as LV lanes; returns the running sums."""
         if j < NCH:
             pk = np.int64(0)
             pv = np.int64(0)
             csum = np.int32(0)   # the chunk's sums in 32 bits (8 levels < 2**15), added once
             csq = np.int32(0)    # (8-bit lanes only: 8 squares of levels < 2**7)
             for i in range(4):
-                qk = np.int32(rint32(half_f32(ck, i) / stk) - offk)
-                qv = np.int32(rint32(half_f32(cv, i) / stv) - offv)
+                qk = np.int32(rint32(quotient(half_f32(ck, i), stk, rk)) - offk)
+                qv = np.int32(rint32(quotient(half_f32(cv, i), stv, rv)) - offv)
                 if (qk | qv) & ~LANE_MAX:   # either below 0 or above LANE_MAX: one test
                     cuda.atomic.max(work, W_INTERNAL, 1)
                     qk = np.int32(min(max(qk, 0), LANE_MAX))
@@ -749,6 +803,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         span = GSQ * QCH           # chunks a lane group holds in registers (QCH per lane) at a time
         iters = (UT + groups - 1) // groups
         z = np.int64(0)
+        NBHT = n_blocks * H * T   # V's NaN codes follow K's
         for it_k in range(iters):
             it = g + groups * it_k
             valid = it < UT
@@ -784,26 +839,25 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     v6 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 6 * GSQ, nch)
                     k7 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, nch)
                     v7 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, nch)
-                for c in range(QCH):
-                    if c == 0:
-                        ck, cv = k0, v0
-                    elif c == 1:
-                        ck, cv = k1, v1
-                    elif c == 2:
-                        ck, cv = k2, v2
-                    elif c == 3:
-                        ck, cv = k3, v3
-                    elif c == 4:
-                        ck, cv = k4, v4
-                    elif c == 5:
-                        ck, cv = k5, v5
-                    elif c == 6:
-                        ck, cv = k6, v6
-                    else:
-                        ck, cv = k7, v7
-                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(ck, cv, j + c * GSQ, nch, lok2, hik2, lov2,
-                                                                    hiv2, bad_code, b, H, T, t, u, DQ, dqsh, layer,
-                                                                    n_blocks * H * T)
+                # the chunks written out, not a loop: the loop compiled to a chain of selects per chunk
+                # (~25 instructions a chunk, picking its registers), as many as the levels' arithmetic
+                lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k0, v0, j, nch, lok2, hik2, lov2, hiv2,
+                                                                bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                if QCH == 8:
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k1, v1, j + GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k2, v2, j + 2 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k3, v3, j + 3 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k4, v4, j + 4 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k5, v5, j + 5 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k6, v6, j + 6 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k7, v7, j + 7 * GSQ, nch, lok2, hik2, lov2, hiv2,
+                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
             lok = grp_min(pair_min(lok2), GSQ)
             hik = grp_max(pair_max(hik2), GSQ)
             lov = grp_min(pair_min(lov2), GSQ)
@@ -816,6 +870,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             ssq = z
             stk = np.float32(1)
             stv = np.float32(1)
+            rk = np.float32(1)
+            rv = np.float32(1)
             offk = np.int32(0)
             offv = np.int32(0)
             if valid and bad_code == NO_NAN:
@@ -827,6 +883,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     stv = quant_step(lov, hiv, rel_v)
                 offk = rint32(lok / stk)
                 offv = rint32(lov / stv)
+                rk = np.float32(1) / stk   # correctly rounded (IEEE division), once per token
+                rv = np.float32(1) / stv
                 row = lv0 + t * W + u * WU
                 for j0 in range(0, NCH, span):
                     j = j0 + sub
@@ -848,25 +906,23 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             v6 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 6 * GSQ, NCH)
                             k7 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, NCH)
                             v7 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, NCH)
-                    for c in range(QCH):
-                        if c == 0:
-                            ck, cv = k0, v0
-                        elif c == 1:
-                            ck, cv = k1, v1
-                        elif c == 2:
-                            ck, cv = k2, v2
-                        elif c == 3:
-                            ck, cv = k3, v3
-                        elif c == 4:
-                            ck, cv = k4, v4
-                        elif c == 5:
-                            ck, cv = k5, v5
-                        elif c == 6:
-                            ck, cv = k6, v6
-                        else:
-                            ck, cv = k7, v7
-                        ssum, ssq = chunk_levels(ck, cv, j + c * GSQ, NCH, stk, stv, offk, offv, row, WK, LVA,
-                                                 LV32, work, ssum, ssq)
+                    ssum, ssq = chunk_levels(k0, v0, j, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                             LVA, LV32, work, ssum, ssq)
+                    if QCH == 8:   # (written out, as the min/max's)
+                        ssum, ssq = chunk_levels(k1, v1, j + GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k2, v2, j + 2 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k3, v3, j + 3 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k4, v4, j + 4 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k5, v5, j + 5 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k6, v6, j + 6 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
+                        ssum, ssq = chunk_levels(k7, v7, j + 7 * GSQ, NCH, stk, stv, rk, rv, offk, offv, row, WK,
+                                                 LVA, LV32, work, ssum, ssq)
                 if E == 8 and (NCH & 1) != 0 and sub == 0:   # zero the unused half of the last words
                     LV32[2 * (row + WK) - 1] = 0
                     LV32[2 * (row + WU) - 1] = 0
@@ -1307,20 +1363,42 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             if layer:
                 h = udiv(c, D)
                 d = c - h * D
+            # the word's levels are channels d, d + 1, ... of head h: PINFO entries idx, idx + 1, ..., but
+            # past the head's last channel the next head's section pair, 2 R D - D entries on (layer
+            # granularity, D not a multiple of LPW); 32-bit halves of mn / mx, no int64 per level
+            idx = np.int32(((2 * h + kv) * R + r) * D + d)   # from pi0
+            jump = np.int32((2 * R - 1) * D)
+            dd = np.int32(d)
+            n_lv = np.int32(min(LPW_, CU - c))
             for l in range(LPW):
-                if c + l < CU:
-                    lo_l = (mn >> (E_ * l)) & LM
-                    hi_l = (mx >> (E_ * l)) & LM
-                    PK[pi0 + ((2 * h + kv) * R + r) * D + d] = np.int32((lo_l << 8) | width(hi_l - lo_l))
-                d += 1
-                if d == D:
-                    d = 0
-                    h += 1
+                if l < n_lv:
+                    lo_l = np.int32((mn >> (E_ * l)) & LM)
+                    hi_l = np.int32((mx >> (E_ * l)) & LM)
+                    PK[pi0 + idx] = np.int32((lo_l << 8) | width(hi_l - lo_l))
+                idx = np.int32(idx + 1)
+                dd = np.int32(dd + 1)
+                if dd == D:
+                    dd = np.int32(0)
+                    idx = np.int32(idx + jump)
 
     @cuda.jit(device=True)
-    def ph_sections(PK, pi0, sh64, sh32, meta, tid):
-        """Per section: WB, MB, min_base, payload bytes; per unit: offset bases and bits; then (one
-        thread) every section's start, the record size and the payload prefix over sections."""
+    def warp_incl_scan(v, lane):
+        """Inclusive prefix sum of an int32 v over the warp's lanes (every lane of the warp calls it)."""
+        for off in (1, 2, 4, 8, 16):
+            y = shfl_up(v, off)
+            if lane >= off:
+                v = np.int32(v + y)   # (Numba widens int32 sums to int64: 32-bit shuffles need the cast)
+        return v
+
+    @cuda.jit(device=True)
+    def ph_sections(PK, pi0, po0, sh64, sh32, meta, tid):
+        """A warp per section: WB, MB, min_base, payload bytes, and POFF[g], each pack's payload byte
+        offset in its section (a running warp scan over the section's packs, 32 at a time, in 32-bit:
+        a section's payload is < 2**31 bytes); a warp per unit: offset bases and bits. After a barrier
+        warp 0 scans the sections' sizes (the units' token sections, then the channel sections) into
+        their starts and the record size (publishing it to itself: the look-back is warp 0's).
+        Before: a CTA-wide scan over the packs (each thread 16 consecutive ones: 16-way bank conflicts,
+        3 barriers, an int64 division call) and the starts by one thread (int64, Python-style %)."""
         T = meta[iT]
         D = meta[iD]
         P = meta[iP]
@@ -1336,20 +1414,27 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         lane = tid & 31
         warp = tid >> 5
         RD = R * D
+        PB = np.int32(P >> 3)          # payload bytes per bit of a pack's width (P is 8, 16 or 32)
         for s in range(warp, 2 * H, NW):
-            wmax = np.int64(0)
-            mnmin = I_BIG
-            mnmax = np.int64(0)
-            wsum = np.int64(0)
-            for i in range(lane, RD, 32):
-                info = np.int64(PK[pi0 + s * RD + i])
-                w = info & 0xFF
-                mnv = info >> 8
-                wsum += w
-                wmax = max(wmax, w)
-                mnmin = min(mnmin, mnv)
-                mnmax = max(mnmax, mnv)
-            wsum = grp_sum(wsum, 32)
+            g0 = s * RD
+            wmax = np.int32(0)
+            mnmin = np.int32(1 << 30)
+            mnmax = np.int32(0)
+            run = np.int32(0)          # the widths of the section's packs before this round
+            for i0 in range(0, RD, 32):
+                i = i0 + lane
+                w = np.int32(0)
+                if i < RD:
+                    info = PK[pi0 + g0 + i]
+                    w = np.int32(info & 0xFF)
+                    mnv = np.int32(info >> 8)
+                    wmax = max(wmax, w)
+                    mnmin = min(mnmin, mnv)
+                    mnmax = max(mnmax, mnv)
+                incl = warp_incl_scan(w, lane)
+                if i < RD:
+                    PK[po0 + g0 + i] = np.int32((run + incl - w) * PB)
+                run = np.int32(run + shfl_idx(incl, 31))
             wmax = grp_max(wmax, 32)
             mnmin = grp_min(mnmin, 32)
             mnmax = grp_max(mnmax, 32)
@@ -1357,16 +1442,16 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 e0 = se0 + s * SECI_FIELDS
                 sh32[e0 + 0] = np.int32(width(wmax))
                 sh32[e0 + 1] = np.int32(width(mnmax - mnmin))
-                sh32[e0 + 2] = np.int32(mnmin)
-                sh32[e0 + 3] = np.int32(wsum * P // 8)
+                sh32[e0 + 2] = mnmin
+                sh32[e0 + 3] = np.int32(run * PB)
         for u in range(warp, n_units, NW):
-            kmin = I_BIG
-            kmax = -I_BIG
-            vmin = I_BIG
-            vmax = -I_BIG
+            kmin = np.int32(1 << 30)
+            kmax = np.int32(-(1 << 30))
+            vmin = np.int32(1 << 30)
+            vmax = np.int32(-(1 << 30))
             for t in range(lane, T, 32):
-                ok = np.int64(sh32[ok0 + u * T + t])
-                ov = np.int64(sh32[ov0 + u * T + t])
+                ok = sh32[ok0 + u * T + t]
+                ov = sh32[ov0 + u * T + t]
                 kmin = min(kmin, ok)
                 kmax = max(kmax, ok)
                 vmin = min(vmin, ov)
@@ -1377,75 +1462,53 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             vmax = grp_max(vmax, 32)
             if lane == 0:
                 e0 = tk0 + u * TOKI_FIELDS
-                sh32[e0 + 0] = np.int32(kmin)
-                sh32[e0 + 1] = np.int32(vmin)
+                sh32[e0 + 0] = kmin
+                sh32[e0 + 1] = vmin
                 sh32[e0 + 2] = np.int32(width(kmax - kmin))
                 sh32[e0 + 3] = np.int32(width(vmax - vmin))
         cuda.syncthreads()
-        if tid == 0:
-            off = np.int64(12 + 4 * n_sec)
-            for u in range(n_units):
-                e0 = tk0 + u * TOKI_FIELDS
-                sh32[e0 + 4] = np.int32(off)
-                size = 8 + 4 * T + T * (np.int64(sh32[e0 + 2]) + sh32[e0 + 3]) // 8
-                off += size + (-size) % 4
-            ppre = np.int64(0)
-            for s in range(2 * H):
-                e0 = se0 + s * SECI_FIELDS
-                sh32[e0 + 4] = np.int32(off)
-                hb = 4 + (RD * (np.int64(sh32[e0 + 0]) + sh32[e0 + 1]) + 7) // 8
-                ps = hb + (-hb) % 4
-                sh32[e0 + 5] = np.int32(ps)
-                sh32[e0 + 6] = np.int32(ppre)
-                pb = np.int64(sh32[e0 + 3])
-                ppre += pb
-                off += ps + pb + (-pb) % 4
-            sh64[mi0 + 3] = off + (-off) % 16
-            sh64[mi0 + 5] = off
-
-    @cuda.jit(device=True)
-    def ph_pack_offsets(PK, pi0, po0, sh64, sh32, meta, tid):
-        """POFF[g] = byte offset of pack g's payload inside its section's payload (CTA scan)."""
-        P = meta[iP]
-        RD = meta[iR] * meta[iD]
-        NP = meta[iNP]
-        se0 = meta[oSE] >> 2
-        sn0 = meta[oSN] >> 3
-        chunk = (NP + NT - 1) // NT
-        g0 = tid * chunk
-        g1 = min(g0 + chunk, NP)
-        local = np.int64(0)
-        for gi in range(g0, g1):
-            local += np.int64(PK[pi0 + gi] & 0xFF)
-        run = block_excl_scan(local * P // 8, sh64, sn0, tid)
-        s = g0 // RD
-        s_end = (s + 1) * RD
-        base = np.int64(sh32[se0 + s * SECI_FIELDS + 6]) if g0 < g1 else np.int64(0)
-        for gi in range(g0, g1):
-            if gi >= s_end:
-                s += 1
-                s_end += RD
-                base = np.int64(sh32[se0 + s * SECI_FIELDS + 6])
-            PK[po0 + gi] = np.int32(run - base)
-            run += (PK[pi0 + gi] & 0xFF) * P // 8
+        if warp == 0:   # (32-bit: the format's section starts are 32-bit words)
+            carry = np.int32(12 + 4 * n_sec)   # the header and section table
+            for i0 in range(0, n_sec, 32):
+                i = i0 + lane
+                size = np.int32(0)
+                e0 = tk0 + i * TOKI_FIELDS
+                if i < n_units:   # token section: header, steps, K and V offset bit streams, to 4 bytes
+                    size = np.int32((8 + 4 * T + ((T * (sh32[e0 + 2] + sh32[e0 + 3])) >> 3) + 3) & ~3)
+                elif i < n_sec:   # channel section: header and pack header stream (to 4), payload (to 4)
+                    e0 = se0 + (i - n_units) * SECI_FIELDS
+                    ps = np.int32((4 + ((RD * (sh32[e0 + 0] + sh32[e0 + 1]) + 7) >> 3) + 3) & ~3)
+                    sh32[e0 + 5] = ps
+                    size = np.int32(ps + ((sh32[e0 + 3] + 3) & ~3))
+                incl = warp_incl_scan(size, lane)
+                if i < n_sec:
+                    sh32[e0 + 4] = np.int32(carry + incl - size)
+                carry = np.int32(carry + shfl_idx(incl, 31))
+            if lane == 0:
+                sh64[mi0 + 3] = (np.int64(carry) + 15) & ~np.int64(15)
+                sh64[mi0 + 5] = carry
+            syncwarp()
 
     # ------------------------------------------------------------------------------------------
-    # 4. look-back (thread 0): the record's offset in the arena
+    # 4. look-back (warp 0): the record's offset in the arena, one tile later
     # ------------------------------------------------------------------------------------------
     @cuda.jit(device=True)
-    def ph_lookback(b, bad, sh64, meta, work, offsets, lane):
-        """Warp 0: publish this tile's size, then sum the predecessors' sizes 32 tiles at a time until
-        one that knows its inclusive prefix (decoupled look-back); publish the inclusive prefix."""
-        n_blocks = meta[iN]
-        mi0 = meta[oMI] >> 3
-        size = np.int64(0)
-        if bad == 0:
-            size = sh64[mi0 + 3]
+    def ph_publish(b, size, work, lane):
+        """Warp 0: publish tile b's record size (its inclusive prefix when b == 0)."""
         if lane == 0:
             if b == 0:
                 cuda.atomic.add(work, W_STATUS + b, FLAG_PRE | size)
             else:
                 cuda.atomic.add(work, W_STATUS + b, FLAG_AGG | size)
+
+    @cuda.jit(device=True)
+    def ph_lookback(b, bad, size, sh64, meta, work, offsets, lane):
+        """Warp 0, for tile b (published before with this size; bad: no record): sum the predecessors'
+        sizes 32 tiles at a time until one that knows its inclusive prefix (decoupled look-back);
+        publish the inclusive prefix; the record's arena offset to MISC[2], its skip flag (no record,
+        or past the arena's end) to MISC[4]."""
+        n_blocks = meta[iN]
+        mi0 = meta[oMI] >> 3
         excl = np.int64(0)
         top = b - 1
         if lane == 0 and top >= 0:
@@ -1496,7 +1559,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     # 5. write: every 32-bit word of the record by one thread
     # ------------------------------------------------------------------------------------------
     @cuda.jit(device=True)
-    def ph_write_head(arena32, sh64, sh32, meta, tid):
+    def ph_write_head(out32, rw, sh64, sh32, meta, tid):
         """Record header, section table, token sections."""
         H = meta[iH]
         T = meta[iT]
@@ -1513,7 +1576,6 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         ov0 = meta[oOV] >> 2
         or0 = meta[oOR] >> 2
         mi0 = meta[oMI] >> 3
-        rw = sh64[mi0 + 2] >> 2
         total = sh64[mi0 + 3]
         body = sh64[mi0 + 5]
         flags = layer | ((width(P) - 4) << 1)
@@ -1528,9 +1590,9 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 val = np.int64(sh32[tk0 + (j - 3) * TOKI_FIELDS + 4])
             else:
                 val = np.int64(sh32[se0 + (j - 3 - n_units) * SECI_FIELDS + 4])
-            arena32[rw + j] = np.uint32(val & LOW32)
+            out32[rw + j] = np.int32(val & LOW32)
         for j in range(tid, (total - body) >> 2, NT):   # zero padding to 16
-            arena32[rw + (body >> 2) + j] = np.uint32(0)
+            out32[rw + (body >> 2) + j] = 0
         for u in range(n_units):
             e0 = tk0 + u * TOKI_FIELDS
             kbase = np.int64(sh32[e0 + 0])
@@ -1573,12 +1635,14 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                                 val |= fv << sft
                             else:
                                 val |= fv >> (-sft)
-                arena32[tsw + j] = np.uint32(val & LOW32)
+                out32[tsw + j] = np.int32(val & LOW32)
 
     @cuda.jit(device=True)
-    def ph_write_sections(arena32, LV32, lv0, PK, pi0, po0, st0, sh64, sh32, meta, tid):
-        """Channel sections: header word, pack header stream, payload (staged in PK from st0 on, zero
-        there between sections; every thread of the CTA calls it: it has barriers)."""
+    def ph_write_sections(out32, rw, LV32, lv0, PK, pi0, po0, st0, sh32, meta, tid):
+        """Channel sections: header word, pack header stream, payload (staged in PK from st0 on, in two
+        buffers of SW words that sections alternate: one barrier a section, the staging of a section
+        overlapping the store of the one before; zero there between uses; every thread of the CTA calls
+        it: it has barriers)."""
         H = meta[iH]
         T = meta[iT]
         D = meta[iD]
@@ -1590,13 +1654,13 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         W = meta[iW]
         se0 = meta[oSE] >> 2
         or0 = meta[oOR] >> 2
-        mi0 = meta[oMI] >> 3
-        rw = sh64[mi0 + 2] >> 2
         RD = R * D
         dsh = meta[iDSH]
         W2 = 2 * W
+        SW = meta[iSW]
         for s in range(2 * H):
             e0 = se0 + s * SECI_FIELDS
+            stg = st0 + (s & 1) * SW   # this section's staging buffer
             WB = np.int64(sh32[e0 + 0])
             MB = np.int64(sh32[e0 + 1])
             mbase = np.int64(sh32[e0 + 2])
@@ -1622,7 +1686,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                                 val |= fv << sft
                             else:
                                 val |= fv >> (-sft)
-                arena32[csw + j] = np.uint32(val & LOW32)
+                out32[csw + j] = np.int32(val & LOW32)
             # payload: one thread per pack appends its P values (w bits each, LSB first) to a bit
             # accumulator and ORs every filled 32-bit word into the section's staged payload (a word
             # can hold bits of several packs, hence the atomics); after a barrier the staged
@@ -1650,7 +1714,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     lvb = 2 * (lv0 + wi) + half
                     ob = or0 + uu * T + r * P
                     poff = np.int64(PK[po0 + gb + f])
-                    sw = st0 + (poff >> 2)
+                    sw = stg + (poff >> 2)
                     bit = 8 * (poff & 3)
                     acc = np.int64(0)
                     for v0 in range(0, P, VCH):
@@ -1670,16 +1734,41 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                             sw += 1
                     if bit > 0:
                         cuda.atomic.or_(PK, np.uint64(sw), np.int32(acc & LOW32))
-            cuda.syncthreads()
+            cuda.syncthreads()   # (also: the section before this one has stored and zeroed its buffer)
             pw_base = csw + nh
             for j in range(tid, (pbytes + 3) // 4, NT):
-                arena32[pw_base + j] = np.uint32(PK[st0 + j])
-                PK[st0 + j] = 0
-            cuda.syncthreads()
+                out32[pw_base + j] = PK[stg + j]
+                PK[stg + j] = 0
+
+    @cuda.jit(device=True)
+    def copy_record(arena32, REC, rec0, sh64, mi0, size, tid):
+        """The record in REC (size bytes, a multiple of 16) to the arena at MISC[2] unless MISC[4] says
+        skip; 4 independent loads per thread in flight (REC is read back from L2)."""
+        if sh64[mi0 + 4] != 0:
+            return
+        aw = sh64[mi0 + 2] >> 2
+        nw = size >> 2
+        for j0 in range(4 * tid, nw, 4 * NT):   # (nw is a multiple of 4)
+            w0 = REC[rec0 + j0]
+            w1 = REC[rec0 + j0 + 1]
+            w2 = REC[rec0 + j0 + 2]
+            w3 = REC[rec0 + j0 + 3]
+            arena32[aw + j0] = np.uint32(w0)
+            arena32[aw + j0 + 1] = np.uint32(w1)
+            arena32[aw + j0 + 2] = np.uint32(w2)
+            arena32[aw + j0 + 3] = np.uint32(w3)
 
     # ------------------------------------------------------------------------------------------
     # the kernel: a persistent loop over tiles (blocks, in order)
     # ------------------------------------------------------------------------------------------
+    @cuda.jit(device=True)
+    def prof_mark(work, i, tp, tid):
+        """Profile builds: add the cycles since tp to phase i's sum (thread 0); returns now."""
+        now = clock64()
+        if tid == 0:
+            cuda.atomic.add(work, W_PROF + i, now - tp)
+        return now
+
     def encode_kernel(K64, V64, arena32, meta, work, offsets, g64, g32, bounds):
         sh64 = cuda.shared.array(0, nb_int64)
         sh32 = cuda.shared.array(0, nb_int32)
@@ -1709,37 +1798,79 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         repack = meta[iREPACK]
         greedy = repack == 2 and meta[iT] > meta[iP]
         mode = meta[iMODE]     # 0; for timing phases only: 1 no write, 2 no look-back, 4 no stats, 8 no repack
-        for i in range(tid, meta[iSW], NT):   # the write's staged payload: zero, and zeroed after each use
+        REC = g32                # the record, written here, copied to the arena one tile later
+        rec0 = 2 * slot + (meta[oREC] >> 2)
+        pend = np.int64(-1)      # the tile whose record waits in REC, its record size and bad flag
+        pend_size = np.int64(0)
+        pend_bad = np.int64(0)
+        for i in range(tid, 2 * meta[iSW], NT):   # the write's staging buffers: zero, and zeroed after each use
             PK[st0 + i] = 0
+        tp = np.int64(0)
+        if PROF:
+            tp = clock64()
         while True:
             if tid == 0:
                 sh64[mi0 + 0] = cuda.atomic.add(work, W_TILE, 1)
                 sh64[mi0 + 1] = 0
             cuda.syncthreads()
+            if PROF:
+                tp = prof_mark(work, 0, tp, tid)
             b = sh64[mi0 + 0]
-            if b >= n_blocks:
-                break
-            ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, bounds, tid)
-            cuda.syncthreads()
-            bad = sh64[mi0 + 1]
-            if bad == 0 and (mode & 8) == 0:
-                if greedy:
-                    ph_greedy(LVA, LV32, lv0, sh64, sh32, shf, meta, tid)
-                else:
-                    ph_order_simple(sh64, sh32, meta, tid)
+            done = b >= n_blocks    # (one more round: the last tile's record still waits in REC)
+            bad = np.int64(0)
+            if not done:
+                ph_quantize(b, K64, V64, LVA, LV32, lv0, sh64, sh32, meta, work, bounds, tid)
                 cuda.syncthreads()
-            if bad == 0 and (mode & 4) == 0:
-                ph_pack_stats(LVA, lv0, PK, pi0, sh32, meta, tid)
-                cuda.syncthreads()
-                ph_sections(PK, pi0, sh64, sh32, meta, tid)
-                ph_pack_offsets(PK, pi0, po0, sh64, sh32, meta, tid)
+                if PROF:
+                    tp = prof_mark(work, 1, tp, tid)
+                bad = sh64[mi0 + 1]
+                if bad == 0 and (mode & 8) == 0:
+                    if greedy:
+                        ph_greedy(LVA, LV32, lv0, sh64, sh32, shf, meta, tid)
+                    else:
+                        ph_order_simple(sh64, sh32, meta, tid)
+                    cuda.syncthreads()
+                if PROF:
+                    tp = prof_mark(work, 2, tp, tid)
+                if bad == 0 and (mode & 4) == 0:
+                    ph_pack_stats(LVA, lv0, PK, pi0, sh32, meta, tid)
+                    cuda.syncthreads()
+                    ph_sections(PK, pi0, po0, sh64, sh32, meta, tid)
+                if PROF:
+                    tp = prof_mark(work, 3, tp, tid)
+            # The record goes to the CTA's scratch (REC) and is copied to the arena one tile later: its
+            # look-back then finds its predecessors' sizes published (tiles start in order, but a greedy
+            # block's time varies: the look-back right after publishing, its predecessors still running,
+            # measured 17.6 ms of 174.5 at the 8B 128K prefill with the write off, 0.8 ms with repack none)
             if tid < 32 and (mode & 6) == 0:
-                ph_lookback(b, bad, sh64, meta, work, offsets, tid)
+                if not done:
+                    size = np.int64(0)
+                    if bad == 0:
+                        size = sh64[mi0 + 3]
+                    ph_publish(b, size, work, tid)
+                if pend >= 0:
+                    ph_lookback(pend, pend_bad, pend_size, sh64, meta, work, offsets, tid)
             cuda.syncthreads()
-            if sh64[mi0 + 4] == 0 and (mode & 15) == 0:
-                ph_write_head(arena32, sh64, sh32, meta, tid)
-                ph_write_sections(arena32, LV32, lv0, PK, pi0, po0, st0, sh64, sh32, meta, tid)
+            if PROF:
+                tp = prof_mark(work, 4, tp, tid)
+            if pend >= 0 and (mode & 15) == 0:
+                copy_record(arena32, REC, rec0, sh64, mi0, pend_size, tid)
+                cuda.syncthreads()   # REC is free
+            if PROF:
+                tp = prof_mark(work, 5, tp, tid)
+            if done:
+                break
+            pend = b
+            pend_bad = bad
+            pend_size = np.int64(0)
+            if bad == 0 and (mode & 4) == 0:
+                pend_size = sh64[mi0 + 3]
+            if bad == 0 and (mode & 15) == 0:
+                ph_write_head(REC, rec0, sh64, sh32, meta, tid)
+                ph_write_sections(REC, rec0, LV32, lv0, PK, pi0, po0, st0, sh32, meta, tid)
             cuda.syncthreads()
+            if PROF:
+                tp = prof_mark(work, 6, tp, tid)
 
     if SIMULATOR:
         return cuda.jit(encode_kernel)
@@ -1747,13 +1878,14 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
 
 
 def get_kernel(E: int, NT: int, lv_shared: bool, pack_shared: bool, chunks_per_lane: int = 8, group: int = 32,
-               words_per_lane: int = 1, exact_rows: bool = False, narrow: bool = False):
+               words_per_lane: int = 1, exact_rows: bool = False, narrow: bool = False, profile: bool = False):
     """The kernel for lane width E, NT threads, the level matrix / pack tables in shared memory or not,
     chunks_per_lane 8-byte input words per lane held in registers while quantizing a token, the
     greedy's lane groups (group lanes per candidate, words_per_lane words of a unit's row per lane;
     exact_rows: a row is exactly group * words_per_lane words, no lane's word is past its end) and
-    narrow: every level fits half a lane (E / 2 bits), so two words' ranges are counted as one."""
-    key = (E, NT, lv_shared, pack_shared, chunks_per_lane, group, words_per_lane, exact_rows, narrow)
+    narrow: every level fits half a lane (E / 2 bits), so two words' ranges are counted as one;
+    profile: the diagnostics build that sums each phase's cycles (PROF_PHASES)."""
+    key = (E, NT, lv_shared, pack_shared, chunks_per_lane, group, words_per_lane, exact_rows, narrow, profile)
     if key not in _KERNELS:
         _KERNELS[key] = _build_kernel(*key)
     return _KERNELS[key]
@@ -1898,10 +2030,14 @@ def max_record_bytes(params: codec.CodecParams, n_kv_heads: int, head_dim: int,
     """An upper bound on one record's length for these params (to size an arena so that encoding a
     batch of n blocks never overflows: reserve n * max_record_bytes). With per-block bounds
     (block_bounds), the bound of the tightest block, which holds for all."""
-    H, T, D, P = n_kv_heads, params.block, head_dim, params.pack
+    return _record_bound(params, n_kv_heads, head_dim, _largest_level(params, bounds).bit_length())
+
+
+def _record_bound(params: codec.CodecParams, H: int, D: int, wmax: int) -> int:
+    """An upper bound on a record's length when no pack is wider than wmax bits."""
+    T, P = params.block, params.pack
     n_units = 1 if params.granularity == "token-layer" else H
     R = T // P
-    wmax = _largest_level(params, bounds).bit_length()
     tok = 8 + 4 * T + T * 32 // 8 + 3
     sec = 4 + -(-R * D * (5 + 16) // 8) + 3 + P * R * D * wmax // 8 + 3
     total = 12 + 4 * (n_units + 2 * H) + n_units * tok + 2 * H * sec
@@ -1952,14 +2088,15 @@ class _Plan:
             "rem": UT * 4, "cand": UT * 4, "stale": UT * 4, "best": 2 * NW * 8,
             "box": UPR * 2 * WU * 8 if params.repack == "greedy" else 0,
             "seci": 2 * H * SECI_FIELDS * 4, "toki": n_units * TOKI_FIELDS * 4, "misc": MISC_FIELDS * 8,
-            "scan": (NW + 1) * 8,
-            # write: one section's payload, staged (widths <= E - 1 bits: levels < 2**(E-1))
-            "stage": self.stage_words(R * D, P, E) * 4,
+            # write: a section's payload, staged (widths <= E - 1 bits: levels < 2**(E-1))
+            "stage": 2 * self.stage_words(R * D, P, E) * 4,   # two buffers, sections alternate
+            # the record, in global scratch until its arena offset is known (widths < E bits)
+            "rec": _record_bound(params, H, D, E - 1),
         }
         # placement: 0 all shared, 1 LV global, 2 LV and PACK* (pack tables, staged payload) global,
         # 3 does not fit
         pack_regions = ("pinfo", "poff", "stage")
-        small = sum(al(n) for name, n in regions.items() if name != "lv" and name not in pack_regions)
+        small = sum(al(n) for name, n in regions.items() if name not in ("lv", "rec") and name not in pack_regions)
         lv, pk = al(regions["lv"]), sum(al(regions[name]) for name in pack_regions)
         if not force_global and small + lv + pk <= smem_limit:
             where = 0
@@ -1971,7 +2108,8 @@ class _Plan:
         self.lv_shared, self.pack_shared = where == 0, where <= 1
         offsets, shared_at, global_at = {}, 0, 0
         for name, n in regions.items():
-            in_global = (name == "lv" and not self.lv_shared) or (name in pack_regions and not self.pack_shared)
+            in_global = (name == "rec" or (name == "lv" and not self.lv_shared)
+                         or (name in pack_regions and not self.pack_shared))
             if in_global:
                 offsets[name], global_at = global_at, global_at + al(n)
             else:
@@ -1979,7 +2117,7 @@ class _Plan:
         self.shared_bytes, self.scratch_bytes = shared_at, global_at
         self.values = dict(n_blocks=0, H=H, T=T, D=D, P=P, R=R, layer=int(layer),
                            repack=codec.REPACK_METHODS.index(params.repack), n_units=n_units, CU=CU, WK=WK,
-                           WU=WU, W=W, n_sec=n_units + 2 * H, NP=NP, GSQ=GSQ, GS=GS, NWU=NWU, UPR=UPR,
+                           WU=WU, W=W, n_sec=n_units + 2 * H, GSQ=GSQ, GS=GS, NWU=NWU, UPR=UPR,
                            used0=0, cap=0, scr64=global_at // 8,
                            dq_shift=_log2_or(D // 4), d_shift=_log2_or(D), mode=0,
                            SW=self.stage_words(R * D, P, E),
@@ -2045,7 +2183,8 @@ class BlockEncoder:
     build (levels of half a lane: rel >= ~1/14 at 8 bits); `plan` and `kernel` are the latest call's."""
 
     def __init__(self, params: codec.CodecParams, n_kv_heads: int, head_dim: int, threads: int = 512,
-                 force_global: bool = False, max_ctas: int | None = None, chunks_per_lane: int = 8):
+                 force_global: bool = False, max_ctas: int | None = None, chunks_per_lane: int = 8,
+                 profile: bool = False):
         if not isinstance(params, codec.CodecParams):
             raise ValueError(f"params must be a codec.CodecParams, got {type(params).__name__}")
         if not (1 <= n_kv_heads <= 255):
@@ -2058,7 +2197,7 @@ class BlockEncoder:
         self.params, self.H, self.D, self.NT = params, n_kv_heads, head_dim, threads
         self.info = _device_info()
         self.smem_limit, self.force_global = self.info["smem_block"], force_global
-        self.qch, self.ctas_asked = chunks_per_lane, max_ctas
+        self.qch, self.ctas_asked, self.profile = chunks_per_lane, max_ctas, profile
         self._plans: dict = {}
         self._pinned = self._job = None
         self._device = {}        # buffers kept between launches: scratch, uploads, offsets (_device_buffer)
@@ -2073,7 +2212,7 @@ class BlockEncoder:
         self.plan = p = self._plans[E]
         self.narrow = narrow
         self.kernel = get_kernel(p.E, self.NT, p.lv_shared, p.pack_shared, self.qch, p.G, p.WPL,
-                                 p.values["WU"] == p.G * p.WPL, narrow)
+                                 p.values["WU"] == p.G * p.WPL, narrow, self.profile)
         per_sm = max(1, min(2048 // self.NT, self.info["smem_sm"] // (p.shared_bytes + 1024)))
         self.max_ctas = self.ctas_asked or self.info["sms"] * per_sm
 
@@ -2182,6 +2321,16 @@ class BlockEncoder:
             offsets.copy_to_host(ary=host[4:], stream=stream)
         self._job = EncodeJob(offsets, host, cap, params, self.H, stream, keep=(dk, dv, da), event=self._reused_event())
         return self._job
+
+    def phase_cycles(self) -> dict:
+        """A profile build's (profile=True) cycles per phase (PROF_PHASES), summed over the CTAs, of the
+        latest launch (waits for it)."""
+        if not self.profile:
+            raise ValueError("phase_cycles needs an encoder built with profile=True")
+        if self._job is not None:
+            self._job.wait()
+        sums = self._device["work"][W_PROF:W_PROF + len(PROF_PHASES)].copy_to_host()
+        return {name: int(c) for name, c in zip(PROF_PHASES, sums)}
 
     def _device_buffer(self, name: str, count: int, stream):
         """The first `count` int64 of a device buffer kept between launches (grown by doubling)."""

@@ -473,6 +473,14 @@ def test_level_bound_and_lane_choice():
             assert levels.max() <= level_bound(rel), (rel, kind)
 
 
+def test_quotient_by_reciprocal_is_the_ieee_division():
+    """quantize's x / step as x r plus one FMA correction (r = 1 / step correctly rounded) gives the IEEE
+    quotient for every pair of fp16 significands (exponents only scale), through the float64 sum that
+    the simulator's fma32 uses too."""
+    from packkv.kernels.encoder import quotient_reference
+    assert quotient_reference() == 0
+
+
 def test_block_bounds_and_the_tightest_block():
     """Per-block bounds become float32 (rel_k, rel_v) pairs, checked like CodecParams; the lane width
     and the record size bound follow the tightest block, not params."""
