@@ -521,9 +521,12 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     KEY_BIG = np.int64(1 << 62)
     F_MAGIC = np.float32(1.5 * 2.0 ** 23)
     I_MAGIC = np.int32(F_MAGIC.view(np.int32))
-    EXP4 = _lanes(16, 0x7C00)           # quantize: the exponent fields of a word's 4 fp16 values,
-    EXP4_LSB = _lanes(16, 0x0400)       # their lowest bits,
-    SIGN4 = _lanes(16, 0x8000)          # and sign bits
+    # quantize's NaN/inf test, unsigned: the top lane's carry goes into bit 63, and numba adds int64 with
+    # LLVM's nsw (no signed wrap), under which that carry cannot happen, so the compiled test of the top
+    # lane (channels 3 mod 4) folded to false: NaN there went unseen (the simulator, in Python, saw it)
+    EXP4 = np.uint64(_lanes(16, 0x7C00).view(np.uint64))     # the exponent fields of a word's 4 fp16 values,
+    EXP4_LSB = np.uint64(_lanes(16, 0x0400).view(np.uint64)) # their lowest bits,
+    SIGN4 = np.uint64(_lanes(16, 0x8000).view(np.uint64))    # and sign bits
     H2_MAX = np.uint32(0x7BFF7BFF)      # fp16 pairs (65504, 65504) and (-65504, -65504)
     H2_MIN = np.uint32(0xFBFFFBFF)
 
@@ -696,8 +699,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         bad_code to its (array, block, head, token) code, and the token is not quantized. Before: a
         branch, a conversion and two float min/max per value, and the codes computed for every word."""
         if j < NCH:
-            bad_k = ((ck & EXP4) + EXP4_LSB) & SIGN4
-            bad_v = ((cv & EXP4) + EXP4_LSB) & SIGN4
+            bad_k = ((np.uint64(ck) & EXP4) + EXP4_LSB) & SIGN4
+            bad_v = ((np.uint64(cv) & EXP4) + EXP4_LSB) & SIGN4
             if bad_k | bad_v:
                 h = u
                 if layer:

@@ -701,6 +701,11 @@ def test_gpu_refusals(gpu):
     with pytest.raises(ValueError, match="block 3, head 5, token 17") as got:
         encode_blocks_device(cupy.asarray(k), cupy.asarray(v), params, arena, 0)
     assert str(got.value) == str(exc.value)
+    for lane in range(4):   # each fp16 of an 8-byte word: the top one's NaN test carries into bit 63
+        k, v = make_blocks(mixed_kinds(5, 6), 8, 64, 128, seed=6)
+        v[2, 1, 7, 4 * 9 + lane] = np.float16(np.nan)
+        with pytest.raises(ValueError, match="v has a non-finite.*block 2, head 1, token 7"):
+            encode_blocks_device(cupy.asarray(k), cupy.asarray(v), params, arena, 0)
     k, v = make_blocks(mixed_kinds(5, 5), 8, 64, 128, seed=5)
     ref, _, _ = codec.encode_blocks(k, v, params)
     with pytest.raises(ArenaFullError) as full:
