@@ -127,7 +127,12 @@ block order) takes one block (one record) at a time:
    barriers per section (32 per block). Measured: write 58.7 -> 25.2 ms at the 8B 128K prefill (below).
    Now two staging buffers (14 KiB at the 8B shape; shared memory 221.5 of 227 KiB) that sections
    alternate: the barrier after a section's staging also ends the previous section's store and
-   zeroing, so one barrier a section (16 per block instead of 32). Not yet measured on a GPU.
+   zeroing, so one barrier a section (16 per block instead of 32). A pack's levels are now loaded in
+   rounds of 4 chunks (a whole pack of 16 at 8-bit lanes: 16 token and 16 level loads in flight) before
+   any chunk is ORed in: the staging atomics may alias the shared loads (one array), so each load after
+   an atomic waited for it, and the chunks' loads ran as 4 dependent rounds a pack; the chunks' level
+   arithmetic in 32 bits (SASS, 8B shape: a pack of 16's chunks 342 -> 266 instructions, besides its
+   ~70 of setup). Not yet measured on a GPU.
 
 Speed (bench/results/encoder_round3.json, H100, `python3 bench/encoder.py --reps 2 --breakdown --out
 encoder_round3.json`, git 1391702 = this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB
@@ -512,6 +517,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     LPW_ = np.int64(LPW)
     HLPW = np.int64(LPW // 2)           # levels per 32-bit half of an LV word
     VCH = 32 // E                       # write: values per chunk, VCH * (E - 1) < 32 bits (P is a multiple)
+    LM32 = np.int32((1 << E) - 1)
     F_65504 = np.float32(65504.0)
     F_32767 = np.float32(32767.0)
     F_2P24 = np.float32(2.0 ** 24)
@@ -1638,6 +1644,32 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 out32[tsw + j] = np.int32(val & LOW32)
 
     @cuda.jit(device=True)
+    def pack_chunk(LV32, sh32, ob, lvb, W2, lsh, pmin, w):
+        """VCH levels of a pack (tokens sh32[ob:ob + VCH], the level's 32-bit half of its LV word at LV32
+        index lvb + 2 W t, shifted by lsh) minus the pack minimum, w bits each, LSB first: < 32 bits.
+        Independent loads; unsigned indices (no negative-index wraparound code), 32-bit arithmetic."""
+        chunk = np.int32(0)
+        for i in range(VCH):
+            t = np.int64(sh32[np.uint64(ob + i)])
+            lev = np.int32(np.int32(np.int32(LV32[np.uint64(lvb + t * W2)]) >> lsh) & LM32) - pmin
+            chunk = np.int32(chunk | np.int32(lev << np.int32(w * i)))
+        return chunk
+
+    @cuda.jit(device=True)
+    def put_chunk(PK, sw, acc, bit, chunk, cw):
+        """Append a chunk of cw < 32 bits to the bit accumulator (bit < 32 bits pending, so it holds < 64)
+        and OR a filled 32-bit word into the staged payload at sw (a word can hold bits of several packs,
+        hence the atomic); returns the new acc, bit, sw."""
+        acc |= np.int64(chunk) << bit
+        bit += cw
+        if bit >= 32:
+            cuda.atomic.or_(PK, np.uint64(sw), np.int32(acc & LOW32))
+            acc >>= 32
+            bit -= 32
+            sw += 1
+        return acc, bit, sw
+
+    @cuda.jit(device=True)
     def ph_write_sections(out32, rw, LV32, lv0, PK, pi0, po0, st0, sh32, meta, tid):
         """Channel sections: header word, pack header stream, payload (staged in PK from st0 on, in two
         buffers of SW words that sections alternate: one barrier a section, the staging of a section
@@ -1717,21 +1749,29 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     sw = stg + (poff >> 2)
                     bit = 8 * (poff & 3)
                     acc = np.int64(0)
-                    for v0 in range(0, P, VCH):
-                        # VCH values (independent loads) make a chunk of < 32 bits; the accumulator
-                        # then holds < 64 bits and fills at most one word per chunk
-                        chunk = np.int64(0)
-                        for i in range(VCH):
-                            t = np.int64(sh32[np.uint64(ob + v0 + i)])
-                            lev = ((np.int64(LV32[np.uint64(lvb + t * W2)]) >> lsh) & LM) - pmin
-                            chunk |= lev << (w * i)
-                        acc |= chunk << bit
-                        bit += VCH * w
-                        if bit >= 32:
-                            cuda.atomic.or_(PK, np.uint64(sw), np.int32(acc & LOW32))
-                            acc >>= 32
-                            bit -= 32
-                            sw += 1
+                    w32 = np.int32(w)
+                    pm32 = np.int32(pmin)
+                    ls32 = np.int32(lsh)
+                    cw = VCH * w
+                    for v0 in range(0, P, 4 * VCH):
+                        # a round of 4 chunks (16 values at 8-bit lanes: a whole pack of 16) gathered
+                        # before any of them is ORed in: the atomics on the staging buffer may alias
+                        # the shared loads of tokens and levels, so a load after an atomic waits for it
+                        # (one chain of two dependent loads per round instead of per chunk); the last
+                        # two chunks when the pack has them (P >= 2 VCH always)
+                        more = v0 + 2 * VCH < P
+                        c0 = pack_chunk(LV32, sh32, ob + v0, lvb, W2, ls32, pm32, w32)
+                        c1 = pack_chunk(LV32, sh32, ob + v0 + VCH, lvb, W2, ls32, pm32, w32)
+                        c2 = np.int32(0)
+                        c3 = np.int32(0)
+                        if more:
+                            c2 = pack_chunk(LV32, sh32, ob + v0 + 2 * VCH, lvb, W2, ls32, pm32, w32)
+                            c3 = pack_chunk(LV32, sh32, ob + v0 + 3 * VCH, lvb, W2, ls32, pm32, w32)
+                        acc, bit, sw = put_chunk(PK, sw, acc, bit, c0, cw)
+                        acc, bit, sw = put_chunk(PK, sw, acc, bit, c1, cw)
+                        if more:
+                            acc, bit, sw = put_chunk(PK, sw, acc, bit, c2, cw)
+                            acc, bit, sw = put_chunk(PK, sw, acc, bit, c3, cw)
                     if bit > 0:
                         cuda.atomic.or_(PK, np.uint64(sw), np.int32(acc & LOW32))
             cuda.syncthreads()   # (also: the section before this one has stored and zeroed its buffer)
