@@ -55,7 +55,18 @@ block order) takes one block (one record) at a time:
    two quarter-rate ones (MUFU.RCP, F2I: ~16k cycles a block on their pipe). Both passes over a
    lane's 8 chunks are written out: as loops they compiled to a chain of compares and moves per chunk
    picking its registers (~25 instructions a chunk and pass, about the levels' own arithmetic for 8
-   values); quantize's SASS grew from ~6.6k to ~7.9k static instructions. Not yet measured on a GPU.
+   values); quantize's SASS grew from ~6.6k to ~7.9k static instructions. Measured then (H100,
+   profile build): quantize 124.9k cycles a block, ~4x what its ~2k instructions a warp and token (4
+   tokens a warp, 4 warps a scheduler: ~32k issue cycles) need. Its hot path was interleaved with
+   rarely taken code, each piece a branch region the scheduler cannot interleave across: per level
+   pair a range check (branch, 64-bit clamps, an atomic), per chunk the NaN code (a division
+   call), per chunk load an int64 division's call path (head dims not a power of 2). Now the levels
+   are clamped unconditionally with int32 min/max (the identity in range) and tested once a chunk;
+   NaN/inf only sets bits in the first pass, and one reloading loop (bad_chunks_code) names the word
+   in the rare case; divmod_p2 divides in 32 bits. SASS (8B shape): quantize 7.8k -> 6.0k static
+   instructions; a levels chunk's code 210 -> 125 laid out (executed ~110 -> 125: the clamps' 4
+   VIMNMX a pair now run, the branch regions are gone), a min/max chunk's 122 -> 21 laid out
+   (executed ~20 either way). Not yet measured on a GPU.
 2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, integer dots
    (DP4A on 8-bit lanes), float64 cosine, lowest index on ties; mean and scores CTA-wide), then
    pack-1 picks of the candidate with the least cost[t] = sum_c width(max(hi,q)-min(lo,q)), lowest
@@ -127,7 +138,12 @@ block order) takes one block (one record) at a time:
    barriers per section (32 per block). Measured: write 58.7 -> 25.2 ms at the 8B 128K prefill (below).
    Now two staging buffers (14 KiB at the 8B shape; shared memory 221.5 of 227 KiB) that sections
    alternate: the barrier after a section's staging also ends the previous section's store and
-   zeroing, so one barrier a section (16 per block instead of 32). Not yet measured on a GPU.
+   zeroing, so one barrier a section (16 per block instead of 32). A pack's levels are now loaded in
+   rounds of 4 chunks (a whole pack of 16 at 8-bit lanes: 16 token and 16 level loads in flight) before
+   any chunk is ORed in: the staging atomics may alias the shared loads (one array), so each load after
+   an atomic waited for it, and the chunks' loads ran as 4 dependent rounds a pack; the chunks' level
+   arithmetic in 32 bits (SASS, 8B shape: a pack of 16's chunks 342 -> 266 instructions, besides its
+   ~70 of setup). Not yet measured on a GPU.
 
 Speed (bench/results/encoder_round3.json, H100, `python3 bench/encoder.py --reps 2 --breakdown --out
 encoder_round3.json`, git 1391702 = this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB
@@ -493,6 +509,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     NG = 32 // G                        # greedy: candidates a warp evaluates at once (lane groups of G)
     LM = np.int64((1 << E) - 1)         # lane mask
     LANE_MAX = (1 << (E - 1)) - 1       # SWAR compare needs the lane's top bit clear
+    I32_0, I32_LANE_MAX = np.int32(0), np.int32(LANE_MAX)
     # The SWAR arithmetic works on 32-bit words (the integer ALU's width: an int64 add or shift is two
     # instructions). The greedy's widths: a range of up to E - 1 bits is smeared down its lane and the
     # set bits counted; when every level fits half a lane (NARROW: levels <= 15 for E = 8, the default
@@ -512,6 +529,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
     LPW_ = np.int64(LPW)
     HLPW = np.int64(LPW // 2)           # levels per 32-bit half of an LV word
     VCH = 32 // E                       # write: values per chunk, VCH * (E - 1) < 32 bits (P is a multiple)
+    LM32 = np.int32((1 << E) - 1)
     F_65504 = np.float32(65504.0)
     F_32767 = np.float32(32767.0)
     F_2P24 = np.float32(2.0 ** 24)
@@ -611,10 +629,13 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
 
     @cuda.jit(device=True)
     def divmod_p2(x, d, sh):
-        """(x // d, x % d) for x >= 0, by shifts when d = 2**sh (sh >= 0)."""
+        """(x // d, x % d) for 0 <= x < 2**32 (chunk and pack indices), by shifts when d = 2**sh (sh >=
+        0), else by udiv: int64 `//` inlined a 32-bit path and a call of the 64-bit subroutine at each
+        of quantize's ~33 chunk loads (~100 instructions each, cold at power-of-2 head dims but laid out
+        between the hot ones)."""
         if sh >= 0:
             return x >> sh, x & (d - 1)
-        q = x // d
+        q = udiv(x, d)
         return q, x - q * d
 
     @cuda.jit(device=True)
@@ -692,25 +713,14 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         return X[np.uint64(((b * H + h) * T + t) * DQ + wd)]
 
     @cuda.jit(device=True)
-    def chunk_minmax(ck, cv, j, NCH, lok2, hik2, lov2, hiv2, bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT):
+    def chunk_minmax(ck, cv, j, NCH, lok2, hik2, lov2, hiv2, bad):
         """Fold 4 K and 4 V fp16 values into the running ranges (fp16 pairs, HMNMX2 on the words'
         halves: 4 instructions a word, fused to 2 VHMNMX); a word with NaN/inf (an exponent field of
-        all ones: adding 1 to it carries into the lane's sign bit, one test for 4 values) lowers
-        bad_code to its (array, block, head, token) code, and the token is not quantized. Before: a
-        branch, a conversion and two float min/max per value, and the codes computed for every word."""
+        all ones: adding 1 to it carries into the lane's sign bit, one test for 4 values) sets bits of
+        bad (bad_chunks_code then names it). Before: a branch, a conversion and two float min/max per
+        value, and the codes computed for every word."""
         if j < NCH:
-            bad_k = ((np.uint64(ck) & EXP4) + EXP4_LSB) & SIGN4
-            bad_v = ((np.uint64(cv) & EXP4) + EXP4_LSB) & SIGN4
-            if bad_k | bad_v:
-                h = u
-                if layer:
-                    h, _ = divmod_p2(j, DQ, dqsh)
-                code = (b * H + h) * T + t
-                if bad_v:
-                    code += NBHT
-                if bad_k:   # K's codes first: the codec names K before V
-                    code = (b * H + h) * T + t
-                bad_code = min(bad_code, code)
+            bad |= (((np.uint64(ck) & EXP4) + EXP4_LSB) | ((np.uint64(cv) & EXP4) + EXP4_LSB)) & SIGN4
             k_lo = np.uint32(ck & LOW32)
             k_hi = np.uint32((ck >> 32) & LOW32)
             v_lo = np.uint32(cv & LOW32)
@@ -719,7 +729,29 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             hik2 = hmax2(hik2, hmax2(k_lo, k_hi))
             lov2 = hmin2(lov2, hmin2(v_lo, v_hi))
             hiv2 = hmax2(hiv2, hmax2(v_lo, v_hi))
-        return lok2, hik2, lov2, hiv2, bad_code
+        return lok2, hik2, lov2, hiv2, bad
+
+    @cuda.jit(device=True)
+    def bad_chunks_code(K64, V64, b, H, T, t, u, DQ, dqsh, layer, j, GSQ, NCH, NBHT):
+        """The least (array, block, head, token) code of the NaN/inf words among the lane's chunks j,
+        j + GSQ, ... (QCH of them), reloaded: the rare path, one copy out of the chunks' straight-line
+        code (it was inlined into each of the 8 chunks' tests: ~90 instructions each between the hot
+        ones, and a branch region per chunk)."""
+        code_min = NO_NAN
+        for jc in range(j, min(NCH, j + QCH * GSQ), GSQ):   # (a runtime bound: not unrolled)
+            ck = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, jc, NCH)
+            cv = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, jc, NCH)
+            bad_k = ((np.uint64(ck) & EXP4) + EXP4_LSB) & SIGN4
+            bad_v = ((np.uint64(cv) & EXP4) + EXP4_LSB) & SIGN4
+            if bad_k | bad_v:
+                h = u
+                if layer:
+                    h, _ = divmod_p2(jc, DQ, dqsh)
+                code = (b * H + h) * T + t
+                if not bad_k:   # K's codes first: the codec names K before V
+                    code += NBHT
+                code_min = min(code_min, code)
+        return code_min
 
     @cuda.jit(device=True)
     def pair_min(x2):
@@ -747,13 +779,16 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             pv = np.int64(0)
             csum = np.int32(0)   # the chunk's sums in 32 bits (8 levels < 2**15), added once
             csq = np.int32(0)    # (8-bit lanes only: 8 squares of levels < 2**7)
+            out = np.int32(0)    # the levels ORed: a bit outside LANE_MAX's says one was out of range
             for i in range(4):
                 qk = np.int32(rint32(quotient(half_f32(ck, i), stk, rk)) - offk)
                 qv = np.int32(rint32(quotient(half_f32(cv, i), stv, rv)) - offv)
-                if (qk | qv) & ~LANE_MAX:   # either below 0 or above LANE_MAX: one test
-                    cuda.atomic.max(work, W_INTERNAL, 1)
-                    qk = np.int32(min(max(qk, 0), LANE_MAX))
-                    qv = np.int32(min(max(qv, 0), LANE_MAX))
+                # clamped unconditionally (2 min/max a level, the identity when in range) and tested
+                # once a chunk: a branch a pair made each pair's chain a scheduling region of its own
+                # (no interleaving across the chunk's 8 levels) and inlined 32 copies of the rare path
+                out = np.int32(out | qk | qv)
+                qk = min(max(qk, I32_0), I32_LANE_MAX)   # (int32 bounds: int64 ones cost 8 instructions)
+                qv = min(max(qv, I32_0), I32_LANE_MAX)
                 csum = np.int32(csum + qk + qv)
                 if E == 8:
                     csq = np.int32(csq + qk * qk + qv * qv)
@@ -761,14 +796,16 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     ssq += np.int64(qk) * qk + np.int64(qv) * qv
                 pk |= np.int64(qk) << (E_ * i)
                 pv |= np.int64(qv) << (E_ * i)
+            if out & ~LANE_MAX:   # either below 0 or above LANE_MAX (internal error: reported)
+                cuda.atomic.max(work, W_INTERNAL, 1)
             ssum += csum
             ssq += csq
-            if E == 8:   # 4 levels = half a word
-                LV32[2 * row + j] = np.int32(pk)
-                LV32[2 * (row + WK) + j] = np.int32(pv)
+            if E == 8:   # 4 levels = half a word (unsigned indices: no negative-index wraparound code)
+                LV32[np.uint64(2 * row + j)] = np.int32(pk)
+                LV32[np.uint64(2 * (row + WK) + j)] = np.int32(pv)
             else:
-                LVA[row + j] = pk
-                LVA[row + WK + j] = pv
+                LVA[np.uint64(row + j)] = pk
+                LVA[np.uint64(row + WK + j)] = pv
         return ssum, ssq
 
     @cuda.jit(device=True)
@@ -844,23 +881,19 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     v7 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, nch)
                 # the chunks written out, not a loop: the loop compiled to a chain of selects per chunk
                 # (~25 instructions a chunk, picking its registers), as many as the levels' arithmetic
-                lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k0, v0, j, nch, lok2, hik2, lov2, hiv2,
-                                                                bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                bad = np.uint64(0)
+                lok2, hik2, lov2, hiv2, bad = chunk_minmax(k0, v0, j, nch, lok2, hik2, lov2, hiv2, bad)
                 if QCH == 8:
-                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k1, v1, j + GSQ, nch, lok2, hik2, lov2, hiv2,
-                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
-                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k2, v2, j + 2 * GSQ, nch, lok2, hik2, lov2, hiv2,
-                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
-                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k3, v3, j + 3 * GSQ, nch, lok2, hik2, lov2, hiv2,
-                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
-                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k4, v4, j + 4 * GSQ, nch, lok2, hik2, lov2, hiv2,
-                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
-                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k5, v5, j + 5 * GSQ, nch, lok2, hik2, lov2, hiv2,
-                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
-                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k6, v6, j + 6 * GSQ, nch, lok2, hik2, lov2, hiv2,
-                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
-                    lok2, hik2, lov2, hiv2, bad_code = chunk_minmax(k7, v7, j + 7 * GSQ, nch, lok2, hik2, lov2, hiv2,
-                                                                    bad_code, b, H, T, t, u, DQ, dqsh, layer, NBHT)
+                    lok2, hik2, lov2, hiv2, bad = chunk_minmax(k1, v1, j + GSQ, nch, lok2, hik2, lov2, hiv2, bad)
+                    lok2, hik2, lov2, hiv2, bad = chunk_minmax(k2, v2, j + 2 * GSQ, nch, lok2, hik2, lov2, hiv2, bad)
+                    lok2, hik2, lov2, hiv2, bad = chunk_minmax(k3, v3, j + 3 * GSQ, nch, lok2, hik2, lov2, hiv2, bad)
+                    lok2, hik2, lov2, hiv2, bad = chunk_minmax(k4, v4, j + 4 * GSQ, nch, lok2, hik2, lov2, hiv2, bad)
+                    lok2, hik2, lov2, hiv2, bad = chunk_minmax(k5, v5, j + 5 * GSQ, nch, lok2, hik2, lov2, hiv2, bad)
+                    lok2, hik2, lov2, hiv2, bad = chunk_minmax(k6, v6, j + 6 * GSQ, nch, lok2, hik2, lov2, hiv2, bad)
+                    lok2, hik2, lov2, hiv2, bad = chunk_minmax(k7, v7, j + 7 * GSQ, nch, lok2, hik2, lov2, hiv2, bad)
+                if bad != 0:
+                    bad_code = min(bad_code, bad_chunks_code(K64, V64, b, H, T, t, u, DQ, dqsh, layer, j, GSQ, nch,
+                                                               NBHT))
             lok = grp_min(pair_min(lok2), GSQ)
             hik = grp_max(pair_max(hik2), GSQ)
             lov = grp_min(pair_min(lov2), GSQ)
@@ -1641,6 +1674,32 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 out32[tsw + j] = np.int32(val & LOW32)
 
     @cuda.jit(device=True)
+    def pack_chunk(LV32, sh32, ob, lvb, W2, lsh, pmin, w):
+        """VCH levels of a pack (tokens sh32[ob:ob + VCH], the level's 32-bit half of its LV word at LV32
+        index lvb + 2 W t, shifted by lsh) minus the pack minimum, w bits each, LSB first: < 32 bits.
+        Independent loads; unsigned indices (no negative-index wraparound code), 32-bit arithmetic."""
+        chunk = np.int32(0)
+        for i in range(VCH):
+            t = np.int64(sh32[np.uint64(ob + i)])
+            lev = np.int32(np.int32(np.int32(LV32[np.uint64(lvb + t * W2)]) >> lsh) & LM32) - pmin
+            chunk = np.int32(chunk | np.int32(lev << np.int32(w * i)))
+        return chunk
+
+    @cuda.jit(device=True)
+    def put_chunk(PK, sw, acc, bit, chunk, cw):
+        """Append a chunk of cw < 32 bits to the bit accumulator (bit < 32 bits pending, so it holds < 64)
+        and OR a filled 32-bit word into the staged payload at sw (a word can hold bits of several packs,
+        hence the atomic); returns the new acc, bit, sw."""
+        acc |= np.int64(chunk) << bit
+        bit += cw
+        if bit >= 32:
+            cuda.atomic.or_(PK, np.uint64(sw), np.int32(acc & LOW32))
+            acc >>= 32
+            bit -= 32
+            sw += 1
+        return acc, bit, sw
+
+    @cuda.jit(device=True)
     def ph_write_sections(out32, rw, LV32, lv0, PK, pi0, po0, st0, sh32, meta, tid):
         """Channel sections: header word, pack header stream, payload (staged in PK from st0 on, in two
         buffers of SW words that sections alternate: one barrier a section, the staging of a section
@@ -1720,21 +1779,29 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                     sw = stg + (poff >> 2)
                     bit = 8 * (poff & 3)
                     acc = np.int64(0)
-                    for v0 in range(0, P, VCH):
-                        # VCH values (independent loads) make a chunk of < 32 bits; the accumulator
-                        # then holds < 64 bits and fills at most one word per chunk
-                        chunk = np.int64(0)
-                        for i in range(VCH):
-                            t = np.int64(sh32[np.uint64(ob + v0 + i)])
-                            lev = ((np.int64(LV32[np.uint64(lvb + t * W2)]) >> lsh) & LM) - pmin
-                            chunk |= lev << (w * i)
-                        acc |= chunk << bit
-                        bit += VCH * w
-                        if bit >= 32:
-                            cuda.atomic.or_(PK, np.uint64(sw), np.int32(acc & LOW32))
-                            acc >>= 32
-                            bit -= 32
-                            sw += 1
+                    w32 = np.int32(w)
+                    pm32 = np.int32(pmin)
+                    ls32 = np.int32(lsh)
+                    cw = VCH * w
+                    for v0 in range(0, P, 4 * VCH):
+                        # a round of 4 chunks (16 values at 8-bit lanes: a whole pack of 16) gathered
+                        # before any of them is ORed in: the atomics on the staging buffer may alias
+                        # the shared loads of tokens and levels, so a load after an atomic waits for it
+                        # (one chain of two dependent loads per round instead of per chunk); the last
+                        # two chunks when the pack has them (P >= 2 VCH always)
+                        more = v0 + 2 * VCH < P
+                        c0 = pack_chunk(LV32, sh32, ob + v0, lvb, W2, ls32, pm32, w32)
+                        c1 = pack_chunk(LV32, sh32, ob + v0 + VCH, lvb, W2, ls32, pm32, w32)
+                        c2 = np.int32(0)
+                        c3 = np.int32(0)
+                        if more:
+                            c2 = pack_chunk(LV32, sh32, ob + v0 + 2 * VCH, lvb, W2, ls32, pm32, w32)
+                            c3 = pack_chunk(LV32, sh32, ob + v0 + 3 * VCH, lvb, W2, ls32, pm32, w32)
+                        acc, bit, sw = put_chunk(PK, sw, acc, bit, c0, cw)
+                        acc, bit, sw = put_chunk(PK, sw, acc, bit, c1, cw)
+                        if more:
+                            acc, bit, sw = put_chunk(PK, sw, acc, bit, c2, cw)
+                            acc, bit, sw = put_chunk(PK, sw, acc, bit, c3, cw)
                     if bit > 0:
                         cuda.atomic.or_(PK, np.uint64(sw), np.int32(acc & LOW32))
             cuda.syncthreads()   # (also: the section before this one has stored and zeroed its buffer)
