@@ -66,7 +66,7 @@ block order) takes one block (one record) at a time:
    in the rare case; divmod_p2 divides in 32 bits. SASS (8B shape): quantize 7.8k -> 6.0k static
    instructions; a levels chunk's code 210 -> 125 laid out (executed ~110 -> 125: the clamps' 4
    VIMNMX a pair now run, the branch regions are gone), a min/max chunk's 122 -> 21 laid out
-   (executed ~20 either way). Not yet measured on a GPU.
+   (executed ~20 either way). Measured (below, encoder_round5.json): quantize 35.0 -> 33.2 ms.
 2. repack: none, sort (rank by level sum), or greedy: per pack a seed (rounded mean, integer dots
    (DP4A on 8-bit lanes), float64 cosine, lowest index on ties; mean and scores CTA-wide), then
    pack-1 picks of the candidate with the least cost[t] = sum_c width(max(hi,q)-min(lo,q)), lowest
@@ -112,7 +112,7 @@ block order) takes one block (one record) at a time:
    warp 0 scans the sections' sizes into their starts and the record size. Before: the payload
    offsets by a CTA-wide scan (each thread 16 consecutive packs: 16-way shared bank conflicts, 3
    barriers, an int64 division call) and the section starts by one thread in int64 (SASS, 8B shape:
-   4455 static instructions for the phase, now 1887). Not yet measured on a GPU;
+   4455 static instructions for the phase, now 1887). Measured: ~19 ms -> 5.7-9.2 ms (below);
 4. the tile publishes its record size; decoupled look-back over the tiles' record sizes gives a
    record's arena offset (a single-pass prefix sum: no second launch, no host round trip), one tile
    later: the record is written to the CTA's global scratch (REC, a record bound per CTA: 18 MB
@@ -121,7 +121,7 @@ block order) takes one block (one record) at a time:
    after publishing, while predecessors whose greedy took longer were still running: with the write
    off it measured 17.6 ms at the 8B 128K prefill with the greedy, 0.8 ms with repack none (equal
    block times). The deferred copy costs a read and write of the compressed bytes (~2 GiB there,
-   mostly L2) and one barrier a tile. Not yet measured on a GPU;
+   mostly L2) and one barrier a tile. Measured: look-back 2.3-3.7 ms (below);
 5. write (into REC): every 32-bit word of the headers, steps and bit streams is assembled by one
    thread and stored coalesced; the payload section by section: a thread per pack gathers its P levels, VCH
    (4 at 8-bit lanes) per chunk with the loads independent, into a bit accumulator and ORs each
@@ -143,15 +143,18 @@ block order) takes one block (one record) at a time:
    any chunk is ORed in: the staging atomics may alias the shared loads (one array), so each load after
    an atomic waited for it, and the chunks' loads ran as 4 dependent rounds a pack; the chunks' level
    arithmetic in 32 bits (SASS, 8B shape: a pack of 16's chunks 342 -> 266 instructions, besides its
-   ~70 of setup). Not yet measured on a GPU.
+   ~70 of setup). Measured: write (with the copy) 25.6 -> 27.0 ms, within the runs' noise (below).
 
-Speed (bench/results/encoder_round3.json, H100, `python3 bench/encoder.py --reps 2 --breakdown --out
-encoder_round3.json`, git 1391702 = this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB
-of K+V) in 0.175 s with the greedy (98.3 GB/s; 2.16% of the prefill's matmul-bound time), 0.097 s with
-none (192.3 GB/s), sort 196.3 GB/s; token-head greedy 54.7 GB/s; 8K prefill 86.1 GB/s. The breakdown:
-quantize 35.1 ms, repack 93.2, write 9.1 (pack statistics and look-back, measured as differences of
-partial runs, split noisily: 19.4 and 17.6). Issue 4's 100 GB/s needs 172 ms: ~2.5 ms to go; the repack
-(issue-bound picks) is now over half of it.
+Speed (bench/results/encoder_round5.json, H100, `python3 bench/encoder.py --reps 5 --breakdown --out
+encoder_round5.json`, git 4d1c7f9 = this encoder): Llama-3.1-8B 128K-token prefill (65536 blocks, 16 GiB
+of K+V) in 0.162 s with the greedy (105.8 GB/s: issue 4's 100 GB/s; under 2% of the prefill's
+matmul-bound time), 0.073 s with none (236.1 GB/s), sort 235.4 GB/s; token-head greedy 61.3 GB/s; 8K
+prefill 89.6 GB/s. The breakdown (differences of partial runs): quantize 33.2 ms, repack 90.7, statistics
+9.2, look-back 2.3, write (with the copy) 27.0. A profile build (`--profile`, 7d3df4e) put the repack at 58%
+of the cycles, quantize 20%, write 15%. The same machine kind measured the round-4 tree (35950d0) at 103.0 GB/s
+(encoder_round4.json) and, on other days' machines, 102.3 and 100.8.
+Before: encoder_round3.json (git 1391702): 0.175 s (98.3 GB/s), quantize 35.1 ms, repack 93.2, pack statistics
+and look-back (split noisily) 19.4 and 17.6.
 Before: encoder_round2.json (git 067868a, quantize with a per-value NaN branch and 64-bit levels): 0.186 s
 (91.2 GB/s), quantize 47.7 ms.
 Before: encoder_repack2.json (git 7b17898, the payload written a thread per word with a binary search over
