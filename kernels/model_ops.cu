@@ -330,9 +330,9 @@ __device__ __forceinline__ void mma_step(float acc[2][2][4], const MmaStep& s, i
 }
 
 // Phase 1 of linear_rows_mma: the warp's 32-input steps warp, warp + MMA_WARPS, ..., DEPTH steps' loads in flight
-// before the first is multiplied. A step is 1 KB of weights per warp (2 KB with gate/up), and a CTA per SM (two at
-// most: the normalised rows take 64 KB of shared memory at in = 4096) needs ~40 KB in flight to cover the memory's
-// latency at its share of the bandwidth: gate/up keeps 2 steps (4 KB per warp), the others 4 (2 for all before:
+// before the first is multiplied. A step is 1 KB of weights per warp (2 KB with gate/up), and an SM holding one or
+// two of these CTAs (the normalised rows take 64 KB of shared memory at in = 4096) needs ~40 KB in flight to cover
+// the memory's latency at its share of the bandwidth: gate/up keeps 2 steps (4 KB per warp), the others 4 (2 for all before:
 // the layer's four products at 8 rows 176.1 -> 164.9 us, bench/linear.py, H100; timed one by one on cold weights in
 // a scratch probe, o, down and qkv had streamed at 69-77% of the device copy, gate/up at ~96%).
 template <bool SWIGLU, int DEPTH>
@@ -373,7 +373,7 @@ linear_rows_mma(const void* __restrict__ x_in, const float* __restrict__ norm_w,
     const uint4* Wc = (const uint4*)W;
     const uint4* xc = (const uint4*)x;
     float acc[2][2][4] = {};                                 // [gate | up][n-tile][mma C fragment]
-    // Phase 1: this warp's share of the inputs, STEPS_IN_FLIGHT steps' loads issued before any is multiplied.
+    // Phase 1: this warp's share of the inputs, several steps' loads issued before any is multiplied (mma_inputs).
     if (swiglu) mma_inputs<true, 2>(acc, Wc, xc, warp, steps, chunks, o0, g, t, rows, out);
     else mma_inputs<false, 4>(acc, Wc, xc, warp, steps, chunks, o0, g, t, rows, out);
     // Phase 2: the C fragments (feature g | g + 8, rows 2t, 2t + 1 of each n-tile) into shared memory.
