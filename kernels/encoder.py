@@ -716,6 +716,38 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         return X[np.uint64(((b * H + h) * T + t) * DQ + wd)]
 
     @cuda.jit(device=True)
+    def nonfinite_lanes(x):
+        """The sign bit of each fp16 lane of the 8-byte word x whose exponent field is all ones (NaN/inf):
+        adding 1 to the field carries into the sign bit. Unsigned: see EXP4."""
+        return ((np.uint64(x) & EXP4) + EXP4_LSB) & SIGN4
+
+    @cuda.jit(device=True)
+    def load_chunks(K64, V64, b, H, T, t, DQ, dqsh, layer, u, j, GSQ, NCH):
+        """A lane's QCH words j, j + GSQ, ... of token t's unit u in K64 and in V64 (QCH 1: the others 0),
+        K's and V's in turn, every load issued before any is used; values, not arrays (an array's
+        indexing compiled to selects)."""
+        z = np.int64(0)
+        k0 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j, NCH)
+        v0 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j, NCH)
+        if QCH != 8:
+            return k0, z, z, z, z, z, z, z, v0, z, z, z, z, z, z, z
+        k1 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + GSQ, NCH)
+        v1 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + GSQ, NCH)
+        k2 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 2 * GSQ, NCH)
+        v2 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 2 * GSQ, NCH)
+        k3 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 3 * GSQ, NCH)
+        v3 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 3 * GSQ, NCH)
+        k4 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 4 * GSQ, NCH)
+        v4 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 4 * GSQ, NCH)
+        k5 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 5 * GSQ, NCH)
+        v5 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 5 * GSQ, NCH)
+        k6 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 6 * GSQ, NCH)
+        v6 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 6 * GSQ, NCH)
+        k7 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, NCH)
+        v7 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, NCH)
+        return k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7
+
+    @cuda.jit(device=True)
     def chunk_minmax(ck, cv, j, NCH, lok2, hik2, lov2, hiv2, bad):
         """Fold 4 K and 4 V fp16 values into the running ranges (fp16 pairs, HMNMX2 on the words'
         halves: 4 instructions a word, fused to 2 VHMNMX); a word with NaN/inf (an exponent field of
@@ -723,7 +755,7 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         bad (bad_chunks_code then names it). Before: a branch, a conversion and two float min/max per
         value, and the codes computed for every word."""
         if j < NCH:
-            bad |= (((np.uint64(ck) & EXP4) + EXP4_LSB) | ((np.uint64(cv) & EXP4) + EXP4_LSB)) & SIGN4
+            bad |= nonfinite_lanes(ck) | nonfinite_lanes(cv)
             k_lo = np.uint32(ck & LOW32)
             k_hi = np.uint32((ck >> 32) & LOW32)
             v_lo = np.uint32(cv & LOW32)
@@ -744,8 +776,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
         for jc in range(j, min(NCH, j + QCH * GSQ), GSQ):   # (a runtime bound: not unrolled)
             ck = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, jc, NCH)
             cv = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, jc, NCH)
-            bad_k = ((np.uint64(ck) & EXP4) + EXP4_LSB) & SIGN4
-            bad_v = ((np.uint64(cv) & EXP4) + EXP4_LSB) & SIGN4
+            bad_k = nonfinite_lanes(ck)
+            bad_v = nonfinite_lanes(cv)
             if bad_k | bad_v:
                 h = u
                 if layer:
@@ -865,23 +897,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
             for j0 in range(0, NCH, span):
                 j = j0 + sub
                 # every load first (QCH x 2 in flight per lane), then the arithmetic
-                k0 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j, nch)
-                v0 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j, nch)
-                if QCH == 8:
-                    k1 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + GSQ, nch)
-                    v1 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + GSQ, nch)
-                    k2 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 2 * GSQ, nch)
-                    v2 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 2 * GSQ, nch)
-                    k3 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 3 * GSQ, nch)
-                    v3 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 3 * GSQ, nch)
-                    k4 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 4 * GSQ, nch)
-                    v4 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 4 * GSQ, nch)
-                    k5 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 5 * GSQ, nch)
-                    v5 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 5 * GSQ, nch)
-                    k6 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 6 * GSQ, nch)
-                    v6 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 6 * GSQ, nch)
-                    k7 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, nch)
-                    v7 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, nch)
+                k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7 = load_chunks(
+                    K64, V64, b, H, T, t, DQ, dqsh, layer, u, j, GSQ, nch)
                 # the chunks written out, not a loop: the loop compiled to a chain of selects per chunk
                 # (~25 instructions a chunk, picking its registers), as many as the levels' arithmetic
                 bad = np.uint64(0)
@@ -928,23 +945,8 @@ def _build_kernel(E: int, NT: int, LV_SH: bool, PK_SH: bool, QCH: int, G: int, W
                 for j0 in range(0, NCH, span):
                     j = j0 + sub
                     if NCH > span:   # the token did not fit in the registers: load this part again
-                        k0 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j, NCH)
-                        v0 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j, NCH)
-                        if QCH == 8:
-                            k1 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + GSQ, NCH)
-                            v1 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + GSQ, NCH)
-                            k2 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 2 * GSQ, NCH)
-                            v2 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 2 * GSQ, NCH)
-                            k3 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 3 * GSQ, NCH)
-                            v3 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 3 * GSQ, NCH)
-                            k4 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 4 * GSQ, NCH)
-                            v4 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 4 * GSQ, NCH)
-                            k5 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 5 * GSQ, NCH)
-                            v5 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 5 * GSQ, NCH)
-                            k6 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 6 * GSQ, NCH)
-                            v6 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 6 * GSQ, NCH)
-                            k7 = load_chunk(K64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, NCH)
-                            v7 = load_chunk(V64, b, H, T, t, DQ, dqsh, layer, u, j + 7 * GSQ, NCH)
+                        k0, k1, k2, k3, k4, k5, k6, k7, v0, v1, v2, v3, v4, v5, v6, v7 = load_chunks(
+                            K64, V64, b, H, T, t, DQ, dqsh, layer, u, j, GSQ, NCH)
                     ssum, ssq = chunk_levels(k0, v0, j, NCH, stk, stv, rk, rv, offk, offv, row, WK,
                                              LVA, LV32, work, ssum, ssq)
                     if QCH == 8:   # (written out, as the min/max's)
