@@ -27,12 +27,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_TEXT, RESULTS, copy_gbps, header, print_table, real_heads, write_json  # noqa: E402
 
-from packkv.generate import Engine, SamplingParams, Sampler, decode_steps, make_decoder, prefill  # noqa: E402
+from packkv.generate import (Engine, GraphDecoder, SamplingParams, Sampler, decode_steps, make_decoder,  # noqa: E402
+                             prefill)
 from packkv.weights.random import PRESETS  # noqa: E402
 
 WORKSPACE_BYTES = 2 << 30    # set aside for activations, logits and kernel workspaces in capacity estimates
 WARMUP_STEPS = 4             # untimed decode steps after the first, which fill the step pipeline
-ROOM = 2 + WARMUP_STEPS + 4   # cache tokens beyond context + steps: the untimed steps, those queued at the end (PIPELINE_DEPTH 3)
+# cache tokens beyond context + steps: the untimed steps, and the steps queued behind the last timed one
+ROOM = 2 + WARMUP_STEPS + GraphDecoder.PIPELINE_DEPTH + 1
 
 
 def prompt_of_length(engine: Engine, text_path: Path, tokens: int) -> list[int]:

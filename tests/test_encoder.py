@@ -588,7 +588,6 @@ def test_gpu_ptx_primitives_match_their_twins(gpu):
         assert (out[3] == x.min()).all()
 
 
-
 @pytest.mark.gpu
 def test_gpu_half_primitives_match_their_twins(gpu):
     """The quantize's fp16 PTX (min/max.f16x2, cvt.f32.f16 of either half) against the Python twins, on every
